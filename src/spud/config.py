@@ -1,0 +1,322 @@
+"""Typed, validated run configuration.
+
+A config is data: pydantic models with defaults, loaded from a YAML recipe and overridden with
+`key.sub=value` arguments. Unknown keys and wrong types become a SpudError that names the key,
+the expected type and the closest valid key, because a typo in a 3-day run's config should fail
+in the first second, not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from spud.errors import SpudError
+from spud.model.presets import PRESETS
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------- data
+class SourceConfig(StrictModel):
+    """One source of documents in the mix."""
+
+    name: str = Field(description="Label used in the manifest and per-source metrics.")
+    type: Literal["text", "jsonl", "parquet", "builtin", "hf"] = Field(
+        description="text: .txt/.md files; jsonl/parquet: a named text field; builtin: offline "
+        "generators; hf: a Hugging Face dataset (needs network)."
+    )
+    path: str | None = Field(None, description="File or directory (text, jsonl, parquet).")
+    field: str = Field("text", description="jsonl field / parquet column holding the text.")
+    split: Literal["file", "blank_lines"] = Field(
+        "file", description="text sources: one document per file, or split on blank lines."
+    )
+    builtin: str | None = Field(
+        None, description="builtin generator: stdlib_docs, stdlib_code, arithmetic, reasoning."
+    )
+    weight: float = Field(1.0, gt=0, description="Relative share of the mix's tokens.")
+    max_documents: int | None = Field(None, gt=0, description="Read at most this many documents.")
+    hf_name: str | None = None
+    hf_config: str | None = None
+    hf_split: str = "train"
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> SourceConfig:
+        if self.type in ("text", "jsonl", "parquet") and not self.path:
+            raise ValueError(f"source {self.name!r} of type {self.type} needs a 'path'")
+        if self.type == "builtin" and not self.builtin:
+            raise ValueError(f"source {self.name!r} of type builtin needs a 'builtin' name")
+        if self.type == "hf" and not self.hf_name:
+            raise ValueError(f"source {self.name!r} of type hf needs 'hf_name'")
+        return self
+
+
+class DataConfig(StrictModel):
+    sources: list[SourceConfig] = Field(default_factory=list)
+    total_tokens: int = Field(2_000_000, gt=0, description="Tokens in the mix (train + val).")
+    val_fraction: float = Field(0.02, ge=0, lt=0.5, description="Share of documents held out.")
+    shard_tokens: int = Field(10_000_000, gt=0, description="Tokens per shard file.")
+    max_bad_fraction: float = Field(
+        0.05, ge=0, le=1, description="Error out when more than this share of records is bad."
+    )
+    workers: int = Field(0, ge=0, description="Tokenizer worker threads; 0 = all cores.")
+
+
+class TokenizerConfig(StrictModel):
+    vocab_size: int = Field(4096, ge=300, le=1_000_000)
+    train_bytes: int = Field(10_000_000, gt=0, description="Bytes of the mix sampled to train BPE.")
+    min_frequency: int = Field(2, ge=1)
+
+
+# ---------------------------------------------------------------------------------------- model
+class ModelConfig(StrictModel):
+    """Decoder-only transformer dimensions. `preset` fills any field not given explicitly."""
+
+    preset: str | None = None
+    block: str = Field("llama", description="Block type from the model registry.")
+    vocab_size: int | None = Field(None, gt=0, description="None = from the run's tokenizer.")
+    d_model: int = Field(128, gt=0)
+    n_layers: int = Field(4, gt=0)
+    n_heads: int = Field(4, gt=0)
+    n_kv_heads: int | None = Field(None, gt=0, description="None = n_heads (MHA); 1 = MQA.")
+    head_dim: int | None = Field(None, gt=0, description="None = d_model // n_heads.")
+    mlp: Literal["swiglu", "relu2", "gelu"] = "swiglu"
+    mlp_hidden: int | None = Field(None, gt=0, description="None = 8/3·d (swiglu) or 4·d.")
+    norm_eps: float = Field(1e-5, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    qk_norm: bool = False
+    logit_softcap: float | None = Field(None, gt=0)
+    tie_embeddings: bool = True
+    dropout: float = Field(0.0, ge=0, lt=1)
+    max_seq_len: int = Field(256, gt=0)
+    init_std: float = Field(0.02, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            name = data["preset"]
+            if name not in PRESETS:
+                raise ValueError(
+                    f"unknown model preset {name!r}{_suggest(str(name), PRESETS)}; "
+                    f"known presets: {', '.join(PRESETS)}"
+                )
+            data = {**PRESETS[name], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check_dims(self) -> ModelConfig:
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                "set head_dim explicitly or change n_heads"
+            )
+        if self.kv_heads > self.n_heads or self.n_heads % self.kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads}"
+            )
+        if self.dim_head % 2:
+            raise ValueError(f"head_dim={self.dim_head} must be even for rotary embeddings")
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        if self.mlp == "swiglu":  # keeps params equal to a 4·d MLP; rounded for matmul efficiency
+            return _round_up(int(8 * self.d_model / 3), 64)
+        return 4 * self.d_model
+
+
+# ---------------------------------------------------------------------------------------- train
+class TrainConfig(StrictModel):
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    seq_len: int | None = Field(None, gt=0, description="None = model.max_seq_len.")
+    micro_batch_size: int = Field(8, gt=0, description="Sequences per forward pass.")
+    tokens_per_step: int | None = Field(
+        None, gt=0, description="Target tokens per optimizer step (gradient accumulation)."
+    )
+    max_steps: int = Field(200, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(20, ge=0)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of steps decaying.")
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping.")
+    eval_every: int = Field(50, gt=0)
+    eval_batches: int = Field(8, gt=0)
+    sample_every: int = Field(0, ge=0, description="0 = only at the end.")
+    sample_prompts: list[str] = Field(default_factory=lambda: ["The "])
+    sample_tokens: int = Field(48, gt=0)
+    checkpoint_every: int = Field(100, gt=0)
+    keep_checkpoints: int = Field(3, gt=0)
+    compile: bool = False
+    log_every: int = Field(1, gt=0)
+    threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = all cores.")
+
+
+class Config(StrictModel):
+    seed: int = 1337
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.seq_len or self.model.max_seq_len
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------- loading
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def _suggest(key: str, options: Any) -> str:
+    close = difflib.get_close_matches(key, [str(o) for o in options], n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field at `path` (to list valid sibling keys)."""
+    model: type[BaseModel] | None = Config
+    for part in path:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        candidates = [ann, *args]
+        model = None
+        for c in candidates:
+            inner = getattr(c, "__args__", ())
+            for cc in (c, *inner):
+                if isinstance(cc, type) and issubclass(cc, BaseModel):
+                    model = cc
+    return model
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config ({origin}):"]
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(loc[:-1])
+            valid = list(owner.model_fields) if owner else []
+            hint = _suggest(str(loc[-1]), valid)
+            lines.append(f"  unknown key '{key}'{hint}; valid keys here: {', '.join(valid)}")
+        elif e["type"] == "value_error":
+            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}")
+        else:
+            owner = _model_at(loc[:-1]) if loc else None
+            field = owner.model_fields.get(str(loc[-1])) if owner and loc else None
+            expected = _type_name(field.annotation) if field else "?"
+            got = e.get("input")
+            lines.append(f"  {key}: {e['msg']} (expected {expected}, got {got!r})")
+    return "\n".join(lines)
+
+
+def _type_name(ann: Any) -> str:
+    text = str(ann) if not isinstance(ann, type) else ann.__name__
+    return text.replace("typing.", "")
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`a.b=1` strings → nested dict. Values are parsed as YAML scalars (1, 0.5, true, null, [..])."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise SpudError(f"override {item!r} is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise SpudError(f"override {item!r} has an empty key part")
+        node = tree
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise SpudError(f"override {item!r} conflicts with an earlier override")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: Any, over: Any, path: str) -> Any:
+    """Deep-merge overrides into the YAML tree; list items are addressed by integer index."""
+    if not isinstance(over, dict):
+        return over
+    if isinstance(base, list):
+        out = list(base)
+        for k, v in over.items():
+            try:
+                i = int(k)
+            except ValueError:
+                raise SpudError(f"'{path}{k}': '{path[:-1]}' is a list; use an index") from None
+            if not 0 <= i < len(out):
+                raise SpudError(f"'{path}{k}': index out of range (list has {len(out)} items)")
+            out[i] = _merge(out[i], v, f"{path}{k}.")
+        return out
+    out = dict(base) if isinstance(base, dict) else {}
+    for k, v in over.items():
+        out[k] = _merge(out.get(k), v, f"{path}{k}.")
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML recipe (or the defaults), apply `key=value` overrides, validate."""
+    tree: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        p = Path(path)
+        origin = str(p)
+        if not p.is_file():
+            raise SpudError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise SpudError(f"{p}: not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise SpudError(f"{p}: top level must be a mapping of sections, got {type(loaded)}")
+        tree = loaded or {}
+    if overrides:
+        tree = _merge(tree, parse_overrides(overrides), "")
+        origin += " + overrides"
+    return validate_config(tree, origin)
+
+
+def validate_config(tree: dict[str, Any], origin: str = "config") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise SpudError(_format_errors(e, origin)) from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(cfg.to_yaml(), encoding="utf-8")
