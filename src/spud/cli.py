@@ -1,0 +1,198 @@
+"""The `spud` command: parses arguments, loads the config, calls one stage. No logic of its own.
+
+Heavy imports (torch, tokenizers) happen inside each verb so `spud --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from spud import __version__
+from spud.errors import SpudError
+
+OVERRIDES_HELP = "config overrides as key.sub=value (e.g. model.n_layers=4 train.max_steps=50)"
+
+
+def resolve_recipe(name: str) -> Path:
+    """A path to a YAML file, or the name of a built-in recipe (demo, tiny, gpt2-124m)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    builtin = Path(__file__).parent / "configs" / f"{p.stem if p.suffix == '.yaml' else name}.yaml"
+    if builtin.is_file():
+        return builtin
+    known = sorted(q.stem for q in builtin.parent.glob("*.yaml"))
+    raise SpudError(f"config not found: {name} (not a file, nor a built-in recipe: {', '.join(known)})")
+
+
+def _load(args):
+    from spud.config import load_config
+
+    return load_config(resolve_recipe(args.config), args.overrides)
+
+
+# ------------------------------------------------------------------------------------- verbs
+def cmd_data_build(args) -> int:
+    from spud.data.build import build_dataset
+
+    manifest = build_dataset(_load(args), Path(args.out), progress=not args.no_progress)
+    print(f"wrote {args.out}/data/manifest.json: {manifest['train_tokens']:,} train tokens, "
+          f"{manifest['val_tokens']:,} val tokens in {len(manifest['shards'])} shards")
+    return 0
+
+
+def cmd_tokenizer_train(args) -> int:
+    from spud.data.build import validate_sources
+    from spud.data.mix import sample_texts_for_tokenizer
+    from spud.tokenizer import train_tokenizer
+
+    cfg = _load(args)
+    validate_sources(cfg)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(sample_texts_for_tokenizer(cfg), cfg.tokenizer)
+    tok.save(out / "tokenizer.json")
+    print(f"wrote {out / 'tokenizer.json'}: {tok.vocab_size} tokens, sha256 {tok.sha256()[:12]}")
+    return 0
+
+
+def cmd_tokenizer_encode(args) -> int:
+    from spud.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(Path(args.run) / "tokenizer.json")
+    ids = tok.encode(args.text)
+    print(" ".join(str(i) for i in ids))
+    print(" | ".join(repr(tok.decode([i])) for i in ids))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from spud.config import load_config
+    from spud.train.trainer import Trainer
+
+    out = Path(args.out)
+    if args.config is None:
+        if not (args.resume and (out / "config.yaml").is_file()):
+            raise SpudError("give a CONFIG (or --resume with a run directory that has config.yaml)")
+        cfg = load_config(out / "config.yaml", args.overrides)
+    else:
+        cfg = _load(args)
+    summary = Trainer(cfg, out, resume=args.resume).run()
+    val = summary["val"]
+    if val:
+        print(f"val bpb {val[0]['bpb']:.3f} (step {val[0]['step']}) → {val[-1]['bpb']:.3f} (step {val[-1]['step']})")
+    print(f"run directory: {out}")
+    return 130 if summary["interrupted"] else 0
+
+
+def cmd_sample(args) -> int:
+    from spud.sample import sample_to_terminal
+
+    sample_to_terminal(args)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from spud.demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from spud.info import show_info
+
+    show_info(run=args.run, preset=args.model, vocab=args.vocab, seq_len=args.seq_len)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ parser
+def _config_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
+    p.add_argument("config", help="YAML recipe path or built-in recipe name (demo, tiny, gpt2-124m)")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.add_argument("--out", required=out_required, help="run directory to write into")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spud", description="Spud: build a data mix, train a tokenizer, pretrain and sample a language model."
+    )
+    parser.add_argument("--version", action="version", version=f"spud {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+    verbs.required = True
+
+    data = verbs.add_parser("data", help="build the data mix into token shards").add_subparsers(dest="action")
+    data.required = True
+    p = data.add_parser("build", help="tokenize the mix into RUN/data/ (trains the tokenizer if RUN has none)")
+    _config_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_build)
+
+    tk = verbs.add_parser("tokenizer", help="train or inspect the BPE tokenizer").add_subparsers(dest="action")
+    tk.required = True
+    p = tk.add_parser("train", help="train byte-level BPE on a sample of the mix → RUN/tokenizer.json")
+    _config_args(p)
+    p.set_defaults(func=cmd_tokenizer_train)
+    p = tk.add_parser("encode", help="show how RUN's tokenizer splits TEXT")
+    p.add_argument("run")
+    p.add_argument("text")
+    p.set_defaults(func=cmd_tokenizer_encode)
+
+    p = verbs.add_parser("train", help="pretrain a model (builds data and tokenizer first if needed)")
+    p.add_argument("config", nargs="?", help="YAML recipe or built-in name; optional with --resume")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = verbs.add_parser("sample", help="stream text from a trained run")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    p.add_argument("--max-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="same seed → same text")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--checkpoint", default=None, help="step number or directory name (default: latest)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.set_defaults(func=cmd_sample)
+
+    p = verbs.add_parser("demo", help="the whole pipeline on the built-in data, on CPU")
+    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a < 2 minute version")
+    p.set_defaults(func=cmd_demo)
+
+    p = verbs.add_parser("info", help="facts about a run, or a model preset's size and FLOPs")
+    p.add_argument("run", nargs="?", help="run directory")
+    p.add_argument("--model", help="preset name (or 'all') to describe")
+    p.add_argument("--vocab", type=int, default=32768, help="vocabulary size assumed for --model")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: preset's)")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may come after options (`--out RUN model.n_layers=4`): argparse leaves those
+    # over, so pick up every leftover key=value and reject anything else.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*(args.overrides or []), *extra]
+    try:
+        return args.func(args)
+    except SpudError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

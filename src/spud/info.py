@@ -1,0 +1,87 @@
+"""`spud info`: what a run contains, or how big a preset is (parameters and FLOPs per token)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from spud.config import ModelConfig
+from spud.errors import SpudError
+from spud.model.flops import flops_per_token, param_counts
+from spud.model.presets import PRESETS
+
+
+def _fmt(n: float) -> str:
+    for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def preset_table(names: list[str], vocab: int, seq_len: int | None) -> Table:
+    table = Table(title=f"model presets (vocab {vocab})")
+    for col in ("preset", "d_model", "layers", "heads/kv", "mlp", "params", "non-emb params",
+                "seq", "train FLOPs/token"):
+        table.add_column(col, justify="right" if col not in ("preset", "mlp") else "left")
+    for name in names:
+        cfg = ModelConfig(preset=name, vocab_size=vocab)
+        counts = param_counts(cfg)
+        t = seq_len or cfg.max_seq_len
+        fl = flops_per_token(cfg, t)
+        table.add_row(name, str(cfg.d_model), str(cfg.n_layers), f"{cfg.n_heads}/{cfg.kv_heads}",
+                      f"{cfg.mlp} {cfg.hidden}", _fmt(counts["total"]), _fmt(counts["non_embedding"]),
+                      str(t), _fmt(fl["training"]))
+    return table
+
+
+def show_info(run: str | None, preset: str | None, vocab: int, seq_len: int | None,
+              console: Console | None = None) -> None:
+    console = console or Console()
+    if preset:
+        names = list(PRESETS) if preset == "all" else [preset]
+        unknown = [n for n in names if n not in PRESETS]
+        if unknown:
+            raise SpudError(f"unknown preset {unknown[0]!r}; known: {', '.join(PRESETS)} (or 'all')")
+        console.print(preset_table(names, vocab, seq_len))
+    if run:
+        show_run(Path(run), console)
+    if not preset and not run:
+        console.print(preset_table(list(PRESETS), vocab, seq_len))
+
+
+def show_run(run: Path, console: Console) -> None:
+    from spud.runs import load_run_config
+    from spud.train.checkpoint import list_checkpoints, read_state
+    from spud.train.metrics import read_metrics
+
+    cfg = load_run_config(run)
+    console.print(f"[bold]{run}[/bold]")
+    if cfg.model.vocab_size:
+        counts = param_counts(cfg.model)
+        fl = flops_per_token(cfg.model, cfg.seq_len)
+        console.print(f"model: {cfg.model.d_model}d × {cfg.model.n_layers} layers, "
+                      f"{_fmt(counts['total'])} params, {_fmt(fl['training'])} train FLOPs/token")
+    manifest_path = run / "data" / "manifest.json"
+    if manifest_path.is_file():
+        m = json.loads(manifest_path.read_text())
+        table = Table(title=f"data mix ({m['train_tokens']:,} train / {m['val_tokens']:,} val tokens)")
+        for col in ("source", "documents", "train tokens", "epochs", "skipped"):
+            table.add_column(col, justify="left" if col == "source" else "right")
+        for s in m["sources"]:
+            skipped = sum(s.get("skipped", {}).values())
+            table.add_row(s["name"], f"{s['documents']:,}", f"{s['train_tokens']:,}",
+                          f"{s['epochs']:.2f}", str(skipped))
+        console.print(table)
+    ckpts = list_checkpoints(run)
+    if ckpts:
+        last = read_state(ckpts[-1])
+        val = last.get("val") or {}
+        console.print(f"checkpoints: {', '.join(p.name for p in ckpts)} "
+                      f"(latest: {last.get('tokens_seen', 0):,} tokens"
+                      + (f", val bpb {val['bpb']:.3f}" if val.get("bpb") else "") + ")")
+    vals = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "val"]
+    if vals:
+        console.print("val bpb: " + "  ".join(f"{r['step']}:{r['bpb']:.3f}" for r in vals))

@@ -1,0 +1,237 @@
+"""Building blocks of the decoder: RMSNorm, rotary embeddings, attention, MLPs.
+
+Design notes (CPU fp32 eager throughput drives most choices):
+- Projections are fused: one Linear for q/k/v and one for the SwiGLU gate/up pair. Fewer, larger
+  matmuls run closer to BLAS peak, and the split afterwards is a free view. `to_hf_llama_state_dict`
+  (transformer.py) splits them back so weights stay interchangeable with Hugging Face Llama.
+- Rotary uses the half-rotation ("rotate_half") convention of HF Llama for the same reason, and is
+  applied to q and k in a single call because they sit next to each other in the fused output.
+- No biases anywhere, and no `.contiguous()` calls: SDPA's CPU/GPU kernels accept the strided
+  (B, H, T, hd) views of the (B, T, H, hd) projection output, and hand back an output whose
+  (B, T, H*hd) view is contiguous, so the output projection needs no copy either.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spud.errors import SpudError
+
+if TYPE_CHECKING:  # only for annotations; avoids an import cycle with transformer.py
+    from spud.config import ModelConfig
+    from spud.model.transformer import KVCache
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learnable gain (no bias, no mean subtraction)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # F.rms_norm is a single fused op (fwd and bwd) instead of ~6 elementwise kernels.
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class ResidualLinear(nn.Linear):
+    """A Linear that writes into the residual stream (attention out, MLP down).
+
+    The type is only a tag: the model's init finds these and scales their std by
+    1/sqrt(2·n_layers), so the residual stream's variance does not grow with depth.
+    """
+
+
+def linear(d_in: int, d_out: int) -> nn.Linear:
+    return nn.Linear(d_in, d_out, bias=False)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding with precomputed cos/sin tables (half-rotation convention).
+
+    Tables hold only head_dim/2 frequencies: with the half-rotation layout the first and second
+    halves of a head share frequencies, so x·cos + rotate_half(x)·sin reduces to two half-width
+    products per half. Buffers are non-persistent: they are a pure function of the config, so
+    checkpoints stay small and a changed max_seq_len never conflicts with a saved table.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+        super().__init__()
+        self.max_seq_len = max_seq_len
+        # float64 for the angles so long positions do not lose precision before cos/sin.
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+        # Shape (T, 1, hd/2): broadcasts over the head axis of (B, T, H, hd/2) views.
+        self.register_buffer("cos", angles.cos().float()[:, None, :], persistent=False)
+        self.register_buffer("sin", angles.sin().float()[:, None, :], persistent=False)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Rotate x of shape (B, T, H, head_dim) for positions offset .. offset+T-1."""
+        t = x.shape[1]
+        if offset + t > self.max_seq_len:
+            raise SpudError(
+                f"sequence position {offset + t} exceeds model.max_seq_len={self.max_seq_len}; "
+                "raise model.max_seq_len or use shorter sequences / generations"
+            )
+        cos = self.cos[offset : offset + t].to(x.dtype)
+        sin = self.sin[offset : offset + t].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        # rotate_half(x) = (-x2, x1), so: first half x1·c - x2·s, second half x2·c + x1·s.
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped KV heads (MHA / GQA / MQA) and optional QK-norm."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.kv_heads
+        self.head_dim = cfg.dim_head
+        self.dropout = cfg.dropout
+        # Fused projection, rows ordered [q heads | k heads | v heads].
+        self.qkv = linear(cfg.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim)
+        self.proj = ResidualLinear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+        # QK-norm (one gain per head_dim, shared by heads) keeps attention logits bounded,
+        # which stabilises training at high learning rates.
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        # enable_gqa lets SDPA broadcast KV heads inside the kernel (no repeat copy); it exists
+        # from torch 2.5, older versions fall back to an expand + reshape.
+        self._native_gqa = _sdpa_has_enable_gqa()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: Rotary,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        h, hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.qkv(x).view(b, t, h + 2 * hkv, hd)
+        offset = kv_cache.pos if kv_cache is not None else 0
+        if self.q_norm is not None:
+            q = rotary(self.q_norm(qkv[:, :, :h]), offset)
+            k = rotary(self.k_norm(qkv[:, :, h : h + hkv]), offset)
+        else:
+            # q and k are adjacent in the fused output: rotate both with one set of kernels.
+            qk = rotary(qkv[:, :, : h + hkv], offset)
+            q, k = qk[:, :, :h], qk[:, :, h:]
+        v = qkv[:, :, h + hkv :]
+        # (B, T, H, hd) -> (B, H, T, hd) as views; SDPA handles the strides.
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+        mask, causal = None, True
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)
+            if offset > 0:
+                causal = False
+                if t > 1:  # chunked prefill: query i sees keys up to offset + i
+                    kpos = torch.arange(offset + t, device=x.device)
+                    qpos = torch.arange(offset, offset + t, device=x.device)
+                    mask = kpos[None, :] <= qpos[:, None]
+                # t == 1: the single new token sees every cached key; no mask needed.
+
+        drop = self.dropout if self.training else 0.0
+        if hkv != h and not self._native_gqa:
+            k, v = _repeat_kv(k, h // hkv), _repeat_kv(v, h // hkv)
+        kwargs = {"enable_gqa": True} if hkv != h and self._native_gqa else {}
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal and mask is None, **kwargs
+        )
+        # SDPA returns (B, H, T, hd) laid out as (B, T, H, hd) on the fused kernels; reshape
+        # copies only when a backend returns another layout.
+        return self.proj(y.transpose(1, 2).reshape(b, t, h * hd))
+
+
+def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
+    b, hkv, t, hd = x.shape
+    return x[:, :, None].expand(b, hkv, n, t, hd).reshape(b, hkv * n, t, hd)
+
+
+_GQA_SUPPORTED: bool | None = None
+
+
+def _sdpa_has_enable_gqa() -> bool:
+    global _GQA_SUPPORTED
+    if _GQA_SUPPORTED is None:
+        try:
+            q = torch.zeros(1, 2, 1, 2)
+            F.scaled_dot_product_attention(q, q[:, :1], q[:, :1], enable_gqa=True)
+            _GQA_SUPPORTED = True
+        except TypeError:
+            _GQA_SUPPORTED = False
+    return _GQA_SUPPORTED
+
+
+class SwiGLU(nn.Module):
+    """silu(x·Wg) ⊙ (x·Wu) · Wd, with Wg and Wu fused into one matmul (rows [gate | up])."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.gate_up = linear(d_model, 2 * hidden)
+        self.down = ResidualLinear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class ReLU2(nn.Module):
+    """relu(x·Wu)² · Wd (Primer / modded-nanoGPT)."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.up = linear(d_model, hidden)
+        self.down = ResidualLinear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.relu(self.up(x)).square())
+
+
+class GELU(nn.Module):
+    """gelu(x·Wu) · Wd with the tanh approximation, as in GPT-2 (the gelu presets mimic it)."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.up = linear(d_model, hidden)
+        self.down = ResidualLinear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+MLPS: dict[str, type[nn.Module]] = {"swiglu": SwiGLU, "relu2": ReLU2, "gelu": GELU}
+
+
+def build_mlp(cfg: ModelConfig) -> nn.Module:
+    if cfg.mlp not in MLPS:
+        raise SpudError(f"unknown model.mlp {cfg.mlp!r}; choose one of: {', '.join(MLPS)}")
+    return MLPS[cfg.mlp](cfg.d_model, cfg.hidden)
+
+
+def init_weights(model: nn.Module, std: float, n_layers: int) -> None:
+    """Normal(std) for every matmul / embedding weight; residual outputs get std/sqrt(2·L).
+
+    The depth scaling (GPT-2, Megatron) keeps the residual stream's variance at init roughly
+    independent of depth: each of the 2·L residual branches adds variance ∝ std².
+    """
+    out_std = std / math.sqrt(2 * n_layers)
+    for m in model.modules():
+        if isinstance(m, ResidualLinear):
+            nn.init.normal_(m.weight, mean=0.0, std=out_std)
+        elif isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+        elif isinstance(m, RMSNorm):
+            m.reset_parameters()

@@ -1,0 +1,257 @@
+"""The decoder-only Transformer shell, its KV cache, and Hugging Face Llama weight export.
+
+The shell owns what every architecture shares (token embedding, rotary tables, final norm, LM
+head, loss, init, cache bookkeeping); the per-layer computation comes from the block registry
+(registry.py), so a new architecture never touches this file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spud.config import ModelConfig
+from spud.errors import SpudError
+from spud.model.layers import RMSNorm, Rotary, init_weights
+from spud.model.registry import get_block
+
+IGNORE_INDEX = -1
+
+
+class KVCache:
+    """Preallocated keys/values for incremental decoding.
+
+    One (B, n_kv_heads, max_len, head_dim) tensor per layer for k and for v, filled left to right.
+    `pos` is the number of positions already cached; it is also the rotary position offset of the
+    next tokens. Each attention layer writes its new keys/values at [pos, pos+T) and reads
+    [0, pos+T); the model advances `pos` once after all layers have run.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v of shape (B, n_kv_heads, T, head_dim); return all keys/values so far."""
+        end = self.pos + k.shape[2]
+        self.k[layer][:, :, self.pos : end] = k
+        self.v[layer][:, :, self.pos : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def check(self, batch_size: int, t: int) -> None:
+        if batch_size != self.batch_size:
+            raise SpudError(
+                f"KV cache was made for batch size {self.batch_size}, got a batch of "
+                f"{batch_size}; create a new one with model.new_kv_cache({batch_size}, ...)"
+            )
+        if self.pos + t > self.max_len:
+            raise SpudError(
+                f"KV cache is full: {self.pos} cached + {t} new positions > max_len="
+                f"{self.max_len}; create the cache with a larger max_len"
+            )
+
+    def advance(self, t: int) -> None:
+        self.pos += t
+
+    def reset(self) -> None:
+        """Reuse the buffers for a new sequence (old contents are simply overwritten)."""
+        self.pos = 0
+
+
+class Transformer(nn.Module):
+    """Token embedding → N registry blocks → RMSNorm → LM head (optionally tied, soft-capped)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise SpudError(
+                "model.vocab_size is not set; train or load a tokenizer first (the run fills it "
+                "in from the tokenizer) or set model.vocab_size explicitly"
+            )
+        self.cfg = cfg
+        block_cls = get_block(cfg.block)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
+        self.rotary = Rotary(cfg.dim_head, cfg.max_seq_len, cfg.rope_theta)
+        self.blocks = nn.ModuleList(block_cls(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        init_weights(self, cfg.init_std, cfg.n_layers)
+        if cfg.tie_embeddings:
+            # Share the Parameter itself so optimizers and state_dict see one tensor.
+            self.lm_head.weight = self.embed.weight
+
+    # ------------------------------------------------------------------------------ forward
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Final-normed hidden states (B, T, d_model): everything except the LM head."""
+        if idx.dim() != 2:
+            raise SpudError(f"expected token ids of shape (batch, time), got {tuple(idx.shape)}")
+        b, t = idx.shape
+        if kv_cache is not None:
+            kv_cache.check(b, t)
+        x = self.embed(idx)
+        if self.drop is not None:
+            x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, self.rotary, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.advance(t)
+        return self.norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.lm_head(h)
+        cap = self.cfg.logit_softcap
+        if cap is not None:
+            # Soft-capping bounds logits smoothly (Gemma 2), keeping gradients alive at the cap.
+            out = torch.tanh(out / cap) * cap
+        return out
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        return_per_token_loss: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) without targets; with targets the mean cross-entropy (scalar), or
+        the (B, T) per-token loss when return_per_token_loss (ignored positions → 0).
+
+        Targets equal to -1 are ignored (padding / document masking).
+        """
+        logits = self.logits(self.hidden_states(idx, kv_cache))
+        if targets is None:
+            return logits
+        if targets.shape != idx.shape:
+            raise SpudError(
+                f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}"
+            )
+        # One flattened cross_entropy call: log-softmax and NLL fuse, and .float() is a no-op
+        # for fp32 logits (under bf16 autocast it is the one copy needed for a stable loss).
+        flat = logits.view(-1, logits.shape[-1]).float()
+        if return_per_token_loss:
+            loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                                   reduction="none")
+            return loss.view(targets.shape)
+        return F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+    def per_token_loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(B, T) float32 cross-entropy in nats per target token (0 where target == -1)."""
+        return self.forward(idx, targets, return_per_token_loss=True)
+
+    # ------------------------------------------------------------------------------ helpers
+    def new_kv_cache(
+        self,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
+        """An empty cache; defaults: max_seq_len positions, the model's device and dtype."""
+        max_len = max_len or self.cfg.max_seq_len
+        if max_len > self.cfg.max_seq_len:
+            raise SpudError(
+                f"KV cache max_len={max_len} exceeds model.max_seq_len={self.cfg.max_seq_len} "
+                "(rotary tables end there); use a smaller max_len"
+            )
+        w = self.embed.weight
+        return KVCache(
+            self.cfg.n_layers, batch_size, self.cfg.kv_heads, max_len, self.cfg.dim_head,
+            device=device if device is not None else w.device,
+            dtype=dtype if dtype is not None else w.dtype,
+        )
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters; non_embedding leaves out the vocab×d matrices (embedding, and the
+        LM head when untied), the convention of scaling-law parameter counts."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() already dedups ties
+        if non_embedding:
+            n -= self.embed.weight.numel()
+            if not self.cfg.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+
+# ----------------------------------------------------------------------- Hugging Face export
+def hf_llama_config(cfg: ModelConfig) -> dict[str, Any]:
+    """Keyword arguments for transformers.LlamaConfig describing the same network as `cfg`."""
+    _check_llama_compatible(cfg)
+    return dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.hidden,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.dim_head,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        max_position_embeddings=cfg.max_seq_len,
+        tie_word_embeddings=cfg.tie_embeddings,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        initializer_range=cfg.init_std,
+    )
+
+
+def _check_llama_compatible(cfg: ModelConfig) -> None:
+    problems = []
+    if cfg.block != "llama":
+        problems.append(f"block={cfg.block!r} (needs 'llama')")
+    if cfg.mlp != "swiglu":
+        problems.append(f"mlp={cfg.mlp!r} (needs 'swiglu')")
+    if cfg.qk_norm:
+        problems.append("qk_norm=true (Llama has no QK-norm)")
+    if cfg.logit_softcap is not None:
+        problems.append("logit_softcap is set (Llama has no soft-cap)")
+    if problems:
+        raise SpudError(
+            "model is not expressible as a Hugging Face Llama: " + "; ".join(problems)
+        )
+
+
+def to_hf_llama_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's weights under LlamaForCausalLM's names, fused projections split back.
+
+    Tensors are views of the model's parameters (detached, no copies); `load_state_dict` on the
+    HF model copies them. Both sides use the half-rotation rotary convention, so no permutation
+    of q/k rows is needed.
+    """
+    cfg = model.cfg
+    _check_llama_compatible(cfg)
+    h, hkv, hd, f = cfg.n_heads, cfg.kv_heads, cfg.dim_head, cfg.hidden
+    sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": model.embed.weight.detach()}
+    for i, blk in enumerate(model.blocks):
+        p = f"model.layers.{i}."
+        qkv = blk.attn.qkv.weight.detach()
+        gate_up = blk.mlp.gate_up.weight.detach()
+        sd[p + "input_layernorm.weight"] = blk.attn_norm.weight.detach()
+        sd[p + "self_attn.q_proj.weight"] = qkv[: h * hd]
+        sd[p + "self_attn.k_proj.weight"] = qkv[h * hd : (h + hkv) * hd]
+        sd[p + "self_attn.v_proj.weight"] = qkv[(h + hkv) * hd :]
+        sd[p + "self_attn.o_proj.weight"] = blk.attn.proj.weight.detach()
+        sd[p + "post_attention_layernorm.weight"] = blk.mlp_norm.weight.detach()
+        sd[p + "mlp.gate_proj.weight"] = gate_up[:f]
+        sd[p + "mlp.up_proj.weight"] = gate_up[f:]
+        sd[p + "mlp.down_proj.weight"] = blk.mlp.down.weight.detach()
+    sd["model.norm.weight"] = model.norm.weight.detach()
+    sd["lm_head.weight"] = model.lm_head.weight.detach()
+    return sd

@@ -1,0 +1,153 @@
+"""Byte-level BPE tokenizer (trained and run by the `tokenizers` library) plus the chat template.
+
+Byte-level means every Unicode string maps to bytes first, so decode(encode(s)) == s for any
+input and there is no unknown token. Digits are split one per token before BPE: tiny models learn
+arithmetic far faster when "1234" is always four digit tokens than when the merges are arbitrary.
+The saved `tokenizer.json` is the library's own format, so it loads unchanged with
+`tokenizers.Tokenizer.from_file` and `transformers.PreTrainedTokenizerFast`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from spud.config import TokenizerConfig
+from spud.errors import SpudError
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END]
+ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+
+# GPT-4-style split, except numbers: one digit per pre-token (see module docstring).
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+    r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+
+# Jinja version of `render_chat`, stored in tokenizer_config.json for Hugging Face users.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+class Tokenizer:
+    """Thin wrapper: ids of special tokens, batch encoding, chat rendering, hashing."""
+
+    def __init__(self, tok: HFTokenizer):
+        self._tok = tok
+        missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
+        if missing:
+            raise SpudError(f"tokenizer lacks special tokens {missing}; retrain it with spud")
+        self.bos_id = tok.token_to_id(BOS)
+        self.eos_id = tok.token_to_id(EOS)
+        self.pad_id = tok.token_to_id(PAD)
+        self.end_id = tok.token_to_id(END)
+        self.role_ids = {r: tok.token_to_id(t) for r, t in ROLE_TOKENS.items()}
+        self.special_ids = {tok.token_to_id(t) for t in SPECIAL_TOKENS}
+
+    # ------------------------------------------------------------------ load / save / identity
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        p = Path(path)
+        if not p.is_file():
+            raise SpudError(f"tokenizer not found: {p} (run `spud tokenizer train` or `spud data build`)")
+        try:
+            return cls(HFTokenizer.from_file(str(p)))
+        except Exception as e:  # the Rust side raises plain Exception on malformed JSON
+            raise SpudError(f"{p}: not a valid tokenizer.json ({e})") from None
+
+    def save(self, path: str | Path) -> None:
+        """Write tokenizer.json, plus tokenizer_config.json so transformers picks up the specials
+        and the chat template. Written to a temp name and renamed: never a half-written file."""
+        p = Path(path)
+        tmp = p.with_suffix(".json.tmp")
+        self._tok.save(str(tmp))
+        tmp.replace(p)
+        hf_cfg = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+            "additional_special_tokens": [SYSTEM, USER, ASSISTANT, END],
+            "chat_template": CHAT_TEMPLATE,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 1_000_000_000,
+        }
+        (p.parent / "tokenizer_config.json").write_text(json.dumps(hf_cfg, indent=2))
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self._tok.to_str().encode("utf-8")).hexdigest()
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def backend(self) -> HFTokenizer:
+        return self._tok
+
+    # ------------------------------------------------------------------------------ encoding
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encodes in parallel on the Rust side (all cores unless RAYON_NUM_THREADS is set)."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._tok.id_to_token(i)
+
+    # ---------------------------------------------------------------------------------- chat
+    def render_chat(
+        self, messages: Sequence[dict], add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[int]]:
+        """messages → (ids, assistant_mask). The mask is 1 on assistant content and its <|end|>
+        (what SFT trains on: the model must learn to stop), 0 elsewhere."""
+        ids, mask = [self.bos_id], [0]
+        for i, m in enumerate(messages):
+            role, content = m.get("role"), m.get("content")
+            if role not in self.role_ids:
+                raise SpudError(
+                    f"message {i}: unknown role {role!r}; expected one of {sorted(self.role_ids)}"
+                )
+            if not isinstance(content, str):
+                raise SpudError(f"message {i}: 'content' must be a string, got {type(content).__name__}")
+            body = self.encode(content) + [self.end_id]
+            flag = 1 if role == "assistant" else 0
+            ids += [self.role_ids[role], *body]
+            mask += [0] + [flag] * len(body)
+        if add_generation_prompt:
+            ids.append(self.role_ids["assistant"])
+            mask.append(0)
+        return ids, mask
+
+
+def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
+    """Train byte-level BPE on `texts` (an iterator: the corpus sample is streamed, not held)."""
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(tok)

@@ -1,0 +1,293 @@
+"""Pretraining loop: data → model → AdamW steps, with validation, samples and checkpoints.
+
+Resume is bit-exact: a checkpoint holds weights, optimizer state, the loader position and every
+RNG state as of the end of a completed step, and the LR is a pure function of the step. Ctrl-C
+(or SIGTERM, e.g. a Slurm preemption) sets a flag that the loop checks between steps, so the
+checkpoint it writes is never of a half-applied optimizer update; a second Ctrl-C aborts at once.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from spud.config import Config, save_config
+from spud.data.build import build_dataset
+from spud.data.loader import TokenLoader
+from spud.errors import SpudError
+from spud.model.flops import flops_per_token, param_counts
+from spud.model.registry import build_model
+from spud.plan.hardware import peak_flops
+from spud.runtime import autocast, compute_dtype, pick_device, rng_state, seed_everything, set_rng_state, set_threads
+from spud.serve.sampling import generate
+from spud.tokenizer import Tokenizer
+from spud.train import checkpoint as ckpt_io
+from spud.train.metrics import MetricsLog, read_metrics, truncate_after
+from spud.train.optim import build_optimizer
+from spud.train.schedule import lr_at
+
+
+def resolve_vocab(cfg: Config, tok: Tokenizer) -> Config:
+    """Fill model.vocab_size from the tokenizer, padded to a multiple of 64 (matmul-friendly)."""
+    if cfg.model.vocab_size is None:
+        cfg = cfg.model_copy(deep=True)
+        cfg.model.vocab_size = (tok.vocab_size + 63) // 64 * 64
+    elif cfg.model.vocab_size < tok.vocab_size:
+        raise SpudError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+            f"{tok.vocab_size} tokens; remove model.vocab_size to take it from the tokenizer"
+        )
+    return cfg
+
+
+def token_byte_lengths(tok: Tokenizer, size: int) -> torch.Tensor:
+    """UTF-8 bytes each token id stands for: in byte-level BPE one symbol is one byte, so it is the
+    token string's length; special tokens and padding ids stand for no text (0 bytes)."""
+    out = torch.zeros(size, dtype=torch.float64)
+    for i in range(tok.vocab_size):
+        if i not in tok.special_ids:
+            out[i] = len(tok.id_to_token(i) or "")
+    return out
+
+
+@contextmanager
+def graceful_stop():
+    """Yields a dict whose 'stop' turns True on the first SIGINT/SIGTERM."""
+    flag = {"stop": False}
+
+    def handler(signum, frame):
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: no handler, plain Ctrl-C behaviour
+            pass
+    try:
+        yield flag
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, console: Console | None = None):
+        self.run_dir = Path(run_dir)
+        self.console = console or Console()
+        self.threads = set_threads(cfg.train.threads)
+        self.device = pick_device(cfg.train.device)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+        self.manifest = build_dataset(cfg, self.run_dir, progress=True, log=self.console.print)
+        self.tokenizer = Tokenizer.load(self.run_dir / "tokenizer.json")
+        self.cfg = cfg = resolve_vocab(cfg, self.tokenizer)
+        self.resume_from = ckpt_io.latest_checkpoint(self.run_dir) if resume else None
+        if not resume and ckpt_io.latest_checkpoint(self.run_dir) is not None:
+            raise SpudError(
+                f"{self.run_dir} already has checkpoints; pass --resume to continue that run, "
+                "or choose a new --out directory"
+            )
+        if resume and self.resume_from is None:
+            self.console.print(f"[yellow]--resume: no checkpoint in {self.run_dir}, starting fresh")
+        if self.resume_from is not None:
+            saved = ckpt_io.read_state(self.resume_from)["config"]["model"]
+            diff = ckpt_io.config_diff(saved, cfg.model.model_dump(mode="json"))
+            if diff:
+                raise SpudError(
+                    f"checkpoint {self.resume_from} was trained with a different model config:\n  "
+                    + "\n  ".join(diff)
+                    + "\nUse the same model settings to resume, or a new --out directory."
+                )
+        save_config(cfg, self.run_dir / "config.yaml")
+
+        seed_everything(cfg.seed)
+        self.model = build_model(cfg.model).to(self.device)
+        self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
+        self.optimizer = build_optimizer(self.model, cfg.train, self.device)
+
+        t = cfg.train
+        self.seq_len = cfg.seq_len
+        if self.seq_len > cfg.model.max_seq_len:
+            raise SpudError(f"train.seq_len={self.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+        micro_tokens = t.micro_batch_size * self.seq_len
+        self.accum = max(1, round((t.tokens_per_step or micro_tokens) / micro_tokens))
+        self.tokens_per_step = self.accum * micro_tokens
+        self.train_loader = TokenLoader(self.run_dir, "train", t.micro_batch_size, self.seq_len, cfg.seed)
+        self.token_bytes = token_byte_lengths(self.tokenizer, cfg.model.vocab_size).to(self.device)
+
+        counts = param_counts(cfg.model)
+        self.flops_per_token = flops_per_token(cfg.model, self.seq_len)["training"]
+        self.peak = peak_flops(self.device, compute_dtype(self.device))
+        self.facts = {
+            "params": counts["total"],
+            "non_embedding_params": counts["non_embedding"],
+            "flops_per_token": self.flops_per_token,
+            "tokens_per_step": self.tokens_per_step,
+            "grad_accum": self.accum,
+            "device": str(self.device),
+            "threads": self.threads,
+            "peak_flops": self.peak,
+        }
+        self.step = 0
+        self.tokens_seen = 0
+        self.val_history: list[dict] = []
+
+    # ---------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss (nats/token) and bits per byte on a fixed set of val batches."""
+        t = self.cfg.train
+        loader = TokenLoader(self.run_dir, "val", t.micro_batch_size, self.seq_len, self.cfg.seed)
+        n = max(1, min(t.eval_batches, loader.windows_per_epoch // t.micro_batch_size))
+        self.model.eval()
+        total_loss, total_tokens, total_bytes = 0.0, 0, 0.0
+        for _ in range(n):
+            x, y = (v.to(self.device) for v in loader.next_batch())
+            with autocast(self.device):
+                logits = self.model(x)
+            losses = torch.nn.functional.cross_entropy(
+                logits.float().flatten(0, 1), y.flatten(), reduction="none"
+            )
+            total_loss += losses.double().sum().item()
+            total_tokens += y.numel()
+            total_bytes += self.token_bytes[y.flatten()].sum().item()
+        self.model.train()
+        loss = total_loss / total_tokens
+        bpb = total_loss / (math.log(2) * total_bytes) if total_bytes else float("nan")
+        return {"loss": loss, "bpb": bpb, "tokens": total_tokens}
+
+    def sample(self) -> list[dict]:
+        out = []
+        t = self.cfg.train
+        for prompt in t.sample_prompts:
+            ids = self.tokenizer.encode(prompt, add_bos=True)
+            new = list(generate(self.model, ids, t.sample_tokens, temperature=0.8, top_k=50,
+                                seed=self.cfg.seed, stop_ids=[self.tokenizer.bos_id]))
+            out.append({"prompt": prompt, "text": self.tokenizer.decode(new)})
+        return out
+
+    # --------------------------------------------------------------------------- checkpoints
+    def _snapshot(self) -> dict:
+        """Loader position and RNG as of the end of the last completed step."""
+        return {"loader": self.train_loader.state_dict(), "rng": rng_state(), "tokens": self.tokens_seen}
+
+    def save(self, snap: dict) -> Path:
+        state = {
+            "tokens_seen": snap["tokens"],
+            "loader": snap["loader"],
+            "config": self.cfg.model_dump(mode="json"),
+            "tokenizer_sha256": self.tokenizer.sha256(),
+            "val": self.val_history[-1] if self.val_history else None,
+        }
+        return ckpt_io.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
+                                       snap["rng"], self.cfg.train.keep_checkpoints)
+
+    def _restore(self, log: MetricsLog) -> None:
+        ckpt = self.resume_from
+        state = ckpt_io.read_state(ckpt)
+        ckpt_io.load_weights(ckpt, self.model, self.device)
+        rng = ckpt_io.load_training_state(ckpt, self.optimizer)
+        self.train_loader.load_state_dict(state["loader"])
+        if rng is not None:
+            set_rng_state(rng)
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        if self.step >= self.cfg.train.max_steps:
+            self.console.print(f"[yellow]{ckpt.name} is at step {self.step} >= train.max_steps; nothing to do")
+
+    # ---------------------------------------------------------------------------------- loop
+    def train_step(self, lr: float) -> tuple[float, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for _ in range(self.accum):
+            x, y = (v.to(self.device, non_blocking=True) for v in self.train_loader.next_batch())
+            with autocast(self.device):
+                loss = self.step_model(x, y)
+            (loss / self.accum).backward()
+            loss_sum += loss.detach().float().item()
+        clip = self.cfg.train.grad_clip or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / self.accum, grad_norm
+
+    def run(self) -> dict:
+        t = self.cfg.train
+        metrics_path = self.run_dir / "metrics.jsonl"
+        if self.resume_from is not None:
+            truncate_after(metrics_path, ckpt_io.read_state(self.resume_from)["step"])
+        log = MetricsLog(metrics_path)
+        if self.resume_from is not None:
+            self._restore(log)
+            log.write("event", self.step, event="resume", checkpoint=self.resume_from.name)
+        else:
+            log.write("event", 0, event="start", **self.facts)
+        self.console.print(
+            f"model {self.facts['params'] / 1e6:.2f}M params · {self.tokens_per_step} tokens/step "
+            f"(micro-batch {t.micro_batch_size}×{self.seq_len}, accum {self.accum}) · {self.device} "
+            f"· {self.threads} threads"
+        )
+        if self.step == 0:
+            first = self.evaluate()
+            self.val_history.append({"step": 0, **first})
+            log.write("val", 0, **first)
+        snap = self._snapshot()
+        start_wall, interrupted = time.time(), False
+        columns = [TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+        with graceful_stop() as flag, Progress(*columns, console=self.console, transient=False) as bar:
+            task = bar.add_task("train", total=t.max_steps, completed=self.step, info="")
+            while self.step < t.max_steps:
+                if flag["stop"]:
+                    interrupted = True
+                    break
+                t0 = time.perf_counter()
+                lr = lr_at(self.step, t)
+                loss, gnorm = self.train_step(lr)
+                dt = time.perf_counter() - t0
+                self.step += 1
+                self.tokens_seen += self.tokens_per_step
+                tps = self.tokens_per_step / dt
+                mfu = tps * self.flops_per_token / self.peak if self.peak else float("nan")
+                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    log.write("train", self.step, loss=loss, lr=lr, grad_norm=gnorm, tokens=self.tokens_seen,
+                              tokens_per_s=tps, mfu=mfu, step_time=dt)
+                info = f"loss {loss:.3f} · {tps:,.0f} tok/s · MFU {mfu:.0%}"
+                if self.step % t.eval_every == 0 or self.step == t.max_steps:
+                    val = self.evaluate()
+                    self.val_history.append({"step": self.step, **val})
+                    log.write("val", self.step, **val)
+                    bar.console.print(f"step {self.step}: val loss {val['loss']:.4f} · bpb {val['bpb']:.4f}")
+                if (t.sample_every and self.step % t.sample_every == 0) or self.step == t.max_steps:
+                    for s in self.sample():
+                        log.write("sample", self.step, **s)
+                bar.update(task, completed=self.step, info=info)
+                snap = self._snapshot()
+                if self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
+                    self.save(snap)
+        if interrupted:
+            path = self.save(snap)
+            log.write("event", self.step, event="interrupt", checkpoint=path.name)
+            self.console.print(f"[yellow]interrupted: saved {path}; continue with --resume")
+        log.write("event", self.step, event="end", wall_s=time.time() - start_wall)
+        log.close()
+        records = read_metrics(metrics_path)  # the whole run's history, across resumes
+        return {
+            "run_dir": str(self.run_dir),
+            "step": self.step,
+            "interrupted": interrupted,
+            "val": [r for r in records if r["kind"] == "val"],
+            "samples": [r for r in records if r["kind"] == "sample"],
+            "wall_s": time.time() - start_wall,
+            **self.facts,
+        }

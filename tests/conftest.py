@@ -1,0 +1,48 @@
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# Measured peaks and other caches go to a per-session temp dir, never the user's home.
+os.environ.setdefault("SPUD_CACHE_DIR", str(Path(__file__).parent / ".cache"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+TINY_OVERRIDES = [
+    "data.total_tokens=60000",
+    "tokenizer.vocab_size=400",
+    "tokenizer.train_bytes=200000",
+    "train.max_steps=12",
+    "train.eval_every=4",
+    "train.checkpoint_every=4",
+    "train.eval_batches=2",
+    "train.micro_batch_size=4",
+    "model.max_seq_len=32",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from spud.config import load_config
+
+    return load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml", TINY_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def built_run(tiny_cfg, tmp_path_factory) -> Path:
+    """A run directory with tokenizer and data built once per session (read-only for tests)."""
+    from spud.data.build import build_dataset
+
+    run = tmp_path_factory.mktemp("built") / "run"
+    build_dataset(tiny_cfg, run, progress=False, log=lambda *a, **k: None)
+    return run
+
+
+@pytest.fixture
+def fresh_run(built_run, tmp_path) -> Path:
+    """A private copy of the built run (data + tokenizer, no checkpoints) for a test to train in."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(built_run / "tokenizer.json", run / "tokenizer.json")
+    shutil.copytree(built_run / "data", run / "data")
+    return run
