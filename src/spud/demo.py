@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from spud.config import load_config
+from spud.ui import make_console
 
 QUICK_OVERRIDES = [
     "data.total_tokens=300000",
@@ -33,7 +34,7 @@ QUICK_OVERRIDES = [
 def run_demo(out: Path, quick: bool = False, console: Console | None = None) -> dict:
     from spud.train.trainer import Trainer
 
-    console = console or Console()
+    console = console or make_console()
     recipe = Path(__file__).parent / "configs" / "demo.yaml"
     cfg = load_config(recipe, QUICK_OVERRIDES if quick else None)
     console.rule(f"[bold]spud demo{' (quick)' if quick else ''} → {out}")

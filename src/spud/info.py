@@ -12,6 +12,7 @@ from spud.config import ModelConfig
 from spud.errors import SpudError
 from spud.model.flops import flops_per_token, param_counts
 from spud.model.presets import PRESETS
+from spud.ui import make_console
 
 
 def _fmt(n: float) -> str:
@@ -39,7 +40,7 @@ def preset_table(names: list[str], vocab: int, seq_len: int | None) -> Table:
 
 def show_info(run: str | None, preset: str | None, vocab: int, seq_len: int | None,
               console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or make_console()
     if preset:
         names = list(PRESETS) if preset == "all" else [preset]
         unknown = [n for n in names if n not in PRESETS]

@@ -58,9 +58,9 @@ def linear(d_in: int, d_out: int) -> nn.Linear:
 class Rotary(nn.Module):
     """Rotary position embedding with precomputed cos/sin tables (half-rotation convention).
 
-    Tables hold only head_dim/2 frequencies: with the half-rotation layout the first and second
-    halves of a head share frequencies, so x·cos + rotate_half(x)·sin reduces to two half-width
-    products per half. Buffers are non-persistent: they are a pure function of the config, so
+    HF Llama computes x·cos + rotate_half(x)·sin with rotate_half(x) = (-x2, x1). Folding the
+    sign into the table (sin_signed = (-sin, sin)) leaves only a half swap (x2, x1): three
+    kernels (cat, mul, addcmul) instead of five, with the same result up to float rounding. Buffers are non-persistent: they are a pure function of the config, so
     checkpoints stay small and a changed max_seq_len never conflicts with a saved table.
     """
 
@@ -70,9 +70,10 @@ class Rotary(nn.Module):
         # float64 for the angles so long positions do not lose precision before cos/sin.
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-        # Shape (T, 1, hd/2): broadcasts over the head axis of (B, T, H, hd/2) views.
-        self.register_buffer("cos", angles.cos().float()[:, None, :], persistent=False)
-        self.register_buffer("sin", angles.sin().float()[:, None, :], persistent=False)
+        cos, sin = angles.cos(), angles.sin()
+        # Shape (T, 1, hd): broadcasts over the head axis of (B, T, H, hd) activations.
+        self.register_buffer("cos", torch.cat((cos, cos), -1).float()[:, None], persistent=False)
+        self.register_buffer("sin", torch.cat((-sin, sin), -1).float()[:, None], persistent=False)
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """Rotate x of shape (B, T, H, head_dim) for positions offset .. offset+T-1."""
@@ -85,8 +86,7 @@ class Rotary(nn.Module):
         cos = self.cos[offset : offset + t].to(x.dtype)
         sin = self.sin[offset : offset + t].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
-        # rotate_half(x) = (-x2, x1), so: first half x1·c - x2·s, second half x2·c + x1·s.
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return torch.addcmul(x * cos, torch.cat((x2, x1), dim=-1), sin)
 
 
 class Attention(nn.Module):
@@ -120,14 +120,15 @@ class Attention(nn.Module):
         h, hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.qkv(x).view(b, t, h + 2 * hkv, hd)
         offset = kv_cache.pos if kv_cache is not None else 0
+        # split (not slicing): its backward is one cat into the fused gradient, where slices
+        # would each allocate a zero-filled full-size gradient and add them up.
         if self.q_norm is not None:
-            q = rotary(self.q_norm(qkv[:, :, :h]), offset)
-            k = rotary(self.k_norm(qkv[:, :, h : h + hkv]), offset)
+            q, k, v = qkv.split((h, hkv, hkv), dim=2)
+            q, k = rotary(self.q_norm(q), offset), rotary(self.k_norm(k), offset)
         else:
             # q and k are adjacent in the fused output: rotate both with one set of kernels.
-            qk = rotary(qkv[:, :, : h + hkv], offset)
-            q, k = qk[:, :, :h], qk[:, :, h:]
-        v = qkv[:, :, h + hkv :]
+            qk, v = qkv.split((h + hkv, hkv), dim=2)
+            q, k = rotary(qk, offset).split((h, hkv), dim=2)
         # (B, T, H, hd) -> (B, H, T, hd) as views; SDPA handles the strides.
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
@@ -235,3 +236,96 @@ def init_weights(model: nn.Module, std: float, n_layers: int) -> None:
             nn.init.normal_(m.weight, mean=0.0, std=std)
         elif isinstance(m, RMSNorm):
             m.reset_parameters()
+
+
+# ------------------------------------------------------------------- fused LM head + loss
+def linear_cross_entropy(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    softcap: float | None = None,
+    ignore_index: int = -1,
+) -> torch.Tensor:
+    """mean cross_entropy(softcap(h @ weight.T), targets) without materialising all logits.
+
+    h: (N, d), weight: (V, d), targets: (N,). Same value and gradients as the plain
+    F.cross_entropy path (tests check both), but logits exist one chunk of rows at a time and
+    their gradient (softmax - onehot) is formed in place and immediately contracted into the
+    gradients of h and weight, during the forward. That removes the separate log-softmax,
+    its backward, the zero-filled NLL gradient and three full (N, V) buffers: on CPU the loss
+    becomes ~matmul-bound, and on any device peak memory drops by ~2·N·V floats.
+    """
+    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(h, weight, targets, softcap, ignore_index, need_grad)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, softcap, ignore_index, need_grad):  # type: ignore[override]
+        dev = h.device.type
+        # Under autocast, run the matmuls in the autocast dtype (as nn.Linear would) and the
+        # softmax in fp32; autocast itself is switched off so out= buffers keep their dtype.
+        mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        n, v = h.shape[0], weight.shape[0]
+        # ~8 MB of fp32 logits per chunk on CPU stays cache-friendly and is reused across
+        # chunks; accelerators get bigger chunks to keep per-chunk launch overhead small.
+        budget = 2**21 if dev == "cpu" else 2**26
+        rows = max(1, min(n, budget // v))
+        with torch.autocast(dev, enabled=False):
+            hm, wm = h.to(mm_dtype), weight.to(mm_dtype)
+            valid = targets != ignore_index
+            n_valid = valid.sum()
+            tgt = torch.where(valid, targets, 0)[:, None]
+            scale = valid.float() / n_valid  # d(mean loss)/d(row loss); 0 on ignored rows
+            loss = torch.zeros((), dtype=torch.float32, device=h.device)
+            grad_h = torch.empty_like(hm) if need_grad and h.requires_grad else None
+            grad_w = (torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+                      if need_grad and weight.requires_grad else None)
+            buf = torch.empty((rows, v), dtype=torch.float32, device=h.device)
+            for s in range(0, n, rows):
+                e = min(n, s + rows)
+                hc = hm[s:e]
+                if mm_dtype == torch.float32:
+                    z = torch.mm(hc, wm.t(), out=buf[: e - s])
+                else:
+                    z = buf[: e - s].copy_(torch.mm(hc, wm.t()))
+                t = None
+                if softcap is not None:
+                    z.div_(softcap).tanh_()
+                    t = z.clone() if need_grad else None  # tanh saved for its derivative
+                    z.mul_(softcap)
+                zmax = z.amax(dim=1, keepdim=True)
+                z_tgt = z.gather(1, tgt[s:e])
+                p = z.sub_(zmax).exp_()  # unnormalised softmax, in place
+                denom = p.sum(dim=1, keepdim=True)
+                row_loss = zmax + denom.log() - z_tgt
+                loss += (row_loss.squeeze(1) * valid[s:e]).sum()
+                if not need_grad:
+                    continue
+                # d loss / d logits = scale · (softmax - onehot), formed in place in p.
+                p.mul_(scale[s:e, None] / denom)
+                p.scatter_add_(1, tgt[s:e], -scale[s:e, None])
+                if t is not None:
+                    p.mul_(1 - t * t)  # through cap·tanh(z/cap)
+                pm = p.to(mm_dtype)
+                if grad_h is not None:
+                    torch.mm(pm, wm, out=grad_h[s:e])
+                if grad_w is not None:
+                    # addmm with out= (not addmm_): same BLAS call, but visible to
+                    # FlopCounterMode, which has no formula for the in-place variant.
+                    torch.addmm(grad_w, pm.t().float(), hc.float(), out=grad_w)
+            loss = loss / n_valid
+        ctx.save_for_backward(
+            grad_h if grad_h is not None else torch.empty(0),
+            grad_w if grad_w is not None else torch.empty(0),
+        )
+        ctx.has = (grad_h is not None, grad_w is not None)
+        ctx.dtypes = (h.dtype, weight.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        gh = (grad_h * grad_out).to(ctx.dtypes[0]) if ctx.has[0] else None
+        gw = (grad_w * grad_out).to(ctx.dtypes[1]) if ctx.has[1] else None
+        return gh, gw, None, None, None, None

@@ -15,7 +15,7 @@ from torch import nn
 
 from spud.config import ModelConfig
 from spud.errors import SpudError
-from spud.model.layers import RMSNorm, Rotary, init_weights
+from spud.model.layers import RMSNorm, Rotary, init_weights, linear_cross_entropy
 from spud.model.registry import get_block
 
 IGNORE_INDEX = -1
@@ -79,6 +79,10 @@ class KVCache:
 class Transformer(nn.Module):
     """Token embedding → N registry blocks → RMSNorm → LM head (optionally tied, soft-capped)."""
 
+    # Mean loss through layers.linear_cross_entropy; False = plain logits + F.cross_entropy
+    # (same numbers, kept as the reference the fused path is tested against).
+    fused_loss: bool = True
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         if cfg.vocab_size is None:
@@ -136,21 +140,28 @@ class Transformer(nn.Module):
 
         Targets equal to -1 are ignored (padding / document masking).
         """
-        logits = self.logits(self.hidden_states(idx, kv_cache))
+        h = self.hidden_states(idx, kv_cache)
         if targets is None:
-            return logits
+            return self.logits(h)
         if targets.shape != idx.shape:
             raise SpudError(
                 f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}"
             )
-        # One flattened cross_entropy call: log-softmax and NLL fuse, and .float() is a no-op
-        # for fp32 logits (under bf16 autocast it is the one copy needed for a stable loss).
+        if self.fused_loss and not return_per_token_loss:
+            # LM head + soft-cap + mean cross-entropy in row chunks, never holding (B·T, V)
+            # logits: the largest activation of a small model and the slowest part of its step.
+            return linear_cross_entropy(
+                h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1),
+                self.cfg.logit_softcap, IGNORE_INDEX,
+            )
+        logits = self.logits(h)
+        # One flattened cross_entropy call; .float() is a no-op for fp32 logits (under bf16
+        # autocast it is the one copy needed for a stable loss).
         flat = logits.view(-1, logits.shape[-1]).float()
-        if return_per_token_loss:
-            loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX,
-                                   reduction="none")
-            return loss.view(targets.shape)
-        return F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        reduction = "none" if return_per_token_loss else "mean"
+        loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                               reduction=reduction)
+        return loss.view(targets.shape) if return_per_token_loss else loss
 
     def per_token_loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(B, T) float32 cross-entropy in nats per target token (0 where target == -1)."""

@@ -11,7 +11,9 @@ CPUs: datasheet numbers are meaningless for a laptop or a shared VM (turbo, SMT,
 thread count all change them), so the peak is *measured*: the best rate of a square torch.mm over
 about a second, cached per CPU model + thread count + dtype so it is paid once per machine.
 
-SPUD_PEAK_FLOPS=<float> overrides everything (unknown accelerators, or to compare machines).
+Unknown accelerators give 0.0 ("no peak known") with a one-time warning rather than an error:
+a missing MFU figure must never stop a training run. SPUD_PEAK_FLOPS=<float> overrides
+everything (unknown accelerators, or to compare machines on a common denominator).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import platform
 import re
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -66,7 +69,7 @@ CACHE_FILE = "peak_flops.json"
 
 
 def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.float32) -> float:
-    """Peak dense matmul FLOP/s of `device` for `dtype` (see module docstring for sources)."""
+    """Peak dense matmul FLOP/s of `device` for `dtype`; 0.0 when unknown (see module doc)."""
     override = os.environ.get("SPUD_PEAK_FLOPS")
     if override:
         try:
@@ -77,11 +80,26 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.float32) -
     if device.type == "cpu":
         return cpu_peak_flops(dtype)
     if device.type == "cuda":
-        return gpu_peak_flops(torch.cuda.get_device_name(device), dtype)
-    raise SpudError(
-        f"no peak FLOP/s known for device type {device.type!r}; set SPUD_PEAK_FLOPS=<FLOP/s> "
-        "to report MFU"
+        name = torch.cuda.get_device_name(device)
+        try:
+            return gpu_peak_flops(name, dtype)
+        except SpudError as e:
+            _warn_once(str(e))
+            return 0.0
+    _warn_once(
+        f"no peak FLOP/s known for device type {device.type!r}; MFU will not be reported "
+        "(set SPUD_PEAK_FLOPS=<FLOP/s> to report it)"
     )
+    return 0.0
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, stacklevel=3)
 
 
 def gpu_peak_flops(name: str, dtype: torch.dtype) -> float:
@@ -94,8 +112,8 @@ def gpu_peak_flops(name: str, dtype: torch.dtype) -> float:
                 return fp32 if torch.get_float32_matmul_precision() == "highest" else tf32
             raise SpudError(f"no peak FLOP/s for dtype {dtype} on {name}; use bf16/fp16/fp32")
     raise SpudError(
-        f"GPU {name!r} is not in spud's peak-FLOP/s table (spud/plan/hardware.py); set "
-        "SPUD_PEAK_FLOPS=<dense FLOP/s for your dtype> to report MFU"
+        f"GPU {name!r} is not in spud's peak-FLOP/s table (spud/plan/hardware.py), so MFU "
+        "is not reported; set SPUD_PEAK_FLOPS=<dense FLOP/s for your dtype> to report it"
     )
 
 

@@ -16,7 +16,13 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from spud.config import Config, save_config
 from spud.data.build import build_dataset
@@ -25,13 +31,22 @@ from spud.errors import SpudError
 from spud.model.flops import flops_per_token, param_counts
 from spud.model.registry import build_model
 from spud.plan.hardware import peak_flops
-from spud.runtime import autocast, compute_dtype, pick_device, rng_state, seed_everything, set_rng_state, set_threads
+from spud.runtime import (
+    autocast,
+    compute_dtype,
+    pick_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    set_threads,
+)
 from spud.serve.sampling import generate
 from spud.tokenizer import Tokenizer
 from spud.train import checkpoint as ckpt_io
 from spud.train.metrics import MetricsLog, read_metrics, truncate_after
 from spud.train.optim import build_optimizer
 from spud.train.schedule import lr_at
+from spud.ui import make_console
 
 
 def resolve_vocab(cfg: Config, tok: Tokenizer) -> Config:
@@ -83,7 +98,7 @@ def graceful_stop():
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, console: Console | None = None):
         self.run_dir = Path(run_dir)
-        self.console = console or Console()
+        self.console = console or make_console()
         self.threads = set_threads(cfg.train.threads)
         self.device = pick_device(cfg.train.device)
         self.run_dir.mkdir(parents=True, exist_ok=True)

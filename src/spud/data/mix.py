@@ -1,0 +1,306 @@
+"""The data mix: how many tokens each source contributes, and the train/val split.
+
+Source i gets `total_tokens * w_i / sum(w)` tokens (train + val). Sources are read in order, one
+document at a time, and tokenized in batches on the Rust side (`encode_batch`, all cores):
+
+- a source with fewer tokens is repeated (epochs > 1); repeats take whole documents in their
+  original order, so the last partial epoch is a prefix of the source;
+- a larger source is cut: reading stops once its target is reached (epochs < 1), and batches are
+  sized from the remaining budget so little is tokenized past the cut;
+- the infinite generators simply stop at their target.
+
+A document's split is a pure function of its text (blake2b hash < val_fraction → val): the same
+document is in the same split in every build and in every repeat, so repetition cannot leak
+training text into validation. Validation documents are only taken on the first pass: repeating
+them would only make the val loss noisier, not more informative.
+
+Every document is written as [BOS, tokens...]: BOS is the document separator, so the model learns
+that what follows BOS is a fresh start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+from spud.config import Config, DataConfig
+from spud.data.sources import Document, Source, open_sources
+from spud.errors import SpudError
+from spud.tokenizer import Tokenizer
+
+WriteTokens = Callable[[str, np.ndarray], None]  # (split, tokens) → appended to that split
+
+BYTES_PER_TOKEN_GUESS = 4.0  # until the first batch measures the real ratio
+MIN_BATCH_BYTES = 16 << 10
+MAX_BATCH_BYTES = 2 << 20  # big enough to keep all cores busy, small enough to cut precisely
+MAX_BATCH_DOCS = 4096
+REPEAT_CACHE_TOKENS = 16_000_000  # a repeated source up to this size is replayed from memory
+PROGRESS_EVERY_TOKENS = 1 << 16
+
+
+def token_targets(data: DataConfig) -> list[int]:
+    total_weight = sum(s.weight for s in data.sources)
+    return [round(data.total_tokens * s.weight / total_weight) for s in data.sources]
+
+
+def is_val_document(text: str, val_fraction: float) -> bool:
+    if val_fraction <= 0:
+        return False
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < val_fraction
+
+
+def limit_tokenizer_threads(workers: int) -> None:
+    """data.workers → RAYON_NUM_THREADS. The Rust thread pool reads it once, at its first use, so
+    this must run before any tokenizer work in the process; an explicit env var wins."""
+    if workers > 0:
+        os.environ.setdefault("RAYON_NUM_THREADS", str(workers))
+
+
+# -------------------------------------------------------------------------------- progress bar
+def _si(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+class _TokensColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{_si(task.completed)}/{_si(task.total or 0)} tokens")
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{_si(speed)} tok/s" if speed else "- tok/s")
+
+
+class _Bar:
+    """A rich progress bar, or nothing when disabled (tests, logs redirected to files)."""
+
+    def __init__(self, enabled: bool, total: int):
+        self._progress = None
+        self._pending = 0
+        if enabled:
+            columns = [TextColumn("[bold]{task.description:<14}"), BarColumn(), _TokensColumn(),
+                       _RateColumn(), TimeRemainingColumn()]
+            self._progress = Progress(*columns)
+            self._task = self._progress.add_task("tokenizing", total=total)
+
+    def __enter__(self) -> _Bar:
+        if self._progress:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.flush()
+        if self._progress:
+            self._progress.stop()
+
+    def describe(self, name: str) -> None:
+        if self._progress:
+            self._progress.update(self._task, description=name)
+
+    def advance(self, tokens: int) -> None:
+        self._pending += tokens  # batched: one rich update per 64k tokens, not per document
+        if self._pending >= PROGRESS_EVERY_TOKENS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._progress and self._pending:
+            self._progress.advance(self._task, self._pending)
+        self._pending = 0
+
+
+# ------------------------------------------------------------------------------------ encoding
+def encoded_documents(
+    docs: Iterator[Document], tokenizer: Tokenizer, budget: Callable[[], int]
+) -> Iterator[tuple[Document, np.ndarray]]:
+    """Each document with its tokens ([BOS, ...] as uint32). Batches are sized from `budget()`
+    (tokens still wanted, asked before each batch) times the measured bytes per token."""
+    bos = tokenizer.bos_id
+    seen_bytes, seen_tokens = 0, 0
+    while True:
+        if seen_tokens:
+            limit = budget() * seen_bytes / seen_tokens * 1.1
+            limit = min(max(limit, MIN_BATCH_BYTES), MAX_BATCH_BYTES)
+        else:  # a small first batch measures bytes/token (1.5 for digits, 4+ for prose)
+            limit = MIN_BATCH_BYTES
+        batch, size = [], 0
+        for doc in docs:  # a for/break over a generator leaves it open for the next batch
+            batch.append(doc)
+            size += doc.nbytes
+            if size >= limit or len(batch) >= MAX_BATCH_DOCS:
+                break
+        if not batch:
+            return
+        for doc, ids in zip(batch, tokenizer.encode_batch([d.text for d in batch])):
+            tokens = np.empty(len(ids) + 1, dtype=np.uint32)
+            tokens[0] = bos
+            tokens[1:] = ids
+            seen_bytes += doc.nbytes
+            seen_tokens += len(tokens)
+            yield doc, tokens
+
+
+@dataclass
+class _Tally:
+    target: int
+    train: int = 0
+    val: int = 0
+    documents: int = 0  # distinct documents taken (first pass)
+    bytes: int = 0
+    passes: int = 0  # complete passes over the source
+    progress: float = 0.0  # share of the current pass consumed
+
+    @property
+    def taken(self) -> int:
+        return self.train + self.val
+
+
+def _close(docs: Iterator[Document] | None) -> None:
+    """Cut mid-pass: release the source's open file now rather than at garbage collection."""
+    if docs is not None:
+        docs.close()
+
+
+def _mix_source(
+    source: Source, target: int, tokenizer: Tokenizer, data: DataConfig, write: WriteTokens,
+    bar: _Bar, log: Callable[[str], None],
+) -> dict:
+    tally = _Tally(target)
+    # Train documents of the first pass, kept (if small) so repeats need no re-read/re-encode.
+    cache: list[tuple[np.ndarray, float]] | None = []
+    cached_tokens = 0
+    while tally.taken < target:
+        first = tally.passes == 0
+        docs = None
+        if first or cache is None:
+            docs = source.documents()
+            pairs = encoded_documents(docs, tokenizer, lambda: target - tally.taken)
+            items = ((t, is_val_document(d.text, data.val_fraction), d.progress, d.nbytes)
+                     for d, t in pairs)
+        else:
+            items = ((t, False, p, 0) for t, p in cache)
+        added, stop_short = 0, False
+        for tokens, val, progress, nbytes in items:
+            if val and not first:
+                tally.progress = progress
+                continue
+            if tally.taken and tally.taken + len(tokens) - target > target - tally.taken:
+                # Stop at the document boundary nearest the target: always overshooting would
+                # bias sources with long documents (whole stdlib modules) upward.
+                _close(docs)
+                stop_short = True
+                break
+            tally.progress = progress
+            write("val" if val else "train", tokens)
+            if val:
+                tally.val += len(tokens)
+            else:
+                tally.train += len(tokens)
+            added += len(tokens)
+            bar.advance(len(tokens))
+            if first:
+                tally.documents += 1
+                tally.bytes += nbytes
+                if not val and cache is not None:
+                    cache.append((tokens, progress))
+                    cached_tokens += len(tokens)
+                    if cached_tokens > REPEAT_CACHE_TOKENS:
+                        cache = None
+            if tally.taken >= target:
+                _close(docs)
+                break
+        else:  # the pass ran to its end
+            tally.passes += 1
+            tally.progress = 0.0
+            source.stats.check_bad_fraction(source.name, data.max_bad_fraction)
+            if first and not added:
+                skipped = ", ".join(f"{k}: {v}" for k, v in sorted(source.stats.skipped.items()))
+                raise SpudError(
+                    f"source {source.name!r} has no usable documents (skipped: {skipped or 'none'}); "
+                    "check its path/field, or remove it from data.sources"
+                )
+            if not added:
+                log(f"source {source.name!r}: all its documents are in val, nothing to repeat; "
+                    f"it stops at {tally.taken:,} of {target:,} target tokens")
+                break
+        if stop_short:
+            break
+    source.stats.check_bad_fraction(source.name, data.max_bad_fraction)
+    bar.flush()
+    return _report(source, tally)
+
+
+def _report(source: Source, tally: _Tally) -> dict:
+    cfg = source.cfg
+    if source.infinite:
+        epochs = 0.0  # an endless stream is never exhausted; no document is seen twice
+    elif math.isnan(tally.progress):
+        epochs = float(tally.passes)  # hf streams: size unknown until a pass ends
+    else:
+        epochs = tally.passes + tally.progress
+    return {
+        "name": source.name,
+        "type": cfg.type,
+        "origin": cfg.builtin or cfg.path or cfg.hf_name,
+        "weight": cfg.weight,
+        "target_tokens": tally.target,
+        "train_tokens": tally.train,
+        "val_tokens": tally.val,
+        "documents": tally.documents,
+        "bytes": tally.bytes,
+        "epochs": round(epochs, 4),
+        "exhausted": tally.passes > 0 or tally.progress >= 1.0,
+        "infinite": source.infinite,
+        **source.stats.to_dict(),
+    }
+
+
+def mix_tokens(
+    cfg: Config, tokenizer: Tokenizer, write: WriteTokens, progress: bool = True,
+    log: Callable[[str], None] = print, sources: list[Source] | None = None,
+) -> list[dict]:
+    """Tokenize every source up to its target, handing tokens to `write(split, tokens)`.
+    Returns one accounting dict per source (the manifest's `sources`)."""
+    sources = sources if sources is not None else open_sources(cfg)
+    targets = token_targets(cfg.data)
+    limit_tokenizer_threads(cfg.data.workers)
+    reports = []
+    with _Bar(progress, sum(targets)) as bar:
+        for source, target in zip(sources, targets):
+            bar.describe(source.name)
+            reports.append(_mix_source(source, target, tokenizer, cfg.data, write, bar, log))
+    return reports
+
+
+# ------------------------------------------------------------------------ tokenizer training
+def sample_texts_for_tokenizer(cfg: Config) -> Iterator[str]:
+    """Documents from all sources, interleaved by weight, until `tokenizer.train_bytes` UTF-8
+    bytes are out. Deterministic: the next document always comes from the source furthest below
+    its weighted share of bytes (ties → the earlier source). A finite source that runs out is
+    dropped rather than repeated: repeats would skew BPE counts without adding any new text."""
+    sources = open_sources(cfg)
+    streams = [s.documents() for s in sources]
+    weights = [s.cfg.weight for s in sources]
+    sent = [0] * len(sources)
+    active = list(range(len(sources)))
+    total, budget = 0, cfg.tokenizer.train_bytes
+    while total < budget and active:
+        i = min(active, key=lambda j: (sent[j] / weights[j], j))
+        doc = next(streams[i], None)
+        if doc is None:
+            active.remove(i)
+            continue
+        sent[i] += doc.nbytes
+        total += doc.nbytes
+        yield doc.text

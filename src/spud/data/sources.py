@@ -1,0 +1,424 @@
+"""Document sources: turn one `SourceConfig` into a stream of text documents, counting what is
+skipped and why.
+
+All sources are validated up front by `open_sources` (paths exist and are readable, parquet files
+have the column, builtin names exist, `datasets` is importable) so that a typo in the fifth
+source fails before the tokenizer trains for ten minutes on the first four.
+
+A `Source` can be read several times (`documents()` starts a new pass each call): the mix repeats
+small sources. Skip counts and file lists are recorded on the first pass only, since every later
+pass reads exactly the same records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from spud.config import Config, SourceConfig
+from spud.data import builtin
+from spud.errors import SpudError
+
+FILE_SUFFIXES = {"text": (".txt", ".md"), "jsonl": (".jsonl",), "parquet": (".parquet",)}
+MAX_LISTED_FILES = 200  # the manifest lists this many files per source, then only a count
+MAX_SKIP_EXAMPLES = 20
+PARQUET_BATCH_ROWS = 1024  # rows per pyarrow batch: bounded memory however large the file
+
+
+class Document(NamedTuple):
+    text: str
+    nbytes: int  # UTF-8 length of text
+    progress: float  # share of one pass of the source read once this document is in; nan: unknown
+
+
+@dataclass
+class SourceStats:
+    """What one pass over a source saw. `records` counts everything that could have been a
+    document (files, paragraphs, jsonl lines, parquet rows); `bad_records` the malformed ones."""
+
+    files: list[str] = field(default_factory=list)
+    files_count: int = 0
+    records: int = 0
+    bad_records: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    skipped_examples: list[str] = field(default_factory=list)
+    utf8_replacements: int = 0
+
+    def file_read(self, name: str) -> None:
+        self.files_count += 1
+        if len(self.files) < MAX_LISTED_FILES:
+            self.files.append(name)
+
+    def skip(self, reason: str, where: str, detail: str, bad: bool = False) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        if len(self.skipped_examples) < MAX_SKIP_EXAMPLES:
+            self.skipped_examples.append(f"{where}: {detail}")
+        if bad:
+            self.records += 1
+            self.bad_records += 1
+
+    def check_bad_fraction(self, source: str, limit: float) -> None:
+        """Raise once a pass is over (never at the first bad line: the message reports the full
+        count, so the user learns the size of the problem in one run)."""
+        if not self.records or self.bad_records / self.records <= limit:
+            return
+        first = "\n    ".join(self.skipped_examples[:5])
+        raise SpudError(
+            f"source {source!r}: {self.bad_records:,} of {self.records:,} records are bad "
+            f"({self.bad_records / self.records:.1%}), more than data.max_bad_fraction={limit}. "
+            f"First bad records:\n    {first}\n"
+            "Fix the input, or raise data.max_bad_fraction to skip bad records anyway."
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "files": self.files,
+            "files_count": self.files_count,
+            "records": self.records,
+            "bad_records": self.bad_records,
+            "skipped": dict(sorted(self.skipped.items())),
+            "skipped_examples": self.skipped_examples,
+            "utf8_replacements": self.utf8_replacements,
+        }
+
+
+def decode_utf8(raw: bytes, stats: SourceStats) -> str:
+    """Decode with errors="replace", counting only the U+FFFD characters the decoder introduced
+    (the encoded U+FFFD already in the bytes is legitimate text)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        stats.utf8_replacements += text.count("\ufffd") - raw.count(b"\xef\xbf\xbd")
+        return text
+
+
+def source_seed(seed: int, name: str) -> int:
+    """Per-source seed: two generators in one mix never share a stream, and renaming a source
+    changes its text (on purpose: the name is its identity in the manifest)."""
+    digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
+               bool: "boolean", type(None): "null"}
+
+
+def record_text(obj: object, name: str, where: str, stats: SourceStats) -> str | None:
+    """The text field of one jsonl/hf record, or None (counted as bad) when it has none."""
+    if not isinstance(obj, dict):
+        kind = _JSON_TYPES.get(type(obj), type(obj).__name__)
+        stats.skip("not_object", where, f"a JSON {kind}, not an object", bad=True)
+        return None
+    if name not in obj:
+        keys = ", ".join(list(map(str, obj))[:8]) or "none"
+        stats.skip("missing_field", where, f"no field {name!r} (keys: {keys})", bad=True)
+        return None
+    value = obj[name]
+    if value is None:
+        stats.skip("null", where, f"field {name!r} is null", bad=True)
+        return None
+    if not isinstance(value, str):
+        kind = _JSON_TYPES.get(type(value), type(value).__name__)
+        stats.skip("not_string", where, f"field {name!r} is a {kind}, not a string", bad=True)
+        return None
+    return value
+
+
+class Source:
+    """One validated source. `documents()` yields one full pass (or up to `max_documents`)."""
+
+    def __init__(self, cfg: SourceConfig, seed: int, files: list[Path], total_units: int):
+        self.cfg = cfg
+        self.name = cfg.name
+        self.seed = seed
+        self.files = files
+        self.total_units = max(total_units, 1)  # bytes (files) or rows (parquet), for progress
+        self.stats = SourceStats()
+        self.infinite = cfg.type == "builtin" and cfg.builtin in builtin.GENERATED
+        self.sized = cfg.type != "hf" and not self.infinite  # whether a pass has a known size
+        self._passes = 0
+
+    def fingerprint(self) -> list:
+        """What the source's content depends on, cheaply (stat, not read): a changed file or
+        another Python's stdlib makes a previously built dataset stale."""
+        c = self.cfg
+        stat = [[str(p), s.st_size, s.st_mtime_ns] for p in self.files for s in [p.stat()]]
+        extra = [sys.version] if c.type == "builtin" else []
+        if self.infinite:
+            extra = [builtin.GENERATOR_VERSION, self.seed]
+        return [c.model_dump(mode="json"), stat, extra]
+
+    def documents(self) -> Iterator[Document]:
+        # Later passes see the same records; a throwaway stats object keeps counts per-pass.
+        stats = self.stats if self._passes == 0 else SourceStats()
+        self._passes += 1
+        cap = self.cfg.max_documents
+        count = 0
+        for text, progress, where in self._read(stats):
+            stats.records += 1
+            if not text.strip():
+                stats.skip("empty", where, "empty or whitespace-only document")
+                continue
+            try:
+                nbytes = len(text.encode("utf-8"))
+            except UnicodeEncodeError:  # lone surrogates, e.g. from a JSON "\ud800" escape
+                fixed = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+                stats.utf8_replacements += fixed.count("\ufffd") - text.count("\ufffd")
+                text, nbytes = fixed, len(fixed.encode("utf-8"))
+            count += 1
+            if cap:
+                progress = count / cap if math.isnan(progress) else max(progress, count / cap)
+            yield Document(text, nbytes, min(progress, 1.0))
+            if cap and count >= cap:
+                return
+
+    # ------------------------------------------------------------------------------- readers
+    def _read(self, stats: SourceStats) -> Iterator[tuple[str, float, str]]:
+        """(text, progress, where) for every record, empty ones included."""
+        c = self.cfg
+        if c.type == "text":
+            return self._read_text(stats)
+        if c.type == "jsonl":
+            return self._read_jsonl(stats)
+        if c.type == "parquet":
+            return self._read_parquet(stats)
+        if c.type == "hf":
+            return self._read_hf(stats)
+        if self.infinite:
+            return ((t, math.nan, c.builtin) for t in builtin.generated_documents(c.builtin, self.seed))
+        return self._read_stdlib(stats)
+
+    def _open(self, path: Path):
+        try:
+            return path.open("rb")
+        except OSError as e:  # validated before, so it vanished or changed permissions since
+            raise SpudError(f"source {self.name!r}: cannot read {path} ({e.strerror})") from None
+
+    def _read_text(self, stats: SourceStats) -> Iterator[tuple[str, float, str]]:
+        done = 0
+        for path in self.files:
+            stats.file_read(str(path))
+            with self._open(path) as f:
+                if self.cfg.split == "file":
+                    raw = f.read()
+                    done += len(raw)
+                    yield decode_utf8(raw, stats).removeprefix("\ufeff"), done / self.total_units, str(path)
+                    continue
+                # blank_lines: a paragraph ends at a line that is empty or only whitespace.
+                lines: list[str] = []
+                start, found = 1, False
+                for lineno, raw in enumerate(f, 1):
+                    done += len(raw)
+                    line = decode_utf8(raw, stats)
+                    if line.strip():
+                        if not lines:
+                            start = lineno
+                        lines.append(line)
+                    elif lines:
+                        found = True
+                        yield "".join(lines).rstrip("\r\n"), done / self.total_units, f"{path}:{start}"
+                        lines = []
+                if lines:
+                    found = True
+                    yield "".join(lines).rstrip("\r\n"), done / self.total_units, f"{path}:{start}"
+                if not found:  # whole file blank: surfaces as one skipped empty document
+                    yield "", done / self.total_units, str(path)
+
+    def _read_jsonl(self, stats: SourceStats) -> Iterator[tuple[str, float, str]]:
+        done = 0
+        for path in self.files:
+            stats.file_read(str(path))
+            with self._open(path) as f:
+                for lineno, raw in enumerate(f, 1):
+                    done += len(raw)
+                    line = decode_utf8(raw, stats)
+                    if not line.strip():  # blank lines are formatting, not records
+                        continue
+                    where = f"{path}:{lineno}"
+                    try:
+                        obj = json.loads(line)
+                    except ValueError as e:
+                        stats.skip("invalid_json", where, f"not valid JSON ({e})", bad=True)
+                        continue
+                    text = record_text(obj, self.cfg.field, where, stats)
+                    if text is not None:
+                        yield text, done / self.total_units, where
+
+    def _read_parquet(self, stats: SourceStats) -> Iterator[tuple[str, float, str]]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        column, done = self.cfg.field, 0
+        for path in self.files:
+            stats.file_read(str(path))
+            row = 0
+            try:
+                batches = pq.ParquetFile(path).iter_batches(
+                    batch_size=PARQUET_BATCH_ROWS, columns=[column]
+                )
+                for batch in batches:
+                    for value in batch.column(0).to_pylist():
+                        row += 1
+                        done += 1
+                        if value is None:
+                            stats.skip("null", f"{path}:row {row}", f"column {column!r} is null", bad=True)
+                            continue
+                        yield value, done / self.total_units, f"{path}:row {row}"
+            except (OSError, pa.ArrowException) as e:  # truncated or changed since validation
+                raise SpudError(f"source {self.name!r}: reading {path} failed at row {row} ({e})") from None
+
+    def _read_stdlib(self, stats: SourceStats) -> Iterator[tuple[str, float, str]]:
+        root, done = builtin.stdlib_root(), 0
+        want_docs = self.cfg.builtin == "stdlib_docs"
+        for path in self.files:
+            rel = path.relative_to(root).as_posix()
+            stats.file_read(rel)
+            with self._open(path) as f:
+                raw = f.read()
+            done += len(raw)
+            text = decode_utf8(raw, stats)
+            if want_docs:
+                docs = builtin.docstrings_document(text, builtin.module_name(path))
+                if docs is None:
+                    stats.skip("syntax_error", rel, "does not parse as Python")
+                    continue
+                text = docs
+            yield text, done / self.total_units, rel
+
+    def _read_hf(self, stats: SourceStats) -> Iterator[tuple[str, float, str]]:
+        c = self.cfg
+        hint = (
+            "Without network access, download the dataset once elsewhere, save it as jsonl or "
+            "parquet, and use a source of type jsonl/parquet instead."
+        )
+        try:
+            import datasets
+        except ImportError:
+            raise SpudError(f"source {self.name!r}: type hf needs the `datasets` package. {hint}") from None
+        rows = 0
+        try:
+            stream = datasets.load_dataset(c.hf_name, c.hf_config, split=c.hf_split, streaming=True)
+            for row in stream:
+                rows += 1
+                where = f"{c.hf_name}:{rows}"
+                text = record_text(row, c.field, where, stats)
+                if text is not None:
+                    yield text, math.nan, where
+        except SpudError:
+            raise
+        except Exception as e:  # datasets raises many types (ConnectionError, HFValidationError, ...)
+            raise SpudError(
+                f"source {self.name!r}: Hugging Face dataset {c.hf_name!r} (config {c.hf_config!r}, "
+                f"split {c.hf_split!r}) failed after {rows} rows: {type(e).__name__}: {e}. {hint}"
+            ) from None
+
+
+# ---------------------------------------------------------------------------------- validation
+def _where(i: int, sc: SourceConfig) -> str:
+    return f"data.sources[{i}] ({sc.name!r}, type {sc.type})"
+
+
+def _resolve_files(sc: SourceConfig, where: str) -> list[Path]:
+    path = Path(sc.path).expanduser()
+    shown = str(path) if path.is_absolute() else f"{path} (relative to {Path.cwd()})"
+    suffixes = FILE_SUFFIXES[sc.type]
+    if not path.exists():
+        raise SpudError(f"{where}: path {shown} does not exist; fix `path`")
+    if path.is_dir():
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise SpudError(f"{where}: directory {shown} is not readable (permissions)")
+        found = [p for p in path.rglob("*") if p.suffix.lower() in suffixes and p.is_file()]
+        files = sorted(found, key=lambda p: p.relative_to(path).as_posix())
+        if not files:
+            raise SpudError(f"{where}: directory {shown} has no {'/'.join(suffixes)} files")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise SpudError(f"{where}: {shown} is neither a regular file nor a directory")
+    for f in files:
+        try:
+            with f.open("rb") as fh:
+                fh.read(1)
+        except OSError as e:
+            raise SpudError(f"{where}: cannot read {f} ({e.strerror}); check its permissions") from None
+    return files
+
+
+def _parquet_rows(sc: SourceConfig, files: list[Path], where: str) -> int:
+    """Check each file's schema (metadata only, cheap) and return the total row count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = 0
+    for f in files:
+        try:
+            meta = pq.ParquetFile(f)
+            schema = meta.schema_arrow
+        except Exception as e:  # pyarrow raises ArrowInvalid for non-parquet files
+            raise SpudError(f"{where}: {f} is not a readable parquet file ({e})") from None
+        if sc.field not in schema.names:
+            raise SpudError(
+                f"{where}: {f} has no column {sc.field!r}; its columns are: "
+                f"{', '.join(schema.names)}. Set `field` to the text column."
+            )
+        kind = schema.field(sc.field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise SpudError(f"{where}: column {sc.field!r} of {f} is {kind}, not a string column")
+        rows += meta.metadata.num_rows
+    return rows
+
+
+def _validate(i: int, sc: SourceConfig, seed: int) -> Source:
+    where = _where(i, sc)
+    if sc.type in FILE_SUFFIXES:
+        files = _resolve_files(sc, where)
+        if sc.type == "parquet":
+            return Source(sc, seed, files, _parquet_rows(sc, files, where))
+        return Source(sc, seed, files, sum(f.stat().st_size for f in files))
+    if sc.type == "builtin":
+        if sc.builtin not in builtin.BUILTINS:
+            raise SpudError(
+                f"{where}: unknown builtin {sc.builtin!r}; the builtins are: {', '.join(builtin.BUILTINS)}"
+            )
+        if sc.builtin in builtin.GENERATED:
+            return Source(sc, seed, [], 0)
+        files = builtin.stdlib_files()
+        if not files:
+            raise SpudError(f"{where}: found no Python sources under {builtin.stdlib_root()}")
+        return Source(sc, seed, files, sum(f.stat().st_size for f in files))
+    try:  # hf: fail now rather than after the other sources were tokenized
+        import datasets  # noqa: F401
+    except ImportError:
+        raise SpudError(
+            f"{where}: type hf needs the `datasets` package (pip install datasets) and network "
+            "access. Offline, download the dataset elsewhere, save it as jsonl or parquet, and use "
+            "a jsonl/parquet source instead."
+        ) from None
+    return Source(sc, seed, [], 0)
+
+
+def open_sources(cfg: Config) -> list[Source]:
+    """Validate every source (all problems reported at once) and return them ready to read."""
+    sources, problems, seen = [], [], set()
+    if not cfg.data.sources:
+        raise SpudError("data.sources is empty: add at least one source (e.g. a builtin one)")
+    for i, sc in enumerate(cfg.data.sources):
+        if sc.name in seen:
+            problems.append(f"{_where(i, sc)}: duplicate source name {sc.name!r}; names must be unique")
+            continue
+        seen.add(sc.name)
+        try:
+            sources.append(_validate(i, sc, source_seed(cfg.seed, sc.name)))
+        except SpudError as e:
+            problems.append(str(e))
+    if problems:
+        raise SpudError("invalid data sources:\n  " + "\n  ".join(problems))
+    return sources
