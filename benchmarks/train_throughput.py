@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -145,7 +146,15 @@ def print_table(results: list[dict], header: str) -> None:
         print(header)
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
         for line in [cols, *rows]:
-            print("  ".join(v.rjust(w) for v, w in zip(line, widths)))
+            print("  ".join(v.rjust(w) for v, w in zip(line, widths, strict=True)))
+
+
+def _loadavg() -> float:
+    """1-minute load average (nan where the OS has none): a busy machine skews both models."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,7 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"train step fp32 CPU ({cpu_name()}, {threads} threads, measured peak "
               f"{peak / 1e9:.0f} GFLOP/s) batch={args.batch} seq={args.seq} "
               f"rounds={args.rounds}×{args.steps} steps, median")
+    load_before = _loadavg()
+    if load_before > 0.5:
+        print(f"warning: 1-min load average is {load_before:.2f} before starting; other "
+              "processes on these cores will distort the numbers", file=sys.stderr)
     results = [bench_preset(name, args, peak) for name in args.presets]
+    load_after = _loadavg()
     print_table(results, header)
 
     out = Path(args.out)
@@ -172,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": "cpu", "cpu": cpu_name(), "threads": threads, "dtype": "float32",
         "peak_flops": peak, "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(),
+        "loadavg_1min": {"before": load_before, "after": load_after},
         "args": vars(args), "results": results,
     }
     out.write_text(json.dumps(payload, indent=2), encoding="utf-8")

@@ -68,3 +68,20 @@ def test_overrides_after_options(tmp_path, built_run):
     assert "'1'" in r.stdout
     r = run_cli("train", "tiny", "--out", str(tmp_path / "r"), "train.bogus=1")
     assert r.returncode == 2 and "train.bogus" in r.stderr
+
+
+def test_data_build_then_info(tmp_path):
+    run = tmp_path / "r"
+    r = run_cli("data", "build", "tiny", "data.total_tokens=30000", "tokenizer.vocab_size=300",
+                "tokenizer.train_bytes=100000", "--no-progress", "--out", str(run))
+    assert r.returncode == 0, r.stderr
+    import json
+
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    names = [s["name"] for s in manifest["sources"]]
+    assert names == ["stdlib_docs", "arithmetic"]
+    assert manifest["dtype"] == "uint16" and manifest["train_tokens"] > 0
+    assert (run / "tokenizer.json").is_file()
+    r = run_cli("info", str(run))
+    assert r.returncode == 0, r.stderr
+    assert "stdlib_docs" in r.stdout and "arithmetic" in r.stdout

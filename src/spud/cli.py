@@ -35,9 +35,14 @@ def _load(args):
 
 # ------------------------------------------------------------------------------------- verbs
 def cmd_data_build(args) -> int:
+    from spud.config import save_config
     from spud.data.build import build_dataset
+    from spud.tokenizer import Tokenizer
+    from spud.train.trainer import resolve_vocab
 
-    manifest = build_dataset(_load(args), Path(args.out), progress=not args.no_progress)
+    cfg, out = _load(args), Path(args.out)
+    manifest = build_dataset(cfg, out, progress=not args.no_progress)
+    save_config(resolve_vocab(cfg, Tokenizer.load(out / "tokenizer.json")), out / "config.yaml")
     print(f"wrote {args.out}/data/manifest.json: {manifest['train_tokens']:,} train tokens, "
           f"{manifest['val_tokens']:,} val tokens in {len(manifest['shards'])} shards")
     return 0

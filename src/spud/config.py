@@ -60,7 +60,7 @@ class SourceConfig(StrictModel):
 class DataConfig(StrictModel):
     sources: list[SourceConfig] = Field(default_factory=list)
     total_tokens: int = Field(2_000_000, gt=0, description="Tokens in the mix (train + val).")
-    val_fraction: float = Field(0.02, ge=0, lt=0.5, description="Share of documents held out.")
+    val_fraction: float = Field(0.02, ge=0, lt=0.5, description="Share of documents held out; 0 = no validation.")
     shard_tokens: int = Field(10_000_000, gt=0, description="Tokens per shard file.")
     max_bad_fraction: float = Field(
         0.05, ge=0, le=1, description="Error out when more than this share of records is bad."

@@ -32,6 +32,7 @@ QUICK_OVERRIDES = [
 
 
 def run_demo(out: Path, quick: bool = False, console: Console | None = None) -> dict:
+    from spud.train.checkpoint import latest_checkpoint
     from spud.train.trainer import Trainer
 
     console = console or make_console()
@@ -39,7 +40,11 @@ def run_demo(out: Path, quick: bool = False, console: Console | None = None) -> 
     cfg = load_config(recipe, QUICK_OVERRIDES if quick else None)
     console.rule(f"[bold]spud demo{' (quick)' if quick else ''} → {out}")
     t0 = time.time()
-    summary = Trainer(cfg, out, resume=True, console=console).run()
+    # A second `make demo` continues (or just reports) the same run rather than refusing it.
+    resume = latest_checkpoint(out) is not None
+    if resume:
+        console.print(f"{out} already has a demo run: continuing it (use --out for a fresh one)")
+    summary = Trainer(cfg, out, resume=resume, console=console).run()
     console.rule("[bold]samples")
     for s in summary["samples"]:
         if s["step"] == summary["step"]:

@@ -10,7 +10,7 @@ import pytest
 from data_helpers import read_source
 
 from spud.data.builtin import (
-    docstrings_document,
+    docstring_documents,
     generated_documents,
     stdlib_files,
     stdlib_root,
@@ -53,7 +53,7 @@ def test_every_worked_answer_is_correct():
     text = "\n".join(_first("arithmetic", 3, 300) + _first("reasoning", 3, 300))
     checked = 0
     for expr, answer in EQUATION.findall(text):
-        assert eval(expr) == int(answer), expr  # noqa: S307 (digits and + - * / only)
+        assert eval(expr) == int(answer), expr  # only digits and + - * /
         checked += 1
     for a, op, b, c in QA.findall(text):
         assert eval(f"{a} {op} {b}") == int(c)
@@ -107,11 +107,13 @@ def test_stdlib_docs_are_docstrings_with_headings():
     assert not any("    return " in d for d in docs)  # no code bodies
 
 
-def test_docstrings_document_structure():
+def test_docstring_documents_structure():
     source = '"""Module doc."""\nclass A:\n    """Class doc."""\n    def f(self, x=1):\n' \
              '        """Method doc."""\n        return x\ndef g():\n    pass\n'
-    doc = docstrings_document(source, "pkg.mod")
-    assert doc == ("Module pkg.mod\n\nModule doc.\n\n\nclass pkg.mod.A\n\nClass doc.\n\n\n"
-                   "def pkg.mod.A.f(self, x=1)\n\nMethod doc.")
-    assert docstrings_document("def broken(:\n", "m") is None
-    assert docstrings_document("x = 1\n", "m") == ""
+    source += 'def h(y):\n    """Function doc."""\n'
+    docs = docstring_documents(source, "pkg.mod")
+    assert docs == ["Module pkg.mod\n\nModule doc.",
+                    "class pkg.mod.A\n\nClass doc.\n\n\ndef pkg.mod.A.f(self, x=1)\n\nMethod doc.",
+                    "def pkg.mod.h(y)\n\nFunction doc."]
+    assert docstring_documents("def broken(:\n", "m") is None
+    assert docstring_documents("x = 1\n", "m") == []

@@ -172,3 +172,11 @@ def test_sample_texts_drop_exhausted_sources(tmp_path):
                     {"name": "r", "type": "builtin", "builtin": "reasoning"}])
     texts = list(sample_texts_for_tokenizer(cfg))
     assert texts.count("only document") == 1 and len(texts) > 10
+
+
+def test_capped_generator_is_finite_and_repeats(run_dir):
+    cfg = make_cfg([{"name": "a", "type": "builtin", "builtin": "arithmetic", "max_documents": 3}],
+                   total_tokens=3_000, val_fraction=0)
+    src = build_dataset(cfg, run_dir, progress=False, log=quiet)["sources"][0]
+    assert not src["infinite"] and src["exhausted"] and src["documents"] == 3
+    assert src["epochs"] > 1

@@ -100,6 +100,14 @@ def test_jsonl_custom_field_and_invalid_utf8(tmp_path):
     assert stats.utf8_replacements == 1
 
 
+def test_byte_order_mark_is_dropped(tmp_path):
+    (tmp_path / "d.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "one"}\n')
+    (tmp_path / "d.txt").write_bytes(b"\xef\xbb\xbfpara\n\nnext\n")
+    assert read_source({"name": "j", "type": "jsonl", "path": str(tmp_path)})[0] == ["one"]
+    docs, _ = read_source({"name": "t", "type": "text", "path": str(tmp_path), "split": "blank_lines"})
+    assert docs == ["para", "next"]
+
+
 def test_jsonl_lone_surrogate_escape_is_replaced(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", ['{"text": "a \\ud800 b"}'])
     docs, stats = read_source({"name": "j", "type": "jsonl", "path": str(path)})
@@ -192,7 +200,7 @@ def test_duplicate_names_and_empty_sources():
 def test_hf_without_datasets_says_what_to_do(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails even where it is installed
     cfg = make_cfg([{"name": "h", "type": "hf", "hf_name": "some/dataset"}])
-    with pytest.raises(SpudError, match="needs the `datasets` package.*jsonl/parquet"):
+    with pytest.raises(SpudError, match="needs the `datasets` package.*network access.*jsonl or parquet"):
         open_sources(cfg)
 
 
@@ -209,5 +217,5 @@ def test_hf_streams_rows_and_wraps_network_errors(monkeypatch):
     docs, stats = read_source({"name": "h", "type": "hf", "hf_name": "org/ds", "hf_config": "en"})
     assert docs == ["row one", "row two"] and stats.skipped == {"null": 1, "missing_field": 1}
     assert calls == [("org/ds", "en", "train", True)]
-    with pytest.raises(SpudError, match="no route to host.*jsonl/parquet"):
+    with pytest.raises(SpudError, match="no route to host.*jsonl or parquet"):
         read_source({"name": "h", "type": "hf", "hf_name": "offline/ds"})

@@ -76,5 +76,6 @@ def test_gpu_table(monkeypatch):
 
 def test_unknown_device_gives_zero_not_an_error(monkeypatch):
     monkeypatch.delenv("SPUD_PEAK_FLOPS", raising=False)
+    monkeypatch.setattr(hardware, "_WARNED", set())
     with pytest.warns(UserWarning, match="SPUD_PEAK_FLOPS"):
         assert peak_flops(torch.device("meta")) == 0.0

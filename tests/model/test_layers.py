@@ -4,7 +4,14 @@ import torch.nn.functional as F
 
 from spud.errors import SpudError
 from spud.model.layers import (
-    GELU, MLPS, Attention, ReLU2, RMSNorm, Rotary, SwiGLU, linear_cross_entropy,
+    GELU,
+    MLPS,
+    Attention,
+    ReLU2,
+    RMSNorm,
+    Rotary,
+    SwiGLU,
+    linear_cross_entropy,
 )
 
 
@@ -56,7 +63,10 @@ def test_grouped_kv_equals_mha_with_repeated_heads(tiny, n_kv):
     h, hd, g = cfg.n_heads, cfg.dim_head, cfg.n_heads // n_kv
     w = gqa.qkv.weight.detach()
     q, k, v = w.split((h * hd, n_kv * hd, n_kv * hd))
-    rep = lambda t: t.view(n_kv, 1, hd, -1).expand(n_kv, g, hd, t.shape[-1]).reshape(h * hd, -1)
+
+    def rep(t):  # (n_kv·hd, d) -> (h·hd, d), each kv head repeated for its query group
+        return t.view(n_kv, 1, hd, -1).expand(n_kv, g, hd, t.shape[-1]).reshape(h * hd, -1)
+
     with torch.no_grad():
         mha.qkv.weight.copy_(torch.cat((q, rep(k), rep(v))))
         mha.proj.weight.copy_(gqa.proj.weight)

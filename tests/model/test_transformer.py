@@ -80,7 +80,7 @@ def test_fused_loss_equals_reference_loss_and_grads(tiny, name):
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     (l1, g1), (l2, g2) = results
     torch.testing.assert_close(l1, l2)
-    for a, b in zip(g1, g2):
+    for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4)
     logits = model(idx).detach()
     ref = F.cross_entropy(logits.view(-1, 256), tgt.view(-1), ignore_index=-1)
@@ -153,3 +153,22 @@ def test_training_reduces_loss(tiny):
         opt.step()
         opt.zero_grad()
     assert loss.item() < first - 1.0
+
+
+def test_bf16_autocast_loss_and_cached_decoding(tiny):
+    model = build_model(tiny(n_kv_heads=2))
+    idx, tgt = torch.randint(0, 256, (2, 2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = model(idx, tgt)
+        model.fused_loss = False
+        ref = model(idx, tgt)
+        fused.backward()
+        model.eval()
+        with torch.no_grad():
+            cache = model.new_kv_cache(2)  # fp32 cache, bf16 activations
+            steps = [model(idx[:, :6], kv_cache=cache)]
+            steps += [model(idx[:, t : t + 1], kv_cache=cache) for t in range(6, 12)]
+            full = model(idx)
+    assert fused.dtype == torch.float32 and abs(fused.item() - ref.item()) < 2e-2
+    assert model.embed.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(torch.cat(steps, 1).float(), full.float(), atol=0.1, rtol=0)

@@ -114,3 +114,12 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches(fresh_run, tmp_path):
     r = subprocess.run(_spud("train", *common, "--out", str(straight)), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert losses(fresh_run) == losses(straight)
+
+
+def test_training_without_validation_split(tiny_cfg, tmp_path):
+    cfg = tiny_cfg.model_copy(deep=True)
+    cfg.data.val_fraction = 0.0
+    cfg.data.total_tokens = 20000
+    cfg.train.max_steps = 4
+    summary = Trainer(cfg, tmp_path / "noval").run()
+    assert summary["step"] == 4 and summary["val"] == []

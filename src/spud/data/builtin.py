@@ -26,7 +26,7 @@ BUILTINS = ("stdlib_docs", "stdlib_code", "arithmetic", "reasoning")
 GENERATED = ("arithmetic", "reasoning")  # infinite streams; the rest are finite file lists
 
 # Bump when a template changes: it is part of the input fingerprint, so old shards get rebuilt.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # Directories of the stdlib tree that are not "the standard library" a model should learn from:
 # test suites (huge, repetitive), the IDLE app, third-party packages, demo scripts, and the codec
@@ -65,39 +65,44 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def docstrings_document(source: str, module: str) -> str | None:
-    """All module/class/function docstrings of one module as one document, each headed by what it
-    documents (`def json.dumps(obj, *, skipkeys=False, ...)`) so the prose keeps its subject.
-    Returns "" when it has no docstrings and None when the source does not parse (a few stdlib
-    files are deliberately broken)."""
+def docstring_documents(source: str, module: str) -> list[str] | None:
+    """A module's docstrings as documents, each block headed by what it documents
+    (`def json.dumps(obj, *, skipkeys=False, ...)`) so the prose keeps its subject.
+
+    One document for the module docstring, one per top-level class (with its methods'
+    docstrings) and one per top-level function. Whole-module documents would be few and huge,
+    which makes the hash-based train/val split lumpy (one module decides the whole val share).
+    Returns [] when there are no docstrings and None when the source does not parse (a few
+    stdlib files are deliberately broken)."""
     try:
         with warnings.catch_warnings():  # invalid escape sequences in old code warn on parse
             warnings.simplefilter("ignore")
             tree = ast.parse(source)
     except (SyntaxError, ValueError):
         return None
-    blocks = []
+    docs = []
     doc = ast.get_docstring(tree)
     if doc:
-        blocks.append(f"Module {module}\n\n{doc}")
+        docs.append(f"Module {module}\n\n{doc}")
 
-    def visit(node: ast.AST, prefix: str) -> None:
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.ClassDef):
-                name = f"{prefix}{child.name}"
-                text = ast.get_docstring(child)
-                if text:
-                    blocks.append(f"class {name}\n\n{text}")
-                visit(child, name + ".")
-            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                name = f"{prefix}{child.name}"
-                text = ast.get_docstring(child)
-                if text:
-                    blocks.append(f"def {name}({ast.unparse(child.args)})\n\n{text}")
-                # Nested functions are implementation details; their docstrings are rare.
+    def collect(node: ast.AST, name: str, blocks: list[str]) -> None:
+        text = ast.get_docstring(node)
+        if isinstance(node, ast.ClassDef):
+            if text:
+                blocks.append(f"class {name}\n\n{text}")
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    collect(child, f"{name}.{child.name}", blocks)
+        elif text:  # nested functions are implementation details; not visited
+            blocks.append(f"def {name}({ast.unparse(node.args)})\n\n{text}")
 
-    visit(tree, f"{module}.")
-    return "\n\n\n".join(blocks)
+    for child in ast.iter_child_nodes(tree):
+        if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            blocks: list[str] = []
+            collect(child, f"{module}.{child.name}", blocks)
+            if blocks:
+                docs.append("\n\n\n".join(blocks))
+    return docs
 
 
 # --------------------------------------------------------------------------------- arithmetic

@@ -1,7 +1,9 @@
 """`TokenLoader`: (x, y) batches from memory-mapped token shards, deterministic and resumable.
 
-Each shard is cut into non-overlapping windows of seq_len+1 tokens (x = window[:-1], y =
-window[1:]); windows never cross a shard boundary, so a shard's few leftover tokens are unused.
+Each shard is cut into windows of seq_len+1 tokens starting every seq_len tokens (x =
+window[:-1], y = window[1:]): consecutive windows share one token, so every token in the shard is
+a prediction target exactly once. Windows never cross a shard boundary, so a shard's few leftover
+tokens are unused.
 Every epoch visits all windows in a permutation drawn from `seed + epoch`, so the order depends
 only on (seed, epoch) and the position is fully described by (epoch, batch index): resuming from
 `state_dict()` replays exactly the batches an uninterrupted run would have seen.
@@ -61,7 +63,7 @@ class TokenLoader:
                     f"delete {data_dir} and rebuild with `spud data build`"
                 )
             self._shards.append(np.memmap(path, dtype=dtype, mode="r", shape=(shard["tokens"],)))
-            counts.append(shard["tokens"] // self.window)
+            counts.append((shard["tokens"] - 1) // self.seq_len)
         # Window w lives in shard s where starts[s] <= w < starts[s+1].
         self._starts = np.cumsum([0, *counts], dtype=np.int64)
         self.windows_per_epoch = int(self._starts[-1])
@@ -108,7 +110,7 @@ class TokenLoader:
         shard_of = np.searchsorted(self._starts, ids, side="right") - 1
         for s in np.unique(shard_of):
             rows = np.nonzero(shard_of == s)[0]
-            starts = (ids[rows] - self._starts[s]) * self.window
+            starts = (ids[rows] - self._starts[s]) * self.seq_len
             out[rows] = self._shards[s][starts[:, None] + self._offsets]
         return out
 

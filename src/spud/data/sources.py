@@ -30,6 +30,10 @@ FILE_SUFFIXES = {"text": (".txt", ".md"), "jsonl": (".jsonl",), "parquet": (".pa
 MAX_LISTED_FILES = 200  # the manifest lists this many files per source, then only a count
 MAX_SKIP_EXAMPLES = 20
 PARQUET_BATCH_ROWS = 1024  # rows per pyarrow batch: bounded memory however large the file
+_HF_HINT = (
+    "hf sources also need network access; offline, download the dataset once elsewhere, save it "
+    "as jsonl or parquet, and use a source of type jsonl or parquet instead."
+)
 
 
 class Document(NamedTuple):
@@ -142,8 +146,8 @@ class Source:
         self.files = files
         self.total_units = max(total_units, 1)  # bytes (files) or rows (parquet), for progress
         self.stats = SourceStats()
-        self.infinite = cfg.type == "builtin" and cfg.builtin in builtin.GENERATED
-        self.sized = cfg.type != "hf" and not self.infinite  # whether a pass has a known size
+        self.generated = cfg.type == "builtin" and cfg.builtin in builtin.GENERATED
+        self.infinite = self.generated and not cfg.max_documents
         self._passes = 0
 
     def fingerprint(self) -> list:
@@ -152,7 +156,7 @@ class Source:
         c = self.cfg
         stat = [[str(p), s.st_size, s.st_mtime_ns] for p in self.files for s in [p.stat()]]
         extra = [sys.version] if c.type == "builtin" else []
-        if self.infinite:
+        if self.generated:
             extra = [builtin.GENERATOR_VERSION, self.seed]
         return [c.model_dump(mode="json"), stat, extra]
 
@@ -184,17 +188,11 @@ class Source:
     def _read(self, stats: SourceStats) -> Iterator[tuple[str, float, str]]:
         """(text, progress, where) for every record, empty ones included."""
         c = self.cfg
-        if c.type == "text":
-            return self._read_text(stats)
-        if c.type == "jsonl":
-            return self._read_jsonl(stats)
-        if c.type == "parquet":
-            return self._read_parquet(stats)
-        if c.type == "hf":
-            return self._read_hf(stats)
-        if self.infinite:
+        if self.generated:
             return ((t, math.nan, c.builtin) for t in builtin.generated_documents(c.builtin, self.seed))
-        return self._read_stdlib(stats)
+        readers = {"text": self._read_text, "jsonl": self._read_jsonl, "parquet": self._read_parquet,
+                   "hf": self._read_hf, "builtin": self._read_stdlib}
+        return readers[c.type](stats)
 
     def _open(self, path: Path):
         try:
@@ -217,7 +215,7 @@ class Source:
                 start, found = 1, False
                 for lineno, raw in enumerate(f, 1):
                     done += len(raw)
-                    line = decode_utf8(raw, stats)
+                    line = decode_utf8(raw, stats).removeprefix("\ufeff" if lineno == 1 else "")
                     if line.strip():
                         if not lines:
                             start = lineno
@@ -239,7 +237,8 @@ class Source:
             with self._open(path) as f:
                 for lineno, raw in enumerate(f, 1):
                     done += len(raw)
-                    line = decode_utf8(raw, stats)
+                    # A BOM (some Windows editors write one) would make line 1 invalid JSON.
+                    line = decode_utf8(raw, stats).removeprefix("\ufeff" if lineno == 1 else "")
                     if not line.strip():  # blank lines are formatting, not records
                         continue
                     where = f"{path}:{lineno}"
@@ -285,24 +284,23 @@ class Source:
                 raw = f.read()
             done += len(raw)
             text = decode_utf8(raw, stats)
-            if want_docs:
-                docs = builtin.docstrings_document(text, builtin.module_name(path))
-                if docs is None:
-                    stats.skip("syntax_error", rel, "does not parse as Python")
-                    continue
-                text = docs
-            yield text, done / self.total_units, rel
+            if not want_docs:
+                yield text, done / self.total_units, rel
+                continue
+            docs = builtin.docstring_documents(text, builtin.module_name(path))
+            if docs is None:
+                stats.skip("syntax_error", rel, "does not parse as Python")
+                continue
+            for doc in docs or [""]:  # "" is then skipped and counted as an empty document
+                yield doc, done / self.total_units, rel
 
     def _read_hf(self, stats: SourceStats) -> Iterator[tuple[str, float, str]]:
         c = self.cfg
-        hint = (
-            "Without network access, download the dataset once elsewhere, save it as jsonl or "
-            "parquet, and use a source of type jsonl/parquet instead."
-        )
         try:
             import datasets
         except ImportError:
-            raise SpudError(f"source {self.name!r}: type hf needs the `datasets` package. {hint}") from None
+            msg = f"source {self.name!r}: type hf needs the `datasets` package. {_HF_HINT}"
+            raise SpudError(msg) from None
         rows = 0
         try:
             stream = datasets.load_dataset(c.hf_name, c.hf_config, split=c.hf_split, streaming=True)
@@ -317,7 +315,7 @@ class Source:
         except Exception as e:  # datasets raises many types (ConnectionError, HFValidationError, ...)
             raise SpudError(
                 f"source {self.name!r}: Hugging Face dataset {c.hf_name!r} (config {c.hf_config!r}, "
-                f"split {c.hf_split!r}) failed after {rows} rows: {type(e).__name__}: {e}. {hint}"
+                f"split {c.hf_split!r}) failed after {rows} rows: {type(e).__name__}: {e}. {_HF_HINT}"
             ) from None
 
 
@@ -398,9 +396,7 @@ def _validate(i: int, sc: SourceConfig, seed: int) -> Source:
         import datasets  # noqa: F401
     except ImportError:
         raise SpudError(
-            f"{where}: type hf needs the `datasets` package (pip install datasets) and network "
-            "access. Offline, download the dataset elsewhere, save it as jsonl or parquet, and use "
-            "a jsonl/parquet source instead."
+            f"{where}: type hf needs the `datasets` package (pip install datasets). {_HF_HINT}"
         ) from None
     return Source(sc, seed, [], 0)
 

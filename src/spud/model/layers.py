@@ -36,7 +36,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # F.rms_norm is a single fused op (fwd and bwd) instead of ~6 elementwise kernels.
+        # F.rms_norm runs torch's fused kernel where one exists (CUDA) and its composite
+        # elsewhere; hand-written pow/mean/rsqrt would forgo the fused path everywhere.
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
     def reset_parameters(self) -> None:
@@ -60,8 +61,9 @@ class Rotary(nn.Module):
 
     HF Llama computes x·cos + rotate_half(x)·sin with rotate_half(x) = (-x2, x1). Folding the
     sign into the table (sin_signed = (-sin, sin)) leaves only a half swap (x2, x1): three
-    kernels (cat, mul, addcmul) instead of five, with the same result up to float rounding. Buffers are non-persistent: they are a pure function of the config, so
-    checkpoints stay small and a changed max_seq_len never conflicts with a saved table.
+    kernels (cat, mul, addcmul) instead of five, with the same result up to float rounding.
+    Buffers are non-persistent: they are a pure function of the config, so checkpoints stay
+    small and a changed max_seq_len never conflicts with a saved table.
     """
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
@@ -105,9 +107,6 @@ class Attention(nn.Module):
         # which stabilises training at high learning rates.
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        # enable_gqa lets SDPA broadcast KV heads inside the kernel (no repeat copy); it exists
-        # from torch 2.5, older versions fall back to an expand + reshape.
-        self._native_gqa = _sdpa_has_enable_gqa()
 
     def forward(
         self,
@@ -135,6 +134,8 @@ class Attention(nn.Module):
         mask, causal = None, True
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
+            # A cache made in the weights' dtype may meet bf16 activations under autocast.
+            k, v = k.to(q.dtype), v.to(q.dtype)
             if offset > 0:
                 causal = False
                 if t > 1:  # chunked prefill: query i sees keys up to offset + i
@@ -144,35 +145,15 @@ class Attention(nn.Module):
                 # t == 1: the single new token sees every cached key; no mask needed.
 
         drop = self.dropout if self.training else 0.0
-        if hkv != h and not self._native_gqa:
-            k, v = _repeat_kv(k, h // hkv), _repeat_kv(v, h // hkv)
-        kwargs = {"enable_gqa": True} if hkv != h and self._native_gqa else {}
+        # enable_gqa (torch >= 2.5, spud's minimum) broadcasts each KV head over its group of
+        # query heads inside the kernel, so GQA/MQA never materialise repeated keys/values.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal and mask is None, **kwargs
+            q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal and mask is None,
+            enable_gqa=hkv != h,
         )
         # SDPA returns (B, H, T, hd) laid out as (B, T, H, hd) on the fused kernels; reshape
         # copies only when a backend returns another layout.
         return self.proj(y.transpose(1, 2).reshape(b, t, h * hd))
-
-
-def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
-    b, hkv, t, hd = x.shape
-    return x[:, :, None].expand(b, hkv, n, t, hd).reshape(b, hkv * n, t, hd)
-
-
-_GQA_SUPPORTED: bool | None = None
-
-
-def _sdpa_has_enable_gqa() -> bool:
-    global _GQA_SUPPORTED
-    if _GQA_SUPPORTED is None:
-        try:
-            q = torch.zeros(1, 2, 1, 2)
-            F.scaled_dot_product_attention(q, q[:, :1], q[:, :1], enable_gqa=True)
-            _GQA_SUPPORTED = True
-        except TypeError:
-            _GQA_SUPPORTED = False
-    return _GQA_SUPPORTED
 
 
 class SwiGLU(nn.Module):

@@ -135,7 +135,9 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown-cpu"
 
 
-def cpu_peak_flops(dtype: torch.dtype = torch.float32, seconds: float = 1.0, n: int = 1024) -> float:
+def cpu_peak_flops(
+    dtype: torch.dtype = torch.float32, seconds: float = 1.0, n: int = 1024
+) -> float:
     """Measured matmul peak for the current thread count, read from / written to the cache."""
     key = f"{cpu_name()}|threads={torch.get_num_threads()}|{str(dtype).removeprefix('torch.')}"
     path = cache_dir() / CACHE_FILE

@@ -139,6 +139,11 @@ class Trainer:
         self.tokens_per_step = self.accum * micro_tokens
         self.train_loader = TokenLoader(self.run_dir, "train", t.micro_batch_size, self.seq_len, cfg.seed)
         self.token_bytes = token_byte_lengths(self.tokenizer, cfg.model.vocab_size).to(self.device)
+        self.has_val = self.manifest["val_tokens"] > 0
+        if self.has_val:  # fail now, not at the first eval, if val is too small for one batch
+            TokenLoader(self.run_dir, "val", t.micro_batch_size, self.seq_len, cfg.seed)
+        else:
+            self.console.print("[yellow]data.val_fraction=0: no validation split, no val loss/bpb")
 
         counts = param_counts(cfg.model)
         self.flops_per_token = flops_per_token(cfg.model, self.seq_len)["training"]
@@ -159,8 +164,10 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def evaluate(self) -> dict | None:
         """Validation loss (nats/token) and bits per byte on a fixed set of val batches."""
+        if not self.has_val:
+            return None
         t = self.cfg.train
         loader = TokenLoader(self.run_dir, "val", t.micro_batch_size, self.seq_len, self.cfg.seed)
         n = max(1, min(t.eval_batches, loader.windows_per_epoch // t.micro_batch_size))
@@ -252,8 +259,7 @@ class Trainer:
             f"(micro-batch {t.micro_batch_size}×{self.seq_len}, accum {self.accum}) · {self.device} "
             f"· {self.threads} threads"
         )
-        if self.step == 0:
-            first = self.evaluate()
+        if self.step == 0 and (first := self.evaluate()) is not None:
             self.val_history.append({"step": 0, **first})
             log.write("val", 0, **first)
         snap = self._snapshot()
@@ -278,8 +284,8 @@ class Trainer:
                     log.write("train", self.step, loss=loss, lr=lr, grad_norm=gnorm, tokens=self.tokens_seen,
                               tokens_per_s=tps, mfu=mfu, step_time=dt)
                 info = f"loss {loss:.3f} · {tps:,.0f} tok/s · MFU {mfu:.0%}"
-                if self.step % t.eval_every == 0 or self.step == t.max_steps:
-                    val = self.evaluate()
+                is_eval_step = self.step % t.eval_every == 0 or self.step == t.max_steps
+                if is_eval_step and (val := self.evaluate()) is not None:
                     self.val_history.append({"step": self.step, **val})
                     log.write("val", self.step, **val)
                     bar.console.print(f"step {self.step}: val loss {val['loss']:.4f} · bpb {val['bpb']:.4f}")
