@@ -176,10 +176,7 @@ class Trainer:
         for _ in range(n):
             x, y = (v.to(self.device) for v in loader.next_batch())
             with autocast(self.device):
-                logits = self.model(x)
-            losses = torch.nn.functional.cross_entropy(
-                logits.float().flatten(0, 1), y.flatten(), reduction="none"
-            )
+                losses = self.model.per_token_loss(x, y).float()
             total_loss += losses.double().sum().item()
             total_tokens += y.numel()
             total_bytes += self.token_bytes[y.flatten()].sum().item()
