@@ -7,7 +7,7 @@ import pytest
 
 from spud.cli import main
 
-VERBS = [["data", "build"], ["tokenizer", "train"], ["tokenizer", "encode"], ["train"], ["sample"],
+VERBS = [["data", "build"], ["tokenizer", "train"], ["tokenizer", "encode"], ["train"], ["sample"], ["serve"], ["chat"],
          ["demo"], ["info"]]
 
 

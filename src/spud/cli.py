@@ -99,6 +99,23 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from spud.serve.server import serve
+
+    serve(args.run, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+          max_queue=args.max_queue, checkpoint=args.checkpoint, device=args.device)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from spud.serve.chat_cli import chat
+
+    if (args.run is None) == (args.url is None):
+        raise SpudError("give either a run directory (local chat) or --url of a server, not both")
+    return chat(args.run, args.url, api_key=args.api_key, system=args.system,
+                temperature=args.temperature, max_tokens=args.max_tokens)
+
+
 def cmd_demo(args) -> int:
     from spud.demo import run_demo
 
@@ -164,6 +181,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="step number or directory name (default: latest)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.set_defaults(func=cmd_sample)
+
+    p = verbs.add_parser("serve", help="OpenAI-compatible API + chat web page for a run")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--max-batch", type=int, default=32, help="max sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=256, help="max waiting requests (then 429)")
+    p.add_argument("--checkpoint", default=None, help="step number or directory name (default: latest)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.set_defaults(func=cmd_serve)
+
+    p = verbs.add_parser("chat", help="chat in the terminal with a run (local) or a server (--url)")
+    p.add_argument("run", nargs="?", help="run directory (local, no server)")
+    p.add_argument("--url", default=None, help="base URL of an OpenAI-compatible server")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.set_defaults(func=cmd_chat)
 
     p = verbs.add_parser("demo", help="the whole pipeline on the built-in data, on CPU")
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")

@@ -24,7 +24,7 @@ from spud.errors import SpudError
 
 if TYPE_CHECKING:  # only for annotations; avoids an import cycle with transformer.py
     from spud.config import ModelConfig
-    from spud.model.transformer import KVCache
+    from spud.model.transformer import KVCache, SlotKVCache
 
 
 class RMSNorm(nn.Module):
@@ -90,6 +90,19 @@ class Rotary(nn.Module):
         x1, x2 = x.chunk(2, dim=-1)
         return torch.addcmul(x * cos, torch.cat((x2, x1), dim=-1), sin)
 
+    def at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate x (B, T, H, head_dim) where row b, step t sits at positions[b, t].
+
+        Slot decoding batches sequences of different lengths, so each row needs its own
+        offset: the tables are gathered per position instead of sliced. Same arithmetic as
+        `forward`, so a row gets bit-identical values either way. Callers bound-check the
+        positions (SlotKVCache.bind does it on the host, avoiding a device sync here).
+        """
+        cos = self.cos[positions].to(x.dtype)  # (B, T, 1, hd): broadcasts over heads
+        sin = self.sin[positions].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.addcmul(x * cos, torch.cat((x2, x1), dim=-1), sin)
+
 
 class Attention(nn.Module):
     """Causal self-attention with grouped KV heads (MHA / GQA / MQA) and optional QK-norm."""
@@ -115,6 +128,8 @@ class Attention(nn.Module):
         kv_cache: KVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
+        if kv_cache is not None and kv_cache.per_row:
+            return self._forward_slots(x, rotary, kv_cache, layer)
         b, t, _ = x.shape
         h, hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.qkv(x).view(b, t, h + 2 * hkv, hd)
@@ -153,6 +168,31 @@ class Attention(nn.Module):
         )
         # SDPA returns (B, H, T, hd) laid out as (B, T, H, hd) on the fused kernels; reshape
         # copies only when a backend returns another layout.
+        return self.proj(y.transpose(1, 2).reshape(b, t, h * hd))
+
+    def _forward_slots(
+        self, x: torch.Tensor, rotary: Rotary, cache: SlotKVCache, layer: int
+    ) -> torch.Tensor:
+        """Attention for rows that live in different slots of a SlotKVCache, each with its own
+        length. Kept apart from `forward` so the training / single-sequence path stays exactly
+        as it was; the projections, norms and rotary arithmetic are the same per row."""
+        b, t, _ = x.shape
+        h, hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.qkv(x).view(b, t, h + 2 * hkv, hd)
+        pos = cache.positions  # (B, T) absolute positions of the new tokens
+        if self.q_norm is not None:
+            q, k, v = qkv.split((h, hkv, hkv), dim=2)
+            q, k = rotary.at(self.q_norm(q), pos), rotary.at(self.k_norm(k), pos)
+        else:
+            qk, v = qkv.split((h + hkv, hkv), dim=2)
+            q, k = rotary.at(qk, pos).split((h, hkv), dim=2)
+        k, v = cache.update(layer, k, v)  # takes (B, T, Hkv, hd), returns (B, Hkv, L, hd)
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        # The boolean mask (B, 1, T, L) hides keys after each query's position, which covers
+        # both causality and whatever a slot's previous occupant left beyond this row's length.
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k, v, attn_mask=cache.mask, enable_gqa=hkv != h,
+        )
         return self.proj(y.transpose(1, 2).reshape(b, t, h * hd))
 
 

@@ -47,6 +47,9 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0
 
+    # Attention dispatches on this: one shared offset for all rows (False) or per-row positions.
+    per_row = False
+
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,6 +77,84 @@ class KVCache:
     def reset(self) -> None:
         """Reuse the buffers for a new sequence (old contents are simply overwritten)."""
         self.pos = 0
+
+
+class SlotKVCache:
+    """KV memory for continuous batching: `n_slots` independent sequences, each in its own row
+    of a (n_slots, n_kv_heads, max_len, head_dim) tensor per layer, each with its own length.
+
+    The cache does not track lengths itself: the caller (the serving engine) knows them and
+    `bind`s each forward to (slots, start positions, T). bind builds the per-row positions and
+    the attention mask once per forward instead of once per layer.
+    """
+
+    per_row = True
+
+    def __init__(
+        self,
+        n_layers: int,
+        n_slots: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (n_slots, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.n_slots = n_slots
+        self.max_len = max_len
+        self.device = torch.device(device) if device is not None else self.k[0].device
+        self._bound: tuple[int, int] | None = None
+
+    def bind(self, slots: list[int], starts: list[int], t: int) -> None:
+        """Prepare a forward of T new tokens for each slot, written at starts[i] .. +T-1."""
+        if len(slots) != len(starts) or not slots:
+            raise SpudError("SlotKVCache.bind needs one start position per slot (and >= 1 slot)")
+        if len(set(slots)) != len(slots) or min(slots) < 0 or max(slots) >= self.n_slots:
+            raise SpudError(f"slots must be distinct and in [0, {self.n_slots}), got {slots}")
+        kv_len = max(starts) + t
+        if min(starts) < 0 or kv_len > self.max_len:
+            raise SpudError(
+                f"slot cache is full: positions up to {kv_len} > max_len={self.max_len}"
+            )
+        dev = self.device
+        start = torch.tensor(starts, device=dev)
+        self.positions = start[:, None] + torch.arange(t, device=dev)  # (B, T)
+        self.mask = torch.arange(kv_len, device=dev) <= self.positions[:, None, :, None]
+        self.kv_len = kv_len
+        s0 = slots[0]
+        # Consecutive slots (the common case: the engine hands out the lowest free slot) are
+        # read as a strided view; anything else is gathered, copying only [0, kv_len).
+        self.slice = slice(s0, s0 + len(slots)) if slots == list(range(s0, s0 + len(slots))) else None
+        self.slot_idx = torch.tensor(slots, device=dev)
+        self._bound = (len(slots), t)
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v of shape (B, T, n_kv_heads, head_dim) at the bound positions; return each
+        row's keys/values (B, n_kv_heads, kv_len, head_dim), kv_len = longest bound row."""
+        rows = self.slot_idx[:, None]
+        # Advanced indices on dims 0 and 2 put the (B, T) index shape first: (B, T, Hkv, hd).
+        self.k[layer][rows, :, self.positions] = k
+        self.v[layer][rows, :, self.positions] = v
+        if self.slice is not None:
+            return (self.k[layer][self.slice, :, : self.kv_len],
+                    self.v[layer][self.slice, :, : self.kv_len])
+        return (self.k[layer][:, :, : self.kv_len].index_select(0, self.slot_idx),
+                self.v[layer][:, :, : self.kv_len].index_select(0, self.slot_idx))
+
+    def check(self, batch_size: int, t: int) -> None:
+        if self._bound != (batch_size, t):
+            raise SpudError(
+                f"SlotKVCache is bound to (batch, T)={self._bound}, got ({batch_size}, {t}); "
+                "call model.forward_slots (or cache.bind) with matching slots"
+            )
+
+    def advance(self, t: int) -> None:
+        self._bound = None  # lengths live with the caller; force a fresh bind per forward
 
 
 class Transformer(nn.Module):
@@ -188,6 +269,36 @@ class Transformer(nn.Module):
             device=device if device is not None else w.device,
             dtype=dtype if dtype is not None else w.dtype,
         )
+
+    def new_slot_cache(
+        self,
+        n_slots: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> SlotKVCache:
+        """An empty slot cache for continuous batching (see SlotKVCache)."""
+        max_len = max_len or self.cfg.max_seq_len
+        if max_len > self.cfg.max_seq_len:
+            raise SpudError(
+                f"slot cache max_len={max_len} exceeds model.max_seq_len={self.cfg.max_seq_len} "
+                "(rotary tables end there); use a smaller max_len"
+            )
+        w = self.embed.weight
+        return SlotKVCache(
+            self.cfg.n_layers, n_slots, self.cfg.kv_heads, max_len, self.cfg.dim_head,
+            device=device if device is not None else w.device,
+            dtype=dtype if dtype is not None else w.dtype,
+        )
+
+    def forward_slots(
+        self, idx: torch.Tensor, cache: SlotKVCache, slots: list[int], starts: list[int]
+    ) -> torch.Tensor:
+        """Final-normed hidden states (B, T, d) for idx (B, T): row i continues the sequence in
+        cache slot slots[i], whose first starts[i] positions are already cached. The LM head is
+        left to the caller, which usually needs only the last position's logits."""
+        cache.bind(slots, starts, idx.shape[1])
+        return self.hidden_states(idx, cache)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters; non_embedding leaves out the vocab×d matrices (embedding, and the

@@ -1,0 +1,325 @@
+"""Continuous-batching inference engine.
+
+One background thread owns the model. Each iteration of its loop:
+1. drops cancelled requests (their KV slot is free again immediately);
+2. admits waiting requests while slots are free: a prefill forward writes the prompt's keys and
+   values into the request's slot of a SlotKVCache and yields its first token;
+3. runs ONE batched forward that decodes one token for every active sequence, whatever their
+   lengths (per-row rotary positions and a per-row attention mask, see model/transformer.py).
+Finished requests leave right after the step that finished them, so a short request never waits
+for a long one and a freed slot is refilled at the next iteration.
+
+Other threads (the HTTP server's event loop) only touch the waiting queue and the handles'
+cancel flags, under `_cv`; model forwards run under `_model_lock`, which prompt_logprobs also
+takes so it never races the decode loop.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import traceback
+from collections import deque
+from pathlib import Path
+
+import torch
+
+from spud.errors import SpudError
+from spud.serve.detok import Detokenizer
+from spud.serve.engine_sampling import BatchParams, apply_penalties, sample_rows, token_logprobs
+from spud.serve.engine_types import (
+    ContextLengthError,
+    Event,
+    FinishEvent,
+    QueueFullError,
+    RequestHandle,
+    SamplingParams,
+    TokenEvent,
+)
+
+__all__ = [
+    "ContextLengthError", "Engine", "Event", "FinishEvent", "QueueFullError", "RequestHandle",
+    "SamplingParams", "TokenEvent",
+]
+
+
+class _Seq:
+    """Engine-thread state of one request."""
+
+    def __init__(self, handle: RequestHandle, prompt: list[int], params: SamplingParams,
+                 end_ids: set[int], decode) -> None:
+        self.handle = handle
+        self.prompt = prompt
+        self.params = params
+        self.end_ids = end_ids
+        self.detok = Detokenizer(decode, params.stop)
+        self.slot = -1
+        self.length = 0  # positions held in the KV slot
+        self.last = -1  # last sampled token: the next decode step's input
+        self.generated = 0
+        self.done = False
+        self.gen: torch.Generator | None = None
+        if params.temperature > 0:
+            # CPU generator whatever the device: the draws (one per token) are tiny, and a seed
+            # then gives the same uniforms on every machine.
+            self.gen = torch.Generator()
+            if params.seed is not None:
+                self.gen.manual_seed(int(params.seed))
+            else:
+                self.gen.seed()
+
+
+class Engine:
+    def __init__(self, model, tokenizer, *, max_batch: int = 32, max_queue: int = 256,
+                 max_context: int | None = None, device=None, model_name: str = "spud") -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise SpudError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
+        limit = model.cfg.max_seq_len
+        if max_context is not None and not 1 < max_context <= limit:
+            raise SpudError(f"max_context={max_context} must be in [2, model.max_seq_len={limit}]")
+        if device is not None:
+            model = model.to(device)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.max_context = max_context or limit
+        w = model.embed.weight
+        self.device = w.device
+        self.vocab_size = model.cfg.vocab_size
+        self.end_ids = {i for i in (tokenizer.end_id, tokenizer.eos_id, tokenizer.bos_id)
+                        if i is not None}
+        self._cache = model.new_slot_cache(max_batch, self.max_context, self.device, w.dtype)
+        # Per-slot generated-token counts (penalties) and dense logit biases, reset on admit.
+        self._counts = torch.zeros(max_batch, self.vocab_size, device=self.device)
+        self._bias = torch.zeros(max_batch, self.vocab_size, device=self.device)
+        self._has_bias = [False] * max_batch
+        self._free = list(range(max_batch))  # min-heap: low slots first keeps rows contiguous
+        self._running: list[_Seq] = []
+        self._waiting: deque[_Seq] = deque()
+        self._cv = threading.Condition()
+        self._model_lock = threading.RLock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._ids = itertools.count(1)
+        self._stats = dict(requests_total=0, prompt_tokens_total=0, completion_tokens_total=0,
+                           cancelled_total=0)
+
+    @classmethod
+    def from_run(cls, run_dir, checkpoint=None, device="auto", **limits) -> Engine:
+        from spud.runs import load_model
+
+        model, tok, _cfg, _ckpt = load_model(run_dir, checkpoint, device)
+        limits.setdefault("model_name", Path(run_dir).resolve().name)
+        return cls(model, tok, **limits)
+
+    # ------------------------------------------------------------------------ caller's side
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._loop, name="spud-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, abort: bool = False) -> None:
+        """Finish in-flight and queued requests (or cancel them all when abort), then join."""
+        with self._cv:
+            self._stopping = True
+            if abort:
+                for s in [*self._waiting, *self._running]:
+                    s.handle.cancelled = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        else:  # never started: nothing will serve the queue
+            while self._waiting:
+                self._finish(self._waiting.popleft(), "cancelled")
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
+        prompt = [int(i) for i in prompt_ids]
+        if not prompt:
+            raise SpudError("the prompt is empty; give at least one token")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise SpudError(f"prompt token ids must be in [0, {self.vocab_size})")
+        params.validate(self.vocab_size)
+        self._check_context(len(prompt), params.max_tokens)
+        with self._cv:
+            if self._stopping:
+                raise SpudError("the engine is shutting down; not accepting requests")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(
+                    f"{len(self._waiting)} requests are already waiting (max_queue="
+                    f"{self.max_queue}); retry later"
+                )
+            handle = RequestHandle(f"req-{next(self._ids)}", len(prompt), self._wake)
+            ends = set() if params.ignore_eos else set(self.end_ids)
+            ends |= {int(i) for i in params.stop_token_ids}
+            self._waiting.append(_Seq(handle, prompt, params, ends, self._decode))
+            self._stats["requests_total"] += 1
+            self._stats["prompt_tokens_total"] += len(prompt)
+            self._cv.notify_all()
+        return handle
+
+    def prompt_logprobs(self, prompt_ids: list[int], top_n: int = 0
+                        ) -> list[tuple[float | None, list[tuple[int, float]]]]:
+        """Per prompt position i: logprob of token i given tokens < i (None for the first)
+        and the top_n alternatives there (empty for the first). One forward pass."""
+        ids = [int(i) for i in prompt_ids]
+        if not ids:
+            return []
+        self._check_context(len(ids), 0)
+        with self._model_lock, torch.inference_mode():
+            x = torch.tensor([ids], device=self.device)
+            lp = torch.log_softmax(self.model(x)[0].float(), dim=-1)  # (T, V)
+            chosen = lp[:-1].gather(1, x[0, 1:, None]).squeeze(1).tolist()
+            tops: list[list[tuple[int, float]]] = [[] for _ in ids]
+            if top_n > 0:
+                tv, ti = torch.topk(lp[:-1], min(top_n, lp.shape[-1]), dim=-1)
+                tops = [[]] + [list(zip(i, v)) for i, v in zip(ti.tolist(), tv.tolist())]
+        return [(None, [])] + [(c, tops[i + 1]) for i, c in enumerate(chosen)]
+
+    def stats(self) -> dict:
+        with self._cv:
+            return dict(running=len(self._running), waiting=len(self._waiting), **self._stats)
+
+    # ----------------------------------------------------------------------- engine thread
+    def _check_context(self, n_prompt: int, max_tokens: int) -> None:
+        if n_prompt + max_tokens > self.max_context:
+            raise ContextLengthError(
+                f"this model's maximum context length is {self.max_context} tokens, but "
+                f"{n_prompt + max_tokens} were requested ({n_prompt} in the prompt + "
+                f"{max_tokens} max_tokens); shorten the prompt or lower max_tokens"
+            )
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special=True)
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not (self._waiting or self._running or self._stopping):
+                        self._cv.wait()
+                    if self._stopping and not self._waiting and not self._running:
+                        return
+                try:
+                    self._step()
+                except Exception as e:  # last resort: never let the thread die
+                    for s in list(self._running):
+                        self._finish(s, "error", _describe(e))
+
+    def _step(self) -> None:
+        for s in [s for s in self._running if s.handle.cancelled]:
+            self._finish(s, "cancelled")
+        while self._free:
+            with self._cv:
+                if not self._waiting:
+                    break
+                s = self._waiting.popleft()
+            if s.handle.cancelled:
+                self._finish(s, "cancelled")
+                continue
+            self._admit(s)
+        if self._running:
+            self._decode_step()
+
+    def _admit(self, s: _Seq) -> None:
+        s.slot = heapq.heappop(self._free)
+        with self._cv:
+            self._running.append(s)
+        try:
+            self._counts[s.slot].zero_()
+            bias = s.params.logit_bias or {}
+            self._has_bias[s.slot] = bool(bias)
+            if bias:
+                self._bias[s.slot].zero_()
+                idx = torch.tensor([int(k) for k in bias], device=self.device)
+                self._bias[s.slot, idx] = torch.tensor(
+                    [float(v) for v in bias.values()], device=self.device)
+            with self._model_lock:
+                x = torch.tensor([s.prompt], device=self.device)
+                h = self.model.forward_slots(x, self._cache, [s.slot], [0])
+                logits = self.model.logits(h[:, -1]).float()
+            s.length = len(s.prompt)
+            self._sample_and_emit([s], logits)
+        except Exception as e:
+            self._finish(s, "error", _describe(e))
+
+    def _decode_step(self) -> None:
+        rows = sorted(self._running, key=lambda s: s.slot)
+        try:
+            with self._model_lock:
+                x = torch.tensor([[s.last] for s in rows], device=self.device)
+                h = self.model.forward_slots(
+                    x, self._cache, [s.slot for s in rows], [s.length for s in rows])
+                logits = self.model.logits(h[:, -1]).float()
+            for s in rows:
+                s.length += 1
+            self._sample_and_emit(rows, logits)
+        except Exception as e:
+            for s in rows:
+                if not s.done:
+                    self._finish(s, "error", _describe(e))
+
+    def _sample_and_emit(self, rows: list[_Seq], logits: torch.Tensor) -> None:
+        """Penalties/bias → sample → logprobs for all rows at once, then per-row bookkeeping."""
+        bp = BatchParams.build([s.params for s in rows], self.device)
+        slots = torch.tensor([s.slot for s in rows], device=self.device)
+        counts = self._counts.index_select(0, slots) if bp.any_penalty else None
+        bias = (self._bias.index_select(0, slots)
+                if any(self._has_bias[s.slot] for s in rows) else None)
+        proc = apply_penalties(logits, counts, bias, bp)
+        toks = sample_rows(proc, bp, [s.gen for s in rows])
+        self._counts.index_put_((slots, toks), torch.ones_like(toks, dtype=torch.float32),
+                                accumulate=True)
+        lps, tops = token_logprobs(proc, toks, [s.params.logprobs for s in rows])
+        for s, tok, lp, top in zip(rows, toks.tolist(), lps, tops):
+            self._emit_token(s, tok, lp, top)
+
+    def _emit_token(self, s: _Seq, tok: int, lp, top) -> None:
+        s.generated += 1
+        s.last = tok
+        with self._cv:
+            self._stats["completion_tokens_total"] += 1
+        if tok in s.end_ids:
+            # The end token itself is not part of the output (no TokenEvent), only counted.
+            self._finish(s, "stop")
+            return
+        s.handle._emit(TokenEvent(tok, s.detok.push(tok), lp, top))
+        if s.detok.stopped:
+            self._finish(s, "stop")
+        elif s.generated >= s.params.max_tokens or s.length >= self.max_context:
+            self._finish(s, "length")
+
+    def _finish(self, s: _Seq, reason: str, error: str | None = None) -> None:
+        if s.done:
+            return
+        s.done = True
+        text = ""
+        try:
+            if reason != "error":
+                text = s.detok.flush()
+                if s.detok.stopped and reason == "length":
+                    reason = "stop"  # a stop string completed only by the final flush
+        except Exception:  # a broken tokenizer must not keep the slot occupied
+            pass
+        with self._cv:
+            if s in self._running:
+                self._running.remove(s)
+            if reason == "cancelled":
+                self._stats["cancelled_total"] += 1
+        if s.slot >= 0:
+            heapq.heappush(self._free, s.slot)
+            s.slot = -1
+        s.handle._emit(FinishEvent(reason, text, len(s.prompt), s.generated, error))
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, SpudError):
+        return str(e)
+    return f"{type(e).__name__}: {e} ({traceback.format_exc(limit=1).strip().splitlines()[-1]})"
