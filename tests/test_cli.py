@@ -7,7 +7,7 @@ import pytest
 
 from spud.cli import main
 
-VERBS = [["data", "build"], ["tokenizer", "train"], ["tokenizer", "encode"], ["train"], ["sample"], ["serve"], ["chat"],
+VERBS = [["data", "build"], ["tokenizer", "train"], ["tokenizer", "encode"], ["train"], ["sample"], ["serve"], ["chat"], ["eval"],
          ["demo"], ["info"]]
 
 

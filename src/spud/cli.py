@@ -116,6 +116,14 @@ def cmd_chat(args) -> int:
                 temperature=args.temperature, max_tokens=args.max_tokens)
 
 
+def cmd_eval(args) -> int:
+    from spud.eval.runner import run_eval
+
+    run_eval(args.run, tasks=args.tasks, limit=args.limit, fewshot=args.fewshot,
+             checkpoint=args.checkpoint, device=args.device, seed=args.seed)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from spud.demo import run_demo
 
@@ -201,6 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--max-tokens", type=int, default=256)
     p.set_defaults(func=cmd_chat)
+
+    p = verbs.add_parser("eval", help="benchmark a run on built-in or local-file tasks")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--tasks", default="arithmetic",
+                   help="comma-separated: built-in names, or kind:path.jsonl (e.g. gsm8k:test.jsonl)")
+    p.add_argument("--limit", type=int, default=None, help="at most N examples per task")
+    p.add_argument("--fewshot", type=int, default=0, help="k examples in each prompt")
+    p.add_argument("--checkpoint", default=None, help="step number or directory name (default: latest)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--seed", type=int, default=1234)
+    p.set_defaults(func=cmd_eval)
 
     p = verbs.add_parser("demo", help="the whole pipeline on the built-in data, on CPU")
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from spud.config import load_config
 from spud.ui import make_console
@@ -48,7 +49,7 @@ def run_demo(out: Path, quick: bool = False, console: Console | None = None) -> 
     console.rule("[bold]samples")
     for s in summary["samples"]:
         if s["step"] == summary["step"]:
-            console.print(f"[cyan]{s['prompt']}[/cyan]{s['text']}", markup=True, highlight=False)
+            console.print(f"▸ [cyan]{escape(s['prompt'])}[/cyan]{escape(s['text'])}", highlight=False)
     val = summary["val"]
     console.rule("[bold]summary")
     console.print(f"model: {summary['params'] / 1e6:.2f}M parameters, {summary['step']} steps, "

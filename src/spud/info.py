@@ -74,7 +74,7 @@ def show_run(run: Path, console: Console) -> None:
         for s in m["sources"]:
             skipped = sum(s.get("skipped", {}).values())
             table.add_row(s["name"], f"{s['documents']:,}", f"{s['train_tokens']:,}",
-                          f"{s['epochs']:.2f}", str(skipped))
+                          "generated" if s.get("infinite") else f"{s['epochs']:.2f}", str(skipped))
         console.print(table)
     ckpts = list_checkpoints(run)
     if ckpts:

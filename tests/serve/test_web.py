@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -78,9 +81,6 @@ class ServerThread:
 
 def mount_web(app):
     """The same routes the real API server uses for the page."""
-    from fastapi.responses import FileResponse
-    from fastapi.staticfiles import StaticFiles
-
     @app.get("/", include_in_schema=False)
     def index():
         return FileResponse(WEB / "index.html")
@@ -89,9 +89,6 @@ def mount_web(app):
 
 
 def make_stub_app():
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
-
     app = FastAPI()
     mount_web(app)
     app.state.requests = []
@@ -351,7 +348,9 @@ def test_model_output_is_escaped_and_markdown_rendered(ui):
 
 
 def test_markdown_renderer_cases(ui):
-    render = lambda s: ui.page.evaluate("s => window.spudChat.renderMarkdown(s)", s)  # noqa: E731
+    def render(s):
+        return ui.page.evaluate("s => window.spudChat.renderMarkdown(s)", s)
+
     assert render("a\nb\n\nc") == "<p>a<br>b</p><p>c</p>"
     assert render("**b** _i_ `c*d*`") == "<p><strong>b</strong> <em>i</em> <code>c*d*</code></p>"
     assert render("snake_case_name and 2*3*4") == "<p>snake_case_name and 2*3*4</p>"
@@ -397,3 +396,49 @@ def test_network_failure_is_shown(ui):
     ui.send("hi")
     ui.wait_idle()
     assert ui.last_reply() == "Hello from the stub."
+
+
+# ------------------------------------------------------------------------ the real server
+@pytest.fixture(scope="module")
+def real_server(serve_run):
+    """The real API app (spud.serve.api.create_app) over a real Engine on the tiny trained run."""
+    _need_browser()
+    from spud.serve.api import create_app
+    from spud.serve.engine import Engine
+
+    engine = Engine.from_run(serve_run, device="cpu")
+    engine.start()
+    app = create_app(engine)
+    if not any(getattr(r, "path", None) == "/" for r in app.routes):
+        mount_web(app)  # until the API serves the page itself; then this is a no-op
+    try:
+        with ServerThread(app) as srv:
+            srv.engine = engine
+            yield srv
+    finally:
+        engine.shutdown(True)
+
+
+def test_page_chats_with_the_real_server(browser, real_server):
+    ui = Page(browser, real_server.url)
+    try:
+        page = ui.page
+        page.wait_for_function(
+            "name => document.getElementById('model-name').textContent === name", arg=real_server.engine.model_name
+        )
+        statuses = []
+        page.on("response", lambda r: statuses.append(r.status) if "/v1/chat/completions" in r.url else None)
+        page.click("#settings summary")
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", "8")
+        ui.send("Hello")
+        ui.wait_idle()
+        assert statuses == [200]
+        assert page.is_hidden("#banner"), page.inner_text("#banner")
+        assert page.locator(".msg.assistant").count() == 1 and page.locator(".msg.error").count() == 0
+        ui.send("Tell me more")
+        ui.wait_idle()
+        assert statuses == [200, 200] and page.locator(".msg.assistant").count() == 2
+        assert ui.dialogs == [] and ui.errors == []
+    finally:
+        ui.close()

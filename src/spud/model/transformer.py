@@ -81,7 +81,13 @@ class KVCache:
 
 class SlotKVCache:
     """KV memory for continuous batching: `n_slots` independent sequences, each in its own row
-    of a (n_slots, n_kv_heads, max_len, head_dim) tensor per layer, each with its own length.
+    of a (n_slots, max_len, n_kv_heads, head_dim) tensor per layer, each with its own length.
+
+    Position-major layout (unlike KVCache's head-major one): a step writes one position for
+    rows in arbitrary slots at arbitrary positions, and with (slot, position) adjacent that is
+    a single index_copy_ into a flat (n_slots·max_len, Hkv, hd) view: measured 10-100x faster
+    on CPU than scattering into (slot, :, position) of the head-major layout. Attention reads
+    a transposed view; SDPA accepts the strides, so nothing is copied for that.
 
     The cache does not track lengths itself: the caller (the serving engine) knows them and
     `bind`s each forward to (slots, start positions, T). bind builds the per-row positions and
@@ -100,7 +106,7 @@ class SlotKVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        shape = (n_slots, n_kv_heads, max_len, head_dim)
+        shape = (n_slots, max_len, n_kv_heads, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.n_slots = n_slots
@@ -129,6 +135,7 @@ class SlotKVCache:
         # read as a strided view; anything else is gathered, copying only [0, kv_len).
         self.slice = slice(s0, s0 + len(slots)) if slots == list(range(s0, s0 + len(slots))) else None
         self.slot_idx = torch.tensor(slots, device=dev)
+        self.flat_idx = (self.slot_idx[:, None] * self.max_len + self.positions).view(-1)
         self._bound = (len(slots), t)
 
     def update(
@@ -136,15 +143,16 @@ class SlotKVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v of shape (B, T, n_kv_heads, head_dim) at the bound positions; return each
         row's keys/values (B, n_kv_heads, kv_len, head_dim), kv_len = longest bound row."""
-        rows = self.slot_idx[:, None]
-        # Advanced indices on dims 0 and 2 put the (B, T) index shape first: (B, T, Hkv, hd).
-        self.k[layer][rows, :, self.positions] = k
-        self.v[layer][rows, :, self.positions] = v
-        if self.slice is not None:
-            return (self.k[layer][self.slice, :, : self.kv_len],
-                    self.v[layer][self.slice, :, : self.kv_len])
-        return (self.k[layer][:, :, : self.kv_len].index_select(0, self.slot_idx),
-                self.v[layer][:, :, : self.kv_len].index_select(0, self.slot_idx))
+        out = []
+        for buf, new in ((self.k[layer], k), (self.v[layer], v)):
+            flat = buf.view(-1, *buf.shape[2:])
+            flat.index_copy_(0, self.flat_idx, new.reshape(-1, *new.shape[2:]).to(buf.dtype))
+            if self.slice is not None:
+                rows = buf[self.slice, : self.kv_len]
+            else:
+                rows = buf[:, : self.kv_len].index_select(0, self.slot_idx)
+            out.append(rows.transpose(1, 2))
+        return out[0], out[1]
 
     def check(self, batch_size: int, t: int) -> None:
         if self._bound != (batch_size, t):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import time
 import uuid
 
@@ -163,6 +164,11 @@ def _is_finish(ev) -> bool:
     return hasattr(ev, "reason")
 
 
+def _text(events, fin) -> str:
+    """Token texts plus what the engine held back (partial stop strings) until the end."""
+    return "".join(e.text for e in events) + (fin.text if fin else "")
+
+
 def _check_finish(fin) -> None:
     if fin.reason == "error":
         raise APIError(500, f"generation failed: {fin.error}", type="server_error")
@@ -256,12 +262,11 @@ def _sse(obj) -> str:
     return f"data: {data}\n\n"
 
 
-async def _stream(kind: str, handles, ctx: dict, first: list, finished: set, req, prompt_tokens: int,
-                  metrics: ServerMetrics, endpoint: str, t0: float, tok, top):
+async def _stream(kind: str, handles, ctx: dict, first: list, offsets: list[int], finished: set, req,
+                  prompt_tokens: int, metrics: ServerMetrics, endpoint: str, t0: float, tok, top):
     """SSE body. `first[k]` is choice k's opening chunk (chat: the role; completions: the echoed
     prompt, or None). Completions with max_tokens=0 have no handles: the echo is the answer."""
-    offsets = [len(c.choices[0].text) if kind == "completion" and c else 0 for c in first]
-    offsets = [o + len(getattr(req, "_prompt_texts", [""] * len(first))[k]) for k, o in enumerate(offsets)]
+    offsets = list(offsets)  # where choice k's next token starts in its text (legacy logprobs)
     for c in first:
         if c is not None:
             yield _sse(c)
@@ -290,8 +295,8 @@ async def _stream(kind: str, handles, ctx: dict, first: list, finished: set, req
                 continue
             finished.add(k)
             done_tokens += ev.completion_tokens
-            if ev.reason in ("stop", "length"):
-                yield _sse(chunk(k, "", ev.reason))
+            if ev.reason in ("stop", "length"):  # the engine releases held-back text at the end
+                yield _sse(chunk(k, ev.text, ev.reason))
             else:  # headers are long gone: report in-band, as OpenAI does for mid-stream errors
                 err = APIError(500 if ev.reason == "error" else 503, ev.error or f"request {ev.reason}")
                 yield _sse(err.body())
@@ -302,6 +307,221 @@ async def _stream(kind: str, handles, ctx: dict, first: list, finished: set, req
             obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
             yield _sse({**ctx, "object": obj, "choices": [], "usage": usage.model_dump()})
         yield "data: [DONE]\n\n"
-    except Exception as e:  # a bug mid-stream: tell the client in-band rather than truncating
+    except Exception as e:  # noqa: BLE001  a bug mid-stream: report it in-band, do not truncate
         yield _sse(APIError(500, f"internal server error ({type(e).__name__})", type="server_error").body())
         yield "data: [DONE]\n\n"
+
+
+# ------------------------------------------------------------------------------- the app
+def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_000) -> FastAPI:
+    """The engine must already be started (serve() or the caller does that); the app only uses
+    submit / prompt_logprobs / stats and never owns the engine's lifetime."""
+    app = FastAPI(title="Spud OpenAI-compatible API", version="1")
+    metrics = ServerMetrics()
+    app.state.engine, app.state.metrics, app.state.draining = engine, metrics, False
+    app.add_middleware(_Guard, api_key=api_key, max_body=max_body_bytes, metrics=metrics)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(APIError, lambda _r, e: e.response())
+    app.add_exception_handler(Exception, _server_error)
+    tok, started = engine.tokenizer, int(time.time())
+    vocab = getattr(engine, "vocab_size", tok.vocab_size)  # the model's (maybe padded) vocabulary
+
+    def card() -> P.ModelCard:
+        return P.ModelCard(id=engine.model_name, created=started, max_model_len=engine.max_context)
+
+    def check_ready(model: str | None) -> None:
+        if model is not None and model != engine.model_name:
+            raise APIError(404, f"model {model!r} does not exist; this server serves {engine.model_name!r}",
+                           param="model", code="model_not_found")
+        if app.state.draining:
+            raise APIError(503, "server is shutting down", code="shutting_down")
+
+    def check_ids(ids: list[int], param: str) -> None:
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise APIError(400, f"{param}: token id {bad[0]} is outside the vocabulary [0, {vocab})",
+                           param=param)
+
+    def room(ids: list[int], param: str, need: int = 1) -> int:
+        """Tokens left after the prompt; 400 (stating both numbers) when not even `need` fit."""
+        left = engine.max_context - len(ids)
+        if left < need:
+            raise APIError(400, f"the prompt is {len(ids)} tokens but the model's context is {engine.max_context}"
+                           "; shorten it", param=param, code="context_length_exceeded")
+        return left
+
+    def sampling(req, max_tokens: int, top: int | None, stop_ids: list[int]) -> list[SamplingParams]:
+        bias = {int(k): float(v) for k, v in (req.logit_bias or {}).items()}
+        check_ids(list(bias), "logit_bias")
+        return [SamplingParams(
+            max_tokens=max_tokens, temperature=float(req.temperature), top_p=float(req.top_p),
+            top_k=max(req.top_k, 0), min_p=float(req.min_p), presence_penalty=float(req.presence_penalty),
+            frequency_penalty=float(req.frequency_penalty), logit_bias=bias or None,
+            # each choice gets its own seed, or n seeded choices would all be identical
+            seed=None if req.seed is None else req.seed + i, stop=req.stop_list(),
+            stop_token_ids=list(stop_ids), logprobs=top,
+        ) for i in range(req.n)]
+
+    def submit_all(jobs: list[tuple[list[int], SamplingParams]], param: str) -> list:
+        handles = []
+        try:
+            for ids, params in jobs:
+                handles.append(engine.submit(ids, params))
+        except BaseException as e:
+            for h in handles:  # all or nothing: never leave some of the choices running
+                h.cancel()
+            if isinstance(e, QueueFullError):
+                raise APIError(429, f"server is busy, retry later ({e})", code="queue_full") from None
+            if isinstance(e, ContextLengthError):
+                raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
+            if isinstance(e, SpudError):
+                raise APIError(503 if app.state.draining else 400, str(e), param=param) from None
+            raise
+        return handles
+
+    def render_messages(messages: list[P.ChatMessage], generation_prompt: bool) -> list[int]:
+        plain = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+        try:
+            return tok.render_chat(plain, add_generation_prompt=generation_prompt)[0]
+        except SpudError as e:
+            raise APIError(400, str(e), param="messages") from None
+
+    def prompt_list(prompt) -> list[tuple[list[int], int, str]]:
+        """→ [(ids for the engine, how many BOS we prepended, the prompt's text)] per prompt."""
+        if isinstance(prompt, str) or isinstance(prompt[0], int):
+            prompt = [prompt]
+        out = []
+        for p in prompt:
+            if isinstance(p, str):
+                ids, text = tok.encode(p), p
+            else:
+                check_ids(p, "prompt")
+                ids, text = list(p), tok.decode(p)
+            # base models saw BOS open every training document; without it they are off-distribution
+            added = 0 if ids and ids[0] == tok.bos_id else 1
+            out.append(([tok.bos_id] * added + ids, added, text))
+        return out
+
+    @app.get("/health")
+    async def health():
+        if app.state.draining:
+            return JSONResponse({"status": "shutting_down"}, status_code=503)
+        return {"status": "ok", "model": engine.model_name}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics_text():
+        return PlainTextResponse(metrics.render(engine.stats()), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", response_model=P.ModelList, responses=ERROR_DOCS)
+    async def list_models():
+        return P.ModelList(data=[card()])
+
+    @app.get("/v1/models/{model_id}", response_model=P.ModelCard, responses=ERROR_DOCS)
+    async def get_model(model_id: str):
+        if model_id != engine.model_name:
+            check_ready(model_id)
+        return card()
+
+    @app.post("/tokenize", response_model=P.TokenizeResponse, responses=ERROR_DOCS)
+    async def tokenize(req: P.TokenizeRequest):
+        if req.prompt is not None:
+            ids = tok.encode(req.prompt, add_bos=req.add_special_tokens)
+        else:
+            ids = render_messages(req.messages, req.add_special_tokens)
+        return P.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.max_context)
+
+    @app.post("/detokenize", response_model=P.DetokenizeResponse, responses=ERROR_DOCS)
+    async def detokenize(req: P.DetokenizeRequest):
+        check_ids(req.tokens, "tokens")
+        return P.DetokenizeResponse(prompt=tok.decode(req.tokens))
+
+    @app.post("/v1/completions", response_model=P.CompletionResponse, responses=ERROR_DOCS)
+    async def completions(req: P.CompletionRequest, request: Request):
+        t0, endpoint = time.perf_counter(), "/v1/completions"
+        check_ready(req.model)
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError(400, "max_tokens=0 is only allowed with echo=true (prompt scoring)", param="max_tokens")
+        prompts, generate = prompt_list(req.prompt), req.max_tokens != 0
+        jobs = []
+        for ids, _, _ in prompts:
+            left = room(ids, "prompt", need=1 if generate else 0)
+            if generate:
+                jobs += [(ids, p) for p in sampling(req, req.max_tokens or left, req.logprobs, [])]
+        # choice k = prompt k // n, sample k % n (OpenAI's order); echo is per prompt
+        owner = [k // req.n for k in range(len(prompts) * req.n)]
+        echo = [("", [], []) for _ in prompts]
+        if req.echo:
+            for pi, (ids, added, text) in enumerate(prompts):
+                lps = []
+                if req.logprobs is not None:
+                    lps = (await asyncio.to_thread(engine.prompt_logprobs, ids, req.logprobs))[added:]
+                echo[pi] = (text, ids[added:], lps)
+        base = [len(prompts[pi][2]) for pi in owner]  # OpenAI offsets count from the prompt's start
+        handles = submit_all(jobs, "prompt") if jobs else []
+        ctx = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.model_name}
+        prompt_tokens = sum(len(ids) for ids, _, _ in prompts)
+
+        def echo_lp(pi: int):
+            _, ids, lps = echo[pi]
+            if req.logprobs is None or not req.echo:
+                return None
+            return P.legacy_logprobs(tok, ids, lps, 0)
+
+        if req.stream:
+            first = [P.CompletionResponse(choices=[P.CompletionChoice(
+                index=k, text=echo[pi][0], logprobs=echo_lp(pi))], **ctx) if req.echo else None
+                for k, pi in enumerate(owner)]
+            finished: set = set()
+            body = _stream("completion", handles, ctx, first, base, finished, req, prompt_tokens, metrics,
+                           endpoint, t0, tok, req.logprobs)
+            return _EventStream(body, handles, finished)
+        results = await _collect(request, handles, metrics, endpoint, t0) if handles else [([], None)] * len(owner)
+        choices, done = [], 0
+        for k, pi in enumerate(owner):
+            events, fin = results[k]
+            done += fin.completion_tokens if fin else 0
+            lp = echo_lp(pi)
+            if req.logprobs is not None and events:
+                gen = P.legacy_logprobs(tok, [e.token_id for e in events], P.event_logprobs(events), base[k])
+                lp = gen if lp is None else P.CompletionLogprobs(
+                    **{f: getattr(lp, f) + getattr(gen, f) for f in P.CompletionLogprobs.model_fields})
+            elif req.logprobs is not None and lp is None:
+                lp = P.CompletionLogprobs()
+            choices.append(P.CompletionChoice(index=k, text=echo[pi][0] + _text(events, fin),
+                                              logprobs=lp, finish_reason=fin.reason if fin else "length"))
+        metrics.record_request(endpoint, prompt_tokens, done, t0)
+        usage = P.Usage(prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done)
+        return P.CompletionResponse(choices=choices, usage=usage, **ctx)
+
+    @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse, responses=ERROR_DOCS)
+    async def chat_completions(req: P.ChatCompletionRequest, request: Request):
+        t0, endpoint = time.perf_counter(), "/v1/chat/completions"
+        check_ready(req.model)
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
+        ids = render_messages(req.messages, True)
+        left = room(ids, "messages")
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        # the chat template closes every turn with <|end|>: that is where the assistant stops
+        params = sampling(req, req.max_completion_tokens or req.max_tokens or left, top, [tok.end_id])
+        handles = submit_all([(ids, p) for p in params], "messages")
+        ctx = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.model_name}
+        if req.stream:
+            first = [P.ChatCompletionChunk(choices=[P.ChatChunkChoice(
+                index=k, delta=P.ChatDelta(role="assistant", content=""))], **ctx).model_dump(exclude={"usage"})
+                for k in range(req.n)]
+            finished: set = set()
+            body = _stream("chat", handles, ctx, first, [0] * req.n, finished, req, len(ids), metrics,
+                           endpoint, t0, tok, top)
+            return _EventStream(body, handles, finished)
+        results = await _collect(request, handles, metrics, endpoint, t0)
+        choices = [P.ChatChoice(index=k, message=P.ChatResponseMessage(content=_text(events, fin)), finish_reason=fin.reason,
+                                logprobs=P.chat_logprobs(tok, events) if top is not None else None)
+                   for k, (events, fin) in enumerate(results)]
+        done = sum(fin.completion_tokens for _, fin in results)
+        metrics.record_request(endpoint, len(ids), done, t0)
+        usage = P.Usage(prompt_tokens=len(ids), completion_tokens=done, total_tokens=len(ids) + done)
+        return P.ChatCompletionResponse(choices=choices, usage=usage, **ctx)
+
+    return app

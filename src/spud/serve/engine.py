@@ -27,7 +27,12 @@ import torch
 
 from spud.errors import SpudError
 from spud.serve.detok import Detokenizer
-from spud.serve.engine_sampling import BatchParams, apply_penalties, sample_rows, token_logprobs
+from spud.serve.engine_sampling import (
+    BatchParams,
+    apply_penalties,
+    sample_rows,
+    token_logprobs,
+)
 from spud.serve.engine_types import (
     ContextLengthError,
     Event,
@@ -104,8 +109,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._ids = itertools.count(1)
-        self._stats = dict(requests_total=0, prompt_tokens_total=0, completion_tokens_total=0,
-                           cancelled_total=0)
+        self._stats = {"requests_total": 0, "prompt_tokens_total": 0,
+                       "completion_tokens_total": 0, "cancelled_total": 0}
 
     @classmethod
     def from_run(cls, run_dir, checkpoint=None, device="auto", **limits) -> Engine:
@@ -181,7 +186,7 @@ class Engine:
 
     def stats(self) -> dict:
         with self._cv:
-            return dict(running=len(self._running), waiting=len(self._waiting), **self._stats)
+            return {"running": len(self._running), "waiting": len(self._waiting), **self._stats}
 
     # ----------------------------------------------------------------------- engine thread
     def _check_context(self, n_prompt: int, max_tokens: int) -> None:
@@ -209,7 +214,7 @@ class Engine:
                         return
                 try:
                     self._step()
-                except Exception as e:  # last resort: never let the thread die
+                except Exception as e:  # noqa: BLE001 - last resort: the thread must not die
                     for s in list(self._running):
                         self._finish(s, "error", _describe(e))
 
@@ -247,7 +252,7 @@ class Engine:
                 logits = self.model.logits(h[:, -1]).float()
             s.length = len(s.prompt)
             self._sample_and_emit([s], logits)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any failure ends this request, not the engine
             self._finish(s, "error", _describe(e))
 
     def _decode_step(self) -> None:
@@ -261,7 +266,7 @@ class Engine:
             for s in rows:
                 s.length += 1
             self._sample_and_emit(rows, logits)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - the batch fails as a whole, the engine goes on
             for s in rows:
                 if not s.done:
                     self._finish(s, "error", _describe(e))
@@ -301,13 +306,13 @@ class Engine:
             return
         s.done = True
         text = ""
-        try:
-            if reason != "error":
+        if reason != "error":
+            try:
                 text = s.detok.flush()
-                if s.detok.stopped and reason == "length":
-                    reason = "stop"  # a stop string completed only by the final flush
-        except Exception:  # a broken tokenizer must not keep the slot occupied
-            pass
+            except Exception as e:  # noqa: BLE001 - a decode failure must not keep the slot
+                reason, error = "error", _describe(e)
+            if s.detok.stopped and reason == "length":
+                reason = "stop"  # a stop string completed only by the final flush
         with self._cv:
             if s in self._running:
                 self._running.remove(s)
@@ -322,4 +327,7 @@ class Engine:
 def _describe(e: BaseException) -> str:
     if isinstance(e, SpudError):
         return str(e)
-    return f"{type(e).__name__}: {e} ({traceback.format_exc(limit=1).strip().splitlines()[-1]})"
+    # Not user input: name the exception and where it came from, for the server log / client.
+    tb = traceback.extract_tb(e.__traceback__)
+    where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
+    return f"{type(e).__name__}: {e}{where}"

@@ -9,8 +9,8 @@ while stream generators may finish from cancellation callbacks.
 from __future__ import annotations
 
 import math
-import time
 import threading
+import time
 from collections import defaultdict
 
 # Seconds. CPU decoding of a tiny model is milliseconds, a big model on GPU is seconds: the range

@@ -389,7 +389,8 @@
       else error = "Network error: could not reach the server (" + (e && e.message ? e.message : e) + ")";
     } finally {
       if (controller === ctrl) controller = null;
-      if (!reply.content && !reply.note) conv.messages.splice(conv.messages.indexOf(reply), 1);
+      if (error && !reply.content) conv.messages.splice(conv.messages.indexOf(reply), 1);
+      else if (!reply.content && !reply.note) reply.note = "(empty reply)";
       if (error) {
         conv.messages.push({ role: "error", content: error });
         showBanner(error);
@@ -433,6 +434,7 @@
       stopGeneration();
     }
   });
+  document.getElementById("settings-form").addEventListener("submit", (ev) => ev.preventDefault());
   el.stop.addEventListener("click", stopGeneration);
   el.newChat.addEventListener("click", newChat);
   for (const input of [el.system, el.temperature, el.maxTokens, el.apiKey]) {

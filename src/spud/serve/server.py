@@ -1,0 +1,81 @@
+"""`spud serve RUN`: load a run into an Engine, wrap it in the API and serve it with uvicorn.
+
+Shutdown order matters. On SIGTERM/SIGINT uvicorn stops accepting connections and waits for the
+in-flight responses; we first flip the app into draining mode (new requests on kept-alive
+connections get 503, /health reports it so a load balancer stops routing here), give running
+requests DRAIN_SECONDS to finish, let uvicorn cancel whatever is left (which cancels their engine
+requests), and only then stop the engine thread. The engine is stopped inside uvicorn's own
+shutdown rather than after `server.run()` returns, because uvicorn re-raises the captured signal
+once it is done, and for SIGTERM that ends the process before any code after run() could execute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+
+import uvicorn
+
+from spud.serve.api import create_app
+
+DRAIN_SECONDS = 5
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app, engine):
+        super().__init__(config)
+        self._app, self._engine = app, engine
+
+    def handle_exit(self, sig, frame) -> None:
+        self._app.state.draining = True
+        super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets=None) -> None:
+        self._app.state.draining = True
+        try:
+            await super().shutdown(sockets)
+        finally:
+            # abort=True: anything still queued has no client waiting for it any more
+            await asyncio.to_thread(self._engine.shutdown, True)
+
+
+def build_server(engine, host: str, port: int, api_key: str | None = None,
+                 log_level: str = "info") -> uvicorn.Server:
+    """The uvicorn server for an already started engine (tests run it in a thread)."""
+    app = create_app(engine, api_key=api_key)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=DRAIN_SECONDS)
+    return _Server(config, app, engine)
+
+
+def _banner(engine, host: str, port: int, api_key: str | None) -> str:
+    shown = "[::1]" if host == "::1" else ("127.0.0.1" if host in ("0.0.0.0", "") else host)
+    url = f"http://{shown}:{port}"
+    body = json.dumps({"model": engine.model_name, "messages": [{"role": "user", "content": "Hello"}],
+                       "max_tokens": 32})
+    auth = ' -H "Authorization: Bearer $SPUD_API_KEY"' if api_key else ""
+    return (
+        f"Serving model {engine.model_name!r} (context {engine.max_context} tokens) at {url}/v1\n"
+        f"  docs: {url}/docs   health: {url}/health   metrics: {url}/metrics\n"
+        f"  try:  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
+        f"          -d {shlex.quote(body)}"
+    )
+
+
+def serve(run_dir: str, host: str, port: int, api_key: str | None, max_batch: int, max_queue: int,
+          checkpoint: str | None, device: str) -> None:
+    """Blocking: serve until SIGINT/SIGTERM, then drain and stop the engine."""
+    from spud.serve.engine import Engine
+
+    engine = Engine.from_run(run_dir, checkpoint=checkpoint, device=device,
+                             max_batch=max_batch, max_queue=max_queue)
+    engine.start()
+    try:
+        server = build_server(engine, host, port, api_key)
+        print(_banner(engine, host, port, api_key), flush=True)
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled; we are done anyway
+        pass
+    finally:
+        engine.shutdown(abort=True)  # idempotent; covers a failure before uvicorn started

@@ -1,0 +1,281 @@
+"""Continuous-batching engine: slot decoding, batching invariance, sampling knobs, limits,
+cancellation, streaming. A random-init model is enough: these test mechanics, not quality."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from spud.config import ModelConfig, TokenizerConfig
+from spud.model.registry import build_model
+from spud.serve.engine import (
+    ContextLengthError,
+    Engine,
+    FinishEvent,
+    QueueFullError,
+    SamplingParams,
+    TokenEvent,
+)
+from spud.tokenizer import train_tokenizer
+
+TEXTS = [
+    "hello world, the quick brown fox jumps over the lazy dog. " * 3,
+    "héllo wörld ünïcode 日本語 テキスト",
+    "1234567890 abc def ghi",
+] * 20
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(iter(TEXTS), TokenizerConfig(vocab_size=300, min_frequency=1))
+
+
+def make_model(tok, **kw):
+    torch.manual_seed(0)
+    # init_std 0.3: a random model with the default 0.02 just repeats its input token; a wider
+    # init gives varied outputs, so equality checks compare something non-trivial.
+    base = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size,
+                max_seq_len=128, init_std=0.3)
+    return build_model(ModelConfig(**{**base, **kw})).eval()
+
+
+@pytest.fixture
+def engine(tok):
+    eng = Engine(make_model(tok), tok, max_batch=32)
+    eng.start()
+    yield eng
+    eng.shutdown(abort=True)
+
+
+def prompts(tok, n):
+    return [tok.encode((TEXTS * 2)[i][: 3 + 2 * i]) for i in range(n)]
+
+
+def greedy(**kw):
+    return SamplingParams(temperature=0, **kw)
+
+
+def ids(result):
+    return [e.token_id for e in result[1]]
+
+
+# ------------------------------------------------------------------------------ model level
+@pytest.mark.parametrize("kw", [{}, dict(n_kv_heads=4), dict(qk_norm=True, n_kv_heads=1),
+                                dict(logit_softcap=3.0, tie_embeddings=False)])
+def test_slot_decoding_equals_full_forward(tok, kw):
+    model = make_model(tok, **kw)
+    seqs = [torch.randint(0, 300, (n,)) for n in (6, 11, 4)]
+    slots = [2, 0, 3]  # not contiguous: exercises the gathered read
+    with torch.inference_mode():
+        cache = model.new_slot_cache(4, 32)
+        model.forward_slots(torch.randint(0, 300, (1, 20)), cache, [2], [0])  # stale garbage
+        got = [[model.logits(model.forward_slots(s[None, :-3], cache, [sl], [0]))[0]]
+               for s, sl in zip(seqs, slots)]
+        for j in range(3):
+            x = torch.stack([s[len(s) - 3 + j] for s in seqs])[:, None]
+            h = model.forward_slots(x, cache, slots, [len(s) - 3 + j for s in seqs])
+            for i, row in enumerate(model.logits(h)):
+                got[i].append(row)
+        for s, g in zip(seqs, got):
+            torch.testing.assert_close(torch.cat(g), model(s[None])[0], atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------- batching
+def test_greedy_alone_equals_batched_with_32(engine, tok):
+    ps = prompts(tok, 32)
+    alone = [engine.submit(p, greedy(max_tokens=12)).result() for p in ps]
+    handles = [engine.submit(p, greedy(max_tokens=12)) for p in ps]
+    batched = [h.result() for h in handles]
+    assert len({tuple(ids(r)) for r in alone}) > 8  # outputs are varied, not one repeated token
+    for a, b in zip(alone, batched):
+        assert ids(a) == ids(b) and a[0] == b[0]
+        assert b[2] == a[2]
+
+
+def test_seed_reproducible_alone_and_batched(engine, tok):
+    ps = prompts(tok, 8)
+    p = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.95, top_k=50, seed=1234)
+    alone = engine.submit(ps[0], p).result()
+    others = [engine.submit(q, SamplingParams(max_tokens=10, seed=i)) for i, q in enumerate(ps)]
+    batched = engine.submit(ps[0], p).result()
+    [h.result() for h in others]
+    assert ids(alone) == ids(batched)
+    diff = engine.submit(ps[0], SamplingParams(max_tokens=10, temperature=1.0, seed=99)).result()
+    assert ids(diff) != ids(alone)
+
+
+# ---------------------------------------------------------------------------- stop handling
+def test_stop_string_across_tokens_without_partial_leak(engine, tok):
+    ref = engine.submit(prompts(tok, 3)[2], greedy(max_tokens=20)).result()
+    toks, text = ref[1], ref[0]
+    # A stop string that starts inside one token and ends inside a later one.
+    pieces = [tok.decode([t.token_id]) for t in toks]
+    start = len(pieces[0]) + len(pieces[1]) - 1
+    stop = text[start : start + len(pieces[2]) + 2]
+    assert len(stop) >= 3 and text.find(stop) == start and len(pieces[1]) > 1
+    expected = text[: text.find(stop)]
+    stream, n_events = "", 0
+    h = engine.submit(prompts(tok, 3)[2], greedy(max_tokens=20, stop=[stop, "never-there"]))
+    for ev in h:
+        if isinstance(ev, TokenEvent):
+            stream += ev.text
+            # no character of the stop string ever reaches the stream (it cannot be retracted)
+            assert expected.startswith(stream)
+            n_events += 1
+            if n_events == 2:  # the token where the stop string begins: its tail is held
+                assert len(stream) <= start
+        else:
+            assert ev.reason == "stop" and ev.text == ""
+    assert stream == expected
+
+
+def test_partial_stop_string_released_at_the_end(engine, tok):
+    ref = engine.submit(prompts(tok, 2)[1], greedy(max_tokens=6)).result()
+    stop = ref[0][-2:] + "\x00never"  # the output ends with a prefix of this stop string
+    r = engine.submit(prompts(tok, 2)[1], greedy(max_tokens=6, stop=[stop])).result()
+    assert r[0] == ref[0] and r[2].reason == "length" and r[2].text.endswith(ref[0][-2:])
+
+
+def test_end_tokens_and_ignore_eos(engine, tok):
+    p = prompts(tok, 1)[0]
+    r = engine.submit(p, greedy(max_tokens=5, logit_bias={tok.eos_id: 100.0})).result()
+    assert r[2].reason == "stop" and r[2].completion_tokens == 1 and r[1] == []
+    r = engine.submit(p, greedy(max_tokens=5, logit_bias={tok.eos_id: 100.0},
+                                ignore_eos=True)).result()
+    assert r[2].reason == "length" and ids(r) == [tok.eos_id] * 5
+    first = ids(engine.submit(p, greedy(max_tokens=5)).result())[0]
+    r = engine.submit(p, greedy(max_tokens=5, stop_token_ids=[first])).result()
+    assert r[2].reason == "stop" and r[0] == ""
+
+
+# ---------------------------------------------------------------------------- sampling knobs
+def test_penalties_bias_and_filters_have_effect(engine, tok):
+    p = prompts(tok, 1)[0]
+    base = ids(engine.submit(p, greedy(max_tokens=20)).result())
+    assert len(set(base)) < 20  # it repeats itself somewhere...
+    for kw in (dict(presence_penalty=100.0), dict(frequency_penalty=100.0)):
+        out = ids(engine.submit(p, greedy(max_tokens=20, **kw)).result())
+        assert len(set(out)) == 20  # ...and a huge penalty forbids any repeat
+    forced = ids(engine.submit(p, greedy(max_tokens=4, logit_bias={42: 100.0})).result())
+    assert forced == [42] * 4
+    banned = ids(engine.submit(p, greedy(max_tokens=20, logit_bias={base[0]: -100.0})).result())
+    assert base[0] not in banned
+    # min_p=1 and top_k=1 keep only the top token: sampling becomes greedy whatever the seed.
+    for kw in (dict(min_p=1.0), dict(top_k=1), dict(top_p=1e-6)):
+        r = engine.submit(p, SamplingParams(max_tokens=20, temperature=1.5, seed=5, **kw)).result()
+        assert ids(r) == base
+    hot = ids(engine.submit(p, SamplingParams(max_tokens=20, temperature=1.5, seed=5)).result())
+    assert hot != base
+
+
+def test_logprobs(engine, tok):
+    r = engine.submit(prompts(tok, 1)[0], greedy(max_tokens=3, logprobs=3)).result()
+    for ev in r[1]:
+        assert len(ev.top_logprobs) == 3 and ev.top_logprobs[0][0] == ev.token_id
+        assert ev.logprob == pytest.approx(ev.top_logprobs[0][1]) and ev.logprob < 0
+    r = engine.submit(prompts(tok, 1)[0], greedy(max_tokens=2)).result()
+    assert r[1][0].logprob is None and r[1][0].top_logprobs is None
+
+
+def test_prompt_logprobs_match_full_forward(engine, tok):
+    p = prompts(tok, 5)[4]
+    out = engine.prompt_logprobs(p, top_n=2)
+    with torch.inference_mode():
+        lp = torch.log_softmax(engine.model(torch.tensor([p]))[0], -1)
+    assert out[0] == (None, []) and len(out) == len(p)
+    for i in range(1, len(p)):
+        assert out[i][0] == pytest.approx(lp[i - 1, p[i]].item(), abs=1e-5)
+        assert [t for t, _ in out[i][1]] == lp[i - 1].topk(2).indices.tolist()
+
+
+# ---------------------------------------------------------------------------- limits
+def test_max_tokens_queue_and_context_limits(tok):
+    eng = Engine(make_model(tok), tok, max_batch=2, max_queue=2, max_context=64)
+    assert eng.max_context == 64 and eng.model_name == "spud"
+    with pytest.raises(ContextLengthError, match=r"64.*\b70\b|\b70\b.*64"):
+        eng.submit([5] * 60, greedy(max_tokens=10))
+    hs = [eng.submit([5, 6], greedy(max_tokens=7)) for _ in range(2)]
+    with pytest.raises(QueueFullError):
+        eng.submit([5, 6], greedy())
+    assert eng.stats()["waiting"] == 2
+    eng.start()
+    for h in hs:
+        fin = h.result()[2]
+        assert fin.reason == "length" and fin.completion_tokens == 7 and fin.prompt_tokens == 2
+    eng.shutdown()
+    st = eng.stats()
+    assert st["requests_total"] == 2 and st["completion_tokens_total"] == 14
+    assert st["running"] == st["waiting"] == 0
+
+
+def test_cancel_frees_the_slot(tok):
+    eng = Engine(make_model(tok), tok, max_batch=1)
+    eng.start()
+    try:
+        long = eng.submit([5, 6], SamplingParams(max_tokens=100, ignore_eos=True))
+        it = iter(long)
+        assert isinstance(next(it), TokenEvent)
+        queued = eng.submit([7], greedy(max_tokens=3))  # waits: the only slot is taken
+        long.cancel()
+        fin = next(e for e in it if isinstance(e, FinishEvent))
+        assert fin.reason == "cancelled" and fin.completion_tokens < 100
+        assert queued.result()[2].reason == "length"
+        st = eng.stats()
+        assert st["cancelled_total"] == 1 and st["running"] == 0 and eng._free == [0]
+    finally:
+        eng.shutdown()
+
+
+def test_errors_finish_the_request_not_the_thread(engine, tok, monkeypatch):
+    real = engine.model.forward_slots
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first decode step of the first request
+            raise RuntimeError("boom")
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine.model, "forward_slots", flaky)
+    r = engine.submit([5, 6], greedy(max_tokens=5)).result()
+    assert r[2].reason == "error" and "boom" in r[2].error
+    assert engine.submit([5, 6], greedy(max_tokens=5)).result()[2].reason == "length"
+    assert engine.stats()["running"] == 0
+
+
+# ---------------------------------------------------------------------------- async / threads
+def test_async_stream_and_disconnect(engine, tok):
+    async def main():
+        h = engine.submit(prompts(tok, 1)[0], greedy(max_tokens=8))
+        events = [ev async for ev in h.stream()]
+        # a consumer that stops early (client went away) cancels its request
+        h2 = engine.submit([5], SamplingParams(max_tokens=100, ignore_eos=True))
+        agen = h2.stream()
+        await agen.__anext__()
+        await agen.aclose()
+        return events, h2
+
+    events, h2 = asyncio.run(main())
+    assert isinstance(events[-1], FinishEvent) and events[-1].reason == "length"
+    assert sum(isinstance(e, TokenEvent) for e in events) == 8
+    assert h2.cancelled
+    ref = engine.submit(prompts(tok, 1)[0], greedy(max_tokens=8)).result()
+    assert [e.token_id for e in events[:-1]] == ids(ref)
+
+
+def test_submit_from_many_threads(engine, tok):
+    results = {}
+
+    def worker(i):
+        results[i] = engine.submit(prompts(tok, 12)[i], greedy(max_tokens=6)).result()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, r in results.items():
+        assert ids(r) == ids(engine.submit(prompts(tok, 12)[i], greedy(max_tokens=6)).result())
