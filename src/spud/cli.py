@@ -6,6 +6,7 @@ Heavy imports (torch, tokenizers) happen inside each verb so `spud --help` is in
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -194,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--api-key", default=os.environ.get("SPUD_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $SPUD_API_KEY)")
     p.add_argument("--max-batch", type=int, default=32, help="max sequences decoded together")
     p.add_argument("--max-queue", type=int, default=256, help="max waiting requests (then 429)")
     p.add_argument("--checkpoint", default=None, help="step number or directory name (default: latest)")
@@ -204,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("chat", help="chat in the terminal with a run (local) or a server (--url)")
     p.add_argument("run", nargs="?", help="run directory (local, no server)")
     p.add_argument("--url", default=None, help="base URL of an OpenAI-compatible server")
-    p.add_argument("--api-key", default=None)
+    p.add_argument("--api-key", default=os.environ.get("SPUD_API_KEY"), help="default: $SPUD_API_KEY")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--max-tokens", type=int, default=256)

@@ -279,3 +279,14 @@ def test_submit_from_many_threads(engine, tok):
         t.join()
     for i, r in results.items():
         assert ids(r) == ids(engine.submit(prompts(tok, 12)[i], greedy(max_tokens=6)).result())
+
+
+def test_from_run_names_the_model_after_the_run(serve_run):
+    eng = Engine.from_run(serve_run, device="cpu", max_batch=2)
+    assert eng.model_name == serve_run.name and eng.max_context == eng.model.cfg.max_seq_len
+    eng.start()
+    try:
+        r = eng.submit(eng.tokenizer.encode("a", add_bos=True), greedy(max_tokens=4)).result()
+        assert r[2].reason in ("stop", "length") and r[2].prompt_tokens == 2
+    finally:
+        eng.shutdown()

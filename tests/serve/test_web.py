@@ -95,7 +95,10 @@ def make_stub_app():
     app.state.sent = {"slow": 0}
 
     @app.get("/v1/models")
-    def models():
+    def models(request: Request):
+        if request.headers.get("authorization") == "Bearer wrong":
+            return JSONResponse({"error": {"message": "missing or invalid API key", "type": "invalid_request_error",
+                                           "param": None, "code": "invalid_api_key"}}, status_code=401)
         return {"object": "list", "data": [{"id": "stub-model", "object": "model", "owned_by": "spud"}]}
 
     @app.post("/v1/chat/completions")
@@ -383,6 +386,18 @@ def test_error_inside_the_stream_is_shown(ui):
     ui.wait_idle()
     assert "engine fell over" in page.inner_text("#banner")
     assert ui.last_reply().startswith("partial answer")
+
+
+def test_wrong_api_key_is_reported(ui):
+    page = ui.page
+    page.click("#settings summary")
+    page.fill("#api-key", "wrong")
+    page.press("#api-key", "Tab")  # the key is checked against /v1/models once edited
+    page.wait_for_selector("#banner", state="visible")
+    assert "401" in page.inner_text("#banner") and "API key" in page.inner_text("#banner")
+    page.fill("#api-key", "")
+    page.press("#api-key", "Tab")
+    page.wait_for_selector("#banner", state="hidden")
 
 
 def test_network_failure_is_shown(ui):

@@ -14,45 +14,36 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import time
 import uuid
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spud.errors import SpudError
 from spud.serve import protocol as P
 from spud.serve.engine import ContextLengthError, QueueFullError, SamplingParams
 from spud.serve.metrics import CONTENT_TYPE, ServerMetrics
+from spud.serve.streaming import (
+    APIError,
+    EventStream,
+    collect,
+    joined_text,
+    stream_events,
+)
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-               503: "service_unavailable_error"}
+WEB_DIR = Path(__file__).parent / "web"
+
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 KNOWN_ENDPOINTS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
                    "/health", "/metrics"}
 ERROR_DOCS = {c: {"model": P.ErrorResponse} for c in (400, 401, 404, 413, 429, 500, 503)}
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type or ERROR_TYPES.get(status, "server_error")
-
-    def body(self) -> dict:
-        return P.ErrorResponse(error=P.ErrorDetail(
-            message=self.message, type=self.type, param=self.param, code=self.code)).model_dump()
-
-    def response(self, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
-
-
-# -------------------------------------------------------------------------------- middleware
 class _Guard:
     """API key, body-size limit and request counting, in front of routing and parsing."""
 
@@ -159,159 +150,6 @@ def _server_error(_req, exc: Exception) -> JSONResponse:
     return APIError(500, f"internal server error ({type(exc).__name__})", type="server_error").response()
 
 
-# ------------------------------------------------------------------- running engine requests
-def _is_finish(ev) -> bool:
-    return hasattr(ev, "reason")
-
-
-def _text(events, fin) -> str:
-    """Token texts plus what the engine held back (partial stop strings) until the end."""
-    return "".join(e.text for e in events) + (fin.text if fin else "")
-
-
-def _check_finish(fin) -> None:
-    if fin.reason == "error":
-        raise APIError(500, f"generation failed: {fin.error}", type="server_error")
-    if fin.reason == "cancelled":
-        raise APIError(503, "request cancelled: the server is shutting down", code="cancelled")
-
-
-async def _merge(handles: list, ttft, endpoint: str, t0: float):
-    """One stream of (choice index, event) from several handles, in arrival order."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(k, h):
-        first = True
-        async for ev in h.stream():
-            if first and not _is_finish(ev):
-                ttft.observe(time.perf_counter() - t0, endpoint)
-                first = False
-            await queue.put((k, ev))
-
-    tasks = [asyncio.create_task(pump(k, h)) for k, h in enumerate(handles)]
-    try:
-        left = len(handles)
-        while left:
-            get = asyncio.create_task(queue.get())
-            done, _ = await asyncio.wait([get, *[t for t in tasks if not t.done()]],
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if get not in done:
-                get.cancel()
-                for t in done:  # a pump died: surface its exception instead of hanging
-                    if t.exception() is not None:
-                        raise t.exception()
-                continue
-            k, ev = get.result()
-            left -= _is_finish(ev)
-            yield k, ev
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-class _EventStream(StreamingResponse):
-    """SSE response that cancels its engine requests however it ends. Starlette cancels the
-    response when the client disconnects; without this, the slots would decode for nobody."""
-
-    def __init__(self, body, handles: list, finished: set):
-        super().__init__(body, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.handles, self.finished = handles, finished
-
-    async def __call__(self, scope, receive, send):
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            for k, h in enumerate(self.handles):
-                if k not in self.finished:
-                    h.cancel()
-
-
-async def _collect(request: Request, handles: list, metrics: ServerMetrics, endpoint: str, t0: float):
-    """Non-streaming: wait for every choice → [(token events, finish event)], cancelling them all if
-    the client goes away first (polling, because nothing else tells a plain request handler)."""
-    results = [([], None) for _ in handles]
-
-    async def run():
-        async for k, ev in _merge(handles, metrics.ttft, endpoint, t0):
-            if _is_finish(ev):
-                results[k] = (results[k][0], ev)
-            else:
-                results[k][0].append(ev)
-
-    task = asyncio.create_task(run())
-    try:
-        while not task.done():
-            await asyncio.wait([task], timeout=0.5)
-            if not task.done() and await request.is_disconnected():
-                task.cancel()
-                raise APIError(499, "client disconnected")
-        task.result()
-    except BaseException:
-        task.cancel()
-        for h in handles:
-            h.cancel()
-        raise
-    for _, fin in results:
-        _check_finish(fin)
-    return results
-
-
-def _sse(obj) -> str:
-    data = obj.model_dump_json(exclude_none=False) if hasattr(obj, "model_dump_json") else json.dumps(obj)
-    return f"data: {data}\n\n"
-
-
-async def _stream(kind: str, handles, ctx: dict, first: list, offsets: list[int], finished: set, req,
-                  prompt_tokens: int, metrics: ServerMetrics, endpoint: str, t0: float, tok, top):
-    """SSE body. `first[k]` is choice k's opening chunk (chat: the role; completions: the echoed
-    prompt, or None). Completions with max_tokens=0 have no handles: the echo is the answer."""
-    offsets = list(offsets)  # where choice k's next token starts in its text (legacy logprobs)
-    for c in first:
-        if c is not None:
-            yield _sse(c)
-    done_tokens = 0
-
-    def chunk(k: int, text: str, finish: str | None, events=()):
-        if kind == "chat":
-            lp = P.chat_logprobs(tok, events) if top is not None and events else None
-            delta = P.ChatDelta(content=text) if text or finish is None else P.ChatDelta()
-            choice = P.ChatChunkChoice(index=k, delta=delta, logprobs=lp, finish_reason=finish)
-            return P.ChatCompletionChunk(choices=[choice], **ctx).model_dump(exclude={"usage"})
-        lp = None
-        if top is not None and events:
-            lp = P.legacy_logprobs(tok, [e.token_id for e in events], P.event_logprobs(events), offsets[k])
-            offsets[k] += sum(len(s) for s in lp.tokens)
-        choice = P.CompletionChoice(index=k, text=text, logprobs=lp, finish_reason=finish)
-        return P.CompletionResponse(choices=[choice], **ctx).model_dump(exclude={"usage"})
-
-    try:
-        if not handles:
-            for k in range(len(first)):
-                yield _sse(chunk(k, "", "length"))
-        async for k, ev in _merge(handles, metrics.ttft, endpoint, t0):
-            if not _is_finish(ev):
-                yield _sse(chunk(k, ev.text, None, [ev]))
-                continue
-            finished.add(k)
-            done_tokens += ev.completion_tokens
-            if ev.reason in ("stop", "length"):  # the engine releases held-back text at the end
-                yield _sse(chunk(k, ev.text, ev.reason))
-            else:  # headers are long gone: report in-band, as OpenAI does for mid-stream errors
-                err = APIError(500 if ev.reason == "error" else 503, ev.error or f"request {ev.reason}")
-                yield _sse(err.body())
-        metrics.record_request(endpoint, prompt_tokens, done_tokens, t0)
-        if req.stream_options and req.stream_options.include_usage:
-            usage = P.Usage(prompt_tokens=prompt_tokens, completion_tokens=done_tokens,
-                            total_tokens=prompt_tokens + done_tokens)
-            obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-            yield _sse({**ctx, "object": obj, "choices": [], "usage": usage.model_dump()})
-        yield "data: [DONE]\n\n"
-    except Exception as e:  # noqa: BLE001  a bug mid-stream: report it in-band, do not truncate
-        yield _sse(APIError(500, f"internal server error ({type(e).__name__})", type="server_error").body())
-        yield "data: [DONE]\n\n"
-
-
 # ------------------------------------------------------------------------------- the app
 def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_000) -> FastAPI:
     """The engine must already be started (serve() or the caller does that); the app only uses
@@ -403,6 +241,13 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
             out.append(([tok.bos_id] * added + ids, added, text))
         return out
 
+    # The chat page loads static/* and v1/* by relative path, so it must live at the root.
+    @app.get("/", include_in_schema=False)
+    def index():
+        return FileResponse(WEB_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+
     @app.get("/health")
     async def health():
         if app.state.draining:
@@ -473,10 +318,10 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
                 index=k, text=echo[pi][0], logprobs=echo_lp(pi))], **ctx) if req.echo else None
                 for k, pi in enumerate(owner)]
             finished: set = set()
-            body = _stream("completion", handles, ctx, first, base, finished, req, prompt_tokens, metrics,
+            body = stream_events("completion", handles, ctx, first, base, finished, req, prompt_tokens, metrics,
                            endpoint, t0, tok, req.logprobs)
-            return _EventStream(body, handles, finished)
-        results = await _collect(request, handles, metrics, endpoint, t0) if handles else [([], None)] * len(owner)
+            return EventStream(body, handles, finished)
+        results = await collect(request, handles, metrics, endpoint, t0) if handles else [([], None)] * len(owner)
         choices, done = [], 0
         for k, pi in enumerate(owner):
             events, fin = results[k]
@@ -488,7 +333,7 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
                     **{f: getattr(lp, f) + getattr(gen, f) for f in P.CompletionLogprobs.model_fields})
             elif req.logprobs is not None and lp is None:
                 lp = P.CompletionLogprobs()
-            choices.append(P.CompletionChoice(index=k, text=echo[pi][0] + _text(events, fin),
+            choices.append(P.CompletionChoice(index=k, text=echo[pi][0] + joined_text(events, fin),
                                               logprobs=lp, finish_reason=fin.reason if fin else "length"))
         metrics.record_request(endpoint, prompt_tokens, done, t0)
         usage = P.Usage(prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done)
@@ -512,11 +357,11 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
                 index=k, delta=P.ChatDelta(role="assistant", content=""))], **ctx).model_dump(exclude={"usage"})
                 for k in range(req.n)]
             finished: set = set()
-            body = _stream("chat", handles, ctx, first, [0] * req.n, finished, req, len(ids), metrics,
+            body = stream_events("chat", handles, ctx, first, [0] * req.n, finished, req, len(ids), metrics,
                            endpoint, t0, tok, top)
-            return _EventStream(body, handles, finished)
-        results = await _collect(request, handles, metrics, endpoint, t0)
-        choices = [P.ChatChoice(index=k, message=P.ChatResponseMessage(content=_text(events, fin)), finish_reason=fin.reason,
+            return EventStream(body, handles, finished)
+        results = await collect(request, handles, metrics, endpoint, t0)
+        choices = [P.ChatChoice(index=k, message=P.ChatResponseMessage(content=joined_text(events, fin)), finish_reason=fin.reason,
                                 logprobs=P.chat_logprobs(tok, events) if top is not None else None)
                    for k, (events, fin) in enumerate(results)]
         done = sum(fin.completion_tokens for _, fin in results)

@@ -41,6 +41,7 @@ class LocalBackend:
         # any special token (end of turn, a new role, bos/eos) ends the reply
         self.stop_ids = sorted(self.tok.special_ids)
         self.name = f"{run} [{self.ckpt.name}]"
+        self.dropped = 0
 
     def _fit(self, messages: list[dict], max_tokens: int) -> tuple[list[int], int]:
         """Render the chat, dropping the oldest turns (never the system prompt or the newest

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from spud.errors import SpudError
+from spud.runtime import pick_device
 from spud.serve.detok import Detokenizer
 from spud.serve.engine_sampling import (
     BatchParams,
@@ -84,7 +85,7 @@ class Engine:
         if max_context is not None and not 1 < max_context <= limit:
             raise SpudError(f"max_context={max_context} must be in [2, model.max_seq_len={limit}]")
         if device is not None:
-            model = model.to(device)
+            model = model.to(pick_device(device) if isinstance(device, str) else device)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_name = model_name
