@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import random
 
-from spud.data.builtin import _NAMES, _OPS, _operation  # the training mix's own generators
+from spud.data.builtin import (  # the training mix's own generators
+    _NAMES,
+    _OPS,
+    _operation,
+)
 from spud.eval.tasks import CODE_STOP, Example, Task
 
 EVAL_SIZE = {"arithmetic": 500, "word_problems": 250, "mc_arithmetic": 500}

@@ -133,7 +133,9 @@ def run_program(
             [sys.executable, "-I", "-B", "main.py"], cwd=tmp, env=env,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             start_new_session=True,  # own process group: killpg reaches its children too
-            preexec_fn=_limits(memory_mb, int(timeout) + 1),
+            # preexec_fn only calls setrlimit between fork and exec (no locks taken), which is
+            # the documented-safe subset even when the parent has threads (torch's pool)
+            preexec_fn=_limits(memory_mb, int(timeout) + 1),  # noqa: PLW1509
         )
         try:
             out, err = proc.communicate(timeout=timeout)
@@ -146,10 +148,10 @@ def run_program(
             out, err = proc.communicate()
             status = "timeout"
         seconds = time.monotonic() - start
-        if proc.returncode is not None and proc.returncode < 0 and status == "failed":
-            # killed by a signal: SIGXCPU (CPU limit) counts as a timeout
-            if -proc.returncode in (signal.SIGXCPU, signal.SIGKILL):
-                status = "timeout"
+        # killed by a signal: SIGXCPU (the CPU limit) counts as a timeout
+        rc = proc.returncode
+        if status == "failed" and rc is not None and -rc in (signal.SIGXCPU, signal.SIGKILL):
+            status = "timeout"
         return SandboxResult(
             status, proc.returncode,
             out.decode("utf-8", "replace")[-MAX_OUTPUT_CHARS:],

@@ -250,7 +250,7 @@ def _hub_records(fmt: str) -> list[tuple[str, dict]]:
                         f"(pip install datasets) and network; or {hint}") from None
     try:
         ds = datasets.load_dataset(hub_id, config, split=split)
-    except Exception as e:  # offline, gated, renamed: all end the same way for the user
+    except Exception as e:  # noqa: BLE001 - offline, gated, renamed: all end the same way for the user
         raise SpudError(f"could not load {hub_id} ({type(e).__name__}: {e}); {hint}") from None
     return [(f"hf:{hub_id}[{i}]", dict(r)) for i, r in enumerate(ds)]
 
@@ -260,8 +260,10 @@ def load_format_task(fmt: str, path: str | None, fewshot_path: str | None, name:
     rows = read_jsonl(Path(path)) if path else _hub_records(fmt)
     examples = [conv(obj, where) for where, obj in rows]
     pool = [conv(obj, where) for where, obj in read_jsonl(Path(fewshot_path))] if fewshot_path else None
+    # full-text choices of different lengths: per-byte normalised accuracy is the fair headline
+    meta = {"primary": "acc_norm"} if fmt in ("arc", "hellaswag") else {}
     return Task(name, kind, examples, pool, answer=answer or "number", stop=stop,
-                max_new_tokens=max_new, separator="\n\n", source=path or f"hf:{_hub[0]}")
+                max_new_tokens=max_new, separator="\n\n", source=path or f"hf:{_hub[0]}", meta=meta)
 
 
 # -------------------------------------------------------------------------------------- specs

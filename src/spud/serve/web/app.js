@@ -10,7 +10,9 @@
   const KEY_CONVS = "spud.conversations";
   const KEY_CURRENT = "spud.current";
   const KEY_SETTINGS = "spud.settings";
-  const DEFAULTS = { system: "", temperature: 0.8, max_tokens: 256, api_key: "" };
+  // max_tokens null = "auto": not sent, so the server uses whatever context the prompt leaves
+  // (a fixed default fails outright on small-context models).
+  const DEFAULTS = { system: "", temperature: 0.8, max_tokens: null, api_key: "" };
 
   const $ = (id) => document.getElementById(id);
   const el = {
@@ -72,7 +74,7 @@
     const s = Object.assign({}, DEFAULTS, loadJSON(KEY_SETTINGS, {}));
     el.system.value = s.system || "";
     el.temperature.value = String(s.temperature);
-    el.maxTokens.value = String(s.max_tokens);
+    el.maxTokens.value = s.max_tokens == null ? "" : String(s.max_tokens);
     el.apiKey.value = s.api_key || "";
   }
   function saveSettings() {
@@ -367,7 +369,8 @@
         method: "POST", headers: headers(), signal: ctrl.signal,
         body: JSON.stringify({
           model: modelId || "spud", messages: history, stream: true,
-          temperature: settings.temperature, max_tokens: settings.max_tokens,
+          temperature: settings.temperature,
+          ...(settings.max_tokens == null ? {} : { max_tokens: settings.max_tokens }),
         }),
       });
       if (!resp.ok) throw new StreamError(await errorMessage(resp));

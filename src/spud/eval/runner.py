@@ -1,0 +1,242 @@
+"""`run_eval`: load a checkpoint, run the requested tasks, write results.json and per-example
+JSONL under RUN/eval/<checkpoint>/, print a table.
+
+Scores per task kind:
+- mc:   acc (argmax of summed log-likelihood) and acc_norm (log-likelihood per byte of the
+        choice, which removes the bias towards short continuations);
+- gen:  exact match after answer extraction (greedy), or pass@k from n samples;
+- code: pass@1 and pass@k from n samples run against the task's tests in the sandbox.
+The aggregate is the mean of the tasks' primary metric centred on their chance level.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from spud.errors import SpudError
+from spud.eval import sandbox, scoring
+from spud.eval.intrinsic import intrinsic_metrics
+from spud.eval.tasks import Example, Task, load_tasks
+from spud.runs import load_model
+from spud.ui import make_console
+
+
+# ------------------------------------------------------------------------------------ prompts
+def pick_shots(task: Task, k: int, seed: int, index: int) -> list[Example]:
+    """The same k demonstrations for every example of a task (fixed seed); when they come from
+    the evaluated examples themselves, the example being scored is never its own demonstration."""
+    if k <= 0:
+        return []
+    pool = task.fewshot_pool if task.fewshot_pool else task.examples
+    rng = random.Random(f"spud-eval/shots/{task.name}/{seed}")
+    order = rng.sample(range(len(pool)), min(k + 1, len(pool)))
+    if pool is task.examples:
+        order = [j for j in order if j != index]
+    return [pool[j] for j in order[:k]]
+
+
+def render_prompt(task: Task, ex: Example, shots: list[Example], tok, chat: bool) -> list[int]:
+    """Token ids of the context. Base models: plain text with demonstrations, starting with BOS
+    (every training document does). Chat models: demonstrations as user/assistant turns."""
+    if chat:
+        msgs = []
+        for s in shots:
+            msgs += [{"role": "user", "content": s.prompt}, {"role": "assistant", "content": s.demo.strip()}]
+        msgs.append({"role": "user", "content": ex.prompt})
+        return tok.render_chat(msgs, add_generation_prompt=True)[0]
+    text = "".join(s.prompt + s.demo + task.separator for s in shots) + ex.prompt
+    return tok.encode(text, add_bos=True)
+
+
+# -------------------------------------------------------------------------------- per kind
+def eval_mc(model, tok, task, ex, ctx_ids, chat) -> dict:
+    conts = [c.lstrip() if chat else c for c in ex.choices]
+    scores = scoring.choice_logprobs(model, ctx_ids, [tok.encode(c) for c in conts], tok.pad_id)
+    nbytes = [max(len(c.encode("utf-8")), 1) for c in conts]
+    pred = max(range(len(scores)), key=lambda i: scores[i])
+    pred_norm = max(range(len(scores)), key=lambda i: scores[i] / nbytes[i])
+    return {"choices": ex.choices, "scores": scores, "pred": pred, "pred_norm": pred_norm,
+            "label": ex.label, "correct": pred == ex.label, "correct_norm": pred_norm == ex.label}
+
+
+def _samples(n: int, temperature: float) -> tuple[int, float]:
+    return (1, 0.0) if temperature <= 0 else (n, temperature)
+
+
+def eval_gen(model, tok, task, ex, ctx_ids, n, temperature, seed, ks) -> dict:
+    n, temperature = _samples(n, temperature)
+    outs = [scoring.generate_text(model, tok, ctx_ids, task.max_new_tokens, task.stop,
+                                  temperature, seed + i, top_p=0.95 if temperature > 0 else None)
+            for i in range(n)]
+    extracted = [task.extract(o) for o in outs]
+    ok = [task.is_correct(e, ex.target) for e in extracted]
+    row = {"output": outs[0] if n == 1 else outs, "extracted": extracted[0] if n == 1 else extracted,
+           "correct": ok[0] if n == 1 else sum(ok) / n}
+    if n > 1:
+        row["pass@k"] = {str(k): scoring.pass_at_k(n, sum(ok), k) for k in ks if k <= n}
+    return row
+
+
+def eval_code(model, tok, task, ex, ctx_ids, n, temperature, seed, ks) -> dict:
+    n, temperature = _samples(n, temperature)
+    outs, results = [], []
+    for i in range(n):
+        completion = scoring.generate_text(model, tok, ctx_ids, task.max_new_tokens, task.stop,
+                                           temperature, seed + i, top_p=0.95 if temperature > 0 else None)
+        res = sandbox.run_program(sandbox.check_program(ex.prompt, completion, ex.test, ex.entry_point))
+        outs.append(completion)
+        results.append(res)
+    c = sum(r.passed for r in results)
+    row = {"output": outs[0] if n == 1 else outs, "status": [r.status for r in results],
+           "error": [r.stderr.strip().splitlines()[-1:] for r in results if not r.passed][:1],
+           "correct": c / n if n > 1 else bool(c)}
+    row["pass@k"] = {str(k): scoring.pass_at_k(n, c, k) for k in ks if k <= n}
+    return row
+
+
+# ------------------------------------------------------------------------------------ metrics
+def task_metrics(task: Task, rows: list[dict], seconds: float, seed: int) -> dict:
+    n = len(rows)
+    out = {"kind": task.kind, "n": n, "seconds": round(seconds, 3), "baseline": task.baseline,
+           "source": task.source}
+    if task.kind == "mc":
+        acc = sum(r["correct"] for r in rows) / n
+        acc_norm = sum(r["correct_norm"] for r in rows) / n
+        out["metrics"] = {"acc": acc, "acc_norm": acc_norm}
+        out["metric"] = task.meta.get("primary", "acc")
+    else:
+        metrics = {}
+        if "pass@k" in rows[0]:
+            for k in rows[0]["pass@k"]:
+                metrics[f"pass@{k}"] = sum(r["pass@k"][k] for r in rows) / n
+        metrics.setdefault("pass@1", sum(float(r["correct"]) for r in rows) / n)
+        if task.kind == "gen" and all(isinstance(r["correct"], bool) for r in rows):
+            metrics = {"exact_match": metrics["pass@1"]} | {k: v for k, v in metrics.items() if k != "pass@1"}
+        out["metrics"] = metrics
+        out["metric"] = next(iter(metrics))
+    value = out["metrics"][out["metric"]]
+    per_example = [float(r["correct_norm"] if out["metric"] == "acc_norm" else r["correct"]) for r in rows]
+    binary = all(v in (0.0, 1.0) for v in per_example)
+    out["value"] = value
+    out["stderr"] = (scoring.binomial_stderr(value, n) if binary
+                     else scoring.bootstrap_stderr(per_example, seed))
+    out["stderr_method"] = "binomial" if binary else "bootstrap"
+    out["centered"] = scoring.centered(value, task.baseline)
+    return out
+
+
+# -------------------------------------------------------------------------------------- main
+def run_eval(
+    run_dir: str, tasks: str, limit: int | None = None, fewshot: int = 0,
+    checkpoint: str | None = None, device: str = "auto", seed: int = 0, *,
+    chat: bool = False, samples: int = 1, temperature: float = 0.0, ks: tuple[int, ...] = (1, 10),
+    intrinsic: bool = True, intrinsic_windows: int = 64, intrinsic_source_tokens: int = 20_000,
+    console=None, progress: bool = True,
+) -> dict:
+    """Evaluate a run's checkpoint on `tasks` (see spud.eval.tasks for the spec syntax)."""
+    if limit is not None and limit < 1:
+        raise SpudError(f"--limit must be >= 1, got {limit}")
+    if fewshot < 0:
+        raise SpudError(f"--fewshot must be >= 0, got {fewshot}")
+    if samples < 1:
+        raise SpudError(f"samples must be >= 1, got {samples}")
+    console = console or make_console()
+    task_list = load_tasks(tasks, seed)  # before the model: a bad spec fails fast
+    model, tok, cfg, ckpt = load_model(run_dir, checkpoint, device)
+    for t in task_list:
+        if limit is not None:
+            t.examples = t.examples[:limit]
+        if not t.examples:
+            raise SpudError(f"task {t.name} has no examples")
+    out_dir = Path(run_dir) / "eval" / Path(ckpt).name
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    results: dict = {"run": str(run_dir), "checkpoint": Path(ckpt).name, "device": str(device),
+                     "fewshot": fewshot, "limit": limit, "seed": seed, "chat": chat,
+                     "samples": samples, "temperature": temperature, "tasks": {}}
+    total = sum(len(t.examples) for t in task_list)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, disable=not progress, transient=True) as bar:
+        job = bar.add_task("eval", total=total)
+        for task in task_list:
+            bar.update(job, description=f"eval {task.name}")
+            start = time.monotonic()
+            rows = []
+            for i, ex in enumerate(task.examples):
+                ctx = render_prompt(task, ex, pick_shots(task, fewshot, seed, i), tok, chat)
+                if task.kind == "mc":
+                    row = eval_mc(model, tok, task, ex, ctx, chat)
+                elif task.kind == "gen":
+                    row = eval_gen(model, tok, task, ex, ctx, samples, temperature, seed, ks)
+                else:
+                    row = eval_code(model, tok, task, ex, ctx, samples, temperature, seed, ks)
+                rows.append({"index": i, "where": ex.where, "prompt": tok.decode(ctx),
+                             "target": ex.target} | row)
+                bar.advance(job)
+            results["tasks"][task.name] = task_metrics(task, rows, time.monotonic() - start, seed)
+            _write_jsonl(out_dir / f"{_safe(task.name)}.jsonl", rows)
+
+    centred = [r["centered"] for r in results["tasks"].values()]
+    results["aggregate"] = {"centered_mean": sum(centred) / len(centred), "tasks": len(centred),
+                            "method": "mean over tasks of (value - baseline) / (1 - baseline)"}
+    if intrinsic:
+        with console.status("intrinsic: validation loss and bits per byte"):
+            results["intrinsic"] = intrinsic_metrics(run_dir, model, tok, cfg, intrinsic_windows,
+                                                     intrinsic_source_tokens)
+    path = out_dir / "results.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=_json_default), encoding="utf-8")
+    tmp.replace(path)
+    results["path"] = str(path)
+    print_results(results, console)
+    return results
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.@" else "_" for c in name)
+
+
+def _json_default(o):
+    return float(o) if hasattr(o, "__float__") else str(o)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n")
+
+
+def print_results(results: dict, console) -> None:
+    table = Table(title=f"eval {results['run']} · {results['checkpoint']}")
+    for col in ("task", "metric", "value", "± stderr", "chance", "centred", "n", "s"):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for name, r in results["tasks"].items():
+        table.add_row(name, r["metric"], f"{r['value']:.4f}", f"{r['stderr']:.4f}",
+                      f"{r['baseline']:.3f}", f"{r['centered']:+.4f}", str(r["n"]), f"{r['seconds']:.1f}")
+    agg = results["aggregate"]
+    table.add_row("aggregate", "centred mean", "", "", "", f"{agg['centered_mean']:+.4f}",
+                  str(agg["tasks"]), "", style="bold")
+    console.print(table)
+    intr = results.get("intrinsic")
+    if intr:
+        val = intr.get("val", {})
+        if "bpb" in val:
+            console.print(f"val loss {val['loss']:.4f} · bpb {val['bpb']:.4f} ({val['tokens']:,} tokens)")
+        for name, s in (intr.get("sources") or {}).items():
+            if isinstance(s, dict) and "bpb" in s:
+                console.print(f"  {name}: loss {s['loss']:.4f} · bpb {s['bpb']:.4f} ({s['tokens']:,} tokens)")
+            else:
+                console.print(f"  {name}: {s.get('error') if isinstance(s, dict) else s}")
+    console.print(f"results: {results.get('path', '')}")
