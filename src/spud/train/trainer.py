@@ -103,8 +103,7 @@ class Trainer:
         self.device = pick_device(cfg.train.device)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
-        self.manifest = build_dataset(cfg, self.run_dir, progress=True, log=self.console.print)
-        self.tokenizer = Tokenizer.load(self.run_dir / "tokenizer.json")
+        self.tokenizer = self.prepare_data(cfg)
         self.cfg = cfg = resolve_vocab(cfg, self.tokenizer)
         self.resume_from = ckpt_io.latest_checkpoint(self.run_dir) if resume else None
         if not resume and ckpt_io.latest_checkpoint(self.run_dir) is not None:
@@ -126,7 +125,10 @@ class Trainer:
         save_config(cfg, self.run_dir / "config.yaml")
 
         seed_everything(cfg.seed)
-        self.model = build_model(cfg.model).to(self.device)
+        self.model = build_model(cfg.model)
+        if self.resume_from is None:
+            self.init_weights(self.model)
+        self.model.to(self.device)
         self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
         self.optimizer = build_optimizer(self.model, cfg.train, self.device)
 
@@ -137,11 +139,11 @@ class Trainer:
         micro_tokens = t.micro_batch_size * self.seq_len
         self.accum = max(1, round((t.tokens_per_step or micro_tokens) / micro_tokens))
         self.tokens_per_step = self.accum * micro_tokens
-        self.train_loader = TokenLoader(self.run_dir, "train", t.micro_batch_size, self.seq_len, cfg.seed)
+        self.train_loader = self.make_loader("train")
         self.token_bytes = token_byte_lengths(self.tokenizer, cfg.model.vocab_size).to(self.device)
-        self.has_val = self.manifest["val_tokens"] > 0
+        self.has_val = self.val_available()
         if self.has_val:  # fail now, not at the first eval, if val is too small for one batch
-            TokenLoader(self.run_dir, "val", t.micro_batch_size, self.seq_len, cfg.seed)
+            self.make_loader("val")
         else:
             self.console.print("[yellow]data.val_fraction=0: no validation split, no val loss/bpb")
 
@@ -162,6 +164,23 @@ class Trainer:
         self.tokens_seen = 0
         self.val_history: list[dict] = []
 
+    # ------------------------------------------------ hooks (post-training overrides these)
+    def prepare_data(self, cfg: Config) -> Tokenizer:
+        """Make sure the run has its token shards (building data and tokenizer if needed)."""
+        self.manifest = build_dataset(cfg, self.run_dir, progress=True, log=self.console.print)
+        return Tokenizer.load(self.run_dir / "tokenizer.json")
+
+    def make_loader(self, split: str):
+        """A loader with next_batch() -> (x, y), state_dict(), load_state_dict(), windows_per_epoch."""
+        t = self.cfg.train
+        return TokenLoader(self.run_dir, split, t.micro_batch_size, self.seq_len, self.cfg.seed)
+
+    def val_available(self) -> bool:
+        return self.manifest["val_tokens"] > 0
+
+    def init_weights(self, model: torch.nn.Module) -> None:
+        """Weights of a fresh run (not a resume): the model's own random init for pretraining."""
+
     # ---------------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self) -> dict | None:
@@ -169,7 +188,7 @@ class Trainer:
         if not self.has_val:
             return None
         t = self.cfg.train
-        loader = TokenLoader(self.run_dir, "val", t.micro_batch_size, self.seq_len, self.cfg.seed)
+        loader = self.make_loader("val")
         n = max(1, min(t.eval_batches, loader.windows_per_epoch // t.micro_batch_size))
         self.model.eval()
         total_loss, total_tokens, total_bytes = 0.0, 0, 0.0
@@ -177,9 +196,10 @@ class Trainer:
             x, y = (v.to(self.device) for v in loader.next_batch())
             with autocast(self.device):
                 losses = self.model.per_token_loss(x, y).float()
+            valid = y >= 0  # -1 = no target (e.g. a prompt position in post-training)
             total_loss += losses.double().sum().item()
-            total_tokens += y.numel()
-            total_bytes += self.token_bytes[y.flatten()].sum().item()
+            total_tokens += int(valid.sum())
+            total_bytes += (self.token_bytes[y.clamp(min=0)] * valid).sum().item()
         self.model.train()
         loss = total_loss / total_tokens
         bpb = total_loss / (math.log(2) * total_bytes) if total_bytes else float("nan")
