@@ -1,6 +1,5 @@
 """Memory estimates against hand-computed figures for a tiny config."""
 
-import pytest
 
 from spud.config import ModelConfig
 from spud.plan.memory import (

@@ -34,7 +34,7 @@ def test_user_hardware_yaml_overrides(tmp_path):
 
 
 def test_config_close_to_target():
-    name, cfg = choose_config(1e9, n_counts="total")
+    _, cfg = choose_config(1e9, n_counts="total")
     from spud.model.flops import param_counts
 
     assert param_counts(cfg)["total"] == pytest.approx(1e9, rel=0.1)
@@ -42,8 +42,8 @@ def test_config_close_to_target():
 
 
 def test_less_serving_demand_leaves_more_training_compute():
-    kw = dict(gpu="H100", gpus=64, days=30, serve_prompt_tokens=512, serve_completion_tokens=256,
-              serve_latency_ms=50)
+    kw = {"gpu": "H100", "gpus": 64, "days": 30, "serve_prompt_tokens": 512,
+          "serve_completion_tokens": 256, "serve_latency_ms": 50}
     low = plan(serve_requests_per_day=1e5, **kw)
     high = plan(serve_requests_per_day=2e7, **kw)
     assert low["split"]["serving_devices"] < high["split"]["serving_devices"]

@@ -152,12 +152,12 @@ def _batch_values(grid: np.ndarray, logN, logD, logL, delta: float) -> np.ndarra
     return np.where(absr <= delta, 0.5 * r * r, delta * (absr - 0.5 * delta)).sum(axis=1)
 
 
-def fit_law(N, D, L, delta: float = HUBER_DELTA, top_k: int = 12, bootstrap: int = 0,
+def fit_law(N, D, L, delta: float = HUBER_DELTA, top_k: int = 6, bootstrap: int = 0,
             seed: int = 0, source: str = "fit") -> ScalingLaw:
     """Fit E, A, B, α, β to runs (N non-embedding params, D tokens, L final loss); see module doc.
 
     L-BFGS-B runs from the `top_k` best grid points. Each bootstrap resample (runs drawn with
-    replacement) is refitted from the full-data optimum and the 3 best grid points for it.
+    replacement) is refitted from the full-data optimum and the best grid point for it.
     """
     N, D, L = (np.asarray(x, dtype=float) for x in (N, D, L))
     if not (N.size == D.size == L.size) or N.size < 2:
@@ -174,7 +174,7 @@ def fit_law(N, D, L, delta: float = HUBER_DELTA, top_k: int = 12, bootstrap: int
         idx = rng.integers(0, N.size, N.size)
         bN, bD, bL = logN[idx], logD[idx], logL[idx]
         v = _batch_values(grid, bN, bD, bL, delta)
-        starts = np.vstack([theta[None], grid[np.argsort(v)[:3]]])
+        starts = np.vstack([theta[None], grid[np.argsort(v)[:1]]])
         law.samples.append(_to_law(_fit_from(starts, bN, bD, bL, delta), "").params())
     return law
 

@@ -21,7 +21,12 @@ from spud.config import ModelConfig
 from spud.errors import SpudError
 from spud.model.flops import flops_per_token, param_counts
 from spud.model.presets import PRESETS
-from spud.plan.allocate import SECONDS_PER_DAY, overtrain_scan, serving_devices, serving_estimate
+from spud.plan.allocate import (
+    SECONDS_PER_DAY,
+    overtrain_scan,
+    serving_devices,
+    serving_estimate,
+)
 from spud.plan.fit import CHINCHILLA, ScalingLaw, predict_interval
 from spud.plan.memory import suggest_parallelism
 from spud.plan.profiles import HardwareProfile, get_profile
@@ -199,7 +204,7 @@ def plan(
         if demand:
             serving = serving_estimate(train["_cfg"], hw, serve_requests_per_day, serve_prompt_tokens,
                                        serve_completion_tokens, serve_latency_ms, bud.mfu, precision)
-    cfg = train.pop("_cfg")
+    train.pop("_cfg")  # the ModelConfig object itself is not JSON; its fields are in "config"
     result["train"] = train
     if serving is not None:
         n = serving_devices(serving)
@@ -224,7 +229,6 @@ def plan(
             f"{unique_tokens:.3g} unique tokens; beyond ~{MAX_USEFUL_EPOCHS} epochs repeated data is worth "
             "much less (Muennighoff et al. 2023): train a smaller model longer or find more data")
     result["warnings"] = warnings
-    del cfg
     return result
 
 

@@ -75,7 +75,9 @@ def load_profiles(path: str | Path | None = None) -> dict[str, dict]:
 def _cpu_fill(entry: dict) -> dict:
     entry = dict(entry)
     if not entry.get("peak_flops"):
-        from spud.plan.hardware import cpu_peak_flops  # imports torch; only when the CPU is asked for
+        from spud.plan.hardware import (
+            cpu_peak_flops,  # imports torch; only when the CPU is asked for
+        )
 
         entry["peak_flops"] = {"fp32": cpu_peak_flops()}
     if not entry.get("memory_gb"):

@@ -102,6 +102,9 @@ class Engine:
         self._counts = torch.zeros(max_batch, self.vocab_size, device=self.device)
         self._bias = torch.zeros(max_batch, self.vocab_size, device=self.device)
         self._has_bias = [False] * max_batch
+        # _sample_and_emit's per-batch tensors, kept while the batch's members stay the same
+        self._batch_key: tuple | None = None
+        self._batch: tuple | None = None
         self._free = list(range(max_batch))  # min-heap: low slots first keeps rows contiguous
         self._running: list[_Seq] = []
         self._waiting: deque[_Seq] = deque()
@@ -274,15 +277,26 @@ class Engine:
 
     def _sample_and_emit(self, rows: list[_Seq], logits: torch.Tensor) -> None:
         """Penalties/bias → sample → logprobs for all rows at once, then per-row bookkeeping."""
-        bp = BatchParams.build([s.params for s in rows], self.device)
-        slots = torch.tensor([s.slot for s in rows], device=self.device)
+        # The batch's parameter tensors only change when its membership does (a request's
+        # params and slot are fixed while it runs), so consecutive decode steps reuse them.
+        # The key holds the _Seq objects themselves (compared by identity), never bare id()s
+        # that a finished request could hand down to a new one.
+        key = tuple(rows)
+        if self._batch_key != key:
+            bp = BatchParams.build([s.params for s in rows], self.device)
+            slots = torch.tensor([s.slot for s in rows], device=self.device)
+            has_bias = any(self._has_bias[s.slot] for s in rows)
+            self._batch_key, self._batch = key, (bp, slots, has_bias)
+        bp, slots, has_bias = self._batch
         counts = self._counts.index_select(0, slots) if bp.any_penalty else None
-        bias = (self._bias.index_select(0, slots)
-                if any(self._has_bias[s.slot] for s in rows) else None)
+        bias = self._bias.index_select(0, slots) if has_bias else None
         proc = apply_penalties(logits, counts, bias, bp)
         toks = sample_rows(proc, bp, [s.gen for s in rows])
-        self._counts.index_put_((slots, toks), torch.ones_like(toks, dtype=torch.float32),
-                                accumulate=True)
+        if bp.any_penalty:
+            # Counts are only ever read for rows with penalties (and reset on admit), so a batch
+            # without any skips the update.
+            self._counts.index_put_((slots, toks), torch.ones_like(toks, dtype=torch.float32),
+                                    accumulate=True)
         lps, tops = token_logprobs(proc, toks, [s.params.logprobs for s in rows])
         for s, tok, lp, top in zip(rows, toks.tolist(), lps, tops):
             self._emit_token(s, tok, lp, top)
