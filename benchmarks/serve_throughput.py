@@ -400,8 +400,16 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("needs transformers and httpx: pip install 'spud[bench]'", file=sys.stderr)
         return 1
+    prev_threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return _run(args, transformers)
+    finally:
+        torch.set_num_threads(prev_threads)  # main() may be called in-process (tests)
+
+
+def _run(args: argparse.Namespace, transformers) -> int:
     threads = torch.get_num_threads()
     load_before = _loadavg()
     if load_before[0] > 0.5:

@@ -98,8 +98,15 @@ class Rotary(nn.Module):
         `forward`, so a row gets bit-identical values either way. Callers bound-check the
         positions (SlotKVCache.bind does it on the host, avoiding a device sync here).
         """
-        cos = self.cos[positions].to(x.dtype)  # (B, T, 1, hd): broadcasts over heads
-        sin = self.sin[positions].to(x.dtype)
+        cos, sin = self.tables_at(positions)
+        return self.apply(x, cos.to(x.dtype), sin.to(x.dtype))
+
+    def tables_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin rows (B, T, 1, hd) for positions (B, T); broadcast over heads."""
+        return self.cos[positions], self.sin[positions]
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x1, x2 = x.chunk(2, dim=-1)
         return torch.addcmul(x * cos, torch.cat((x2, x1), dim=-1), sin)
 
@@ -179,17 +186,18 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         h, hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.qkv(x).view(b, t, h + 2 * hkv, hd)
-        pos = cache.positions  # (B, T) absolute positions of the new tokens
+        # cache.rotary_at = rotary.at(·, cache.positions), tables gathered once per forward
         if self.q_norm is not None:
             q, k, v = qkv.split((h, hkv, hkv), dim=2)
-            q, k = rotary.at(self.q_norm(q), pos), rotary.at(self.k_norm(k), pos)
+            q, k = cache.rotary_at(rotary, self.q_norm(q)), cache.rotary_at(rotary, self.k_norm(k))
         else:
             qk, v = qkv.split((h + hkv, hkv), dim=2)
-            q, k = rotary.at(qk, pos).split((h, hkv), dim=2)
+            q, k = cache.rotary_at(rotary, qk).split((h, hkv), dim=2)
         k, v = cache.update(layer, k, v)  # takes (B, T, Hkv, hd), returns (B, Hkv, L, hd)
         k, v = k.to(q.dtype), v.to(q.dtype)
         # The boolean mask (B, 1, T, L) hides keys after each query's position, which covers
         # both causality and whatever a slot's previous occupant left beyond this row's length.
+        # It is None when it would be all True (one new token per row, all rows equally long).
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k, v, attn_mask=cache.mask, enable_gqa=hkv != h,
         )

@@ -128,7 +128,13 @@ class SlotKVCache:
         dev = self.device
         start = torch.tensor(starts, device=dev)
         self.positions = start[:, None] + torch.arange(t, device=dev)  # (B, T)
-        self.mask = torch.arange(kv_len, device=dev) <= self.positions[:, None, :, None]
+        if t == 1 and min(starts) == kv_len - 1:
+            # One new token per row and every row as long as the longest: each query sees all
+            # kv_len keys, so the mask would be all True. None lets SDPA skip reading it.
+            self.mask = None
+        else:
+            self.mask = torch.arange(kv_len, device=dev) <= self.positions[:, None, :, None]
+        self.rotary_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # see rotary_at
         self.kv_len = kv_len
         s0 = slots[0]
         # Consecutive slots (the common case: the engine hands out the lowest free slot) are
@@ -137,6 +143,14 @@ class SlotKVCache:
         self.slot_idx = torch.tensor(slots, device=dev)
         self.flat_idx = (self.slot_idx[:, None] * self.max_len + self.positions).view(-1)
         self._bound = (len(slots), t)
+
+    def rotary_at(self, rotary, x: torch.Tensor) -> torch.Tensor:
+        """rotary.at(x, self.positions), with the cos/sin rows gathered once per forward
+        instead of once per layer (every layer rotates the same positions)."""
+        if self.rotary_tables is None:
+            self.rotary_tables = rotary.tables_at(self.positions)
+        cos, sin = self.rotary_tables
+        return rotary.apply(x, cos.to(x.dtype), sin.to(x.dtype))
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
