@@ -7,7 +7,7 @@ import pytest
 
 from spud.cli import main
 
-VERBS = [["data", "build"], ["tokenizer", "train"], ["tokenizer", "encode"], ["train"], ["sample"], ["serve"], ["chat"], ["eval"],
+VERBS = [["data", "build"], ["tokenizer", "train"], ["tokenizer", "encode"], ["train"], ["sample"], ["serve"], ["chat"], ["eval"], ["plan"], ["ladder"], ["fit"],
          ["demo"], ["info"]]
 
 
@@ -85,3 +85,15 @@ def test_data_build_then_info(tmp_path):
     r = run_cli("info", str(run))
     assert r.returncode == 0, r.stderr
     assert "stdlib_docs" in r.stdout and "arithmetic" in r.stdout
+
+
+def test_plan_from_budget_writes_json(tmp_path):
+    import json
+
+    out = tmp_path / "plan.json"
+    r = run_cli("plan", "--budget", "1e21", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "N* / D*" in r.stdout
+    plan = json.loads(out.read_text())
+    text = json.dumps(plan)
+    assert "1e+21" in text or "1e21" in text or "1000000000000000000000" in text

@@ -74,3 +74,18 @@ def test_streamer_holds_back_partial_utf8():
     pieces = [streamer.push(b) for b in data]
     assert "".join(pieces) + streamer.flush() == "é😀"
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_eval_cli_writes_results(trained):
+    import json
+
+    r = subprocess.run([sys.executable, "-m", "spud", "eval", str(trained), "--tasks", "mc_arithmetic,arithmetic",
+                        "--limit", "4"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    results = list((trained / "eval").glob("*/results.json"))
+    assert len(results) == 1
+    data = json.loads(results[0].read_text())
+    assert "mc_arithmetic" in json.dumps(data) and "aggregate" in json.dumps(data)
+    r = subprocess.run([sys.executable, "-m", "spud", "eval", str(trained), "--tasks", "gsm8k:/nonexistent.jsonl"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "nonexistent" in r.stderr and "Traceback" not in r.stderr

@@ -173,12 +173,45 @@ class TrainConfig(StrictModel):
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = all cores.")
 
 
+# ------------------------------------------------------------------------------------------ sft
+class SFTConfig(StrictModel):
+    """Supervised fine-tuning into a chat model (`spud sft`). Its schedule and batch settings are
+    copied into `train` of the chat run, so the pretraining loop runs SFT unchanged."""
+
+    data: list[str] = Field(
+        default_factory=list,
+        description="Chat files as 'path.jsonl[:weight]' (OpenAI messages per line); 'builtin' = "
+        "the generated chat data.",
+    )
+    base_run: str | None = Field(None, description="Run directory the chat model starts from (set by spud sft).")
+    base_checkpoint: str | None = Field(None, description="Checkpoint of base_run loaded at step 0 (set by spud sft).")
+    max_steps: int = Field(300, gt=0)
+    lr: float | None = Field(None, gt=0, description="None = lr_ratio × the base run's train.lr.")
+    lr_ratio: float = Field(0.3, gt=0, le=10, description="SFT peak LR as a share of pretraining's.")
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    micro_batch_size: int = Field(16, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    val_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of conversations held out (by hash).")
+    max_bad_fraction: float = Field(0.05, ge=0, le=1, description="Error out above this share of bad lines.")
+    builtin_conversations: int = Field(20000, gt=0, description="Conversations generated for 'builtin'.")
+    eval_every: int = Field(50, gt=0)
+    eval_batches: int = Field(8, gt=0)
+    checkpoint_every: int = Field(100, gt=0)
+    sample_prompts: list[str] = Field(
+        default_factory=lambda: ["What is 12 plus 7?", "Who are you?"],
+        description="User messages answered in chat format at the end of SFT (logged as samples).",
+    )
+
+
 class Config(StrictModel):
     seed: int = 1337
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
 
     @property
     def seq_len(self) -> int:

@@ -1,0 +1,1 @@
+"""Post-training: supervised fine-tuning of a pretrained run into a chat model (`spud sft`)."""
