@@ -28,6 +28,14 @@ def resolve_recipe(name: str) -> Path:
     raise SpudError(f"config not found: {name} (not a file, nor a built-in recipe: {', '.join(known)})")
 
 
+def run_dir_arg(path: str) -> Path:
+    """--out must be a directory (or not exist yet): fail before any work, not after the data build."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise SpudError(f"--out {p} is a file, not a run directory; choose another path")
+    return p
+
+
 def _load(args):
     from spud.config import load_config
 
@@ -41,7 +49,7 @@ def cmd_data_build(args) -> int:
     from spud.tokenizer import Tokenizer
     from spud.train.trainer import resolve_vocab
 
-    cfg, out = _load(args), Path(args.out)
+    cfg, out = _load(args), run_dir_arg(args.out)
     manifest = build_dataset(cfg, out, progress=not args.no_progress)
     save_config(resolve_vocab(cfg, Tokenizer.load(out / "tokenizer.json")), out / "config.yaml")
     print(f"wrote {args.out}/data/manifest.json: {manifest['train_tokens']:,} train tokens, "
@@ -56,7 +64,7 @@ def cmd_tokenizer_train(args) -> int:
 
     cfg = _load(args)
     validate_sources(cfg)
-    out = Path(args.out)
+    out = run_dir_arg(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(sample_texts_for_tokenizer(cfg), cfg.tokenizer)
     tok.save(out / "tokenizer.json")
@@ -78,7 +86,7 @@ def cmd_train(args) -> int:
     from spud.config import load_config
     from spud.train.trainer import Trainer
 
-    out = Path(args.out)
+    out = run_dir_arg(args.out)
     if args.config is None:
         if not (args.resume and (out / "config.yaml").is_file()):
             raise SpudError("give a CONFIG (or --resume with a run directory that has config.yaml)")
@@ -155,7 +163,7 @@ def cmd_fit(args) -> int:
 def cmd_demo(args) -> int:
     from spud.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick)
+    run_demo(run_dir_arg(args.out), quick=args.quick)
     return 0
 
 
@@ -318,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # disk full, permissions, a file where a directory should be, ...
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

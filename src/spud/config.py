@@ -171,6 +171,18 @@ class TrainConfig(StrictModel):
     compile: bool = False
     log_every: int = Field(1, gt=0)
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = all cores.")
+    # Scale-out and fault tolerance (docs/scale-out.md).
+    parallel: Literal["none", "ddp", "fsdp"] = Field(
+        "none", description="Data parallelism under torchrun: ddp replicates, fsdp shards (FSDP2)."
+    )
+    dist_timeout_s: float = Field(300.0, gt=0, description="Timeout of every collective (s).")
+    activation_checkpointing: bool = Field(False, description="Recompute each block in backward.")
+    mixed_precision: bool = Field(True, description="CUDA+fsdp: bf16 params, fp32 grad reduce.")
+    max_bad_steps: int = Field(5, gt=0, description="Consecutive non-finite steps → rollback.")
+    rollback_lr_factor: float = Field(1.0, gt=0, le=1, description="LR multiplier per rollback.")
+    debug_nan_at_step: list[int] = Field(
+        default_factory=list, description="Testing aid: poison the loss at these steps (once each)."
+    )
 
 
 # ------------------------------------------------------------------------------------------ sft
