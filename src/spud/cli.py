@@ -160,6 +160,13 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from spud.eval.report import report_command
+
+    report_command(args.run, samples=args.samples)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from spud.demo import run_demo
 
@@ -258,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234)
     p.set_defaults(func=cmd_eval)
 
+    p = verbs.add_parser("report", help="write RUN/report.md with plots: curves, throughput, scores, data mix")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--samples", type=int, default=5, help="how many of the last samples to include")
+    p.set_defaults(func=cmd_report)
+
+    verbs.add_parser("lm-eval", help="lm-evaluation-harness with the spud model registered "
+                     "(spud lm-eval --model spud --model_args run=RUN --tasks ...)", add_help=False)
+
     p = verbs.add_parser("plan", help="compute-optimal size, tokens, time, cost and serving split")
     g = p.add_argument_group("budget (give one)")
     g.add_argument("--budget", type=float, help="training FLOPs, e.g. 1e21")
@@ -309,6 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # lm-eval parses its own flags: hand them over untouched
+        try:
+            from spud.eval.lm_eval_adapter import cli_main
+        except ImportError as e:
+            print(f"error: lm-eval is not installed ({e}); pip install 'spud[eval]'", file=sys.stderr)
+            return 2
+        cli_main(argv[1:])
+        return 0
     parser = build_parser()
     # Overrides may come after options (`--out RUN model.n_layers=4`): argparse leaves those
     # over, so pick up every leftover key=value and reject anything else.

@@ -1,0 +1,422 @@
+"""`spud report RUN`: one Markdown page about a run, with PNG plots next to it.
+
+Reads only files the other stages write — metrics.jsonl (train/val/sample/event records),
+config.yaml, tokenizer.json, data/manifest.json, checkpoints/, eval/<checkpoint>/results.json —
+and writes RUN/report.md plus RUN/report/*.png. Every part is optional: a run without val
+records, evaluations or a manifest gets a note in that section instead of a plot, so the report
+works on a run that is still training or that crashed.
+
+Plots use matplotlib's object API (Figure + Agg canvas), never pyplot, so no global backend is
+switched and no display is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from spud.train.metrics import read_metrics
+
+LAST_SAMPLES = 5
+
+
+# ------------------------------------------------------------------------------- reading
+def _read_json(path: Path) -> dict | None:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _step_of(name: str) -> int | None:
+    m = re.search(r"(\d+)$", name)
+    return int(m.group(1)) if m else None
+
+
+def _num(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def load_evals(run: Path) -> list[dict]:
+    """Every RUN/eval/<checkpoint>/results.json, ordered by training step."""
+    out = []
+    for p in sorted((run / "eval").glob("*/results.json")):
+        r = _read_json(p)
+        if r is not None:
+            r["_name"] = p.parent.name
+            r["_step"] = _step_of(p.parent.name)
+            out.append(r)
+    out.sort(key=lambda r: (r["_step"] is None, r["_step"] or 0, r["_name"]))
+    return out
+
+
+def _vocab_size(run: Path, cfg: dict) -> int | None:
+    try:
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(run / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    except Exception:  # noqa: BLE001 - missing or unreadable: fall back to the config
+        v = (cfg.get("tokenizer") or {}).get("vocab_size")
+        return v if isinstance(v, int) else None
+
+
+def _read_config(run: Path) -> dict:
+    try:
+        import yaml
+
+        tree = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001
+        return {}
+    return tree if isinstance(tree, dict) else {}
+
+
+def _wall_seconds(rows: list[dict]) -> float | None:
+    """Training wall time: `end`/`interrupt` events carry it per segment (a resumed run has
+    several); without them (still running, crashed), last record time minus the start."""
+    events = [r for r in rows if r.get("kind") == "event"]
+    segs = [_num(r.get("wall_s")) for r in events if r.get("event") in ("end", "interrupt")]
+    segs = [s for s in segs if s is not None]
+    if segs:
+        return sum(segs)
+    starts = [_num(r.get("time")) for r in events if r.get("event") in ("start", "resume")]
+    times = [_num(r.get("time")) for r in rows]
+    starts, times = [t for t in starts if t], [t for t in times if t]
+    return (max(times) - min(starts)) if starts and times else None
+
+
+# ------------------------------------------------------------------------------- plotting
+def _figure(ncols: int = 1):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.2 * ncols, 3.4), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+    return fig, axes
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path.name
+
+
+def _series(rows: list[dict], field: str, x: str = "step") -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for r in rows:
+        xv, yv = _num(r.get(x)), _num(r.get(field))
+        if xv is not None and yv is not None:
+            xs.append(xv)
+            ys.append(yv)
+    return xs, ys
+
+
+def _val_with_tokens(train: list[dict], val: list[dict]) -> list[dict]:
+    """val records carry how many tokens they evaluated, not how many had been trained on:
+    attach the training tokens seen at that step (0 before the first step)."""
+    seen = {r.get("step"): _num(r.get("tokens")) for r in train}
+    return [r | {"trained_tokens": seen.get(r.get("step"), 0.0 if r.get("step") == 0 else None)}
+            for r in val]
+
+
+def plot_loss(train, val, out: Path) -> str | None:
+    val_t = _val_with_tokens(train, val)
+    if not (_series(train, "loss")[0] or _series(val, "loss")[0]):
+        return None
+    fig, (a, b) = _figure(2)
+    for ax, xt, xv, label in ((a, "step", "step", "step"), (b, "tokens", "trained_tokens", "tokens seen")):
+        x, y = _series(train, "loss", xt)
+        if x:
+            ax.plot(x, y, label="train loss", lw=1)
+        x, y = _series(val_t, "loss", xv)
+        if x:
+            ax.plot(x, y, "o-", label="val loss", ms=3)
+        ax.set_xlabel(label)
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, out / "loss.png")
+
+
+def plot_bpb(train, val, out: Path) -> str | None:
+    val_t = _val_with_tokens(train, val)
+    if not _series(val, "bpb")[0]:
+        return None
+    fig, (a, b) = _figure(2)
+    for ax, xv, label in ((a, "step", "step"), (b, "trained_tokens", "tokens seen")):
+        x, y = _series(val_t, "bpb", xv)
+        ax.plot(x, y, "o-", ms=3, color="tab:green")
+        ax.set_xlabel(label)
+        ax.set_ylabel("val bits per byte")
+        ax.grid(alpha=0.3)
+    return _save(fig, out / "bpb.png")
+
+
+def plot_lr(train, out: Path) -> str | None:
+    x, y = _series(train, "lr")
+    if not x:
+        return None
+    fig, (a,) = _figure(1)
+    a.plot(x, y, color="tab:purple")
+    a.set_xlabel("step")
+    a.set_ylabel("learning rate")
+    a.grid(alpha=0.3)
+    return _save(fig, out / "lr.png")
+
+
+def plot_throughput(train, out: Path) -> str | None:
+    x, y = _series(train, "tokens_per_s")
+    if not x:
+        return None
+    fig, (a, b) = _figure(2)
+    a.plot(x, y, lw=1)
+    a.set_xlabel("step")
+    a.set_ylabel("tokens/s")
+    a.grid(alpha=0.3)
+    x, y = _series(train, "mfu")
+    if x:
+        b.plot(x, [v * 100 for v in y], lw=1, color="tab:orange")
+    b.set_xlabel("step")
+    b.set_ylabel("MFU (%)")
+    b.grid(alpha=0.3)
+    return _save(fig, out / "throughput.png")
+
+
+def plot_evals(evals: list[dict], out: Path) -> str | None:
+    per_task: dict[str, tuple[list, list]] = {}
+    for i, r in enumerate(evals):
+        x = r["_step"] if r["_step"] is not None else i
+        for name, t in (r.get("tasks") or {}).items():
+            v = _num(t.get("value")) if isinstance(t, dict) else None
+            if v is not None:
+                per_task.setdefault(f"{name} ({t.get('metric', '?')})", ([], []))
+                per_task[f"{name} ({t.get('metric', '?')})"][0].append(x)
+                per_task[f"{name} ({t.get('metric', '?')})"][1].append(v)
+    if not per_task:
+        return None
+    fig, (a,) = _figure(1)
+    fig.set_size_inches(7, 3.8)
+    for label, (xs, ys) in sorted(per_task.items()):
+        a.plot(xs, ys, "o-", ms=4, label=label)
+    a.set_xlabel("checkpoint step")
+    a.set_ylabel("score")
+    a.set_ylim(-0.02, 1.02)
+    a.grid(alpha=0.3)
+    a.legend(fontsize=7)
+    return _save(fig, out / "eval.png")
+
+
+def plot_data_mix(sources: list[dict], out: Path) -> str | None:
+    names = [str(s.get("name", "?")) for s in sources]
+    train = [_num(s.get("train_tokens")) or 0.0 for s in sources]
+    val = [_num(s.get("val_tokens")) or 0.0 for s in sources]
+    if not names or not any(train) and not any(val):
+        return None
+    fig, (a,) = _figure(1)
+    fig.set_size_inches(max(5.0, 1.1 * len(names) + 2), 3.6)
+    xs = range(len(names))
+    a.bar(xs, train, label="train")
+    a.bar(xs, val, bottom=train, label="val")
+    a.set_xticks(list(xs))
+    a.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
+    a.set_ylabel("tokens")
+    a.legend()
+    a.grid(alpha=0.3, axis="y")
+    return _save(fig, out / "data_mix.png")
+
+
+# ------------------------------------------------------------------------------- markdown
+def _fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-3):
+            return f"{v:.3g}"
+        return f"{v:.{digits}g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    return str(v)
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return "—"
+    h, rem = divmod(round(s), 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h {m:02d}m {sec:02d}s" if h else (f"{m}m {sec:02d}s" if m else f"{s:.1f}s")
+
+
+def _cell(s) -> str:
+    return str(s).replace("|", "\\|").replace("\n", " ")
+
+
+def _printable(text: str) -> str:
+    """Control characters (an undertrained model emits any byte) shown as escapes."""
+    return "".join(c if c in "\n\t" or c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256
+                   else f"\\u{ord(c):04x}" for c in text)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows]
+    return lines
+
+
+def _img(name: str | None, alt: str, missing: str) -> list[str]:
+    return [f"![{alt}](report/{name})", ""] if name else [f"_{missing}_", ""]
+
+
+def write_report(run_dir: str | Path, samples: int = LAST_SAMPLES) -> Path:
+    """Write RUN/report.md and RUN/report/*.png; → the path of report.md.
+    Raises SpudError when RUN is not a directory; anything missing inside is noted, not fatal."""
+    from spud.errors import SpudError
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise SpudError(f"run directory not found: {run}")
+    out = run / "report"
+    out.mkdir(exist_ok=True)
+    for old in out.glob("*.png"):  # a plot that no longer applies must not linger
+        old.unlink()
+
+    rows = read_metrics(run / "metrics.jsonl")
+    train = [r for r in rows if r.get("kind") == "train"]
+    val = [r for r in rows if r.get("kind") == "val"]
+    sample_rows = [r for r in rows if r.get("kind") == "sample"]
+    events = [r for r in rows if r.get("kind") == "event"]
+    start = next((r for r in reversed(events) if r.get("event") == "start"), {})
+    cfg = _read_config(run)
+    model_cfg = cfg.get("model") or {}
+    manifest = _read_json(run / "data" / "manifest.json")
+    evals = load_evals(run)
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("step_*") if p.is_dir())
+
+    md = [f"# Run report: {run.resolve().name}", "", f"Run directory: `{run}`", ""]
+
+    # ---- facts
+    tokens_seen = _num(train[-1].get("tokens")) if train else None
+    last_val = val[-1] if val else {}
+    arch = ", ".join(f"{k}={model_cfg[k]}" for k in ("block", "d_model", "n_layers", "n_heads",
+                                                      "n_kv_heads", "mlp", "max_seq_len")
+                     if model_cfg.get(k) is not None) or None
+    facts = [
+        ("parameters", start.get("params")),
+        ("non-embedding parameters", start.get("non_embedding_params")),
+        ("FLOPs/token (training)", start.get("flops_per_token")),
+        ("model", arch),
+        ("tokenizer vocab", _vocab_size(run, cfg)),
+        ("tokens/step", start.get("tokens_per_step")),
+        ("steps", max((r.get("step", 0) for r in train), default=None)),
+        ("tokens seen", int(tokens_seen) if tokens_seen is not None else None),
+        ("wall time", _duration(_wall_seconds(rows))),
+        ("device", start.get("device")),
+        ("threads", start.get("threads")),
+        ("device peak FLOP/s", start.get("peak_flops")),
+        ("last val loss / bpb", f"{_fmt(_num(last_val.get('loss')))} / {_fmt(_num(last_val.get('bpb')))}"
+         f" (step {last_val.get('step')})" if last_val else None),
+        ("checkpoints", ", ".join(ckpts) if ckpts else None),
+    ]
+    md += ["## Model and run", ""]
+    md += _table(["fact", "value"], [[k, _fmt(v)] for k, v in facts])
+    if not rows:
+        md += ["", "_No metrics.jsonl records: the run has not started training._"]
+    md.append("")
+
+    # ---- curves
+    md += ["## Loss", ""]
+    md += _img(plot_loss(train, val, out), "loss", "No train or val loss recorded yet.")
+    md += ["## Validation bits per byte", ""]
+    md += _img(plot_bpb(train, val, out), "val bpb",
+               "No validation records (no val split, or no evaluation step reached yet).")
+    md += ["## Learning rate", ""]
+    md += _img(plot_lr(train, out), "learning rate", "No training steps recorded yet.")
+    md += ["## Throughput", ""]
+    md += _img(plot_throughput(train, out), "throughput", "No training steps recorded yet.")
+    if train:
+        tps = sorted(v for v in _series(train, "tokens_per_s")[1])
+        mfu = sorted(v for v in _series(train, "mfu")[1])
+        if tps:
+            md += [f"Median {_fmt(tps[len(tps) // 2])} tokens/s"
+                   + (f", MFU {mfu[len(mfu) // 2] * 100:.2f}%" if mfu else "") + ".", ""]
+
+    # ---- evaluations
+    md += ["## Evaluations", ""]
+    if not evals:
+        md += [("_No evaluations yet: run `spud eval RUN --tasks ...` (results land in "
+                "RUN/eval/<checkpoint>/results.json)._"), ""]
+    else:
+        md += _img(plot_evals(evals, out), "scores over checkpoints", "No task scores in the results.")
+        latest = evals[-1]
+        md += [f"Latest evaluated checkpoint: `{latest['_name']}`"
+               + (f" (few-shot {latest.get('fewshot')}, limit {latest.get('limit')})"
+                  if "fewshot" in latest else ""), ""]
+        trows = []
+        for name, t in (latest.get("tasks") or {}).items():
+            if isinstance(t, dict):
+                trows.append([name, t.get("metric", "—"), _fmt(_num(t.get("value"))),
+                              _fmt(_num(t.get("stderr"))), _fmt(_num(t.get("baseline"))),
+                              _fmt(_num(t.get("centered"))), _fmt(t.get("n"))])
+        if trows:
+            md += _table(["task", "metric", "value", "± stderr", "chance", "centred", "n"], trows)
+            agg = latest.get("aggregate") or {}
+            if _num(agg.get("centered_mean")) is not None:
+                md += ["", (f"Aggregate (centred mean over {agg.get('tasks')} tasks): "
+                            f"{agg['centered_mean']:+.4f}")]
+            md.append("")
+        intr = (latest.get("intrinsic") or {})
+        srcs = intr.get("sources") or {}
+        irows = [[name, _fmt(_num(s.get("loss"))), _fmt(_num(s.get("bpb"))), _fmt(s.get("tokens"))]
+                 for name, s in srcs.items() if isinstance(s, dict) and "bpb" in s]
+        if isinstance(intr.get("val"), dict) and "bpb" in intr["val"]:
+            v = intr["val"]
+            irows.insert(0, ["val split", _fmt(_num(v.get("loss"))), _fmt(_num(v.get("bpb"))), _fmt(v.get("tokens"))])
+        if irows:
+            md += ["Intrinsic (same checkpoint):", ""]
+            md += _table(["data", "loss", "bpb", "tokens"], irows) + [""]
+        if len(evals) > 1:
+            md += ["Evaluated checkpoints: " + ", ".join(f"`{r['_name']}`" for r in evals), ""]
+
+    # ---- data mix
+    md += ["## Data mix", ""]
+    sources = (manifest or {}).get("sources") or []
+    if not manifest:
+        md += ["_No data/manifest.json in the run directory._", ""]
+    else:
+        md += _img(plot_data_mix(sources, out), "tokens per source", "The manifest lists no sources.")
+        total = sum((_num(s.get("train_tokens")) or 0) + (_num(s.get("val_tokens")) or 0) for s in sources) or 1
+        md += _table(["source", "weight", "train tokens", "val tokens", "share", "documents", "epochs"],
+                     [[s.get("name"), _fmt(s.get("weight")), _fmt(s.get("train_tokens")),
+                       _fmt(s.get("val_tokens")),
+                       f"{((_num(s.get('train_tokens')) or 0) + (_num(s.get('val_tokens')) or 0)) / total:.1%}",
+                       _fmt(s.get("documents")), _fmt(s.get("epochs"))] for s in sources])
+        md.append("")
+
+    # ---- samples
+    md += ["## Last samples", ""]
+    if not sample_rows:
+        md += ["_No samples recorded (train.sample_prompts empty, or no sampling step reached)._", ""]
+    for r in sample_rows[-samples:]:
+        text = _printable(str(r.get("prompt", "")) + str(r.get("text", "")))
+        fence = "````" if "```" in text else "```"
+        md += [f"Step {r.get('step')}, prompt {json.dumps(r.get('prompt', ''), ensure_ascii=False)}:", "",
+               fence + "text", text, fence, ""]
+
+    path = run / "report.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(md).rstrip() + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def report_command(run_dir: str, samples: int = LAST_SAMPLES) -> Path:
+    """What `spud report RUN` runs: write the report, print where it is."""
+    path = write_report(run_dir, samples)
+    pngs = sorted((path.parent / "report").glob("*.png"))
+    print(f"wrote {path} ({len(pngs)} plots in {path.parent / 'report'})")
+    return path

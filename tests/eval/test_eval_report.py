@@ -1,0 +1,83 @@
+"""`spud report RUN`: report.md with PNG plots, on a real tiny run and on runs missing parts."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from spud.eval.report import write_report
+
+OVERRIDES = [
+    "data.total_tokens=40000", "tokenizer.vocab_size=400", "tokenizer.train_bytes=150000",
+    "train.max_steps=3", "train.eval_every=3", "train.checkpoint_every=3", "train.eval_batches=1",
+    "train.micro_batch_size=4", "model.max_seq_len=64",
+]
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory) -> Path:
+    from rich.console import Console
+
+    from spud.config import load_config
+    from spud.eval import run_eval
+    from spud.train.trainer import Trainer
+
+    cfg = load_config("/work/main/configs/tiny.yaml", OVERRIDES)
+    run = tmp_path_factory.mktemp("report") / "run"
+    Trainer(cfg, run, console=Console(quiet=True)).run()
+    run_eval(str(run), "mc_arithmetic", limit=5, device="cpu", intrinsic_source_tokens=500,
+             console=Console(quiet=True), progress=False)
+    return run
+
+
+def images(md: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+
+
+def test_report_on_trained_and_evaluated_run(evaluated_run):
+    path = write_report(evaluated_run)
+    assert path == evaluated_run / "report.md"
+    md = path.read_text(encoding="utf-8")
+    start = next(json.loads(line) for line in (evaluated_run / "metrics.jsonl").read_text().splitlines()
+                 if '"start"' in line)
+    assert f"{start['params']:,}" in md  # params in the facts table
+    assert "mc_arithmetic" in md
+    pngs = images(md)
+    assert {"report/loss.png", "report/bpb.png", "report/lr.png", "report/throughput.png",
+            "report/eval.png", "report/data_mix.png"} <= set(pngs)
+    for rel in pngs:
+        f = evaluated_run / rel
+        assert f.is_file() and f.stat().st_size > 1000
+        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for word in ("tokenizer vocab", "FLOPs/token", "tokens seen", "wall time", "device",
+                 "stdlib_docs", "arithmetic", "Last samples"):
+        assert word in md
+
+
+def test_report_without_val_eval_manifest_or_samples(evaluated_run, tmp_path):
+    run = tmp_path / "bare"
+    run.mkdir()
+    shutil.copy(evaluated_run / "config.yaml", run / "config.yaml")
+    kept = [line for line in (evaluated_run / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["kind"] in ("train", "event")]
+    (run / "metrics.jsonl").write_text("\n".join(kept) + "\n{\"kind\": \"tra")  # torn last line
+    md = write_report(run).read_text()
+    assert "No evaluations yet" in md
+    assert "No validation records" in md
+    assert "No data/manifest.json" in md
+    assert "No samples recorded" in md
+    assert all((run / p).is_file() for p in images(md))
+    assert "report/loss.png" in images(md)  # train loss alone still gets its plot
+
+
+def test_report_on_empty_and_missing_run(tmp_path):
+    from spud.errors import SpudError
+
+    md = write_report(tmp_path).read_text()
+    assert "has not started training" in md and not images(md)
+    with pytest.raises(SpudError, match="not found"):
+        write_report(tmp_path / "nope")
