@@ -94,6 +94,8 @@ def cmd_train(args) -> int:
     else:
         cfg = _load(args)
     summary = Trainer(cfg, out, resume=args.resume).run()
+    if summary.get("rank", 0) != 0:  # under torchrun only rank 0 reports
+        return 130 if summary["interrupted"] else 0
     val = summary["val"]
     if val:
         print(f"val bpb {val[0]['bpb']:.3f} (step {val[0]['step']}) → {val[-1]['bpb']:.3f} (step {val[-1]['step']})")
@@ -157,6 +159,14 @@ def cmd_fit(args) -> int:
     from spud.plan.fit import fit_cmd
 
     fit_cmd(args.ladder, out=args.out, bootstrap=args.bootstrap)
+    return 0
+
+
+def cmd_export_weights(args) -> int:
+    from spud.export import export_weights
+
+    path = export_weights(args.run, checkpoint=args.checkpoint, out=args.out)
+    print(f"wrote {path} (+ config.yaml beside it)")
     return 0
 
 
@@ -264,6 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--seed", type=int, default=1234)
     p.set_defaults(func=cmd_eval)
+
+    p = verbs.add_parser("export-weights", help="consolidate a checkpoint (also sharded) into one safetensors file")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--checkpoint", default=None, help="step number or directory name (default: latest)")
+    p.add_argument("--out", default=None, help="output file (default RUN/export/model.safetensors)")
+    p.set_defaults(func=cmd_export_weights)
 
     p = verbs.add_parser("report", help="write RUN/report.md with plots: curves, throughput, scores, data mix")
     p.add_argument("run", help="run directory")

@@ -211,3 +211,47 @@ def clip_grad_norm(env: DistEnv, model: nn.Module, max_norm: float) -> float:
             for g in local:
                 g.mul_(coef)
     return total
+
+
+# ------------------------------------------------------------------------------- memory
+def memory_plan(cfg, env: DistEnv, device: torch.device, micro_batch: int, seq_len: int) -> tuple[str, str | None]:
+    """(one-line per-rank estimate, refusal message or None). Refuses only on CUDA, where the
+    device's memory is known; the estimate follows spud.plan.memory's conventions."""
+    from spud.plan.memory import USABLE_FRACTION, training_memory
+
+    t = cfg.train
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    fsdp = env.world_size if env.parallel == "fsdp" else 1
+    est = training_memory(cfg.model, micro_batch, seq_len, precision, fsdp, t.activation_checkpointing)
+    gib = 2**30
+
+    def f(x: float) -> str:
+        return f"{x / gib:.2f} GiB" if x >= 0.1 * gib else f"{x / 2**20:.1f} MiB"
+
+    line = (f"memory per rank (estimate, {precision}{', FSDP/' + str(fsdp) if fsdp > 1 else ''}"
+            f"{', act. ckpt' if t.activation_checkpointing else ''}): params {f(est.weights)} · grads "
+            f"{f(est.gradients)} · optimizer {f(est.optimizer)} · activations {f(est.activations)} "
+            f"(micro-batch {micro_batch}×{seq_len}) = {f(est.total)}")
+    if device.type != "cuda":
+        return line, None
+    have = torch.cuda.get_device_properties(device).total_memory
+    if est.total <= USABLE_FRACTION * have:
+        return line, None
+    tips = [f"lower train.micro_batch_size (now {micro_batch}; gradient accumulation keeps "
+            "train.tokens_per_step)"]
+    if not t.activation_checkpointing:
+        tips.append("set train.activation_checkpointing=true")
+    if env.parallel != "fsdp":
+        tips.append("shard with train.parallel=fsdp under torchrun (more GPUs → less state per GPU)")
+    return line, (f"this config needs about {f(est.total)} per GPU but {device} has {f(have)} "
+                  f"({USABLE_FRACTION:.0%} usable): " + "; ".join(tips))
+
+
+def default_threads(env: DistEnv, threads: int) -> int:
+    """CPU threads per rank: the config's, else OMP_NUM_THREADS, else cores / ranks on this node."""
+    if threads or not env.enabled:
+        return threads
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return int(os.environ["OMP_NUM_THREADS"])
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+    return max(1, (os.cpu_count() or 1) // local)

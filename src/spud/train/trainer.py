@@ -4,14 +4,16 @@ Resume is bit-exact: a checkpoint holds weights, optimizer state, the loader pos
 RNG state as of the end of a completed step, and the LR is a pure function of the step. Ctrl-C
 (or SIGTERM, e.g. a Slurm preemption) sets a flag that the loop checks between steps, so the
 checkpoint it writes is never of a half-applied optimizer update; a second Ctrl-C aborts at once.
+
+Under torchrun (train.parallel=ddp|fsdp, see distributed.py) every rank runs this loop on its
+slice of the global batch; rank 0 alone logs and prints. A step whose loss or gradient norm is not
+finite is skipped (no update); `train.max_bad_steps` in a row roll back to the last checkpoint.
 """
 
 from __future__ import annotations
 
 import math
-import signal
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -43,6 +45,8 @@ from spud.runtime import (
 from spud.serve.sampling import generate
 from spud.tokenizer import Tokenizer
 from spud.train import checkpoint as ckpt_io
+from spud.train import distributed, faults
+from spud.train.faults import graceful_stop
 from spud.train.metrics import MetricsLog, read_metrics, truncate_after
 from spud.train.optim import build_optimizer
 from spud.train.schedule import lr_at
@@ -72,38 +76,25 @@ def token_byte_lengths(tok: Tokenizer, size: int) -> torch.Tensor:
     return out
 
 
-@contextmanager
-def graceful_stop():
-    """Yields a dict whose 'stop' turns True on the first SIGINT/SIGTERM."""
-    flag = {"stop": False}
-
-    def handler(signum, frame):
-        if flag["stop"]:
-            raise KeyboardInterrupt
-        flag["stop"] = True
-
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread: no handler, plain Ctrl-C behaviour
-            pass
-    try:
-        yield flag
-    finally:
-        for sig, h in previous.items():
-            signal.signal(sig, h)
-
-
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, console: Console | None = None):
         self.run_dir = Path(run_dir)
+        self.dist = distributed.detect(cfg.train)
+        self.rank, self.world = self.dist.rank, self.dist.world_size
         self.console = console or make_console()
-        self.threads = set_threads(cfg.train.threads)
-        self.device = pick_device(cfg.train.device)
+        if not self.dist.is_main:
+            self.console.quiet = True
+        self.threads = set_threads(distributed.default_threads(self.dist, cfg.train.threads))
+        self.device = distributed.init(self.dist, pick_device(cfg.train.device))
+        if self.dist.note:
+            self.console.print(f"[yellow]{self.dist.note}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
-        self.tokenizer = self.prepare_data(cfg)
+        if self.dist.is_main:  # build data/tokenizer once; the other ranks then read the result
+            self.tokenizer = self.prepare_data(cfg)
+        distributed.barrier(self.dist)
+        if not self.dist.is_main:
+            self.tokenizer = self.prepare_data(cfg)
         self.cfg = cfg = resolve_vocab(cfg, self.tokenizer)
         self.resume_from = ckpt_io.latest_checkpoint(self.run_dir) if resume else None
         if not resume and ckpt_io.latest_checkpoint(self.run_dir) is not None:
@@ -122,21 +113,32 @@ class Trainer:
                     + "\n  ".join(diff)
                     + "\nUse the same model settings to resume, or a new --out directory."
                 )
-        save_config(cfg, self.run_dir / "config.yaml")
-
-        seed_everything(cfg.seed)
-        self.model = build_model(cfg.model)
-        if self.resume_from is None:
-            self.init_weights(self.model)
-        self.model.to(self.device)
-        self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
-        self.optimizer = build_optimizer(self.model, cfg.train, self.device)
+        if self.dist.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
 
         t = cfg.train
         self.seq_len = cfg.seq_len
         if self.seq_len > cfg.model.max_seq_len:
             raise SpudError(f"train.seq_len={self.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
-        micro_tokens = t.micro_batch_size * self.seq_len
+        self.memory_line, refusal = distributed.memory_plan(cfg, self.dist, self.device,
+                                                            t.micro_batch_size, self.seq_len)
+        if refusal:
+            raise SpudError(refusal)
+
+        seed_everything(cfg.seed)  # same on every rank: identical initial weights
+        self.model = build_model(cfg.model)
+        if self.resume_from is None:
+            self.init_weights(self.model)
+        self.model.to(self.device)
+        if t.activation_checkpointing:
+            distributed.apply_activation_checkpointing(self.model)
+        self.train_module = distributed.wrap(self.model, self.dist, self.device, t.mixed_precision)
+        self.step_model = torch.compile(self.train_module) if cfg.train.compile else self.train_module
+        self.optimizer = build_optimizer(self.model, cfg.train, self.device)
+        if self.world > 1:  # distinct dropout masks per rank
+            torch.manual_seed(cfg.seed + 7919 * self.rank)
+
+        micro_tokens = t.micro_batch_size * self.seq_len * self.world
         self.accum = max(1, round((t.tokens_per_step or micro_tokens) / micro_tokens))
         self.tokens_per_step = self.accum * micro_tokens
         self.train_loader = self.make_loader("train")
@@ -160,9 +162,14 @@ class Trainer:
             "threads": self.threads,
             "peak_flops": self.peak,
         }
+        if self.dist.enabled:
+            self.facts.update(parallel=self.dist.parallel, world_size=self.world)
         self.step = 0
         self.tokens_seen = 0
         self.val_history: list[dict] = []
+        self.lr_scale = 1.0  # multiplied by train.rollback_lr_factor at each rollback
+        self.bad_steps = 0
+        self._poison = set(t.debug_nan_at_step)  # testing aid: steps whose loss becomes NaN
 
     # ------------------------------------------------ hooks (post-training overrides these)
     def prepare_data(self, cfg: Config) -> Tokenizer:
@@ -173,7 +180,8 @@ class Trainer:
     def make_loader(self, split: str):
         """A loader with next_batch() -> (x, y), state_dict(), load_state_dict(), windows_per_epoch."""
         t = self.cfg.train
-        return TokenLoader(self.run_dir, split, t.micro_batch_size, self.seq_len, self.cfg.seed)
+        return TokenLoader(self.run_dir, split, t.micro_batch_size, self.seq_len, self.cfg.seed,
+                           rank=self.rank, world_size=self.world)
 
     def val_available(self) -> bool:
         return self.manifest["val_tokens"] > 0
@@ -189,18 +197,24 @@ class Trainer:
             return None
         t = self.cfg.train
         loader = self.make_loader("val")
-        n = max(1, min(t.eval_batches, loader.windows_per_epoch // t.micro_batch_size))
+        n = max(1, min(t.eval_batches, loader.windows_per_epoch // (t.micro_batch_size * self.world)))
         self.model.eval()
         total_loss, total_tokens, total_bytes = 0.0, 0, 0.0
         for _ in range(n):
             x, y = (v.to(self.device) for v in loader.next_batch())
             with autocast(self.device):
-                losses = self.model.per_token_loss(x, y).float()
+                if self.dist.parallel == "fsdp":  # through __call__, so FSDP gathers the weights
+                    losses = self.model(x, y, return_per_token_loss=True).float()
+                else:
+                    losses = self.model.per_token_loss(x, y).float()
             valid = y >= 0  # -1 = no target (e.g. a prompt position in post-training)
             total_loss += losses.double().sum().item()
             total_tokens += int(valid.sum())
             total_bytes += (self.token_bytes[y.clamp(min=0)] * valid).sum().item()
         self.model.train()
+        total_loss, total_tokens, total_bytes = distributed.all_sum(
+            self.dist, [total_loss, total_tokens, total_bytes], self.device)
+        total_tokens = int(total_tokens)
         loss = total_loss / total_tokens
         bpb = total_loss / (math.log(2) * total_bytes) if total_bytes else float("nan")
         return {"loss": loss, "bpb": bpb, "tokens": total_tokens}
@@ -208,6 +222,8 @@ class Trainer:
     def sample(self) -> list[dict]:
         out = []
         t = self.cfg.train
+        if not self.dist.is_main and self.dist.parallel != "fsdp":  # FSDP: all ranks must forward
+            return out
         for prompt in t.sample_prompts:
             ids = self.tokenizer.encode(prompt, add_bos=True)
             new = list(generate(self.model, ids, t.sample_tokens, temperature=0.8, top_k=50,
@@ -218,7 +234,8 @@ class Trainer:
     # --------------------------------------------------------------------------- checkpoints
     def _snapshot(self) -> dict:
         """Loader position and RNG as of the end of the last completed step."""
-        return {"loader": self.train_loader.state_dict(), "rng": rng_state(), "tokens": self.tokens_seen}
+        return {"loader": self.train_loader.state_dict(), "rng": rng_state(), "tokens": self.tokens_seen,
+                "lr_scale": self.lr_scale}
 
     def save(self, snap: dict) -> Path:
         state = {
@@ -228,44 +245,87 @@ class Trainer:
             "tokenizer_sha256": self.tokenizer.sha256(),
             "val": self.val_history[-1] if self.val_history else None,
         }
+        if snap["lr_scale"] != 1.0:
+            state["lr_scale"] = snap["lr_scale"]
+        if self.dist.enabled:
+            state.update(parallel=self.dist.parallel, world_size=self.world)
+            return ckpt_io.save_sharded(self.run_dir, self.step, self.model, self.optimizer, state,
+                                        snap["rng"], self.cfg.train.keep_checkpoints, self.rank)
         return ckpt_io.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
                                        snap["rng"], self.cfg.train.keep_checkpoints)
+
+    def _load_model_and_optimizer(self, ckpt: Path) -> dict | None:
+        """Weights + optimizer from either format at the current world size; returns RNG state."""
+        if ckpt_io.is_sharded(ckpt):  # DCP: any number of ranks, including a single process
+            ckpt_io.load_sharded(ckpt, self.model, self.optimizer)
+            return ckpt_io.load_rng(ckpt, self.rank)
+        if self.dist.enabled:  # single-file checkpoint into ranks (1 → N)
+            ckpt_io.load_full_into_sharded(ckpt, self.model, self.optimizer)
+            return ckpt_io.load_rng(ckpt, self.rank)
+        ckpt_io.load_weights(ckpt, self.model, self.device)
+        return ckpt_io.load_training_state(ckpt, self.optimizer)
 
     def _restore(self, log: MetricsLog) -> None:
         ckpt = self.resume_from
         state = ckpt_io.read_state(ckpt)
-        ckpt_io.load_weights(ckpt, self.model, self.device)
-        rng = ckpt_io.load_training_state(ckpt, self.optimizer)
+        rng = self._load_model_and_optimizer(ckpt)
         self.train_loader.load_state_dict(state["loader"])
         if rng is not None:
             set_rng_state(rng)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.lr_scale = state.get("lr_scale", 1.0)
         if self.step >= self.cfg.train.max_steps:
             self.console.print(f"[yellow]{ckpt.name} is at step {self.step} >= train.max_steps; nothing to do")
 
     # ---------------------------------------------------------------------------------- loop
     def train_step(self, lr: float) -> tuple[float, float]:
+        """One optimizer step; (global mean loss, global grad norm). A non-finite loss or norm
+        skips the update (self.bad_steps counts such steps in a row)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
-        for _ in range(self.accum):
+        poison = self.step + 1 in self._poison
+        for i in range(self.accum):
             x, y = (v.to(self.device, non_blocking=True) for v in self.train_loader.next_batch())
-            with autocast(self.device):
-                loss = self.step_model(x, y)
-            (loss / self.accum).backward()
+            with distributed.sync_context(self.dist, self.step_model, self.model, i == self.accum - 1):
+                with autocast(self.device):
+                    loss = self.step_model(x, y)
+                if poison:
+                    loss = loss * float("nan")
+                (loss / self.accum).backward()
             loss_sum += loss.detach().float().item()
+        self._poison.discard(self.step + 1)
+        loss = distributed.mean(self.dist, loss_sum / self.accum, self.device)
         clip = self.cfg.train.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
-        self.optimizer.step()
+        grad_norm = distributed.clip_grad_norm(self.dist, self.model, clip)
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.bad_steps = 0
+        else:
+            self.bad_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum / self.accum, grad_norm
+        return loss, grad_norm
+
+    def _rollback(self, log) -> None:
+        faults.rollback(self, log)
 
     def run(self) -> dict:
+        if not self.dist.enabled:
+            return self._run()
+        try:
+            return self._run()
+        except RuntimeError as e:  # gloo/nccl errors, including collective timeouts
+            raise distributed.collective_error(self.dist, e) from e
+        finally:
+            distributed.shutdown(self.dist)
+
+    def _run(self) -> dict:
         t = self.cfg.train
         metrics_path = self.run_dir / "metrics.jsonl"
-        if self.resume_from is not None:
+        main = self.dist.is_main
+        if self.resume_from is not None and main:
             truncate_after(metrics_path, ckpt_io.read_state(self.resume_from)["step"])
-        log = MetricsLog(metrics_path)
+        log = MetricsLog(metrics_path) if main else faults.NoLog()
         if self.resume_from is not None:
             self._restore(log)
             log.write("event", self.step, event="resume", checkpoint=self.resume_from.name)
@@ -275,7 +335,9 @@ class Trainer:
             f"model {self.facts['params'] / 1e6:.2f}M params · {self.tokens_per_step} tokens/step "
             f"(micro-batch {t.micro_batch_size}×{self.seq_len}, accum {self.accum}) · {self.device} "
             f"· {self.threads} threads"
+            + (f" · {self.dist.parallel} × {self.world} ranks" if self.dist.enabled else "")
         )
+        self.console.print(self.memory_line)
         if self.step == 0 and (first := self.evaluate()) is not None:
             self.val_history.append({"step": 0, **first})
             log.write("val", 0, **first)
@@ -283,15 +345,23 @@ class Trainer:
         start_wall, interrupted = time.time(), False
         columns = [TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
-        with graceful_stop() as flag, Progress(*columns, console=self.console, transient=False) as bar:
+        with graceful_stop() as flag, Progress(*columns, console=self.console, transient=False,
+                                               disable=not main) as bar:
             task = bar.add_task("train", total=t.max_steps, completed=self.step, info="")
             while self.step < t.max_steps:
-                if flag["stop"]:
+                if distributed.any_true(self.dist, flag["stop"], self.device):
                     interrupted = True
                     break
                 t0 = time.perf_counter()
-                lr = lr_at(self.step, t)
+                lr = lr_at(self.step, t) * self.lr_scale
                 loss, gnorm = self.train_step(lr)
+                if self.bad_steps:
+                    log.write("event", self.step + 1, event="nonfinite", loss=str(loss), grad_norm=str(gnorm),
+                              consecutive=self.bad_steps)
+                    if self.bad_steps >= t.max_bad_steps:
+                        self._rollback(log)
+                        snap = self._snapshot()
+                        continue
                 dt = time.perf_counter() - t0
                 self.step += 1
                 self.tokens_seen += self.tokens_per_step
@@ -322,6 +392,7 @@ class Trainer:
         records = read_metrics(metrics_path)  # the whole run's history, across resumes
         return {
             "run_dir": str(self.run_dir),
+            "rank": self.rank,
             "step": self.step,
             "interrupted": interrupted,
             "val": [r for r in records if r["kind"] == "val"],
