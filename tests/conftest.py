@@ -8,17 +8,7 @@ import pytest
 os.environ.setdefault("SPUD_CACHE_DIR", str(Path(__file__).parent / ".cache"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
-TINY_OVERRIDES = [
-    "data.total_tokens=60000",
-    "tokenizer.vocab_size=400",
-    "tokenizer.train_bytes=200000",
-    "train.max_steps=12",
-    "train.eval_every=4",
-    "train.checkpoint_every=4",
-    "train.eval_batches=2",
-    "train.micro_batch_size=4",
-    "model.max_seq_len=32",
-]
+from tiny_recipe import TINY_OVERRIDES  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from spud.train.checkpoint import is_sharded, list_checkpoints
 from spud.train.metrics import read_metrics
 from spud.train.trainer import Trainer
 
-from conftest import TINY_OVERRIDES
+from tiny_recipe import TINY_OVERRIDES
 
 ROOT = Path(__file__).parents[2]
 STEPS = 20

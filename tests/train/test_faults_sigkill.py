@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import TINY_OVERRIDES
+from tiny_recipe import TINY_OVERRIDES
 from safetensors.torch import load_file
 
 from spud.config import load_config

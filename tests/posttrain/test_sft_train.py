@@ -1,0 +1,86 @@
+"""SFT as a user runs it: starts from the base checkpoint, exact resume, the chat run directory,
+and the chat checkpoint being what serve/chat load by default."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from sft_helpers import SFT_OVERRIDES
+
+from spud.errors import SpudError
+from spud.posttrain.sft import SFTTrainer, sft_cmd, sft_config
+from spud.runs import load_model
+from spud.train.metrics import read_metrics
+
+
+def losses(run):
+    return [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+
+
+def test_sft_starts_from_the_base_checkpoint_not_random_init(base_run):
+    out = base_run / "chat"
+    cfg = sft_config(base_run, ["builtin"], out, SFT_OVERRIDES, resume=False)
+    assert cfg.sft.base_checkpoint.endswith("step_0000007")
+    assert cfg.train.lr == pytest.approx(0.3 * 0.002)  # default: 0.3 × the base run's LR
+    assert cfg.train.max_steps == 8 and cfg.train.warmup_steps == 10 and cfg.train.schedule == "cosine"
+    trainer = SFTTrainer(cfg, out)
+    base = load_file(base_run / "checkpoints" / "step_0000007" / "model.safetensors")
+    state = trainer.model.state_dict()
+    assert all(torch.equal(base[k], state[k]) for k in base)
+
+
+def test_sft_cmd_run_directory_and_default_chat_checkpoint(base_run):
+    summary = sft_cmd(str(base_run), ["builtin"], None, SFT_OVERRIDES, resume=False)
+    out = base_run / "chat"
+    assert summary["out"] == str(out) and summary["step"] == 8
+    for name in ("config.yaml", "tokenizer.json", "metrics.jsonl", "sft_data.json"):
+        assert (out / name).is_file(), name
+    assert (out / "checkpoints" / "step_0000008").is_dir()
+    data = json.loads((out / "sft_data.json").read_text())
+    assert data["train_conversations"] > 0 and data["val_conversations"] > 0 and data["bad"] == 0
+    assert summary["val"] and summary["val"][0]["step"] == 0  # val loss on held-out conversations
+    assert [s["prompt"] for s in summary["samples"]] == ["What is 12 plus 7?", "Who are you?"]
+    # serve/chat load the chat model by default; sample (prefer_chat=False) or an explicit
+    # checkpoint still get the base run's own
+    _, _, _, ckpt = load_model(base_run, device="cpu")
+    assert ckpt == out / "checkpoints" / "step_0000008"
+    _, _, _, ckpt = load_model(base_run, device="cpu", prefer_chat=False)
+    assert ckpt == base_run / "checkpoints" / "step_0000007"
+    _, _, _, ckpt = load_model(base_run, checkpoint=7, device="cpu")
+    assert ckpt == base_run / "checkpoints" / "step_0000007"
+    from spud.serve.engine import Engine
+
+    assert Engine.from_run(base_run, device="cpu").model is not None
+    # a second fresh SFT into the same directory is refused rather than overwriting it
+    with pytest.raises(SpudError, match="--resume"):
+        sft_cmd(str(base_run), ["builtin"], None, SFT_OVERRIDES, resume=False)
+
+
+def test_resumed_sft_reproduces_the_uninterrupted_losses_exactly(base_run, tmp_path):
+    over = [*SFT_OVERRIDES, "model.dropout=0.1"]  # resume must restore the dropout RNG too
+    straight = sft_cmd(str(base_run), ["builtin"], str(tmp_path / "straight"), over, resume=False)
+    broken = tmp_path / "broken"
+    sft_cmd(str(base_run), ["builtin"], str(broken), over, resume=False)
+    shutil.rmtree(broken / "checkpoints" / "step_0000008")  # as if it died right after step 4's save
+    # resuming needs neither --data nor the overrides again: they are in the chat run's config
+    summary = sft_cmd(str(base_run), None, str(broken), ["model.dropout=0.1"], resume=True)
+    assert summary["step"] == 8 and straight["step"] == 8
+    assert losses(broken) == losses(tmp_path / "straight")  # exactly equal floats, steps 1..8
+    a = load_file(tmp_path / "straight" / "checkpoints" / "step_0000008" / "model.safetensors")
+    b = load_file(broken / "checkpoints" / "step_0000008" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sft_learns_on_assistant_tokens(base_run, tmp_path):
+    """A few dozen steps on one repeated conversation: the loss, which counts assistant tokens
+    only, falls a lot (a check that targets and mask line up, not of model quality)."""
+    f = tmp_path / "one.jsonl"
+    conv = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! I am Spud."}]}
+    f.write_text((json.dumps(conv) + "\n") * 20)
+    over = ["sft.max_steps=30", "sft.micro_batch_size=2", "sft.val_fraction=0", "sft.lr=0.01",
+            "sft.warmup_steps=2", "train.threads=1", "train.sample_tokens=4"]
+    summary = sft_cmd(str(base_run), [str(f)], str(tmp_path / "c"), over, resume=False)
+    ls = [v for _, v in losses(tmp_path / "c")]
+    assert summary["step"] == 30 and ls[-1] < 0.3 * ls[0]
