@@ -7,7 +7,7 @@ import pytest
 
 from spud.cli import main
 
-VERBS = [["data", "build"], ["tokenizer", "train"], ["tokenizer", "encode"], ["train"], ["sample"], ["serve"], ["chat"], ["eval"], ["plan"], ["ladder"], ["fit"], ["report"], ["export-weights"],
+VERBS = [["data", "build"], ["tokenizer", "train"], ["tokenizer", "encode"], ["train"], ["sample"], ["serve"], ["chat"], ["eval"], ["plan"], ["ladder"], ["fit"], ["report"], ["export-weights"], ["sft"],
          ["demo"], ["info"]]
 
 

@@ -103,6 +103,13 @@ def cmd_train(args) -> int:
     return 130 if summary["interrupted"] else 0
 
 
+def cmd_sft(args) -> int:
+    from spud.posttrain.sft import sft_cmd
+
+    summary = sft_cmd(args.run, data=args.data, out=args.out, overrides=args.overrides or [], resume=args.resume)
+    return 130 if summary.get("interrupted") else 0
+
+
 def cmd_sample(args) -> int:
     from spud.sample import sample_to_terminal
 
@@ -229,6 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     p.set_defaults(func=cmd_train)
+
+    p = verbs.add_parser("sft", help="supervised fine-tuning of a pretrained run into a chat model (RUN/chat)")
+    p.add_argument("run", help="pretrained run directory")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. sft.max_steps=600 sft.lr_ratio=0.5")
+    p.add_argument("--data", action="extend", nargs="+", default=None,
+                   help="chat JSONL files as PATH[:WEIGHT], or 'builtin' (default: builtin)")
+    p.add_argument("--out", default=None, help="output run directory (default RUN/chat)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted SFT run")
+    p.set_defaults(func=cmd_sft)
 
     p = verbs.add_parser("sample", help="stream text from a trained run")
     p.add_argument("run", help="run directory")

@@ -32,9 +32,20 @@ def load_run_config(run_dir: str | Path) -> Config:
     return validate_config(tree, str(path))
 
 
-def load_model(run_dir: str | Path, checkpoint: str | int | None = None, device: str = "auto"):
-    """→ (model in eval mode, tokenizer, config, checkpoint path)."""
+CHAT_DIR = "chat"  # where `spud sft RUN` puts the chat model by default
+
+
+def load_model(run_dir: str | Path, checkpoint: str | int | None = None, device: str = "auto",
+               prefer_chat: bool = True):
+    """→ (model in eval mode, tokenizer, config, checkpoint path).
+
+    With prefer_chat and no explicit checkpoint, a run that has been fine-tuned into a chat model
+    (RUN/chat/ holds a complete checkpoint) loads that one: `spud serve RUN` and `spud chat RUN`
+    then talk to the chat model without the user having to know where SFT put it. An explicit
+    checkpoint always names one of RUN's own checkpoints."""
     run = Path(run_dir)
+    if prefer_chat and checkpoint in (None, "latest") and ckpt_io.latest_checkpoint(run / CHAT_DIR) is not None:
+        run = run / CHAT_DIR
     ckpt = ckpt_io.resolve_checkpoint(run, checkpoint)
     cfg = validate_config(ckpt_io.read_state(ckpt)["config"], f"{ckpt}/state.json")
     tok = Tokenizer.load(run / "tokenizer.json")

@@ -8,8 +8,9 @@
 
 Numbers are kept in a range a ~1M-parameter model can get right (sums of up to 2-digit numbers,
 the 12×12 times table and its divisions), so minutes of SFT on CPU reach high accuracy.
-A hash-chosen 1 in 16 of the arithmetic facts is never generated for training: those are the
-held-out questions `spud.posttrain.chat_eval` scores, so its accuracy is not memorisation.
+A hash-chosen 1 in 16 of the sums and differences is never generated for training: those are the
+held-out facts `spud.posttrain.chat_eval` scores, so its accuracy on them is not memorisation.
+Products and quotients come from the 12×12 table, which is learnt by heart (see `held_out`).
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ _COUNT_WORDS = ["zero", "one", "two", "three", "four", "five"]
 
 
 # ----------------------------------------------------------------------------------- arithmetic
-def operation(rng: random.Random) -> tuple[int, str, int, int]:
+def operation(rng: random.Random, op: str | None = None) -> tuple[int, str, int, int]:
     """One operation in the chat data's range: + and - on 1-2 digit numbers (non-negative
     results), * within the 12×12 table, exact / with divisor and quotient up to 12."""
-    op = rng.choice("+-*/")
+    op = op or rng.choice("+-*/")
     if op in "+-":
         a, b = (rng.randint(0, 9) if rng.random() < 0.2 else rng.randint(10, 99) for _ in range(2))
         if op == "-":
@@ -49,7 +50,12 @@ def operation(rng: random.Random) -> tuple[int, str, int, int]:
 
 
 def held_out(a: int, op: str, b: int) -> bool:
-    """True for the facts reserved for evaluation (never in the built-in training data)."""
+    """True for the sums and differences reserved for evaluation (never in the built-in training
+    data). Products and quotients are never held out: the 12×12 table is a set of 169 facts one
+    memorises rather than derives, so an unseen fact cannot be inferred from the others; its eval
+    questions test recall in new phrasings and contexts instead."""
+    if op in "*/":
+        return False
     return hashlib.sha256(f"{a} {op} {b}".encode()).digest()[0] % 16 == 0
 
 
@@ -63,7 +69,21 @@ def question(rng: random.Random, a: int, op: str, b: int) -> str:
 
 
 def answer(a: int, op: str, b: int, c: int) -> str:
-    return f"{a} {op} {b} = {c}."
+    """Sums and differences of two-digit numbers get column steps (ones, then tens with the carry
+    or borrow), the format of the pretraining mix's column additions: a tiny model gets multi-digit
+    sums right far more often when each digit is its own small step. The result comes last."""
+    if op not in "+-" or max(a, b) < 10:
+        return f"{a} {op} {b} = {c}."
+    a1, a0, b1, b0 = a // 10, a % 10, b // 10, b % 10
+    if op == "+":
+        s0 = a0 + b0
+        carry = " + 1" if s0 >= 10 else ""
+        steps = f"Ones: {a0} + {b0} = {s0}. Tens: {a1} + {b1}{carry} = {a1 + b1 + s0 // 10}."
+    elif a0 < b0:
+        steps = f"Ones: {a0 + 10} - {b0} = {a0 + 10 - b0}, borrow 1. Tens: {a1} - 1 - {b1} = {a1 - 1 - b1}."
+    else:
+        steps = f"Ones: {a0} - {b0} = {a0 - b0}. Tens: {a1} - {b1} = {a1 - b1}."
+    return f"{steps} So {a} {op} {b} = {c}."
 
 
 def _single(rng: random.Random) -> tuple[str, str]:
@@ -168,12 +188,15 @@ def conversations(n: int, seed: int) -> list[list[dict]]:
 
 
 def eval_questions(n: int, seed: int) -> list[tuple[int, str, int, int, str]]:
-    """n held-out single-operation questions (a, op, b, c, question text), deterministic and
-    disjoint from every fact the built-in training data uses."""
+    """n single-operation questions (a, op, b, c, question text), deterministic; every sum and
+    difference is a fact the built-in training data never contains (see `held_out`)."""
     rng = random.Random(f"spud-builtin-chat-eval/{seed}")
     out = []
     while len(out) < n:
-        a, op, b, c = operation(rng)
-        if held_out(a, op, b):
-            out.append((a, op, b, c, question(rng, a, op, b)))
+        op = rng.choice("+-*/")  # the four operations equally often, as in training
+        while True:
+            a, op, b, c = operation(rng, op)
+            if op in "*/" or held_out(a, op, b):
+                break
+        out.append((a, op, b, c, question(rng, a, op, b)))
     return out

@@ -23,7 +23,12 @@ import yaml
 
 from spud.config import Config, _merge, parse_overrides, validate_config
 from spud.errors import SpudError
-from spud.posttrain.chat_data import ChatSource, Conversation, epoch_conversations, load_chat_data
+from spud.posttrain.chat_data import (
+    ChatSource,
+    Conversation,
+    epoch_conversations,
+    load_chat_data,
+)
 from spud.serve.sampling import generate
 from spud.tokenizer import Tokenizer
 from spud.train import checkpoint as ckpt_io
@@ -46,8 +51,8 @@ def pack(convs: list[Conversation], window: int, pad_id: int) -> tuple[np.ndarra
             rows_ids.append(cur_ids)
             rows_mask.append(cur_mask)
             cur_ids, cur_mask = [], []
-        cur_ids = cur_ids + c.ids
-        cur_mask = cur_mask + c.mask
+        cur_ids.extend(c.ids)
+        cur_mask.extend(c.mask)
     if cur_ids:
         rows_ids.append(cur_ids)
         rows_mask.append(cur_mask)
@@ -73,9 +78,12 @@ class PackedChatLoader:
     still train), so every epoch has at least one batch."""
 
     def __init__(self, sources: list[ChatSource] | None, val: list[Conversation] | None,
-                 batch_size: int, seq_len: int, seed: int, pad_id: int):
+                 batch_size: int, seq_len: int, seed: int, pad_id: int, rank: int = 0, world_size: int = 1):
         self.sources, self.val = sources, val
         self.batch_size, self.window, self.seed, self.pad_id = batch_size, seq_len + 1, seed, pad_id
+        # data parallel: a global batch is world_size consecutive micro-batches; rank r takes the
+        # r-th, so ranks never share a window (as in the pretraining TokenLoader)
+        self.rank, self.global_batch = rank, batch_size * world_size
         self.epoch, self.batch = 0, 0
         self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
         self.windows_per_epoch = len(self._epoch(0)[0])
@@ -89,8 +97,9 @@ class PackedChatLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, trained = self._epoch(self.epoch)
         n = len(tokens)
-        per_epoch = max(1, n // self.batch_size)
-        idx = [(self.batch * self.batch_size + j) % n for j in range(self.batch_size)]
+        per_epoch = max(1, n // self.global_batch)
+        first = self.batch * self.global_batch + self.rank * self.batch_size
+        idx = [(first + j) % n for j in range(self.batch_size)]
         self.batch += 1
         if self.batch >= per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
@@ -133,11 +142,12 @@ class SFTTrainer(Trainer):
 
     def make_loader(self, split: str):
         t = self.cfg.train
+        dist = {"rank": getattr(self, "rank", 0), "world_size": getattr(self, "world", 1)}
         if split == "train":
             return PackedChatLoader(self.chat_sources, None, t.micro_batch_size, self.seq_len,
-                                    self.cfg.seed, self.tokenizer.pad_id)
+                                    self.cfg.seed, self.tokenizer.pad_id, **dist)
         return PackedChatLoader(None, self.chat_val, t.micro_batch_size, self.seq_len,
-                                self.cfg.seed, self.tokenizer.pad_id)
+                                self.cfg.seed, self.tokenizer.pad_id, **dist)
 
     def val_available(self) -> bool:
         return bool(self.chat_val)
@@ -186,12 +196,12 @@ def sft_config(run: str | Path, data: list[str] | None, out: str | Path, overrid
     tree["sft"]["base_checkpoint"] = str(base_ckpt.resolve())
     cfg = validate_config(tree, f"spud sft {run}")
     s = cfg.sft
-    train = cfg.train.model_copy(update=dict(
-        max_steps=s.max_steps, lr=s.lr or s.lr_ratio * base_lr, warmup_steps=s.warmup_steps,
-        min_lr_ratio=s.min_lr_ratio, schedule=s.schedule, micro_batch_size=s.micro_batch_size,
-        tokens_per_step=None, weight_decay=s.weight_decay, eval_every=s.eval_every,
-        eval_batches=s.eval_batches, checkpoint_every=s.checkpoint_every, sample_every=0,
-        sample_prompts=list(s.sample_prompts), log_every=1))
+    train = cfg.train.model_copy(update={
+        "max_steps": s.max_steps, "lr": s.lr or s.lr_ratio * base_lr, "warmup_steps": s.warmup_steps,
+        "min_lr_ratio": s.min_lr_ratio, "schedule": s.schedule, "micro_batch_size": s.micro_batch_size,
+        "tokens_per_step": None, "weight_decay": s.weight_decay, "eval_every": s.eval_every,
+        "eval_batches": s.eval_batches, "checkpoint_every": s.checkpoint_every, "sample_every": 0,
+        "sample_prompts": list(s.sample_prompts), "log_every": 1})
     return validate_config({**cfg.model_dump(mode="json"), "train": train.model_dump(mode="json")},
                            f"spud sft {run}")
 
