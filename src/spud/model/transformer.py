@@ -279,18 +279,7 @@ class Transformer(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> KVCache:
         """An empty cache; defaults: max_seq_len positions, the model's device and dtype."""
-        max_len = max_len or self.cfg.max_seq_len
-        if max_len > self.cfg.max_seq_len:
-            raise SpudError(
-                f"KV cache max_len={max_len} exceeds model.max_seq_len={self.cfg.max_seq_len} "
-                "(rotary tables end there); use a smaller max_len"
-            )
-        w = self.embed.weight
-        return KVCache(
-            self.cfg.n_layers, batch_size, self.cfg.kv_heads, max_len, self.cfg.dim_head,
-            device=device if device is not None else w.device,
-            dtype=dtype if dtype is not None else w.dtype,
-        )
+        return self._new_cache(KVCache, "KV cache", batch_size, max_len, device, dtype)
 
     def new_slot_cache(
         self,
@@ -300,15 +289,18 @@ class Transformer(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> SlotKVCache:
         """An empty slot cache for continuous batching (see SlotKVCache)."""
+        return self._new_cache(SlotKVCache, "slot cache", n_slots, max_len, device, dtype)
+
+    def _new_cache(self, kind, what: str, rows: int, max_len, device, dtype):
         max_len = max_len or self.cfg.max_seq_len
         if max_len > self.cfg.max_seq_len:
             raise SpudError(
-                f"slot cache max_len={max_len} exceeds model.max_seq_len={self.cfg.max_seq_len} "
+                f"{what} max_len={max_len} exceeds model.max_seq_len={self.cfg.max_seq_len} "
                 "(rotary tables end there); use a smaller max_len"
             )
         w = self.embed.weight
-        return SlotKVCache(
-            self.cfg.n_layers, n_slots, self.cfg.kv_heads, max_len, self.cfg.dim_head,
+        return kind(
+            self.cfg.n_layers, rows, self.cfg.kv_heads, max_len, self.cfg.dim_head,
             device=device if device is not None else w.device,
             dtype=dtype if dtype is not None else w.dtype,
         )
