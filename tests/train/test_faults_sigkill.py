@@ -19,7 +19,7 @@ from spud.train.checkpoint import latest_checkpoint, list_checkpoints
 from spud.train.trainer import Trainer
 
 ROOT = Path(__file__).parents[2]
-STEPS = 24
+STEPS = 120  # enough that 8 kills land before the end even on a fast, idle machine
 OVERRIDES = [*TINY_OVERRIDES, f"train.max_steps={STEPS}", "train.checkpoint_every=1",
              "train.keep_checkpoints=2", "train.eval_every=1000", "train.eval_batches=1",
              "train.sample_tokens=4", "train.threads=1"]
@@ -58,7 +58,7 @@ def test_sigkill_loop_resumes_bit_exact(fresh_run, tmp_path):
             deadline = time.time() + 20
             while _latest_step(fresh_run) <= before and proc.poll() is None and time.time() < deadline:
                 time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 0.3))
+            time.sleep(rng.uniform(0.0, 0.15))
         if proc.poll() is not None:  # finished before the kill: nothing left to interrupt
             break
         proc.kill()
