@@ -6,7 +6,8 @@ import torch
 
 from spud.config import ModelConfig
 from spud.model.registry import build_model
-from spud.serve.sampling import TextStreamer, filter_logits, generate, sample_token
+from spud.serve.detok import Detokenizer
+from spud.serve.sampling import filter_logits, generate, sample_token
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_top_k_top_p_filtering():
 def test_streamer_holds_back_partial_utf8():
     data = "é😀".encode()
     # decode a list of "byte tokens" the way a byte-level tokenizer would
-    streamer = TextStreamer(lambda ids: bytes(ids).decode("utf-8", errors="replace"))
+    streamer = Detokenizer(lambda ids: bytes(ids).decode("utf-8", errors="replace"))
     pieces = [streamer.push(b) for b in data]
     assert "".join(pieces) + streamer.flush() == "é😀"
     assert all("\ufffd" not in p for p in pieces)

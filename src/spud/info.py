@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rich.console import Console
@@ -54,6 +53,7 @@ def show_info(run: str | None, preset: str | None, vocab: int, seq_len: int | No
 
 
 def show_run(run: Path, console: Console) -> None:
+    from spud.data.shards import load_manifest
     from spud.runs import load_run_config
     from spud.train.checkpoint import list_checkpoints, read_state
     from spud.train.metrics import read_metrics
@@ -65,9 +65,8 @@ def show_run(run: Path, console: Console) -> None:
         fl = flops_per_token(cfg.model, cfg.seq_len)
         console.print(f"model: {cfg.model.d_model}d × {cfg.model.n_layers} layers, "
                       f"{_fmt(counts['total'])} params, {_fmt(fl['training'])} train FLOPs/token")
-    manifest_path = run / "data" / "manifest.json"
-    if manifest_path.is_file():
-        m = json.loads(manifest_path.read_text())
+    if (run / "data" / "manifest.json").is_file():
+        m = load_manifest(run)  # a corrupt manifest is a clear SpudError, not a traceback
         table = Table(title=f"data mix ({m['train_tokens']:,} train / {m['val_tokens']:,} val tokens)")
         for col in ("source", "documents", "train tokens", "epochs", "skipped"):
             table.add_column(col, justify="left" if col == "source" else "right")

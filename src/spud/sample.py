@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 
 from spud.runs import load_model
-from spud.serve.sampling import TextStreamer, check_sampling_args, generate
+from spud.serve.detok import Detokenizer
+from spud.serve.sampling import check_sampling_args, generate
 
 
 def sample_to_terminal(args, out=sys.stdout) -> list[str]:
@@ -15,7 +16,7 @@ def sample_to_terminal(args, out=sys.stdout) -> list[str]:
     texts = []
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
-        streamer = TextStreamer(tok.decode)
+        streamer = Detokenizer(tok.decode)
         out.write(args.prompt)
         pieces = []
         for token in generate(model, ids, args.max_tokens, args.temperature, args.top_k or None,

@@ -218,28 +218,36 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
-class ReLU2(nn.Module):
+class _UpDownMLP(nn.Module):
+    """act(x·Wu) · Wd: the two-matrix MLPs, differing only in the activation."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.up = linear(d_model, hidden)
+        self.down = ResidualLinear(hidden, d_model, bias=False)
+
+    @staticmethod
+    def act(h: torch.Tensor) -> torch.Tensor:
+        raise TypeError("subclasses define the activation")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.up(x)))
+
+
+class ReLU2(_UpDownMLP):
     """relu(x·Wu)² · Wd (Primer / modded-nanoGPT)."""
 
-    def __init__(self, d_model: int, hidden: int) -> None:
-        super().__init__()
-        self.up = linear(d_model, hidden)
-        self.down = ResidualLinear(hidden, d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.relu(self.up(x)).square())
+    @staticmethod
+    def act(h: torch.Tensor) -> torch.Tensor:
+        return F.relu(h).square()
 
 
-class GELU(nn.Module):
+class GELU(_UpDownMLP):
     """gelu(x·Wu) · Wd with the tanh approximation, as in GPT-2 (the gelu presets mimic it)."""
 
-    def __init__(self, d_model: int, hidden: int) -> None:
-        super().__init__()
-        self.up = linear(d_model, hidden)
-        self.down = ResidualLinear(hidden, d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.up(x), approximate="tanh"))
+    @staticmethod
+    def act(h: torch.Tensor) -> torch.Tensor:
+        return F.gelu(h, approximate="tanh")
 
 
 MLPS: dict[str, type[nn.Module]] = {"swiglu": SwiGLU, "relu2": ReLU2, "gelu": GELU}

@@ -67,11 +67,12 @@ class LocalBackend:
         return ids, dropped
 
     def stream(self, messages: list[dict], temperature: float, max_tokens: int) -> Iterator[str]:
-        from spud.serve.sampling import TextStreamer, generate
+        from spud.serve.detok import Detokenizer
+        from spud.serve.sampling import generate
 
         ids, dropped = self._fit(messages, max_tokens)
         self.dropped = dropped
-        streamer = TextStreamer(self.tok.decode)
+        streamer = Detokenizer(self.tok.decode)
         try:
             for token in generate(self.model, ids, max_tokens, temperature, stop_ids=self.stop_ids):
                 piece = streamer.push(token)

@@ -8,25 +8,26 @@ would break bit-exact resume).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from types import SimpleNamespace
 
 import torch
 
 from spud.errors import SpudError
+from spud.serve.engine_sampling import BatchParams, filter_rows, sample_rows
+
+
+def _row_params(n: int, temperature: float, top_k: int | None, top_p: float | None,
+                device: torch.device) -> BatchParams:
+    """The serving engine's per-row parameters, the same for all n rows: one implementation of
+    temperature / top-k / top-p serves both the engine and single-sequence generation."""
+    row = SimpleNamespace(temperature=temperature, top_k=top_k or 0, top_p=top_p or 1.0, min_p=0.0,
+                          presence_penalty=0.0, frequency_penalty=0.0)
+    return BatchParams.build([row] * n, device)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """Mask (to -inf) everything outside the top-k and outside the top-p nucleus. logits: (B, V)."""
-    if top_k is not None and 0 < top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0 < top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # keep a token if the mass *before* it is < top_p (so the top token is always kept)
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+    return filter_rows(logits.float(), _row_params(logits.shape[0], 1.0, top_k, top_p, logits.device))
 
 
 def sample_token(
@@ -36,13 +37,10 @@ def sample_token(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """logits (B, V) → token ids (B,). temperature 0 = greedy."""
-    logits = logits.float()
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = filter_logits(logits / temperature, top_k, top_p)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    """logits (B, V) → token ids (B,). temperature 0 = greedy. `generator` is a CPU generator
+    (one uniform draw per row per token, as in the engine); None = the global RNG."""
+    bp = _row_params(logits.shape[0], temperature, top_k, top_p, logits.device)
+    return sample_rows(logits.float(), bp, [generator] * logits.shape[0])
 
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None, max_tokens: int) -> None:
@@ -77,7 +75,7 @@ def generate(
             f"the prompt is {len(prompt_ids)} tokens but the model's context is {max_len}; shorten it"
         )
     device = next(model.parameters()).device
-    gen = torch.Generator(device=device)
+    gen = torch.Generator()  # CPU: a seed means the same text on every device
     gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
     was_training = model.training
     model.eval()
@@ -96,26 +94,3 @@ def generate(
             x = nxt.view(1, 1)
     finally:
         model.train(was_training)
-
-
-class TextStreamer:
-    """Turns a stream of token ids into text pieces, holding back incomplete UTF-8 sequences
-    (a byte-level token can end mid-character) so the terminal never shows a broken glyph."""
-
-    def __init__(self, decode):
-        self._decode = decode
-        self._ids: list[int] = []
-        self._emitted = 0
-
-    def push(self, token_id: int) -> str:
-        self._ids.append(token_id)
-        text = self._decode(self._ids)
-        if text.endswith("\ufffd"):
-            return ""
-        piece, self._emitted = text[self._emitted:], len(text)
-        return piece
-
-    def flush(self) -> str:
-        text = self._decode(self._ids)
-        piece, self._emitted = text[self._emitted:], len(text)
-        return piece
