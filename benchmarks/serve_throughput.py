@@ -40,7 +40,7 @@ import torch
 from spud.config import ModelConfig, TokenizerConfig
 from spud.model.registry import build_model
 from spud.model.transformer import hf_llama_config, to_hf_llama_state_dict
-from spud.plan.hardware import cpu_name
+from spud.hardware import cpu_name
 from spud.serve.engine import Engine, SamplingParams, TokenEvent
 from spud.serve.sampling import generate
 from spud.tokenizer import train_tokenizer

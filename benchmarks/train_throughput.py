@@ -7,7 +7,7 @@ Timing alternates between the two models round by round, so drift in machine loa
 neighbours on a shared VM) hits both equally; the median round is reported.
 
 A step = forward + loss + backward + AdamW step + zero_grad. MFU = tokens/s × training FLOPs per
-token (spud.model.flops, model-FLOP convention) / peak FLOP/s (spud.plan.hardware; measured
+token (spud.model.flops, model-FLOP convention) / peak FLOP/s (spud.hardware; measured
 matmul peak on CPU).
 
     python benchmarks/train_throughput.py --presets nano micro mini --batch 8 --seq 256
@@ -31,7 +31,7 @@ from spud.config import ModelConfig
 from spud.model.flops import flops_per_token, param_counts
 from spud.model.registry import build_model
 from spud.model.transformer import hf_llama_config, to_hf_llama_state_dict
-from spud.plan.hardware import cpu_name, peak_flops
+from spud.hardware import cpu_name, peak_flops
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -108,6 +108,17 @@ class Tokenizer:
         return self._tok.id_to_token(i)
 
     # ---------------------------------------------------------------------------------- chat
+    def byte_lengths(self, size: int) -> list[int]:
+        """UTF-8 bytes each token id stands for, padded to `size` ids (the model's vocabulary may be
+        rounded up). In byte-level BPE one symbol is one byte, so it is the token string's length;
+        special tokens and padding ids stand for no text (0 bytes). Bits-per-byte everywhere
+        (training validation, eval) divides by these counts, so they live with the tokenizer."""
+        out = [0] * size
+        for i in range(self.vocab_size):
+            if i not in self.special_ids:
+                out[i] = len(self.id_to_token(i) or "")
+        return out
+
     def render_chat(
         self, messages: Sequence[dict], add_generation_prompt: bool = False
     ) -> tuple[list[int], list[int]]:

@@ -22,7 +22,6 @@ from spud.data.loader import TokenLoader
 from spud.data.mix import is_val_document
 from spud.data.sources import open_sources
 from spud.errors import SpudError
-from spud.train.trainer import token_byte_lengths
 
 MAX_DOCS_SCANNED = 5000  # per source: the val share is small, but infinite generators must end
 MAX_SCAN_SECONDS = 30.0
@@ -109,7 +108,8 @@ def source_metrics(model, tok, cfg, token_bytes, max_tokens: int = 20_000) -> di
 
 def intrinsic_metrics(run_dir, model, tok, cfg, max_windows: int = 64,
                       source_tokens: int = 20_000) -> dict:
-    token_bytes = token_byte_lengths(tok, model.cfg.vocab_size).to(next(model.parameters()).device)
+    token_bytes = torch.tensor(tok.byte_lengths(model.cfg.vocab_size), dtype=torch.float64,
+                               device=next(model.parameters()).device)
     result: dict = {}
     if cfg.data.val_fraction > 0:
         try:

@@ -1,5 +1,2 @@
-"""Run planning: hardware peaks (for MFU) and, later, sizing a run to a compute budget."""
-
-from spud.plan.hardware import cpu_peak_flops, gpu_peak_flops, peak_flops
-
-__all__ = ["cpu_peak_flops", "gpu_peak_flops", "peak_flops"]
+"""Run planning: sizing a run to a compute budget (planner, allocate), memory per device, scaling
+ladders and law fits. Device peaks live below both planning and training, in spud.hardware."""

@@ -75,7 +75,7 @@ def load_profiles(path: str | Path | None = None) -> dict[str, dict]:
 def _cpu_fill(entry: dict) -> dict:
     entry = dict(entry)
     if not entry.get("peak_flops"):
-        from spud.plan.hardware import (
+        from spud.hardware import (
             cpu_peak_flops,  # imports torch; only when the CPU is asked for
         )
 

@@ -32,7 +32,7 @@ from spud.data.loader import TokenLoader
 from spud.errors import SpudError
 from spud.model.flops import flops_per_token, param_counts
 from spud.model.registry import build_model
-from spud.plan.hardware import peak_flops
+from spud.hardware import peak_flops
 from spud.runtime import (
     autocast,
     compute_dtype,
@@ -64,16 +64,6 @@ def resolve_vocab(cfg: Config, tok: Tokenizer) -> Config:
             f"{tok.vocab_size} tokens; remove model.vocab_size to take it from the tokenizer"
         )
     return cfg
-
-
-def token_byte_lengths(tok: Tokenizer, size: int) -> torch.Tensor:
-    """UTF-8 bytes each token id stands for: in byte-level BPE one symbol is one byte, so it is the
-    token string's length; special tokens and padding ids stand for no text (0 bytes)."""
-    out = torch.zeros(size, dtype=torch.float64)
-    for i in range(tok.vocab_size):
-        if i not in tok.special_ids:
-            out[i] = len(tok.id_to_token(i) or "")
-    return out
 
 
 class Trainer:
@@ -142,7 +132,8 @@ class Trainer:
         self.accum = max(1, round((t.tokens_per_step or micro_tokens) / micro_tokens))
         self.tokens_per_step = self.accum * micro_tokens
         self.train_loader = self.make_loader("train")
-        self.token_bytes = token_byte_lengths(self.tokenizer, cfg.model.vocab_size).to(self.device)
+        self.token_bytes = torch.tensor(self.tokenizer.byte_lengths(cfg.model.vocab_size),
+                                        dtype=torch.float64, device=self.device)
         self.has_val = self.val_available()
         if self.has_val:  # fail now, not at the first eval, if val is too small for one batch
             self.make_loader("val")

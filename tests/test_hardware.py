@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from spud.errors import SpudError
-from spud.plan import hardware
-from spud.plan.hardware import gpu_peak_flops, peak_flops
+from spud import hardware
+from spud.hardware import gpu_peak_flops, peak_flops
 
 
 @pytest.fixture

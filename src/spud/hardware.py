@@ -112,7 +112,7 @@ def gpu_peak_flops(name: str, dtype: torch.dtype) -> float:
                 return fp32 if torch.get_float32_matmul_precision() == "highest" else tf32
             raise SpudError(f"no peak FLOP/s for dtype {dtype} on {name}; use bf16/fp16/fp32")
     raise SpudError(
-        f"GPU {name!r} is not in spud's peak-FLOP/s table (spud/plan/hardware.py), so MFU "
+        f"GPU {name!r} is not in spud's peak-FLOP/s table (spud/hardware.py), so MFU "
         "is not reported; set SPUD_PEAK_FLOPS=<dense FLOP/s for your dtype> to report it"
     )
 
