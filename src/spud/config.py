@@ -171,7 +171,7 @@ class TrainConfig(StrictModel):
     compile: bool = False
     log_every: int = Field(1, gt=0)
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = all cores.")
-    # Scale-out and fault tolerance (docs/scale-out.md).
+    # Scale-out and fault tolerance (README, "Scale-out").
     parallel: Literal["none", "ddp", "fsdp"] = Field(
         "none", description="Data parallelism under torchrun: ddp replicates, fsdp shards (FSDP2)."
     )
