@@ -166,7 +166,9 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
     vocab = getattr(engine, "vocab_size", tok.vocab_size)  # the model's (maybe padded) vocabulary
 
     def card() -> P.ModelCard:
-        return P.ModelCard(id=engine.model_name, created=started, max_model_len=engine.max_context)
+        return P.ModelCard(id=engine.model_name, created=started, max_model_len=engine.max_context,
+                           spud_model=getattr(engine, "model_kind", None),
+                           checkpoint=getattr(engine, "checkpoint", None))
 
     def check_ready(model: str | None) -> None:
         if model is not None and model != engine.model_name:

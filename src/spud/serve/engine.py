@@ -89,6 +89,9 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_name = model_name
+        # which model of a run and which checkpoint (set by from_run; None for a bare model)
+        self.model_kind: str | None = None
+        self.checkpoint: str | None = None
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.max_context = max_context or limit
@@ -117,12 +120,18 @@ class Engine:
                        "completion_tokens_total": 0, "cancelled_total": 0}
 
     @classmethod
-    def from_run(cls, run_dir, checkpoint=None, device="auto", **limits) -> Engine:
-        from spud.runs import load_model
+    def from_run(cls, run_dir, checkpoint=None, device="auto", model: str | None = None, **limits) -> Engine:
+        """`model`: "base" or "chat" (see spud.runs.MODEL_DIRS); None = the chat model when RUN
+        has one, else the base model. The choice is kept on the engine (`model_kind`,
+        `checkpoint`) and is part of the served model id, e.g. "demo-chat"."""
+        from spud.runs import choose_model, default_serving_model, load_choice
 
-        model, tok, _cfg, _ckpt = load_model(run_dir, checkpoint, device)
-        limits.setdefault("model_name", Path(run_dir).resolve().name)
-        return cls(model, tok, **limits)
+        choice = choose_model(run_dir, model or default_serving_model(run_dir), checkpoint)
+        net, tok, _cfg = load_choice(choice, device)
+        limits.setdefault("model_name", f"{Path(run_dir).resolve().name}-{choice.model}")
+        engine = cls(net, tok, **limits)
+        engine.model_kind, engine.checkpoint = choice.model, str(choice.checkpoint)
+        return engine
 
     # ------------------------------------------------------------------------ caller's side
     def start(self) -> None:

@@ -151,6 +151,9 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "spud"
     max_model_len: int
+    # which model of the run is served ("base" or "chat") and from which checkpoint directory
+    spud_model: str | None = None
+    checkpoint: str | None = None
 
 
 class ModelList(BaseModel):
