@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="spud-evalbench-"))
     os.environ["HF_DATASETS_CACHE"] = str(work / "hf_cache")
     run = Path(args.run) if args.run else train_tiny(work)
-    model, tok, cfg, ckpt = load_model(run, args.checkpoint, "cpu")
+    model, tok, cfg, ckpt = load_model(run, args.checkpoint, "cpu", model="base")
     task = make_task("mc_arithmetic", 0)
     examples = (task.examples * (args.examples // len(task.examples) + 1))[:args.examples]
     n = len(examples)

@@ -106,9 +106,9 @@ def run_sft_stage(out: Path, quick: bool, console: Console) -> tuple[dict, dict]
 
     console.rule("[bold]chat eval: held-out single-operation arithmetic")
     t1, n = time.time(), EVAL_QUESTIONS_QUICK if quick else EVAL_QUESTIONS
-    base_model, tok, _, _ = load_model(out, device="cpu", prefer_chat=False)
+    base_model, tok, _, _ = load_model(out, device="cpu", model="base")
     base = arithmetic_accuracy(base_model, tok, n, chat=False)
-    chat_model, tok, _, _ = load_model(out, device="cpu")
+    chat_model, tok, _, _ = load_model(out, device="cpu", model="chat")
     chat = arithmetic_accuracy(chat_model, tok, n, chat=True)
     for q, text, ok in chat["examples"]:
         console.print(f"▸ [cyan]{escape(q)}[/cyan] → {escape(text)} {'✓' if ok else '✗'}", highlight=False)

@@ -11,7 +11,7 @@ from spud.serve.sampling import check_sampling_args, generate
 
 def sample_to_terminal(args, out=sys.stdout) -> list[str]:
     check_sampling_args(args.temperature, args.top_k, args.top_p, args.max_tokens)
-    model, tok, cfg, ckpt = load_model(args.run, args.checkpoint, args.device, prefer_chat=False)
+    model, tok, cfg, ckpt = load_model(args.run, args.checkpoint, args.device, model="base")
     ids = tok.encode(args.prompt, add_bos=True)
     texts = []
     for i in range(args.num_samples):
