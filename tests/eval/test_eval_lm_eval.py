@@ -37,7 +37,7 @@ def run_dir(tmp_path_factory) -> Path:
     from spud.config import load_config
     from spud.train.trainer import Trainer
 
-    cfg = load_config("/work/main/configs/tiny.yaml", OVERRIDES)
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "tiny.yaml", OVERRIDES)
     run = tmp_path_factory.mktemp("lmeval") / "run"
     Trainer(cfg, run, console=Console(quiet=True)).run()
     return run

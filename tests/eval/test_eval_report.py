@@ -26,7 +26,7 @@ def evaluated_run(tmp_path_factory) -> Path:
     from spud.eval import run_eval
     from spud.train.trainer import Trainer
 
-    cfg = load_config("/work/main/configs/tiny.yaml", OVERRIDES)
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "tiny.yaml", OVERRIDES)
     run = tmp_path_factory.mktemp("report") / "run"
     Trainer(cfg, run, console=Console(quiet=True)).run()
     run_eval(str(run), "mc_arithmetic", limit=5, device="cpu", intrinsic_source_tokens=500,

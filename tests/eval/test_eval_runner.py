@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +14,7 @@ def trained_run(tmp_path_factory):
     from spud.train.trainer import Trainer
 
     run = tmp_path_factory.mktemp("evalrun") / "run"
-    cfg = load_config("/work/main/configs/tiny.yaml", [
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "tiny.yaml", [
         "train.max_steps=3", "data.total_tokens=60000", "tokenizer.vocab_size=400",
         "tokenizer.train_bytes=200000", "train.micro_batch_size=4", "train.eval_every=3",
         "train.checkpoint_every=3", "train.eval_batches=1"])
