@@ -53,3 +53,53 @@ def test_invalid_dimensions_explained():
         load_config(None, ["model.n_heads=4", "model.n_kv_heads=3"])
     with pytest.raises(SpudError, match="unknown model preset 'nan0'.*did you mean 'nano'"):
         load_config(None, ["model.preset=nan0"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_steps=true", "train.max_steps: true is a boolean, not an integer"),
+    ("model.d_model=64.0", "model.d_model: 64.0 is a float, not an integer; write 64"),
+    ("model.d_model=64.5", "model.d_model: 64.5 is a float, not an integer"),
+    ("train.lr=true", "train.lr: true is a boolean, not a number"),
+    ("train.compile=1", "train.compile: 1 is not a boolean; write true or false"),
+    ("train.debug_nan_at_step=[3, true]", "train.debug_nan_at_step: true is a boolean, not an integer"),
+])
+def test_wrong_kinds_are_not_coerced(override, message):
+    """Lax pydantic would train 1 step for max_steps=true and accept d_model=64.0."""
+    with pytest.raises(SpudError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+def test_wrong_kinds_in_yaml_file_are_errors_too(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  max_steps: true\nmodel:\n  d_model: 64.0\n"
+                 "data:\n  sources:\n    - {name: a, type: builtin, builtin: arithmetic, max_documents: false}\n")
+    with pytest.raises(SpudError) as e:
+        load_config(p)
+    lines = str(e.value).splitlines()
+    assert lines[0] == f"invalid config ({p}):"
+    assert sorted(lines[1:]) == ["  data.sources.0.max_documents: false is a boolean, not an integer",
+                                 "  model.d_model: 64.0 is a float, not an integer; write 64",
+                                 "  train.max_steps: true is a boolean, not an integer"]
+
+
+def test_float_fields_still_take_integers():
+    cfg = load_config(None, ["train.lr=3"])
+    assert cfg.train.lr == 3.0 and isinstance(cfg.train.lr, float)
+
+
+def test_save_config_is_atomic_and_round_trips(tmp_path, monkeypatch):
+    from spud.config import save_config
+
+    cfg = load_config(None, ["train.max_steps=400"])
+    path = tmp_path / "config.yaml"
+    save_config(cfg, path)
+    assert load_config(path).train.max_steps == 400
+    # A crash mid-write (here: the write itself fails) leaves the previous file untouched.
+    def boom(*_a, **_k):
+        raise OSError("disk full")
+    monkeypatch.setattr("spud.config.os.fsync", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_config(load_config(None, ["train.max_steps=7"]), path)
+    assert load_config(path).train.max_steps == 400
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]  # no temp file left behind

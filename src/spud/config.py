@@ -9,18 +9,66 @@ in the first second, not silently fall back to a default.
 from __future__ import annotations
 
 import difflib
+import os
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from spud.errors import SpudError
 from spud.model.presets import PRESETS
 
 
+def _scalar_kinds(ann: Any) -> set[Any]:
+    """The plain types a field annotation accepts: `int | None` → {int, NoneType}."""
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
+        return set().union(*(_scalar_kinds(a) for a in typing.get_args(ann)))
+    return {ann}
+
+
+def _strict_scalar(value: Any, kinds: set[Any]) -> None:
+    """Pydantic's lax mode turns `true` into 1 and `64.0` into 64; a config value of the wrong
+    kind is almost always a mistake (a shifted YAML line, a misread override), so refuse it."""
+    if int in kinds and bool not in kinds:
+        if isinstance(value, bool):
+            raise ValueError(f"{str(value).lower()} is a boolean, not an integer")
+        if isinstance(value, float) and float not in kinds:
+            hint = f"; write {int(value)}" if value.is_integer() else ""
+            raise ValueError(f"{value!r} is a float, not an integer{hint}")
+    if float in kinds and bool not in kinds and isinstance(value, bool):
+        raise ValueError(f"{str(value).lower()} is a boolean, not a number")
+    if bool in kinds and int not in kinds and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a boolean; write true or false")
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_silent_coercion(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is None:
+            return value
+        ann = field.annotation
+        if typing.get_origin(ann) is list and isinstance(value, list):  # e.g. list[int]
+            kinds = _scalar_kinds(typing.get_args(ann)[0]) if typing.get_args(ann) else set()
+            for item in value:
+                _strict_scalar(item, kinds)
+            return value
+        _strict_scalar(value, _scalar_kinds(ann))
+        return value
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -364,4 +412,16 @@ def validate_config(tree: dict[str, Any], origin: str = "config") -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(cfg.to_yaml(), encoding="utf-8")
+    """Atomic (temp file, fsync, rename): a crash mid-write leaves the old file or the new one,
+    never a cut-off config that a later `--resume` would misread."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # plain open: the umask applies
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(cfg.to_yaml())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
