@@ -39,9 +39,21 @@ CHAT_TEMPLATE = (
 
 
 class Tokenizer:
-    """Thin wrapper: ids of special tokens, batch encoding, chat rendering, hashing."""
+    """Thin wrapper: ids of special tokens, batch encoding, chat rendering, hashing.
+
+    Control tokens come only from the template. `encode`/`encode_batch` treat their input as
+    plain text, always: a document, chat message or prompt that contains the string "<|end|>"
+    is encoded as the characters "<", "|", "end", ... and never as the <|end|> id, so nobody can
+    forge a role boundary or end a training document by typing it. Only `render_chat` (role
+    and end markers) and the explicit `add_bos=True` insert control ids.
+    """
 
     def __init__(self, tok: HFTokenizer):
+        # The `tokenizers` library matches added tokens inside input text even with
+        # add_special_tokens=False; this switch turns that off for every encode call on this
+        # object. It is runtime state, not saved in tokenizer.json, so Hugging Face users of the
+        # saved file (whose Jinja chat template renders the markers as text) are unaffected.
+        tok.encode_special_tokens = True
         self._tok = tok
         missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
         if missing:
@@ -93,13 +105,24 @@ class Tokenizer:
         return self._tok
 
     # ------------------------------------------------------------------------------ encoding
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
-        return [self.bos_id, *ids] if add_bos else ids
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """Plain text → ids, never containing a control id; BOS/EOS only when asked for."""
+        try:
+            ids = self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            raise SpudError(_bad_text(text)) from None
+        return [self.bos_id] * add_bos + ids + [self.eos_id] * add_eos
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Encodes in parallel on the Rust side (all cores unless RAYON_NUM_THREADS is set)."""
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        """Plain texts → ids (as `encode`), in parallel on the Rust side (all cores unless
+        RAYON_NUM_THREADS is set)."""
+        texts = list(texts)
+        try:
+            return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        except TypeError:
+            i = next((i for i, t in enumerate(texts) if not _encodable(t)), None)
+            raise SpudError(f"text {i}: {_bad_text(texts[i])}" if i is not None else
+                            "encode_batch: every text must be a str") from None
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
@@ -133,7 +156,10 @@ class Tokenizer:
                 )
             if not isinstance(content, str):
                 raise SpudError(f"message {i}: 'content' must be a string, got {type(content).__name__}")
-            body = self.encode(content) + [self.end_id]
+            try:  # plain text: markers typed into a message stay characters (see class doc)
+                body = self.encode(content) + [self.end_id]
+            except SpudError as e:
+                raise SpudError(f"message {i}: {e}") from None
             flag = 1 if role == "assistant" else 0
             ids += [self.role_ids[role], *body]
             mask += [0] + [flag] * len(body)
@@ -141,6 +167,29 @@ class Tokenizer:
             ids.append(self.role_ids["assistant"])
             mask.append(0)
         return ids, mask
+
+
+def _encodable(text) -> bool:
+    if not isinstance(text, str):
+        return False
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _bad_text(text) -> str:
+    """Why the tokenizer refused `text`: a non-string, or a lone UTF-16 surrogate (JSON's
+    "\\ud800" escape, or undecodable bytes smuggled in by Python's surrogateescape)."""
+    if not isinstance(text, str):
+        return f"expected text (str), got {type(text).__name__}"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"text contains a lone surrogate {text[e.start]!r} at character {e.start}, which is "
+                "not valid Unicode; send valid UTF-8 text")
+    return "the tokenizer could not encode this text"
 
 
 def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
