@@ -121,7 +121,7 @@ def cmd_serve(args) -> int:
     from spud.serve.server import serve
 
     serve(args.run, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-          max_queue=args.max_queue, checkpoint=args.checkpoint, device=args.device)
+          max_queue=args.max_queue, checkpoint=args.checkpoint, device=args.device, model=args.model)
     return 0
 
 
@@ -131,14 +131,17 @@ def cmd_chat(args) -> int:
     if (args.run is None) == (args.url is None):
         raise SpudError("give either a run directory (local chat) or --url of a server, not both")
     return chat(args.run, args.url, api_key=args.api_key, system=args.system,
-                temperature=args.temperature, max_tokens=args.max_tokens)
+                temperature=args.temperature, max_tokens=args.max_tokens, model=args.model,
+                checkpoint=args.checkpoint)
 
 
 def cmd_eval(args) -> int:
     from spud.eval.runner import run_eval
 
     run_eval(args.run, tasks=args.tasks, limit=args.limit, fewshot=args.fewshot,
-             checkpoint=args.checkpoint, device=args.device, seed=args.seed)
+             checkpoint=args.checkpoint, device=args.device, seed=args.seed, model=args.model,
+             chat=args.chat, force=args.force, samples=args.samples, temperature=args.temperature,
+             ks=args.k)
     return 0
 
 
@@ -199,6 +202,22 @@ def cmd_info(args) -> int:
 
 
 # ------------------------------------------------------------------------------------ parser
+def _model_arg(p: argparse.ArgumentParser, help: str, default: str | None = None) -> None:
+    from spud.model_kinds import MODELS
+
+    p.add_argument("--model", choices=MODELS, default=default, help=help)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,10, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer, e.g. 1,10")
+    return values
+
+
 def _config_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     p.add_argument("config", help="YAML recipe path or built-in recipe name (demo, tiny, gpt2-124m)")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
@@ -269,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=256, help="max waiting requests (then 429)")
     p.add_argument("--checkpoint", default=None, help="step number or directory name (default: latest)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    _model_arg(p, "which model to serve (default: chat if RUN has one from spud sft, else base)")
     p.set_defaults(func=cmd_serve)
 
     p = verbs.add_parser("chat", help="chat in the terminal with a run (local) or a server (--url)")
@@ -278,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--max-tokens", type=int, default=256)
+    _model_arg(p, "which model of RUN (default: chat if RUN has one from spud sft, else base)")
+    p.add_argument("--checkpoint", default=None, help="step number or directory name (default: latest)")
     p.set_defaults(func=cmd_chat)
 
     p = verbs.add_parser("eval", help="benchmark a run on built-in or local-file tasks")
@@ -289,6 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="step number or directory name (default: latest)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--seed", type=int, default=1234)
+    _model_arg(p, "which model of RUN: base (the pretrained run, default) or chat (RUN/chat from spud sft)",
+               default="base")
+    p.add_argument("--chat", action="store_true",
+                   help="render prompts with the chat template (needs --model chat unless --force)")
+    p.add_argument("--force", action="store_true",
+                   help="allow chat prompts on the base model or plain prompts on the chat model")
+    p.add_argument("--samples", type=int, default=1, help="completions per generative/code example (pass@k)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature for --samples > 1 (0 = greedy, one sample)")
+    p.add_argument("--k", type=_int_list, default=None, metavar="K[,K...]",
+                   help="pass@k values to report, each <= --samples (default: 1 and 10 where they fit)")
     p.set_defaults(func=cmd_eval)
 
     p = verbs.add_parser("export-weights", help="consolidate a checkpoint (also sharded) into one safetensors file")

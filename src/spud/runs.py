@@ -15,6 +15,7 @@ import yaml
 from spud.config import Config, validate_config
 from spud.errors import SpudError
 from spud.model.registry import build_model
+from spud.model_kinds import MODEL_DIRS, MODELS
 from spud.runtime import pick_device
 from spud.tokenizer import Tokenizer
 from spud.train import checkpoint as ckpt_io
@@ -34,11 +35,6 @@ def load_run_config(run_dir: str | Path) -> Config:
     return validate_config(tree, str(path))
 
 
-# Which model of a run a command loads. The pretrained (base) model lives in RUN itself; each
-# post-training stage writes a run directory of its own inside RUN (`spud sft` → RUN/chat/).
-# A later stage (e.g. "rl": "rl") is one more entry here; --model choices follow this mapping.
-MODEL_DIRS: dict[str, str] = {"base": "", "chat": "chat"}
-MODELS: tuple[str, ...] = tuple(MODEL_DIRS)
 CHAT_DIR = MODEL_DIRS["chat"]  # where `spud sft RUN` puts the chat model by default
 
 

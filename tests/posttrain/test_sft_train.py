@@ -1,5 +1,5 @@
 """SFT as a user runs it: starts from the base checkpoint, exact resume, the chat run directory,
-and the chat checkpoint being what serve/chat load by default."""
+and which model (base or chat) each consumer loads and serves."""
 
 import json
 import shutil
@@ -42,17 +42,40 @@ def test_sft_cmd_run_directory_and_default_chat_checkpoint(base_run):
     assert data["train_conversations"] > 0 and data["val_conversations"] > 0 and data["bad"] == 0
     assert summary["val"] and summary["val"][0]["step"] == 0  # val loss on held-out conversations
     assert [s["prompt"] for s in summary["samples"]] == ["What is 12 plus 7?", "Who are you?"]
-    # serve/chat load the chat model by default; sample (prefer_chat=False) or an explicit
-    # checkpoint still get the base run's own
+    # the model is always named: base (the default) is the pretrained run's own checkpoint,
+    # chat the SFT one, and a checkpoint number names one of the chosen model's checkpoints
     _, _, _, ckpt = load_model(base_run, device="cpu")
+    assert ckpt == base_run / "checkpoints" / "step_0000007"
+    _, _, _, ckpt = load_model(base_run, device="cpu", model="chat")
     assert ckpt == out / "checkpoints" / "step_0000008"
-    _, _, _, ckpt = load_model(base_run, device="cpu", prefer_chat=False)
-    assert ckpt == base_run / "checkpoints" / "step_0000007"
-    _, _, _, ckpt = load_model(base_run, checkpoint=7, device="cpu")
-    assert ckpt == base_run / "checkpoints" / "step_0000007"
+    _, _, _, ckpt = load_model(base_run, checkpoint=4, device="cpu", model="chat")
+    assert ckpt == out / "checkpoints" / "step_0000004"
+    _, _, _, ckpt = load_model(out, device="cpu", model="chat")  # the chat run directory itself
+    assert ckpt == out / "checkpoints" / "step_0000008"
+    with pytest.raises(SpudError, match="holds a chat model.*--model chat"):
+        load_model(out, device="cpu", model="base")
+    with pytest.raises(SpudError, match="chat: no checkpoint '?7'?; available: step_0000004, step_0000008"):
+        load_model(base_run, checkpoint=7, device="cpu", model="chat")
+    # serving: the chat model when there is one, and it is the SFT weights that are served
     from spud.serve.engine import Engine
 
-    assert Engine.from_run(base_run, device="cpu").model is not None
+    chat_weights = load_file(out / "checkpoints" / "step_0000008" / "model.safetensors")
+    base_weights = load_file(base_run / "checkpoints" / "step_0000007" / "model.safetensors")
+    served = {"default": Engine.from_run(base_run, device="cpu"),
+              "base": Engine.from_run(base_run, device="cpu", model="base")}
+    assert served["default"].model_kind == "chat" and served["base"].model_kind == "base"
+    assert served["default"].checkpoint == str(out / "checkpoints" / "step_0000008")
+    assert served["base"].checkpoint == str(base_run / "checkpoints" / "step_0000007")
+    assert served["default"].model_name == "base-chat" and served["base"].model_name == "base-base"
+    for engine, weights in ((served["default"], chat_weights), (served["base"], base_weights)):
+        state = engine.model.state_dict()
+        assert all(torch.equal(weights[k], state[k]) for k in weights)
+    prompt = torch.tensor([load_model(base_run, device="cpu")[1].render_chat(
+        [{"role": "user", "content": "What is 12 plus 7?"}], add_generation_prompt=True)[0]])
+    with torch.no_grad():
+        chat_logits = served["default"].model(prompt)
+        base_logits = served["base"].model(prompt)
+    assert (chat_logits - base_logits).abs().max() > 1e-3
     # a second fresh SFT into the same directory is refused rather than overwriting it
     with pytest.raises(SpudError, match="--resume"):
         sft_cmd(str(base_run), ["builtin"], None, SFT_OVERRIDES, resume=False)

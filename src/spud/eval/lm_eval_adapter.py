@@ -1,6 +1,7 @@
 """lm-evaluation-harness adapter: a spud run as lm-eval model "spud".
 
     spud lm-eval --model spud --model_args run=runs/demo,device=cpu,batch_size=16 --tasks hellaswag
+    spud lm-eval --model spud --model_args run=runs/demo,model=chat --tasks ...   (the SFT model)
     python -m spud.eval.lm_eval_adapter --model spud --model_args run=runs/demo --tasks ...
 
 lm-eval (0.4.x) finds models only through its own registry, filled by importing the module that
@@ -67,28 +68,34 @@ def _batch_size(v) -> int:
 
 
 class SpudLM(TemplateLM):
-    """model_args: run=RUN (required), checkpoint=NAME|STEP (default: latest), device=auto|cpu|
-    cuda|mps, batch_size=N (default 16), max_gen_toks=N (default 256), seed=N (sampling).
+    """model_args: run=RUN (required), model=base|chat (default base: the pretrained model;
+    chat: the `spud sft` model in RUN/chat), checkpoint=NAME|STEP of that model (default: latest),
+    device=auto|cpu|cuda|mps, batch_size=N (default 16), max_gen_toks=N (default 256), seed=N.
+    Which model and checkpoint were loaded is printed, kept as `model_kind`/`checkpoint`, and
+    added to lm-eval's results["config"] (get_model_info).
     In Python, an already loaded model can be passed instead: SpudLM(model=m, tokenizer=tok)."""
 
     def __init__(self, run: str | None = None, checkpoint: str | None = None, device: str = "auto",
                  batch_size: int | str | None = None, max_batch_size: int | None = None,
                  max_gen_toks: int | str = DEFAULT_MAX_GEN_TOKS, seed: int | str = 0,
-                 model: torch.nn.Module | None = None, tokenizer=None, **unused):
+                 model: torch.nn.Module | str | None = None, tokenizer=None, **unused):
         super().__init__()
-        if model is not None:
+        self.step: int | None = None
+        if model is not None and not isinstance(model, str):
             if tokenizer is None:
                 raise SpudError("SpudLM(model=...) also needs tokenizer=")
             self._model, self._tok = model, tokenizer
-            self.checkpoint = checkpoint
+            self.checkpoint, self.model_kind = checkpoint, None
         else:
             if not run:
                 raise SpudError("lm-eval model 'spud' needs model_args run=RUN_DIR "
                                 "(e.g. --model_args run=runs/demo,device=cpu)")
-            from spud.runs import load_model
+            from spud.runs import choose_model, load_choice
 
-            self._model, self._tok, _cfg, ckpt = load_model(run, checkpoint, device or "auto")
-            self.checkpoint = str(ckpt)
+            choice = choose_model(run, (model or "base").strip(), checkpoint)
+            self._model, self._tok, _cfg = load_choice(choice, device or "auto")
+            self.checkpoint, self.model_kind, self.step = str(choice.checkpoint), choice.model, choice.step
+            print(f"spud lm-eval: {run}: {choice.describe()}", file=sys.stderr, flush=True)
         self._model.eval()
         self.run = run
         self._batch = _batch_size(batch_size)
@@ -115,6 +122,11 @@ class SpudLM(TemplateLM):
                           "device=auto (pass device= in model_args to choose)", stacklevel=2)
             extra["device"] = "auto"
         return cls(**dict(arg_dict), **extra)
+
+    def get_model_info(self) -> dict:
+        """lm-eval merges this into results["config"]: the results say which model they measure."""
+        return {"spud_run": self.run, "spud_model": self.model_kind, "spud_checkpoint": self.checkpoint,
+                "spud_step": self.step}
 
     # ------------------------------------------------------------------------ lm-eval surface
     @property

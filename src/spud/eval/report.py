@@ -1,7 +1,7 @@
 """`spud report RUN`: one Markdown page about a run, with PNG plots next to it.
 
 Reads only files the other stages write — metrics.jsonl (train/val/sample/event records),
-config.yaml, tokenizer.json, data/manifest.json, checkpoints/, eval/<checkpoint>/results.json —
+config.yaml, tokenizer.json, data/manifest.json, checkpoints/, eval/<model>-<checkpoint>/results.json —
 and writes RUN/report.md plus RUN/report/*.png. Every part is optional: a run without val
 records, evaluations or a manifest gets a note in that section instead of a plot, so the report
 works on a run that is still training or that crashed.
@@ -41,15 +41,19 @@ def _num(v) -> float | None:
 
 
 def load_evals(run: Path) -> list[dict]:
-    """Every RUN/eval/<checkpoint>/results.json, ordered by training step."""
+    """Every RUN/eval/<model>-<checkpoint>/results.json, ordered by model, then training step.
+    `_model` is the model the results say they measure ("base", "chat"); results written before
+    spud recorded it say "unknown" rather than guess."""
     out = []
     for p in sorted((run / "eval").glob("*/results.json")):
         r = _read_json(p)
         if r is not None:
             r["_name"] = p.parent.name
-            r["_step"] = _step_of(p.parent.name)
+            r["_model"] = str(r.get("model") or "unknown")
+            step = r.get("step")
+            r["_step"] = step if isinstance(step, int) and not isinstance(step, bool) else _step_of(p.parent.name)
             out.append(r)
-    out.sort(key=lambda r: (r["_step"] is None, r["_step"] or 0, r["_name"]))
+    out.sort(key=lambda r: (r["_model"], r["_step"] is None, r["_step"] or 0, r["_name"]))
     return out
 
 
@@ -193,9 +197,9 @@ def plot_evals(evals: list[dict], out: Path) -> str | None:
         for name, t in (r.get("tasks") or {}).items():
             v = _num(t.get("value")) if isinstance(t, dict) else None
             if v is not None:
-                per_task.setdefault(f"{name} ({t.get('metric', '?')})", ([], []))
-                per_task[f"{name} ({t.get('metric', '?')})"][0].append(x)
-                per_task[f"{name} ({t.get('metric', '?')})"][1].append(v)
+                xs, ys = per_task.setdefault(f"{r['_model']}: {name} ({t.get('metric', '?')})", ([], []))
+                xs.append(x)
+                ys.append(v)
     if not per_task:
         return None
     fig, (a,) = _figure(1)
@@ -345,42 +349,7 @@ def write_report(run_dir: str | Path, samples: int = LAST_SAMPLES) -> Path:
             md += [f"Median {_fmt(tps[len(tps) // 2])} tokens/s"
                    + (f", MFU {mfu[len(mfu) // 2] * 100:.2f}%" if mfu else "") + ".", ""]
 
-    # ---- evaluations
-    md += ["## Evaluations", ""]
-    if not evals:
-        md += [("_No evaluations yet: run `spud eval RUN --tasks ...` (results land in "
-                "RUN/eval/<checkpoint>/results.json)._"), ""]
-    else:
-        md += _img(plot_evals(evals, out), "scores over checkpoints", "No task scores in the results.")
-        latest = evals[-1]
-        md += [f"Latest evaluated checkpoint: `{latest['_name']}`"
-               + (f" (few-shot {latest.get('fewshot')}, limit {latest.get('limit')})"
-                  if "fewshot" in latest else ""), ""]
-        trows = []
-        for name, t in (latest.get("tasks") or {}).items():
-            if isinstance(t, dict):
-                trows.append([name, t.get("metric", "—"), _fmt(_num(t.get("value"))),
-                              _fmt(_num(t.get("stderr"))), _fmt(_num(t.get("baseline"))),
-                              _fmt(_num(t.get("centered"))), _fmt(t.get("n"))])
-        if trows:
-            md += _table(["task", "metric", "value", "± stderr", "chance", "centred", "n"], trows)
-            agg = latest.get("aggregate") or {}
-            if _num(agg.get("centered_mean")) is not None:
-                md += ["", (f"Aggregate (centred mean over {agg.get('tasks')} tasks): "
-                            f"{agg['centered_mean']:+.4f}")]
-            md.append("")
-        intr = (latest.get("intrinsic") or {})
-        srcs = intr.get("sources") or {}
-        irows = [[name, _fmt(_num(s.get("loss"))), _fmt(_num(s.get("bpb"))), _fmt(s.get("tokens"))]
-                 for name, s in srcs.items() if isinstance(s, dict) and "bpb" in s]
-        if isinstance(intr.get("val"), dict) and "bpb" in intr["val"]:
-            v = intr["val"]
-            irows.insert(0, ["val split", _fmt(_num(v.get("loss"))), _fmt(_num(v.get("bpb"))), _fmt(v.get("tokens"))])
-        if irows:
-            md += ["Intrinsic (same checkpoint):", ""]
-            md += _table(["data", "loss", "bpb", "tokens"], irows) + [""]
-        if len(evals) > 1:
-            md += ["Evaluated checkpoints: " + ", ".join(f"`{r['_name']}`" for r in evals), ""]
+    md += _eval_section(evals, out)
 
     # ---- data mix
     md += ["## Data mix", ""]
@@ -412,6 +381,46 @@ def write_report(run_dir: str | Path, samples: int = LAST_SAMPLES) -> Path:
     tmp.write_text("\n".join(md).rstrip() + "\n", encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def _eval_section(evals: list[dict], out: Path) -> list[str]:
+    """Scores of the latest evaluated checkpoint of each model; every row names its model and
+    checkpoint, so a base and a chat result can never be mistaken for each other."""
+    md = ["## Evaluations", ""]
+    if not evals:
+        return md + [("_No evaluations yet: run `spud eval RUN --tasks ...` (results land in "
+                      "RUN/eval/<model>-<checkpoint>/results.json)._"), ""]
+    md += _img(plot_evals(evals, out), "scores over checkpoints", "No task scores in the results.")
+    latest = {r["_model"]: r for r in evals}  # sorted by step within a model: the last one wins
+    trows, aggs, irows = [], [], []
+    for model, r in latest.items():
+        ckpt = f"`{Path(str(r.get('checkpoint', r['_name']))).name}`"
+        setting = ", ".join(f"{k} {r[k]}" for k in ("fewshot", "limit") if k in r)
+        if r.get("chat"):
+            setting += ", chat prompts" + (" (forced)" if r.get("forced") else "")
+        for name, t in (r.get("tasks") or {}).items():
+            if isinstance(t, dict):
+                trows.append([model, ckpt, name, t.get("metric", "—"), _fmt(_num(t.get("value"))),
+                              _fmt(_num(t.get("stderr"))), _fmt(_num(t.get("baseline"))),
+                              _fmt(_num(t.get("centered"))), _fmt(t.get("n"))])
+        agg = r.get("aggregate") or {}
+        if _num(agg.get("centered_mean")) is not None:
+            aggs.append(f"{model} model, {ckpt} ({setting}): centred mean over {agg.get('tasks')} tasks "
+                        f"{agg['centered_mean']:+.4f}")
+        intr = r.get("intrinsic") or {}
+        named = [("val split", intr.get("val"))] + list((intr.get("sources") or {}).items())
+        irows += [[model, ckpt, name, _fmt(_num(v.get("loss"))), _fmt(_num(v.get("bpb"))), _fmt(v.get("tokens"))]
+                  for name, v in named if isinstance(v, dict) and "bpb" in v]
+    if trows:
+        md += _table(["model", "checkpoint", "task", "metric", "value", "± stderr", "chance", "centred", "n"],
+                     trows) + [""]
+    md += [f"- {a}" for a in aggs] + ([""] if aggs else [])
+    if irows:
+        md += ["Intrinsic (same checkpoints):", ""]
+        md += _table(["model", "checkpoint", "data", "loss", "bpb", "tokens"], irows) + [""]
+    if len(evals) > 1:
+        md += ["Evaluated: " + ", ".join(f"`{r['_name']}` ({r['_model']})" for r in evals), ""]
+    return md
 
 
 def report_command(run_dir: str, samples: int = LAST_SAMPLES) -> Path:

@@ -1,5 +1,10 @@
-"""`run_eval`: load a checkpoint, run the requested tasks, write results.json and per-example
-JSONL under RUN/eval/<checkpoint>/, print a table.
+"""`run_eval`: load a checkpoint of RUN's base or chat model, run the requested tasks, write
+results.json and per-example JSONL under RUN/eval/<model>-<checkpoint>/ (e.g. base-step_0000400,
+chat-step_0000300: the two models never overwrite each other), print a table.
+
+Which model is evaluated is always explicit (`model=`, default base) and recorded in the results,
+and prompts must match it: chat-template prompts go to the chat model and plain prompts to the
+base model, unless `force` says the mismatch is intended.
 
 Scores per task kind:
 - mc:   acc (argmax of summed log-likelihood) and acc_norm (log-likelihood per byte of the
@@ -29,7 +34,7 @@ from spud.errors import SpudError
 from spud.eval import sandbox, scoring
 from spud.eval.intrinsic import intrinsic_metrics
 from spud.eval.tasks import Example, Task, load_tasks
-from spud.runs import load_model
+from spud.runs import ModelChoice, choose_model, load_choice
 from spud.ui import make_console
 
 
@@ -138,34 +143,85 @@ def task_metrics(task: Task, rows: list[dict], seconds: float, seed: int) -> dic
 
 
 # -------------------------------------------------------------------------------------- main
+DEFAULT_KS = (1, 10)
+
+
+def check_sampling(samples: int, temperature: float, ks: tuple[int, ...] | None) -> tuple[int, ...]:
+    """Validate --samples/--temperature/--k together; → the pass@k values to report. Without
+    explicit ks, the defaults (1, 10) that fit in `samples`."""
+    if samples < 1:
+        raise SpudError(f"--samples must be >= 1, got {samples}")
+    if not temperature >= 0:  # also catches NaN
+        raise SpudError(f"--temperature must be >= 0, got {temperature}")
+    if samples > 1 and temperature == 0:
+        raise SpudError(f"--samples {samples} needs --temperature > 0: greedy decoding gives the same "
+                        "completion every time (e.g. --temperature 0.8)")
+    if ks is None:
+        return tuple(k for k in DEFAULT_KS if k <= samples)
+    ks = tuple(int(k) for k in ks)
+    bad = [k for k in ks if not 1 <= k <= samples]
+    if not ks or bad:
+        raise SpudError(f"--k {','.join(map(str, ks))}: every k must be between 1 and --samples ({samples}); "
+                        f"pass@{bad[0] if bad else '?'} needs at least that many samples per example")
+    return tuple(sorted(set(ks)))
+
+
+def check_prompt_format(choice: ModelChoice, chat: bool, force: bool) -> None:
+    """Chat-template prompts belong to the chat model, plain prompts to the base model: a
+    mismatch measures the prompt format, not the model, so it needs `force`."""
+    if force:
+        return
+    if chat and choice.model != "chat":
+        raise SpudError(
+            f"--chat renders prompts with the chat template, but the {choice.model} model "
+            f"({choice.checkpoint}) was not fine-tuned on it; evaluate the chat model with "
+            "--model chat, drop --chat for plain prompts, or add --force to measure it anyway")
+    if not chat and choice.model == "chat":
+        raise SpudError(
+            f"the chat model ({choice.checkpoint}) is being given plain, non-chat prompts; add --chat "
+            "to use the chat template it was trained on, use --model base for the pretrained model, "
+            "or add --force to measure it anyway")
+
+
+def eval_dir(run_dir: str | Path, choice: ModelChoice) -> Path:
+    """RUN/eval/<model>-<checkpoint>: names both, so base and chat results never collide."""
+    return Path(run_dir) / "eval" / f"{choice.model}-{choice.checkpoint.name}"
+
+
 def run_eval(
     run_dir: str, tasks: str, limit: int | None = None, fewshot: int = 0,
     checkpoint: str | None = None, device: str = "auto", seed: int = 0, *,
-    chat: bool = False, samples: int = 1, temperature: float = 0.0, ks: tuple[int, ...] = (1, 10),
+    model: str = "base", chat: bool = False, force: bool = False,
+    samples: int = 1, temperature: float = 0.0, ks: tuple[int, ...] | None = None,
     intrinsic: bool = True, intrinsic_windows: int = 64, intrinsic_source_tokens: int = 20_000,
     console=None, progress: bool = True,
 ) -> dict:
-    """Evaluate a run's checkpoint on `tasks` (see spud.eval.tasks for the spec syntax)."""
+    """Evaluate RUN's `model` ("base" or "chat") at `checkpoint` on `tasks` (see spud.eval.tasks
+    for the spec syntax). `chat` renders prompts with the chat template; `samples` completions
+    per generative example at `temperature` give pass@k for each k in `ks`."""
     if limit is not None and limit < 1:
         raise SpudError(f"--limit must be >= 1, got {limit}")
     if fewshot < 0:
         raise SpudError(f"--fewshot must be >= 0, got {fewshot}")
-    if samples < 1:
-        raise SpudError(f"samples must be >= 1, got {samples}")
+    ks = check_sampling(samples, temperature, ks)
     console = console or make_console()
     task_list = load_tasks(tasks, seed)  # before the model: a bad spec fails fast
-    model, tok, cfg, ckpt = load_model(run_dir, checkpoint, device)
+    choice = choose_model(run_dir, model, checkpoint)
+    check_prompt_format(choice, chat, force)
+    console.print(f"evaluating the {choice.describe()}")
+    net, tok, cfg = load_choice(choice, device)
     for t in task_list:
         if limit is not None:
             t.examples = t.examples[:limit]
         if not t.examples:
             raise SpudError(f"task {t.name} has no examples")
-    out_dir = Path(run_dir) / "eval" / Path(ckpt).name
+    out_dir = eval_dir(run_dir, choice)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    results: dict = {"run": str(run_dir), "checkpoint": Path(ckpt).name, "device": str(device),
-                     "fewshot": fewshot, "limit": limit, "seed": seed, "chat": chat,
-                     "samples": samples, "temperature": temperature, "tasks": {}}
+    results: dict = {"run": str(run_dir), "model": choice.model, "checkpoint": str(choice.checkpoint),
+                     "step": choice.step, "device": str(device), "fewshot": fewshot, "limit": limit,
+                     "seed": seed, "chat": chat, "forced": force, "samples": samples,
+                     "temperature": temperature, "ks": list(ks), "tasks": {}}
     total = sum(len(t.examples) for t in task_list)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, disable=not progress, transient=True) as bar:
@@ -177,11 +233,11 @@ def run_eval(
             for i, ex in enumerate(task.examples):
                 ctx = render_prompt(task, ex, pick_shots(task, fewshot, seed, i), tok, chat)
                 if task.kind == "mc":
-                    row = eval_mc(model, tok, task, ex, ctx, chat)
+                    row = eval_mc(net, tok, task, ex, ctx, chat)
                 elif task.kind == "gen":
-                    row = eval_gen(model, tok, task, ex, ctx, samples, temperature, seed, ks)
+                    row = eval_gen(net, tok, task, ex, ctx, samples, temperature, seed, ks)
                 else:
-                    row = eval_code(model, tok, task, ex, ctx, samples, temperature, seed, ks)
+                    row = eval_code(net, tok, task, ex, ctx, samples, temperature, seed, ks)
                 rows.append({"index": i, "where": ex.where, "prompt": tok.decode(ctx),
                              "target": ex.target} | row)
                 bar.advance(job)
@@ -193,7 +249,7 @@ def run_eval(
                             "method": "mean over tasks of (value - baseline) / (1 - baseline)"}
     if intrinsic:
         with console.status("intrinsic: validation loss and bits per byte"):
-            results["intrinsic"] = intrinsic_metrics(run_dir, model, tok, cfg, intrinsic_windows,
+            results["intrinsic"] = intrinsic_metrics(run_dir, net, tok, cfg, intrinsic_windows,
                                                      intrinsic_source_tokens)
     path = out_dir / "results.json"
     tmp = path.with_suffix(".json.tmp")
@@ -219,7 +275,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def print_results(results: dict, console) -> None:
-    table = Table(title=f"eval {results['run']} · {results['checkpoint']}")
+    table = Table(title=f"eval {results['run']} · {results.get('model', '?')} model · {results['checkpoint']}")
     for col in ("task", "metric", "value", "± stderr", "chance", "centred", "n", "s"):
         table.add_column(col, justify="left" if col in ("task", "metric") else "right")
     for name, r in results["tasks"].items():

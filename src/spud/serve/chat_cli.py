@@ -33,14 +33,17 @@ class ChatError(Exception):
 class LocalBackend:
     """Generates in-process from a run directory's checkpoint."""
 
-    def __init__(self, run: str):
-        from spud.runs import load_model
+    def __init__(self, run: str, model: str | None = None, checkpoint: str | None = None):
+        from spud.runs import choose_model, default_serving_model, load_choice
 
-        self.model, self.tok, self.cfg, self.ckpt = load_model(run)
+        # None: the chat model when the run has one (after `spud sft`), else the base model
+        choice = choose_model(run, model or default_serving_model(run), checkpoint)
+        self.model, self.tok, self.cfg = load_choice(choice)
+        self.ckpt, self.kind = choice.checkpoint, choice.model
         self.max_len = self.model.cfg.max_seq_len
         # any special token (end of turn, a new role, bos/eos) ends the reply
         self.stop_ids = sorted(self.tok.special_ids)
-        self.name = f"{run} [{self.ckpt.name}]"
+        self.name = f"{run} [{choice.describe()}]"
         self.dropped = 0
 
     def _fit(self, messages: list[dict], max_tokens: int) -> tuple[list[int], int]:
@@ -214,15 +217,21 @@ def chat(
     max_tokens: int,
     stdin: TextIO = sys.stdin,
     stdout: TextIO = sys.stdout,
+    model: str | None = None,
+    checkpoint: str | None = None,
 ) -> int:
     """Run an interactive chat with a local run (`run`) or a server (`url`). Returns the exit code.
-    Startup problems (no such run, server unreachable, bad arguments) raise SpudError."""
+    `model` ("base"/"chat", default: chat when the run has one) and `checkpoint` choose what a
+    local run loads. Startup problems (no such run, server unreachable, bad arguments) raise SpudError."""
     from spud.serve.sampling import check_sampling_args
 
     if (run is None) == (url is None):
         raise SpudError("give either a run directory or --url (not both)")
+    if url is not None and (model is not None or checkpoint is not None):
+        raise SpudError("--model and --checkpoint choose what a local run loads; a server (--url) "
+                        "serves the model it was started with")
     check_sampling_args(temperature, None, None, max_tokens)
-    backend = LocalBackend(run) if run is not None else RemoteBackend(url, api_key)
+    backend = LocalBackend(run, model, checkpoint) if run is not None else RemoteBackend(url, api_key)
 
     out = stdout
     out.write(f"Chatting with {backend.name}. {HELP}\n")

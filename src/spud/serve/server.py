@@ -55,8 +55,18 @@ def _banner(engine, host: str, port: int, api_key: str | None) -> str:
     body = json.dumps({"model": engine.model_name, "messages": [{"role": "user", "content": "Hello"}],
                        "max_tokens": 32})
     auth = ' -H "Authorization: Bearer $SPUD_API_KEY"' if api_key else ""
+    kind = getattr(engine, "model_kind", None)
+    which = ""
+    if kind is not None:
+        which = f"  model: {kind} model, checkpoint {engine.checkpoint}\n"
+        if kind == "base":
+            # allowed on purpose (a pretrained-only run is served as base, and its chat page is
+            # how people first poke at it), but the replies are continuations, not answers
+            which += ("  note:  a base (pretrained) model, not fine-tuned for chat: "
+                      "/v1/completions continues text; /v1/chat/completions only continues the chat template\n")
     return (
         f"Serving model {engine.model_name!r} (context {engine.max_context} tokens) at {url}/v1\n"
+        f"{which}"
         f"  docs: {url}/docs   health: {url}/health   metrics: {url}/metrics\n"
         f"  try:  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
         f"          -d {shlex.quote(body)}"
@@ -64,11 +74,12 @@ def _banner(engine, host: str, port: int, api_key: str | None) -> str:
 
 
 def serve(run_dir: str, host: str, port: int, api_key: str | None, max_batch: int, max_queue: int,
-          checkpoint: str | None, device: str) -> None:
-    """Blocking: serve until SIGINT/SIGTERM, then drain and stop the engine."""
+          checkpoint: str | None, device: str, model: str | None = None) -> None:
+    """Blocking: serve until SIGINT/SIGTERM, then drain and stop the engine. `model`: "base",
+    "chat", or None for the chat model when RUN has one, else the base model."""
     from spud.serve.engine import Engine
 
-    engine = Engine.from_run(run_dir, checkpoint=checkpoint, device=device,
+    engine = Engine.from_run(run_dir, checkpoint=checkpoint, device=device, model=model,
                              max_batch=max_batch, max_queue=max_queue)
     engine.start()
     try:
