@@ -16,6 +16,7 @@ enough to be worth a BOS separator and to fill context windows with related exam
 from __future__ import annotations
 
 import ast
+import hashlib
 import random
 import sysconfig
 import warnings
@@ -36,14 +37,30 @@ _SKIP_DIRS = {
     "turtledemo", "__phello__", "encodings",
 }
 
+# The held-out slice (docs/recipe.md, spud.data.heldout): stdlib modules whose relative path hashes
+# below this share are left out of BOTH stdlib_docs and stdlib_code (module source holds its
+# docstrings verbatim), so no run trained on the built-in mix sees their prose, and their
+# docstrings can measure a recipe on text it was never trained or tuned on. Keyed by path, not by
+# file content, so a Python patch release does not move a module across the line.
+HELDOUT_FRACTION = 0.08
+_HELDOUT_SALT = b"spud-heldout-1"
+
+
+def is_heldout_module(rel_path: str) -> bool:
+    """True for a stdlib module (relative POSIX path, e.g. 'json/decoder.py') in the held-out slice."""
+    digest = hashlib.blake2b(rel_path.encode("utf-8"), digest_size=8, person=_HELDOUT_SALT).digest()
+    return int.from_bytes(digest, "little") / 2**64 < HELDOUT_FRACTION
+
+
 
 # ------------------------------------------------------------------------------------- stdlib
 def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def stdlib_files() -> list[Path]:
-    """The stdlib's .py files, sorted by relative path (a deterministic order on every OS)."""
+def stdlib_files(heldout: bool = False) -> list[Path]:
+    """The stdlib's .py files, sorted by relative path (a deterministic order on every OS): the
+    training modules, or with heldout=True only the held-out slice (never both)."""
     root = stdlib_root()
     found = []
     for path in root.rglob("*.py"):
@@ -52,6 +69,8 @@ def stdlib_files() -> list[Path]:
         if any(p in _SKIP_DIRS or p.startswith("config-") for p in parents):
             continue
         if rel.name.startswith("_sysconfigdata"):  # this machine's build settings, not code
+            continue
+        if is_heldout_module(rel.as_posix()) != heldout:
             continue
         found.append((rel.as_posix(), path))
     return [p for _, p in sorted(found)]
