@@ -330,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output file (default RUN/export/model.safetensors)")
     p.set_defaults(func=cmd_export_weights)
 
+    from spud.export.commands import add_parsers as add_interop_parsers  # export hf|gguf, import hf
+
+    add_interop_parsers(verbs)
+
     p = verbs.add_parser("report", help="write RUN/report.md with plots: curves, throughput, scores, data mix")
     p.add_argument("run", help="run directory")
     p.add_argument("--samples", type=int, default=5, help="how many of the last samples to include")

@@ -70,11 +70,11 @@ def pick_arch(cfg: ModelConfig) -> Arch:
     """The native architecture for `cfg`, or a SpudError naming each inexpressible option and the
     closest exportable setting."""
     problems = []
-    defaults = ModelConfig.model_fields
-    for name in type(cfg).model_fields:
+    fields = type(cfg).model_fields
+    for name in fields:
         if name in HANDLED:
             continue
-        value, default = getattr(cfg, name), defaults[name].get_default(call_default_factory=True)
+        value, default = getattr(cfg, name), fields[name].get_default(call_default_factory=True)
         if value != default:
             problems.append(f"model.{name}={value!r} (no export mapping yet; closest exportable: "
                             f"model.{name}={default!r})")

@@ -116,8 +116,9 @@ def export_hf(run: str | Path, out: str | Path, which: Which = "auto", checkpoin
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(
             json.dumps(generation_config(src.tokenizer, chat), indent=2) + "\n")
-        files = save_weights(tensors, tmp, max_shard_bytes,
-                             {"spud_checkpoint": str(src.checkpoint.name), "spud_model": src.kind})
+        # No run-specific metadata in the weight files (the model card names the checkpoint):
+        # the same weights always make the same bytes, so export → import → export is identical.
+        files = save_weights(tensors, tmp, max_shard_bytes, {})
         tokenizer_files(src.tokenizer, src.tokenizer_path, tmp, chat)
         params = src.model.num_params()
         write_model_card(tmp, src, arch, params)

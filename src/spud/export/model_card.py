@@ -77,9 +77,9 @@ def eval_results(src: Source) -> list[dict]:
             if r is None or not isinstance(r.get("tasks"), dict) or p.resolve() in seen:
                 continue
             seen.add(p.resolve())
-            ck = str(r.get("checkpoint") or p.parent.name)
-            model = r.get("model")
-            mine = ck == src.checkpoint.name and (model in (None, src.kind) or not isinstance(model, str))
+            ck = Path(str(r.get("checkpoint") or p.parent.name)).name  # a name or (newer) a path
+            model = r.get("model")  # newer results name the model (base/chat); older do not
+            mine = ck == src.checkpoint.name and (not isinstance(model, str) or model == src.kind)
             rows.append({"where": str(p.relative_to(src.run)), "checkpoint": ck, "tasks": r["tasks"],
                          "exported": mine, "chat": bool(r.get("chat"))})
     rows.sort(key=lambda r: not r["exported"])

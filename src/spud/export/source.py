@@ -21,7 +21,7 @@ from spud.config import Config, validate_config
 from spud.errors import SpudError
 from spud.model.registry import build_model
 from spud.model.transformer import Transformer
-from spud.runs import CHAT_DIR
+from spud.runs import choose_model, default_serving_model
 from spud.tokenizer import Tokenizer
 from spud.train import checkpoint as ckpt_io
 
@@ -41,34 +41,18 @@ class Source:
     tokenizer_path: Path
 
 
-def resolve_model_dir(run: Path, which: Which) -> tuple[Path, Literal["base", "chat"]]:
-    """auto: the chat model when SFT made one (as `spud serve` does), else the base model."""
-    if not run.is_dir():
-        raise SpudError(f"run directory not found: {run}")
-    chat = run / CHAT_DIR
-    has_chat = ckpt_io.latest_checkpoint(chat) is not None
-    if which == "chat" and not has_chat:
-        raise SpudError(f"--chat: {run} has no chat model ({chat} holds no complete checkpoint); "
-                        f"fine-tune one first with `spud sft {run}`, or export the base model with --base")
-    if which == "chat" or (which == "auto" and has_chat):
-        return chat, "chat"
-    return run, "base"
-
-
 def load_source(run_dir: str | Path, which: Which = "auto", checkpoint: str | int | None = None) -> Source:
-    """Read one complete checkpoint (single-file or sharded DCP) into a CPU fp32 model."""
+    """Read one complete checkpoint (single-file or sharded DCP) of RUN's base or chat model into
+    a CPU fp32 model. auto = the chat model when SFT made one, as `spud serve` picks."""
     run = Path(run_dir)
-    model_dir, kind = resolve_model_dir(run, which)
-    if ckpt_io.latest_checkpoint(model_dir) is None:
-        raise SpudError(f"{model_dir} has no complete checkpoint (a checkpoint is complete once "
-                        f"training has saved it: state.json + weights); train first with "
-                        f"`spud train CONFIG --out {run}`")
-    ckpt = ckpt_io.resolve_checkpoint(model_dir, checkpoint)
+    kind = default_serving_model(run) if which == "auto" else which
+    choice = choose_model(run, kind, checkpoint)  # the same resolution and errors as serve/eval
+    ckpt = choice.checkpoint
     state = ckpt_io.read_state(ckpt)
     cfg = validate_config(state["config"], f"{ckpt}/state.json")
-    tok_path = next((d / "tokenizer.json" for d in (model_dir, run) if (d / "tokenizer.json").is_file()), None)
+    tok_path = next((d / "tokenizer.json" for d in (choice.run, run) if (d / "tokenizer.json").is_file()), None)
     if tok_path is None:
-        raise SpudError(f"{model_dir}/tokenizer.json is missing; the export needs the run's tokenizer")
+        raise SpudError(f"{choice.run}/tokenizer.json is missing; the export needs the run's tokenizer")
     tok = Tokenizer.load(tok_path)
     want = state.get("tokenizer_sha256")
     if want and want != tok.sha256():
@@ -78,12 +62,7 @@ def load_source(run_dir: str | Path, which: Which = "auto", checkpoint: str | in
         ckpt_io.load_sharded(ckpt, model)
     else:
         ckpt_io.load_weights(ckpt, model, "cpu")
-    return Source(run, model_dir, kind, ckpt, state, cfg, model.float().eval(), tok, tok_path)
-
-
-def spud_state(model: Transformer) -> dict[str, torch.Tensor]:
-    """The model's tensors by Spud name (tied head included under both names)."""
-    return {k: v for k, v in model.state_dict(keep_vars=False).items()}
+    return Source(run, choice.run, kind, ckpt, state, cfg, model.float().eval(), tok, tok_path)
 
 
 @contextmanager
