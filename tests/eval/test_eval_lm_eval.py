@@ -1,11 +1,11 @@
 """lm-evaluation-harness adapter: a local multiple-choice task (a JSONL file and a task YAML in
-tmp_path, no network) through `simple_evaluate(model="spud")`, checked against spud's own scorer,
-and against lm-eval's `local-completions` model talking to a live `spud serve` app."""
+tmp_path, no network) through `simple_evaluate(model="spud")`, checked against the model's own
+forward pass summed by hand, against lm-eval's `local-completions` model talking to a live
+`spud serve` app, and for which model (base or chat) it loads."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import socket
@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 # lm-eval must never reach the network; datasets reads these when it is first imported.
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -28,6 +29,9 @@ OVERRIDES = [
     "train.micro_batch_size=4", "train.sample_prompts=[]", "model.max_seq_len=64",
 ]
 TASK = "spud_local_mc"
+SFT_OVERRIDES = ["sft.max_steps=2", "sft.checkpoint_every=2", "sft.eval_every=2", "sft.eval_batches=1",
+                 "sft.micro_batch_size=4", "sft.builtin_conversations=120", "train.sample_tokens=4",
+                 "train.threads=1", "sft.max_bad_fraction=0.5"]  # long built-in chats do not fit 64 tokens
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +95,30 @@ def evaluate(task_dir: Path, model: str, model_args, **kw) -> dict:
                                    log_samples=True, **kw)
 
 
+@torch.no_grad()
+def logprob_by_hand(model, ctx: list[int], cont: list[int]) -> float:
+    """log p(cont | ctx): one unbatched forward pass, the continuation's log-softmax summed."""
+    logp = torch.log_softmax(model(torch.tensor([ctx + cont]))[0].float(), dim=-1)
+    return sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
+
+
+@torch.no_grad()
+def greedy_by_hand(model, tok, prompt: str, max_tokens: int, until: str) -> str:
+    """Argmax decoding without a KV cache: full forward pass per token; stops at `until` (cut
+    there), an end/eos/bos token or max_tokens."""
+    seq, new = tok.encode(prompt, add_bos=True), []
+    for _ in range(max_tokens):
+        nxt = int(model(torch.tensor([seq]))[0, -1].argmax())
+        if nxt in (tok.end_id, tok.eos_id, tok.bos_id):
+            break
+        seq.append(nxt)
+        new.append(nxt)
+        text = tok.decode(new)
+        if until in text:
+            return text[:text.index(until)]
+    return tok.decode(new)
+
+
 def resps(res: dict) -> list[list[float]]:
     """Per document, the log-likelihood of each choice."""
     docs = sorted(res["samples"][TASK], key=lambda s: s["doc_id"])
@@ -102,27 +130,27 @@ def native(run_dir, task_dir) -> dict:
     return evaluate(task_dir, "spud", f"run={run_dir},device=cpu,batch_size=8")
 
 
-def test_native_adapter_runs_the_local_task(native):
-    r = native["results"][TASK]
-    assert 0.0 <= r["acc,none"] <= 1.0
-    assert len(native["samples"][TASK]) == 12
-    for row in resps(native):
-        assert len(row) == 4 and all(math.isfinite(v) and v < 0 for v in row)
-
-
-def test_adapter_scores_equal_spud_scorer(native, run_dir, task_dir):
-    """lm-eval's log-likelihoods are spud's own: BOS + question, each choice summed."""
-    from spud.eval.scoring import choice_logprobs
+def test_adapter_scores_and_accuracy_equal_the_forward_pass_by_hand(native, run_dir, task_dir):
+    """Each log-likelihood lm-eval reports is the base model's own: BOS + question, then the
+    choice's tokens summed from one forward pass; acc is the share of documents whose argmax
+    choice is the label."""
     from spud.runs import load_model
 
-    model, tok, _, _ = load_model(run_dir, None, "cpu")
+    model, tok, _, ckpt = load_model(run_dir, None, "cpu", model="base")
     docs = [json.loads(line) for line in (task_dir / "mc.jsonl").read_text().splitlines()]
+    assert len(native["samples"][TASK]) == len(docs) == 12
+    correct = 0
     for doc, got in zip(docs, resps(native)):
         ctx = tok.encode(doc["question"], add_bos=True)
         # lm-eval joins context and choice with its target_delimiter " " and tokenizes the whole
-        want = choice_logprobs(model, ctx, [tok.encode(doc["question"] + " " + c)[len(ctx) - 1:]
-                                            for c in doc["choices"]], tok.pad_id)
+        want = [logprob_by_hand(model, ctx, tok.encode(doc["question"] + " " + c)[len(ctx) - 1:])
+                for c in doc["choices"]]
         assert got == pytest.approx(want, abs=1e-4)
+        correct += max(range(4), key=lambda i: want[i]) == doc["label"]
+    assert native["results"][TASK]["acc,none"] == pytest.approx(correct / len(docs))
+    # the results say which model they measure
+    cfg = native["config"]
+    assert cfg["spud_model"] == "base" and cfg["spud_checkpoint"] == str(ckpt) and cfg["spud_step"] == 3
 
 
 def test_adapter_greedy_flag_batching_and_rolling(run_dir):
@@ -142,7 +170,7 @@ def test_adapter_greedy_flag_batching_and_rolling(run_dir):
             greedy.append(nxt)
             seq.append(nxt)
     (lp, is_greedy), = one.score_pairs([(ctx, greedy)])
-    assert is_greedy and lp < 0
+    assert is_greedy and lp == pytest.approx(logprob_by_hand(one._model, ctx, greedy), abs=1e-4)
     (_, not_greedy), = one.score_pairs([(ctx, [(greedy[0] + 1) % tok.vocab_size] + greedy[1:])])
     assert not not_greedy
     # batch size and request order do not change the scores (padding is never attended)
@@ -158,18 +186,31 @@ def test_adapter_greedy_flag_batching_and_rolling(run_dir):
     ids = tok.encode(text)
     assert len(ids) > 2 * one.max_length
     (rolling,) = one.loglikelihood_rolling([Req(text)])
-    # windows: the first conditioned on BOS; the sum must equal a token-by-token computation
-    assert math.isfinite(rolling) and rolling < 0
+    # by hand: windows of L predicted tokens, the first conditioned on BOS, each later one on
+    # the L tokens before its last target (lm-eval's disjoint rolling windows), one unbatched
+    # forward pass per window
+    L, want = one.max_length, 0.0
+    for s in range(0, len(ids), L):
+        e = min(s + L, len(ids))
+        inp = [tok.bos_id] + ids[:e - 1] if s == 0 else ids[e - L - 1:e - 1]
+        with torch.no_grad():
+            logp = torch.log_softmax(one._model(torch.tensor([inp]))[0].float(), dim=-1)
+        want += sum(float(logp[len(inp) - (e - s) + j, t]) for j, t in enumerate(ids[s:e]))
+    assert len(range(0, len(ids), L)) >= 3
+    assert rolling == pytest.approx(want, abs=1e-3)
     short = "x = 1\n"
     (r_short,) = one.loglikelihood_rolling([Req(short)])
     (ll_short, _), = one.score_pairs([([tok.bos_id], tok.encode(short))])
     assert r_short == pytest.approx(ll_short, abs=1e-5)
 
-    outs = one.generate_until([Req("1 + 1 =", {"until": ["\n"], "max_gen_toks": 8}),
-                               Req("1 + 1 =", {"until": ["\n"], "max_gen_toks": 8, "do_sample": True,
-                                               "temperature": 0.8})])
-    assert all(isinstance(o, str) and "\n" not in o for o in outs)
-    assert len(tok.encode(outs[0])) <= 8
+    def reqs():  # fresh each time: generate_until consumes the kwargs
+        return [Req("1 + 1 =", {"until": ["\n"], "max_gen_toks": 8}),
+                Req("1 + 1 =", {"until": ["\n"], "max_gen_toks": 8, "do_sample": True, "temperature": 0.8})]
+
+    outs = one.generate_until(reqs())
+    assert outs[0] == greedy_by_hand(one._model, tok, "1 + 1 =", 8, "\n")
+    assert "\n" not in outs[1] and len(tok.encode(outs[1])) <= 8
+    assert one.generate_until(reqs()) == outs  # request n samples with seed + n: reproducible
 
 
 def test_generate_until_through_lm_eval(run_dir, tmp_path):
@@ -201,16 +242,58 @@ metric_list:
     os.environ["HF_DATASETS_CACHE"] = str(tmp_path / "hf_cache")
     tm = TaskManager(include_path=str(tmp_path), include_defaults=False)
     res = lm_eval.simple_evaluate(model="spud", model_args=f"run={run_dir},device=cpu",
-                                  tasks=["spud_local_gen"], task_manager=tm)
-    assert 0.0 <= res["results"]["spud_local_gen"]["exact_match,none"] <= 1.0
+                                  tasks=["spud_local_gen"], task_manager=tm, log_samples=True)
+    from spud.runs import load_model
+
+    model, tok, _, _ = load_model(run_dir, None, "cpu", model="base")
+    samples = sorted(res["samples"]["spud_local_gen"], key=lambda s: s["doc_id"])
+    want = [greedy_by_hand(model, tok, f"{i} + 1 =", 6, "\n") for i in range(3)]
+    assert [s["resps"][0][0] for s in samples] == want
+    assert res["results"]["spud_local_gen"]["exact_match,none"] == pytest.approx(
+        sum(w == str(i + 1) for i, w in enumerate(want)) / 3)
 
 
-def test_model_args_errors():
+def test_model_args_errors(run_dir):
     from spud.errors import SpudError
     from spud.eval.lm_eval_adapter import SpudLM
 
     with pytest.raises(SpudError, match="run="):
         SpudLM.create_from_arg_string("device=cpu")
+    with pytest.raises(SpudError, match="unknown model 'instruct': choose one of base, chat"):
+        SpudLM.create_from_arg_string(f"run={run_dir},model=instruct")
+
+
+def test_model_arg_chooses_base_or_chat(run_dir, task_dir, tmp_path, capsys):
+    """model=chat loads the `spud sft` model in RUN/chat (and says so), model=base or nothing
+    the pretrained one; their scores are each model's own."""
+    import shutil
+
+    from rich.console import Console
+
+    from spud.eval.lm_eval_adapter import SpudLM
+    from spud.posttrain.sft import sft_cmd
+    from spud.runs import load_model
+
+    run = tmp_path / "run"  # a private copy: the other tests keep a run without RUN/chat
+    shutil.copytree(run_dir, run)
+    sft_cmd(str(run), ["builtin"], None, SFT_OVERRIDES, resume=False, console=Console(quiet=True))
+    capsys.readouterr()
+    chat = SpudLM.create_from_arg_string(f"run={run},model=chat,device=cpu")
+    assert f"chat model, checkpoint {run / 'chat' / 'checkpoints' / 'step_0000002'}" in capsys.readouterr().err
+    base = SpudLM.create_from_arg_string(f"run={run},model=base,device=cpu")
+    default = SpudLM.create_from_arg_string(f"run={run},device=cpu")
+    assert (chat.model_kind, base.model_kind, default.model_kind) == ("chat", "base", "base")
+    assert chat.checkpoint == str(run / "chat" / "checkpoints" / "step_0000002")
+    assert base.checkpoint == default.checkpoint == str(run / "checkpoints" / "step_0000003")
+    assert chat.get_model_info()["spud_model"] == "chat"
+    ctx, cont = base._tok.encode("1 + 1 =", add_bos=True), base._tok.encode(" 2")
+    for lm, which in ((chat, "chat"), (base, "base")):
+        model = load_model(run, None, "cpu", model=which)[0]
+        (got, _), = lm.score_pairs([(ctx, cont)])
+        assert got == pytest.approx(logprob_by_hand(model, ctx, cont), abs=1e-5)
+    assert chat.score_pairs([(ctx, cont)])[0][0] != pytest.approx(base.score_pairs([(ctx, cont)])[0][0], abs=1e-4)
+    res = evaluate(task_dir, "spud", f"run={run},model=chat,device=cpu", limit=2)
+    assert res["config"]["spud_model"] == "chat"
 
 
 # --------------------------------------------------------------- lm-eval against `spud serve`
