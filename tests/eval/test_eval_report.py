@@ -45,7 +45,11 @@ def test_report_on_trained_and_evaluated_run(evaluated_run):
     start = next(json.loads(line) for line in (evaluated_run / "metrics.jsonl").read_text().splitlines()
                  if '"start"' in line)
     assert f"{start['params']:,}" in md  # params in the facts table
-    assert "mc_arithmetic" in md
+    res = json.loads((evaluated_run / "eval" / "base-step_0000003" / "results.json").read_text())
+    mc = res["tasks"]["mc_arithmetic"]
+    # the row names the model and the checkpoint it measures, with the saved figures
+    assert (f"| base | `step_0000003` | mc_arithmetic | acc | {mc['value']:.4g} | {mc['stderr']:.4g} | 0.25 |"
+            in md)
     pngs = images(md)
     assert {"report/loss.png", "report/bpb.png", "report/lr.png", "report/throughput.png",
             "report/eval.png", "report/data_mix.png"} <= set(pngs)
@@ -81,3 +85,23 @@ def test_report_on_empty_and_missing_run(tmp_path):
     assert "has not started training" in md and not images(md)
     with pytest.raises(SpudError, match="not found"):
         write_report(tmp_path / "nope")
+
+
+def test_report_rows_name_their_model_and_old_results_say_unknown(evaluated_run, tmp_path):
+    """Results written before spud recorded the model (RUN/eval/<checkpoint>/) are not guessed
+    to be base or chat; a chat result of the same step gets its own row."""
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run, run)
+    res = json.loads((run / "eval" / "base-step_0000003" / "results.json").read_text())
+    old = {k: v for k, v in res.items() if k not in ("model", "step")} | {"checkpoint": "step_0000003"}
+    (run / "eval" / "step_0000003").mkdir()
+    (run / "eval" / "step_0000003" / "results.json").write_text(json.dumps(old))
+    chat = res | {"model": "chat", "checkpoint": str(run / "chat" / "checkpoints" / "step_0000003"), "chat": True}
+    chat["tasks"] = {"mc_arithmetic": res["tasks"]["mc_arithmetic"] | {"value": 0.875}}
+    (run / "eval" / "chat-step_0000003").mkdir()
+    (run / "eval" / "chat-step_0000003" / "results.json").write_text(json.dumps(chat))
+    md = write_report(run).read_text()
+    assert "| chat | `step_0000003` | mc_arithmetic | acc | 0.875 |" in md
+    assert "| base | `step_0000003` | mc_arithmetic | acc |" in md
+    assert "| unknown | `step_0000003` | mc_arithmetic | acc |" in md
+    assert "chat model, `step_0000003` (fewshot 0, limit 5, chat prompts)" in md
