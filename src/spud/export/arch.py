@@ -197,6 +197,8 @@ def from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, model_type: str) -> d
         if head is None:
             raise SpudError("weights lack 'lm_head.weight' but the config has tie_word_embeddings=false")
         out["lm_head.weight"] = head
+    else:  # one tensor under both names, as the tied Spud module's state dict has it
+        out["lm_head.weight"] = out["embed.weight"]
     leftover = sorted(k for k in hf if "rotary_emb" not in k)
     if leftover:
         raise SpudError(f"weights hold tensors a {arch.hf_class} of this config does not have: "
