@@ -176,3 +176,21 @@ def test_chat_template_renders_exactly_spuds_token_ids(run_factory, tmp_path):
             assert ids == want, conv
             n += 1
     assert n > 100
+
+
+def test_trained_run_parity_on_real_prompts(trained_run, tmp_path):
+    """A genuinely trained model (configs/tiny.yaml), its own tokenizer and data-like prompts."""
+    out = tmp_path / "hf"
+    export_hf(trained_run, out)
+    peer = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    src = load_source(trained_run)
+    prompts = ["The ", "12 + 7 = ", "def main():\n", "import os\nimport sys\n\n"]
+    for p in prompts:
+        ids = src.tokenizer.encode(p, add_bos=True)
+        assert tok(p, add_special_tokens=False)["input_ids"] == ids[1:]
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            assert (peer(input_ids=x).logits - src.model(x)).abs().max().item() <= 1e-4
+    ids = src.tokenizer.encode(prompts[1], add_bos=True)
+    assert hf_greedy(peer, ids, 64) == list(generate(src.model, ids, 64, temperature=0.0))
