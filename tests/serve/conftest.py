@@ -72,11 +72,14 @@ class LiveServer:
         self.thread.join(timeout=15)
 
 
-def make_engine(run: Path, **limits):
+def make_engine(run: Path, start: bool = True, **limits):
+    """start=False: the engine thread never runs, so whatever is submitted stays queued (a
+    deterministic stand-in for a saturated server)."""
     from spud.serve.engine import Engine
 
     engine = Engine.from_run(run, device="cpu", **limits)
-    engine.start()
+    if start:
+        engine.start()
     return engine
 
 
@@ -92,8 +95,8 @@ def start_server(serve_run):
     """Factory for extra servers with other settings (api key, tiny queue); stopped at the end."""
     started = []
 
-    def start(api_key: str | None = None, **limits) -> LiveServer:
-        started.append(LiveServer(make_engine(serve_run, **limits), api_key=api_key))
+    def start(api_key: str | None = None, start_engine: bool = True, **limits) -> LiveServer:
+        started.append(LiveServer(make_engine(serve_run, start_engine, **limits), api_key=api_key))
         return started[-1]
 
     yield start

@@ -83,7 +83,10 @@ def test_echo_max_tokens_zero_scores_prompt(client, model_name, live):
     assert c.text == prompt and r.usage.completion_tokens == 0
     assert "".join(lp.tokens) == prompt and len(lp.token_logprobs) == len(ids)
     expected = [v for v, _ in live.engine.prompt_logprobs([live.engine.tokenizer.bos_id, *ids])[1:]]
-    assert lp.token_logprobs == pytest.approx(expected, abs=1e-5)
+    # as OpenAI: the first prompt token has no logprob and no alternatives (null, null)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(expected[1:], abs=1e-5)
+    assert all(len(t) == 1 for t in lp.top_logprobs[1:])
     assert lp.text_offset[0] == 0 and lp.text_offset[-1] == len(prompt) - len(lp.tokens[-1])
     # echo together with generation: prompt logprobs followed by the generated ones
     g = client.completions.create(model=model_name, prompt=prompt, max_tokens=3, echo=True, logprobs=1,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import httpx
 import openai
@@ -63,15 +65,28 @@ def test_malformed_bodies(http, body):
         _err(http.post(path, content=body, headers={"content-type": "application/json"}), 400)
 
 
+def _numbers(message: str) -> list[int]:
+    return [int(x) for x in re.findall(r"\d+", message)]
+
+
 def test_context_length_states_both_numbers(client, http, model_name, live):
-    ctx = live.engine.max_context
+    ctx, tok = live.engine.max_context, live.engine.tokenizer
+    n_prompt = len(tok.render_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)[0])
+    # prompt fits, prompt + max_tokens does not: the limit, the total and both parts
     e = _err(http.post("/v1/chat/completions", json=_chat(model_name, max_tokens=ctx)), 400)
-    assert str(ctx) in e["message"] and str(ctx) in e["message"] and e["code"] == "context_length_exceeded"
-    with pytest.raises(openai.BadRequestError):
-        client.completions.create(model=model_name, prompt="a " * (ctx + 5), max_tokens=1)
+    assert e["code"] == "context_length_exceeded"
+    assert _numbers(e["message"]) == [ctx, n_prompt + ctx, n_prompt, ctx]
+    # the prompt alone is too long (generation): its length and the context
+    prompt = "a " * (ctx + 5)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=model_name, prompt=prompt, max_tokens=1)
+    n_text = len(tok.encode(prompt)) + 1  # + BOS
+    assert _numbers(info.value.body["message"]) == [n_text, ctx]
+    assert info.value.body["code"] == "context_length_exceeded" and n_text != ctx
+    # scoring only (max_tokens=0): ctx + 1 ids + the BOS the server prepends
     e = _err(http.post("/v1/completions", json={"model": model_name, "prompt": [5] * (ctx + 1),
                                                  "max_tokens": 0, "echo": True, "logprobs": 0}), 400)
-    assert str(ctx) in e["message"] and str(ctx + 2) in e["message"]
+    assert _numbers(e["message"]) == [ctx + 2, ctx]
 
 
 def test_unknown_model_route_and_method(client, http, model_name):
@@ -127,12 +142,43 @@ def test_api_key(keyed):
     assert good.models.list().data[0].id == name
 
 
-def test_queue_full_is_429(keyed):
-    # max_queue=0: the engine refuses every submission, as a saturated one would
-    good = openai.OpenAI(base_url=keyed.url + "/v1", api_key="s3cret", max_retries=0)
-    with pytest.raises(openai.RateLimitError):
-        good.completions.create(model=keyed.engine.model_name, prompt="a", max_tokens=2)
-    with httpx.Client(base_url=keyed.url) as h:
-        text = h.get("/metrics").text
-    assert 'spud_http_requests_total{endpoint="/v1/completions",status="429"} 1' in text
-    assert 'status="500"' not in text
+def _counts(metrics_text: str, endpoint: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(metrics_text):
+        if fam.name == "spud_http_requests":
+            for smp in fam.samples:
+                if smp.name.endswith("_total") and smp.labels["endpoint"] == endpoint:
+                    out[smp.labels["status"]] = smp.value
+    return out
+
+
+def test_queue_full_is_429_and_never_fits_is_400(start_server):
+    # the engine thread never runs: what is queued stays queued, as on a saturated server
+    srv = start_server(start_engine=False, max_batch=1, max_queue=2)
+    name, engine = srv.engine.model_name, srv.engine
+    body = {"model": name, "prompt": "a", "max_tokens": 2}
+    with httpx.Client(base_url=srv.url, timeout=30) as h:
+        # more sequences than the queue can ever hold: 400 at once (retrying would not help)
+        e = _err(h.post("/v1/completions", json={**body, "prompt": ["a", "b", "c"]}), 400, "prompt")
+        assert e["code"] == "too_many_sequences" and _numbers(e["message"]) == [3, 3, 1, 2]
+        e = _err(h.post("/v1/chat/completions", json=_chat(name, n=3)), 400, "n")
+        assert _numbers(e["message"]) == [3, 1, 3, 2]
+        assert engine.stats()["waiting"] == 0  # nothing was queued by the refused requests
+        with h.stream("POST", "/v1/completions", json={**body, "stream": True}) as s1, \
+                h.stream("POST", "/v1/completions", json={**body, "stream": True, "n": 1}) as s2:
+            assert s1.status_code == s2.status_code == 200 and engine.stats()["waiting"] == 2
+            r = h.post("/v1/completions", json=body)  # fits an empty queue, not this one
+            e = _err(r, 429)
+            assert e["code"] == "queue_full" and e["type"] == "rate_limit_error"
+            assert r.headers["retry-after"] == "1"
+            with pytest.raises(openai.RateLimitError):
+                openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0).completions.create(**body)
+        # the two streams are counted when the server has seen them hang up
+        deadline = time.monotonic() + 15
+        while "200" not in (counts := _counts(h.get("/metrics").text, "/v1/completions")) or counts["200"] < 2:
+            assert time.monotonic() < deadline, counts
+            time.sleep(0.05)
+        assert counts == {"400": 1.0, "429": 2.0, "200": 2.0}
+        assert _counts(h.get("/metrics").text, "/v1/chat/completions") == {"400": 1.0}

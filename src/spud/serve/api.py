@@ -7,27 +7,34 @@ parses anything (API key, body size, per-status request counts) live in a raw AS
 so an oversized or unauthenticated body is rejected without being buffered or parsed.
 
 Error policy: anything the client can get wrong is a 4xx in OpenAI's error shape; a 500 means a
-bug here or in the engine, never bad input.
+bug here or in the engine, never bad input. Even then the exception stops at the outermost
+middleware (`_Guard`), which answers the 500 itself: an exception that escaped into uvicorn would
+close the connection, and the client's next request on that keep-alive connection would fail.
+
+Tokenizing and detokenizing run in a worker thread: a 1 MB prompt takes long enough to stall
+every other stream (and /health) if done on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import time
 import uuid
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spud.errors import SpudError
 from spud.serve import protocol as P
 from spud.serve.engine import ContextLengthError, QueueFullError, SamplingParams
-from spud.serve.metrics import CONTENT_TYPE, ServerMetrics
+from spud.serve.metrics import ServerMetrics
 from spud.serve.streaming import (
     APIError,
     EventStream,
@@ -37,11 +44,20 @@ from spud.serve.streaming import (
 )
 
 WEB_DIR = Path(__file__).parent / "web"
+log = logging.getLogger("spud.serve")
 
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 KNOWN_ENDPOINTS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
                    "/health", "/metrics"}
-ERROR_DOCS = {c: {"model": P.ErrorResponse} for c in (400, 401, 404, 413, 429, 500, 503)}
+
+
+def _errors(*codes: int) -> dict:
+    """OpenAPI `responses` for the error statuses a route really returns (all OpenAI-shaped).
+    401 only happens when the server has an API key, 500 only on a bug; both can happen anywhere."""
+    return {c: {"model": P.ErrorResponse} for c in sorted({*codes, 401, 500})}
+
+
+GENERATION_ERRORS = _errors(400, 404, 413, 429, 503)
 
 
 class _Guard:
@@ -53,7 +69,7 @@ class _Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = [500]  # stays 500 if the app dies before starting a response
+        status = [None]  # set when the response starts
 
         async def send_tracking(msg):
             if msg["type"] == "http.response.start":
@@ -68,9 +84,15 @@ class _Guard:
                 await err.response()(scope, receive, send_tracking)
             elif receive is not None:
                 await self.app(scope, receive, send_tracking)
+        except Exception as e:  # noqa: BLE001 - the boundary: a bug must not take the connection down
+            log.exception("error while handling %s %s", scope["method"], scope["path"])
+            if status[0] is not None:
+                raise  # the response is half sent: only closing the connection can signal it
+            await _server_error(None, e)(scope, receive, send_tracking)
         finally:
             path = scope["path"]
-            self.metrics.requests.inc(path if path in KNOWN_ENDPOINTS else "other", str(status[0]))
+            self.metrics.requests.labels(path if path in KNOWN_ENDPOINTS else "other",
+                                         str(status[0] or 499)).inc()  # 499: client left first
 
     def _auth_error(self, scope) -> APIError | None:
         if not self.api_key or not scope["path"].startswith(PROTECTED_PREFIXES):
@@ -131,13 +153,25 @@ def _param_path(loc) -> str | None:
     return out or None
 
 
+def _most_specific(errors: list[dict]) -> dict:
+    """The error to report. A union field (`stop`: a string or a list of at most 4) fails once per
+    member; "Input should be a valid string" is the least useful of those when the client clearly
+    sent a list that is too long. So among the first field's errors, prefer one that is not a
+    plain type mismatch."""
+    if not errors:
+        return {"loc": (), "msg": "invalid request"}
+    param = _param_path(tuple(errors[0].get("loc", ())))
+    same = [e for e in errors if _param_path(tuple(e.get("loc", ()))) == param]
+    specific = [e for e in same if not str(e.get("type", "")).endswith("_type")]
+    return (specific or same)[0]
+
+
 def _validation_error(_req, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    first = _most_specific(exc.errors())
     if first.get("type") == "json_invalid":
         return APIError(400, "request body is not valid JSON", code="invalid_json").response()
     param = _param_path(tuple(first.get("loc", ())))
-    msg = first.get("msg", "invalid value")
+    msg = first.get("msg", "invalid value").removeprefix("Value error, ")
     return APIError(400, f"{param}: {msg}" if param else msg, param=param).response()
 
 
@@ -150,18 +184,49 @@ def _server_error(_req, exc: Exception) -> JSONResponse:
     return APIError(500, f"internal server error ({type(exc).__name__})", type="server_error").response()
 
 
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's document minus its stock 422 "Validation Error" response: this server answers
+    every validation error with a 400 in OpenAI's shape (documented per route), never a 422."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for operations in doc.get("paths", {}).values():
+            for op in operations.values():
+                op.get("responses", {}).pop("422", None)
+        _integer_limits(doc)
+        for name in ("HTTPValidationError", "ValidationError"):
+            doc.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
+def _integer_limits(node) -> None:
+    """FastAPI's OpenAPI models store limits as floats (n: maximum 16.0); on integer fields
+    write them back as integers."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+                if isinstance(node.get(key), float) and node[key].is_integer():
+                    node[key] = int(node[key])
+        for v in node.values():
+            _integer_limits(v)
+    elif isinstance(node, list):
+        for v in node:
+            _integer_limits(v)
+
+
 # ------------------------------------------------------------------------------- the app
 def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_000) -> FastAPI:
     """The engine must already be started (serve() or the caller does that); the app only uses
     submit / prompt_logprobs / stats and never owns the engine's lifetime."""
     app = FastAPI(title="Spud OpenAI-compatible API", version="1")
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(engine)
     app.state.engine, app.state.metrics, app.state.draining = engine, metrics, False
     app.add_middleware(_Guard, api_key=api_key, max_body=max_body_bytes, metrics=metrics)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(APIError, lambda _r, e: e.response())
     app.add_exception_handler(Exception, _server_error)
+    app.openapi = lambda: _openapi(app)
     tok, started = engine.tokenizer, int(time.time())
     vocab = getattr(engine, "vocab_size", tok.vocab_size)  # the model's (maybe padded) vocabulary
 
@@ -199,11 +264,17 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
             top_k=max(req.top_k, 0), min_p=float(req.min_p), presence_penalty=float(req.presence_penalty),
             frequency_penalty=float(req.frequency_penalty), logit_bias=bias or None,
             # each choice gets its own seed, or n seeded choices would all be identical
-            seed=None if req.seed is None else req.seed + i, stop=req.stop_list(),
+            seed=req.choice_seed(i), stop=req.stop_list(),
             stop_token_ids=list(stop_ids), logprobs=top,
         ) for i in range(req.n)]
 
-    def submit_all(jobs: list[tuple[list[int], SamplingParams]], param: str) -> list:
+    def submit_all(jobs: list[tuple[list[int], SamplingParams]], param: str, n: int) -> list:
+        # More sequences than the queue can ever hold is the request's fault, not the load's:
+        # retrying a 429 would never help, so say what to change.
+        if len(jobs) > engine.max_queue:
+            raise APIError(400, f"this request needs {len(jobs)} sequences ({len(jobs) // n} prompt(s) × n={n}) "
+                           f"but the server queues at most {engine.max_queue}; send fewer prompts or a "
+                           "smaller n per request", param="n" if n > 1 else param, code="too_many_sequences")
         handles = []
         try:
             for ids, params in jobs:
@@ -212,7 +283,8 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
             for h in handles:  # all or nothing: never leave some of the choices running
                 h.cancel()
             if isinstance(e, QueueFullError):
-                raise APIError(429, f"server is busy, retry later ({e})", code="queue_full") from None
+                raise APIError(429, f"server is busy, retry later ({e})", code="queue_full",
+                               headers={"Retry-After": "1"}) from None
             if isinstance(e, ContextLengthError):
                 raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
             if isinstance(e, SpudError):
@@ -220,15 +292,21 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
             raise
         return handles
 
-    def render_messages(messages: list[P.ChatMessage], generation_prompt: bool) -> list[int]:
-        plain = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    async def off_loop(param: str, fn, *args):
+        """Tokenizer work in a worker thread (see module doc); its SpudErrors are the client's."""
         try:
-            return tok.render_chat(plain, add_generation_prompt=generation_prompt)[0]
+            return await asyncio.to_thread(fn, *args)
         except SpudError as e:
-            raise APIError(400, str(e), param="messages") from None
+            raise APIError(400, f"{param}: {e}", param=param) from None
 
-    def prompt_list(prompt) -> list[tuple[list[int], int, str]]:
-        """→ [(ids for the engine, how many BOS we prepended, the prompt's text)] per prompt."""
+    async def render_messages(messages: list[P.ChatMessage], generation_prompt: bool) -> list[int]:
+        # message contents are plain text: only the template adds control ids (tokenizer.py)
+        plain = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+        return (await off_loop("messages", tok.render_chat, plain, generation_prompt))[0]
+
+    def encode_prompts(prompt) -> list[tuple[list[int], int, str]]:
+        """→ [(ids for the engine, how many BOS we prepended, the prompt's text)] per prompt.
+        Text prompts are plain text (no control ids); id prompts are taken as given."""
         if isinstance(prompt, str) or isinstance(prompt[0], int):
             prompt = [prompt]
         out = []
@@ -256,40 +334,42 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
             return JSONResponse({"status": "shutting_down"}, status_code=503)
         return {"status": "ok", "model": engine.model_name}
 
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics_text():
-        return PlainTextResponse(metrics.render(engine.stats()), media_type=CONTENT_TYPE)
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def metrics_text(request: Request):
+        body, content_type = metrics.render(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
 
-    @app.get("/v1/models", response_model=P.ModelList, responses=ERROR_DOCS)
+    @app.get("/v1/models", response_model=P.ModelList, responses=_errors())
     async def list_models():
         return P.ModelList(data=[card()])
 
-    @app.get("/v1/models/{model_id}", response_model=P.ModelCard, responses=ERROR_DOCS)
+    @app.get("/v1/models/{model_id}", response_model=P.ModelCard, responses=_errors(404))
     async def get_model(model_id: str):
         if model_id != engine.model_name:
             check_ready(model_id)
         return card()
 
-    @app.post("/tokenize", response_model=P.TokenizeResponse, responses=ERROR_DOCS)
+    @app.post("/tokenize", response_model=P.TokenizeResponse, responses=_errors(400, 413))
     async def tokenize(req: P.TokenizeRequest):
+        """Exactly the ids the generation endpoints would use: text is always plain text."""
         if req.prompt is not None:
-            ids = tok.encode(req.prompt, add_bos=req.add_special_tokens)
+            ids = await off_loop("prompt", tok.encode, req.prompt, req.add_special_tokens)
         else:
-            ids = render_messages(req.messages, req.add_special_tokens)
+            ids = await render_messages(req.messages, req.add_special_tokens)
         return P.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.max_context)
 
-    @app.post("/detokenize", response_model=P.DetokenizeResponse, responses=ERROR_DOCS)
+    @app.post("/detokenize", response_model=P.DetokenizeResponse, responses=_errors(400, 413))
     async def detokenize(req: P.DetokenizeRequest):
         check_ids(req.tokens, "tokens")
-        return P.DetokenizeResponse(prompt=tok.decode(req.tokens))
+        return P.DetokenizeResponse(prompt=await off_loop("tokens", tok.decode, req.tokens))
 
-    @app.post("/v1/completions", response_model=P.CompletionResponse, responses=ERROR_DOCS)
+    @app.post("/v1/completions", response_model=P.CompletionResponse, responses=GENERATION_ERRORS)
     async def completions(req: P.CompletionRequest, request: Request):
         t0, endpoint = time.perf_counter(), "/v1/completions"
         check_ready(req.model)
         if req.max_tokens == 0 and not req.echo:
             raise APIError(400, "max_tokens=0 is only allowed with echo=true (prompt scoring)", param="max_tokens")
-        prompts, generate = prompt_list(req.prompt), req.max_tokens != 0
+        prompts, generate = await off_loop("prompt", encode_prompts, req.prompt), req.max_tokens != 0
         jobs = []
         for ids, _, _ in prompts:
             left = room(ids, "prompt", need=1 if generate else 0)
@@ -303,9 +383,12 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
                 lps = []
                 if req.logprobs is not None:
                     lps = (await asyncio.to_thread(engine.prompt_logprobs, ids, req.logprobs))[added:]
+                    # as OpenAI: the first echoed token has no logprob (and no alternatives), also
+                    # when it was scored after the BOS we prepended
+                    lps[:1] = [(None, [])] * len(lps[:1])
                 echo[pi] = (text, ids[added:], lps)
         base = [len(prompts[pi][2]) for pi in owner]  # OpenAI offsets count from the prompt's start
-        handles = submit_all(jobs, "prompt") if jobs else []
+        handles = submit_all(jobs, "prompt", req.n) if jobs else []
         ctx = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.model_name}
         prompt_tokens = sum(len(ids) for ids, _, _ in prompts)
 
@@ -341,18 +424,18 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
         usage = P.Usage(prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done)
         return P.CompletionResponse(choices=choices, usage=usage, **ctx)
 
-    @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse, responses=ERROR_DOCS)
+    @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse, responses=GENERATION_ERRORS)
     async def chat_completions(req: P.ChatCompletionRequest, request: Request):
         t0, endpoint = time.perf_counter(), "/v1/chat/completions"
         check_ready(req.model)
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
-        ids = render_messages(req.messages, True)
+        ids = await render_messages(req.messages, True)
         left = room(ids, "messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
         # the chat template closes every turn with <|end|>: that is where the assistant stops
         params = sampling(req, req.max_completion_tokens or req.max_tokens or left, top, [tok.end_id])
-        handles = submit_all([(ids, p) for p in params], "messages")
+        handles = submit_all([(ids, p) for p in params], "messages", req.n)
         ctx = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.model_name}
         if req.stream:
             first = [P.ChatCompletionChunk(choices=[P.ChatChunkChoice(

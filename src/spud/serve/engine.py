@@ -19,6 +19,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
+import time
 import traceback
 from collections import deque
 from pathlib import Path
@@ -248,6 +249,7 @@ class Engine:
 
     def _admit(self, s: _Seq) -> None:
         s.slot = heapq.heappop(self._free)
+        s.handle.admitted = time.perf_counter()
         with self._cv:
             self._running.append(s)
         try:

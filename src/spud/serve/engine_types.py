@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -95,6 +96,10 @@ class RequestHandle:
         self.id = request_id
         self.prompt_tokens = prompt_tokens
         self.cancelled = False  # read by the engine thread at its next step
+        # time.perf_counter() stamps for the server's queue-time metric; the engine sets
+        # `admitted` when the request gets a slot (prefill starts)
+        self.submitted = time.perf_counter()
+        self.admitted: float | None = None
         self._on_cancel = on_cancel
         self._lock = threading.Lock()
         self._sync: queue.SimpleQueue[Event] = queue.SimpleQueue()

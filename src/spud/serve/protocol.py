@@ -2,17 +2,25 @@
 
 These pydantic models are the single source of truth: FastAPI validates bodies with them, the
 validation errors they raise become OpenAI-shaped 400s (with `param` = the field path), and the
-OpenAPI document at /docs is generated from them. Number fields are strict (no "0.5" → 0.5
-coercion, no true → 1): a client sending the wrong type has a bug we should report, not guess at.
+OpenAPI document at /docs is generated from them, so every limit the server enforces appears there
+as standard JSON Schema (`minimum`, `exclusiveMinimum`, `maximum`, `minItems`, `maxItems`, ...).
+Types are strict (no "0.5" → 0.5 coercion, no true → 1): a client sending the wrong type has a
+bug we should report, not guess at. Two JSON-isms are accepted because JSON Schema itself says
+so: an integer where a number is expected, and a number with a zero fraction (`1.0`) where an
+integer is expected. Strings must be valid Unicode: JSON can carry a lone surrogate escape
+("\ud800") that no tokenizer or UTF-8 encoder accepts, so it is refused here with a 400.
 Unknown fields are ignored, as OpenAI does, because clients (lm-eval, LangChain) send extras.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -23,11 +31,41 @@ from pydantic import (
     model_validator,
 )
 
-# Strict ints are accepted where floats are expected (JSON has one number type), strings are not.
-Number = StrictFloat | StrictInt
 MAX_N = 16  # choices per request: each is a full sequence slot, so n is a cost multiplier
 MAX_STOP = 4
 MAX_TOP_LOGPROBS = 20
+# torch.Generator.manual_seed takes [-2**63, 2**64). The bounds are powers of two so that they
+# survive the OpenAPI document's float limits exactly (2**64 - 1 would read as 2**64 there).
+SEED_MIN, SEED_MAX = -(2**63), 2**63
+TOKEN_ID_KEY = r"^[0-9]{1,10}$"  # logit_bias keys: token ids as decimal strings
+
+
+def _integral(v):
+    """1.0 → 1 (JSON Schema's "integer" includes numbers with a zero fraction); all else as is,
+    for the strict int check that follows (so 1.5, true and "1" are still refused)."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def _valid_unicode(v: str) -> str:
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"contains a lone surrogate {v[e.start]!r} at character {e.start}; "
+                         "strings must be valid Unicode") from None
+    return v
+
+
+def Int(**limits):  # noqa: N802 - a type factory, used like a type
+    """A strict integer with JSON Schema limits (ge/gt/le → minimum/exclusiveMinimum/maximum).
+    The limits sit inside the before-validator so that the schema generator still sees them."""
+    inner = Annotated[StrictInt, Field(**limits)] if limits else StrictInt
+    return Annotated[inner, BeforeValidator(_integral)]
+
+
+# A float field accepts JSON integers too (strict floats take ints, never bools or strings).
+Number = StrictFloat
+Text = Annotated[StrictStr, AfterValidator(_valid_unicode)]
+TokenId = Int(ge=0)  # the upper bound is the model's vocabulary, checked in api.py
 
 
 class _Request(BaseModel):
@@ -41,20 +79,23 @@ class StreamOptions(_Request):
 class _SamplingFields(_Request):
     """Parameters shared by /v1/completions and /v1/chat/completions."""
 
-    model: StrictStr
+    model: Text
     temperature: Annotated[Number, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[Number, Field(gt=0, le=1)] = 1.0
-    top_k: Annotated[StrictInt, Field(ge=-1, description="0 or -1 = off")] = 0
+    top_k: Annotated[Int(ge=-1), Field(description="0 or -1 = off")] = 0
     min_p: Annotated[Number, Field(ge=0, le=1)] = 0.0
     presence_penalty: Annotated[Number, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] = 0.0
-    logit_bias: dict[StrictStr, Annotated[Number, Field(ge=-100, le=100)]] | None = None
-    seed: StrictInt | None = None
-    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP)] | None = None
-    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
+    logit_bias: Annotated[
+        dict[StrictStr, Annotated[Number, Field(ge=-100, le=100)]] | None,
+        Field(json_schema_extra={"propertyNames": {"pattern": TOKEN_ID_KEY}}),
+    ] = None
+    seed: Int(ge=SEED_MIN, le=SEED_MAX) | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP)] | None = None
+    n: Int(ge=1, le=MAX_N) = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    user: StrictStr | None = None  # accepted for compatibility; not used
+    user: Text | None = None  # accepted for compatibility; not used
 
     @field_validator("logit_bias")
     @classmethod
@@ -62,7 +103,7 @@ class _SamplingFields(_Request):
         # OpenAI keys are token ids as strings; range against the vocab is checked in api.py,
         # where the tokenizer is known.
         for k in v or {}:
-            if not k.lstrip("-").isdigit():
+            if not re.fullmatch(TOKEN_ID_KEY, k):
                 raise ValueError(f"logit_bias keys must be token ids (integers as strings), got {k!r}")
         return v
 
@@ -72,34 +113,34 @@ class _SamplingFields(_Request):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         return [s for s in stops if s]
 
+    def choice_seed(self, i: int) -> int | None:
+        """Choice i's seed: seed + i, wrapped into manual_seed's range so that a seed near the
+        top of the range with n > 1 cannot overflow (n seeded choices must differ)."""
+        return None if self.seed is None else (self.seed + i) % 2**64
 
-PromptType = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+
+NonEmpty = Field(min_length=1)
+PromptType = (Text | Annotated[list[Text], NonEmpty] | Annotated[list[TokenId], NonEmpty]
+              | Annotated[list[Annotated[list[TokenId], NonEmpty]], NonEmpty])
 
 
 class CompletionRequest(_SamplingFields):
     prompt: PromptType
-    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = 16
+    max_tokens: Int(ge=0) | None = 16
     echo: StrictBool = False
-    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_not_empty(cls, v):
-        if isinstance(v, list) and (not v or any(isinstance(p, list) and not p for p in v)):
-            raise ValueError("prompt must not be empty")
-        return v
+    logprobs: Int(ge=0, le=MAX_TOP_LOGPROBS) | None = None
 
 
 class TextPart(_Request):
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
 class ChatMessage(_Request):
     # "developer" is what newer OpenAI clients send instead of "system".
     role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[TextPart]
-    name: StrictStr | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -109,17 +150,21 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_tokens: Int(ge=1) | None = None
+    max_completion_tokens: Int(ge=1) | None = None
     logprobs: StrictBool = False
-    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    top_logprobs: Int(ge=0, le=MAX_TOP_LOGPROBS) | None = None
 
 
 class TokenizeRequest(_Request):
-    model: StrictStr | None = None
-    prompt: StrictStr | None = None
+    """Text is tokenized exactly as the generation endpoints tokenize it: always as plain text,
+    so "<|end|>" inside `prompt` or a message is characters, never the control token."""
+
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: StrictBool = True  # BOS for a prompt; the generation prompt for messages
+    add_special_tokens: StrictBool = Field(
+        True, description="prompt: prepend BOS; messages: end with the assistant generation prompt")
 
     @model_validator(mode="after")
     def _exactly_one(self):
@@ -129,8 +174,8 @@ class TokenizeRequest(_Request):
 
 
 class DetokenizeRequest(_Request):
-    model: StrictStr | None = None
-    tokens: list[StrictInt]
+    model: Text | None = None
+    tokens: list[TokenId]
 
 
 # ----------------------------------------------------------------------------------- responses

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from spud.serve import protocol as P
-from spud.serve.metrics import ServerMetrics
+from spud.serve.metrics import ServerMetrics, TokenTimer
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
@@ -25,17 +24,18 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
+                 type: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or ERROR_TYPES.get(status, "server_error")
+        self.headers = headers
 
     def body(self) -> dict:
         return P.ErrorResponse(error=P.ErrorDetail(
             message=self.message, type=self.type, param=self.param, code=self.code)).model_dump()
 
     def response(self, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=headers or self.headers)
 
 
 # -------------------------------------------------------------------------------- middleware
@@ -56,32 +56,35 @@ def _check_finish(fin) -> None:
         raise APIError(503, "request cancelled: the server is shutting down", code="cancelled")
 
 
-async def _merge(handles: list, ttft, endpoint: str, t0: float):
-    """One stream of (choice index, event) from several handles, in arrival order."""
+async def _merge(handles: list, metrics: ServerMetrics, endpoint: str, t0: float):
+    """One stream of (choice index, event) from several handles, in arrival order.
+
+    One pump task per handle feeds one queue; the merger awaits the queue directly (no helper
+    task per read), so when the consumer stops early (client gone: the generator is closed or
+    cancelled mid-await) nothing is left pending, and the finally block cancels the pumps, which
+    cancels their engine requests. A pump that dies forwards its exception through the queue.
+    """
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(k, h):
-        first = True
-        async for ev in h.stream():
-            if first and not _is_finish(ev):
-                ttft.observe(time.perf_counter() - t0, endpoint)
-                first = False
-            await queue.put((k, ev))
+        timer = TokenTimer(metrics, endpoint, t0, h)
+        try:
+            async for ev in h.stream():
+                if not _is_finish(ev):
+                    timer.token()
+                queue.put_nowait((k, ev))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - handed to the merger, which raises it
+            queue.put_nowait((k, e))
 
     tasks = [asyncio.create_task(pump(k, h)) for k, h in enumerate(handles)]
     try:
         left = len(handles)
         while left:
-            get = asyncio.create_task(queue.get())
-            done, _ = await asyncio.wait([get, *[t for t in tasks if not t.done()]],
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if get not in done:
-                get.cancel()
-                for t in done:  # a pump died: surface its exception instead of hanging
-                    if t.exception() is not None:
-                        raise t.exception()
-                continue
-            k, ev = get.result()
+            k, ev = await queue.get()
+            if isinstance(ev, BaseException):
+                raise ev
             left -= _is_finish(ev)
             yield k, ev
     finally:
@@ -113,7 +116,7 @@ async def collect(request: Request, handles: list, metrics: ServerMetrics, endpo
     results = [([], None) for _ in handles]
 
     async def run():
-        async for k, ev in _merge(handles, metrics.ttft, endpoint, t0):
+        async for k, ev in _merge(handles, metrics, endpoint, t0):
             if _is_finish(ev):
                 results[k] = (results[k][0], ev)
             else:
@@ -169,7 +172,7 @@ async def stream_events(kind: str, handles, ctx: dict, first: list, offsets: lis
         if not handles:
             for k in range(len(first)):
                 yield _sse(chunk(k, "", "length"))
-        async for k, ev in _merge(handles, metrics.ttft, endpoint, t0):
+        async for k, ev in _merge(handles, metrics, endpoint, t0):
             if not _is_finish(ev):
                 yield _sse(chunk(k, ev.text, None, [ev]))
                 continue
