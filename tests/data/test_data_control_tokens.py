@@ -17,13 +17,20 @@ def test_document_text_never_becomes_control_tokens(tmp_path, run_dir, tokenizer
     cfg = make_cfg([{"name": "t", "type": "text", "path": str(texts)}], total_tokens=1_500,
                    val_fraction=0.1)
     manifest = build_dataset(cfg, run_dir, progress=False, log=quiet)
-    tokens = np.concatenate([np.fromfile(run_dir / "data" / s["file"], dtype="<u2")
-                             for s in manifest["shards"]]).tolist()
-    # the only control id in the shards is the one BOS the build puts before each document
-    controls = {i for i in tokens if i in tokenizer.special_ids}
-    assert controls == {tokenizer.bos_id}
-    starts = [k for k, t in enumerate(tokens) if t == tokenizer.bos_id]
-    assert starts[0] == 0 and len(starts) > 10
-    pieces = [tokenizer.decode(tokens[a + 1:b]) for a, b in zip(starts, starts[1:] + [len(tokens)])]
-    assert all(p in docs for p in pieces[:-1])  # whole documents, markers kept as characters
-    assert pieces[-1] and any(d.startswith(pieces[-1]) for d in docs)
+    pieces = []
+    for split in ("train", "val"):
+        tokens = np.concatenate([np.fromfile(run_dir / "data" / s["file"], dtype="<u2")
+                                 for s in manifest["shards"] if s["split"] == split]).tolist()
+        # the only control id in the shards is the one BOS the build puts before each document
+        controls = {i for i in tokens if i in tokenizer.special_ids}
+        assert controls == {tokenizer.bos_id}
+        starts = [k for k, t in enumerate(tokens) if t == tokenizer.bos_id]
+        assert starts[0] == 0
+        pieces += [tokenizer.decode(tokens[a + 1:b]) for a, b in zip(starts, starts[1:] + [len(tokens)])]
+    assert len(pieces) > 10
+    # whole documents, markers kept as characters; one of them (train's or val's last) is cut at
+    # the budget, so it is a prefix of its document
+    whole = [p for p in pieces if p in docs]
+    assert len(whole) == len(pieces) - 1
+    (cut,) = [p for p in pieces if p not in docs]
+    assert cut and any(d.startswith(cut) for d in docs)

@@ -121,6 +121,7 @@ def build_dataset(
             "val_tokens": sum(s["tokens"] for s in shards if s["split"] == "val"),
             "shards": shards,
             "sources": reports,
+            "warnings": [w for r in reports for w in r["warnings"]],
             "data_config": cfg.data.model_dump(mode="json"),
             "seed": cfg.seed,
             "inputs_fingerprint": fingerprint,

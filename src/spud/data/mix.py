@@ -9,6 +9,13 @@ document at a time, and tokenized in batches on the Rust side (`encode_batch`, a
   sized from the remaining budget so little is tokenized past the cut;
 - the infinite generators simply stop at their target.
 
+Every source gets exactly its target: the document that crosses it is cut there (the rest of it
+is not used). A document longer than 1 MiB is read in pieces (sources.MAX_DOCUMENT_BYTES), so a
+10 MB one-line file costs 1 MiB of memory, not the whole file's tokens. When the very first
+document alone covers the whole budget (the source is in effect one document), its cut part is
+split by position, the last val_fraction of it going to validation, so the source still has
+validation text; and the build warns when one document supplies most of a source's tokens.
+
 A document's split is a pure function of its text (blake2b hash < val_fraction → val): the same
 document is in the same split in every build and in every repeat, so repetition cannot leak
 training text into validation. Validation documents are only taken on the first pass: repeating
@@ -31,7 +38,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeR
 from rich.text import Text
 
 from spud.config import Config, DataConfig
-from spud.data.sources import Document, Source, open_sources
+from spud.data.sources import MAX_DOCUMENT_BYTES, Document, Source, open_sources
 from spud.errors import SpudError
 from spud.tokenizer import Tokenizer
 
@@ -43,6 +50,7 @@ MAX_BATCH_BYTES = 2 << 20  # big enough to keep all cores busy, small enough to 
 MAX_BATCH_DOCS = 4096
 REPEAT_CACHE_TOKENS = 16_000_000  # a repeated source up to this size is replayed from memory
 PROGRESS_EVERY_TOKENS = 1 << 16
+DOMINANT_SHARE = 0.5  # one document above this share of its source's tokens → a warning
 
 
 def token_targets(data: DataConfig) -> list[int]:
@@ -156,14 +164,31 @@ class _Tally:
     target: int
     train: int = 0
     val: int = 0
-    documents: int = 0  # distinct documents taken (first pass)
+    documents: int = 0  # distinct documents taken (first pass; the pieces of one count once)
     bytes: int = 0
     passes: int = 0  # complete passes over the source
     progress: float = 0.0  # share of the current pass consumed
+    cut: str | None = None  # where the document cut at the target came from
+    # The largest document of the first pass (its pieces counted together), for the warning.
+    first_pass_tokens: int = 0
+    current: str | None = None
+    current_tokens: int = 0
+    largest: str | None = None
+    largest_tokens: int = 0
 
     @property
     def taken(self) -> int:
         return self.train + self.val
+
+    def count_document(self, where: str, tokens: int) -> None:
+        """Account a first-pass document (or piece: consecutive pieces share `where`)."""
+        self.first_pass_tokens += tokens
+        if where != self.current:
+            self.documents += 1
+            self.current, self.current_tokens = where, 0
+        self.current_tokens += tokens
+        if self.current_tokens > self.largest_tokens:
+            self.largest, self.largest_tokens = where, self.current_tokens
 
 
 def _close(docs: Iterator[Document] | None) -> None:
@@ -186,20 +211,32 @@ def _mix_source(
         if first or cache is None:
             docs = source.documents()
             pairs = encoded_documents(docs, tokenizer, lambda: target - tally.taken)
-            items = ((t, is_val_document(d.text, data.val_fraction), d.progress, d.nbytes)
+            items = ((t, is_val_document(d.text, data.val_fraction), d.progress, d.nbytes, d.where)
                      for d, t in pairs)
         else:
-            items = ((t, False, p, 0) for t, p in cache)
-        added, stop_short = 0, False
-        for tokens, val, progress, nbytes in items:
+            items = ((t, False, p, 0, "") for t, p in cache)
+        added = 0
+        for tokens, val, progress, nbytes, where in items:
             if val and not first:
                 tally.progress = progress
                 continue
-            if tally.taken and tally.taken + len(tokens) - target > target - tally.taken:
-                # Stop at the document boundary nearest the target: always overshooting would
-                # bias sources with long documents (whole stdlib modules) upward.
+            room = target - tally.taken
+            if len(tokens) > room:  # this document crosses the target: cut it there
+                tally.cut = where or "a document of a repeat pass"
+                if tally.taken == 0:
+                    _write_split_by_position(tokens[:room], tokenizer.bos_id, data.val_fraction, write, tally)
+                else:
+                    write("val" if val else "train", tokens[:room])
+                    if val:
+                        tally.val += room
+                    else:
+                        tally.train += room
+                tally.progress = progress
+                bar.advance(room)
+                if first:
+                    tally.bytes += nbytes
+                    tally.count_document(where, room)
                 _close(docs)
-                stop_short = True
                 break
             tally.progress = progress
             write("val" if val else "train", tokens)
@@ -210,8 +247,8 @@ def _mix_source(
             added += len(tokens)
             bar.advance(len(tokens))
             if first:
-                tally.documents += 1
                 tally.bytes += nbytes
+                tally.count_document(where, len(tokens))
                 if not val and cache is not None:
                     cache.append((tokens, progress))
                     cached_tokens += len(tokens)
@@ -234,11 +271,53 @@ def _mix_source(
                 log(f"source {source.name!r}: all its documents are in val, nothing to repeat; "
                     f"it stops at {tally.taken:,} of {target:,} target tokens")
                 break
-        if stop_short:
-            break
     source.stats.check_bad_fraction(source.name, data.max_bad_fraction)
     bar.flush()
-    return _report(source, tally)
+    report = _report(source, tally)
+    report["warnings"] = _warnings(source, tally, data.val_fraction)
+    for w in report["warnings"]:
+        log(f"warning: {w}")
+    return report
+
+
+def _write_split_by_position(tokens: np.ndarray, bos: int, val_fraction: float, write: WriteTokens,
+                             tally: _Tally) -> None:
+    """The first document alone fills the budget: hashing it whole would put the entire source in
+    one split, so its last val_fraction goes to val (as a document of its own, after a BOS)."""
+    n_val = round(len(tokens) * val_fraction)
+    if n_val < 2:  # a BOS and at least one token, or nothing
+        write("train", tokens)
+        tally.train += len(tokens)
+        return
+    keep = len(tokens) - n_val
+    write("train", tokens[:keep])
+    val = np.empty(n_val, dtype=tokens.dtype)
+    val[0] = bos
+    val[1:] = tokens[keep:keep + n_val - 1]
+    write("val", val)
+    tally.train += keep
+    tally.val += n_val
+
+
+def _warnings(source: Source, tally: _Tally, val_fraction: float) -> list[str]:
+    """What a user should know about a source's share; also written to the manifest."""
+    out = []
+    if tally.first_pass_tokens and tally.largest_tokens > DOMINANT_SHARE * tally.first_pass_tokens:
+        share = tally.largest_tokens / tally.first_pass_tokens
+        pieces = (f"; it is longer than {MAX_DOCUMENT_BYTES >> 20} MiB and was read in pieces"
+                  if source.stats.split_documents else "")
+        out.append(
+            f"source {source.name!r}: one document ({tally.largest}) supplies {share:.0%} of its "
+            f"{tally.first_pass_tokens:,} distinct tokens{pieces}. Its text is not shuffled with others; if it is a "
+            "collection, split it (split: blank_lines, or one file per document)"
+        )
+    if val_fraction > 0 and tally.val == 0 and tally.taken:
+        out.append(
+            f"source {source.name!r} has no validation tokens: none of its {tally.documents:,} "
+            f"documents fell into the val split (val_fraction={val_fraction}; a document is in val "
+            "when the hash of its text is, so a source of few documents may have none)"
+        )
+    return out
 
 
 def _report(source: Source, tally: _Tally) -> dict:
@@ -259,6 +338,8 @@ def _report(source: Source, tally: _Tally) -> dict:
         "val_tokens": tally.val,
         "documents": tally.documents,
         "bytes": tally.bytes,
+        "cut_document": tally.cut,
+        "largest_document": {"where": tally.largest, "tokens": tally.largest_tokens},
         "epochs": round(epochs, 4),
         "exhausted": tally.passes > 0 or tally.progress >= 1.0,
         "infinite": source.infinite,

@@ -18,17 +18,25 @@ import math
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 from spud.config import Config, SourceConfig
 from spud.data import builtin
+from spud.data.records import (
+    MAX_DOCUMENT_BYTES,
+    SourceStats,
+    decode_utf8,
+    file_pieces,
+    nontext_reason,
+    record_text,
+    text_pieces,
+)
 from spud.errors import SpudError
 
+__all__ = ["Document", "Source", "SourceStats", "open_sources", "source_seed"]
+
 FILE_SUFFIXES = {"text": (".txt", ".md"), "jsonl": (".jsonl",), "parquet": (".parquet",)}
-MAX_LISTED_FILES = 200  # the manifest lists this many files per source, then only a count
-MAX_SKIP_EXAMPLES = 20
 PARQUET_BATCH_ROWS = 1024  # rows per pyarrow batch: bounded memory however large the file
 _HF_HINT = (
     "hf sources also need network access; offline, download the dataset once elsewhere, save it "
@@ -40,68 +48,7 @@ class Document(NamedTuple):
     text: str
     nbytes: int  # UTF-8 length of text
     progress: float  # share of one pass of the source read once this document is in; nan: unknown
-
-
-@dataclass
-class SourceStats:
-    """What one pass over a source saw. `records` counts everything that could have been a
-    document (files, paragraphs, jsonl lines, parquet rows); `bad_records` the malformed ones."""
-
-    files: list[str] = field(default_factory=list)
-    files_count: int = 0
-    records: int = 0
-    bad_records: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)
-    skipped_examples: list[str] = field(default_factory=list)
-    utf8_replacements: int = 0
-
-    def file_read(self, name: str) -> None:
-        self.files_count += 1
-        if len(self.files) < MAX_LISTED_FILES:
-            self.files.append(name)
-
-    def skip(self, reason: str, where: str, detail: str, bad: bool = False) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        if len(self.skipped_examples) < MAX_SKIP_EXAMPLES:
-            self.skipped_examples.append(f"{where}: {detail}")
-        if bad:
-            self.records += 1
-            self.bad_records += 1
-
-    def check_bad_fraction(self, source: str, limit: float) -> None:
-        """Raise once a pass is over (never at the first bad line: the message reports the full
-        count, so the user learns the size of the problem in one run)."""
-        if not self.records or self.bad_records / self.records <= limit:
-            return
-        first = "\n    ".join(self.skipped_examples[:5])
-        raise SpudError(
-            f"source {source!r}: {self.bad_records:,} of {self.records:,} records are bad "
-            f"({self.bad_records / self.records:.1%}), more than data.max_bad_fraction={limit}. "
-            f"First bad records:\n    {first}\n"
-            "Fix the input, or raise data.max_bad_fraction to skip bad records anyway."
-        )
-
-    def to_dict(self) -> dict:
-        return {
-            "files": self.files,
-            "files_count": self.files_count,
-            "records": self.records,
-            "bad_records": self.bad_records,
-            "skipped": dict(sorted(self.skipped.items())),
-            "skipped_examples": self.skipped_examples,
-            "utf8_replacements": self.utf8_replacements,
-        }
-
-
-def decode_utf8(raw: bytes, stats: SourceStats) -> str:
-    """Decode with errors="replace", counting only the U+FFFD characters the decoder introduced
-    (the encoded U+FFFD already in the bytes is legitimate text)."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("utf-8", errors="replace")
-        stats.utf8_replacements += text.count("\ufffd") - raw.count(b"\xef\xbf\xbd")
-        return text
+    where: str = ""  # file, file:line, ...; the pieces of one long document share it
 
 
 def source_seed(seed: int, name: str) -> int:
@@ -109,31 +56,6 @@ def source_seed(seed: int, name: str) -> int:
     changes its text (on purpose: the name is its identity in the manifest)."""
     digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
-
-
-_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
-               bool: "boolean", type(None): "null"}
-
-
-def record_text(obj: object, name: str, where: str, stats: SourceStats) -> str | None:
-    """The text field of one jsonl/hf record, or None (counted as bad) when it has none."""
-    if not isinstance(obj, dict):
-        kind = _JSON_TYPES.get(type(obj), type(obj).__name__)
-        stats.skip("not_object", where, f"a JSON {kind}, not an object", bad=True)
-        return None
-    if name not in obj:
-        keys = ", ".join(list(map(str, obj))[:8]) or "none"
-        stats.skip("missing_field", where, f"no field {name!r} (keys: {keys})", bad=True)
-        return None
-    value = obj[name]
-    if value is None:
-        stats.skip("null", where, f"field {name!r} is null", bad=True)
-        return None
-    if not isinstance(value, str):
-        kind = _JSON_TYPES.get(type(value), type(value).__name__)
-        stats.skip("not_string", where, f"field {name!r} is a {kind}, not a string", bad=True)
-        return None
-    return value
 
 
 class Source:
@@ -166,22 +88,42 @@ class Source:
         self._passes += 1
         cap = self.cfg.max_documents
         count = 0
+        last_where, dropped, split = None, None, None
         for text, progress, where in self._read(stats):
-            stats.records += 1
-            if not text.strip():
-                stats.skip("empty", where, "empty or whitespace-only document")
+            piece = where == last_where  # a later piece of the same long (file) document
+            last_where = where
+            if cap and count >= cap and not piece:
+                return
+            if piece and where == dropped:  # the rest of a document judged not text
                 continue
-            try:
-                nbytes = len(text.encode("utf-8"))
-            except UnicodeEncodeError:  # lone surrogates, e.g. from a JSON "\ud800" escape
-                fixed = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-                stats.utf8_replacements += fixed.count("\ufffd") - text.count("\ufffd")
-                text, nbytes = fixed, len(fixed.encode("utf-8"))
-            count += 1
-            if cap:
-                progress = count / cap if math.isnan(progress) else max(progress, count / cap)
-            yield Document(text, nbytes, min(progress, 1.0))
-            if cap and count >= cap:
+            if not piece:
+                stats.records += 1
+            if not text.strip():
+                if not piece:
+                    stats.skip("empty", where, "empty or whitespace-only document")
+                continue
+            if reason := nontext_reason(text):
+                stats.skip("not_text", where, reason)
+                dropped = where
+                continue
+            parts = list(text_pieces(text, MAX_DOCUMENT_BYTES)) if len(text) > MAX_DOCUMENT_BYTES else [text]
+            if (piece or len(parts) > 1) and split != where:
+                stats.split_documents += 1
+                split = where
+            for part in parts:
+                try:
+                    nbytes = len(part.encode("utf-8"))
+                except UnicodeEncodeError:  # lone surrogates, e.g. from a JSON "\ud800" escape
+                    fixed = part.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+                    stats.utf8_replacements += fixed.count("\ufffd") - part.count("\ufffd")
+                    part, nbytes = fixed, len(fixed.encode("utf-8"))
+                if not piece:
+                    count += 1
+                if cap:
+                    progress = count / cap if math.isnan(progress) else max(progress, count / cap)
+                yield Document(part, nbytes, min(progress, 1.0), where)
+                piece = True
+            if cap and count >= cap and self.cfg.type != "text":  # text: its last file's pieces follow
                 return
 
     # ------------------------------------------------------------------------------- readers
@@ -189,7 +131,8 @@ class Source:
         """(text, progress, where) for every record, empty ones included."""
         c = self.cfg
         if self.generated:
-            return ((t, math.nan, c.builtin) for t in builtin.generated_documents(c.builtin, self.seed))
+            docs = builtin.generated_documents(c.builtin, self.seed)
+            return ((t, math.nan, f"{c.builtin}#{i}") for i, t in enumerate(docs, 1))
         readers = {"text": self._read_text, "jsonl": self._read_jsonl, "parquet": self._read_parquet,
                    "hf": self._read_hf, "builtin": self._read_stdlib}
         return readers[c.type](stats)
@@ -205,10 +148,15 @@ class Source:
         for path in self.files:
             stats.file_read(str(path))
             with self._open(path) as f:
-                if self.cfg.split == "file":
-                    raw = f.read()
-                    done += len(raw)
-                    yield decode_utf8(raw, stats).removeprefix("\ufeff"), done / self.total_units, str(path)
+                if self.cfg.split == "file":  # in pieces: a 10 GB file is never in memory at once
+                    found = False
+                    for i, raw in enumerate(file_pieces(f, MAX_DOCUMENT_BYTES)):
+                        done += len(raw)
+                        found = True
+                        text = decode_utf8(raw, stats)
+                        yield (text.removeprefix("\ufeff") if i == 0 else text), done / self.total_units, str(path)
+                    if not found:
+                        yield "", done / self.total_units, str(path)
                     continue
                 # blank_lines: a paragraph ends at a line that is empty or only whitespace.
                 lines: list[str] = []
@@ -239,7 +187,8 @@ class Source:
                     done += len(raw)
                     # A BOM (some Windows editors write one) would make line 1 invalid JSON.
                     line = decode_utf8(raw, stats).removeprefix("\ufeff" if lineno == 1 else "")
-                    if not line.strip():  # blank lines are formatting, not records
+                    if not line.strip():  # blank lines are formatting, not records: counted apart
+                        stats.blank_lines += 1
                         continue
                     where = f"{path}:{lineno}"
                     try:
@@ -291,8 +240,8 @@ class Source:
             if docs is None:
                 stats.skip("syntax_error", rel, "does not parse as Python")
                 continue
-            for doc in docs or [""]:  # "" is then skipped and counted as an empty document
-                yield doc, done / self.total_units, rel
+            for k, doc in enumerate(docs or [""], 1):  # "" is then skipped and counted as empty
+                yield doc, done / self.total_units, f"{rel}#{k}"
 
     def _read_hf(self, stats: SourceStats) -> Iterator[tuple[str, float, str]]:
         c = self.cfg
@@ -333,7 +282,8 @@ def _resolve_files(sc: SourceConfig, where: str) -> list[Path]:
     if path.is_dir():
         if not os.access(path, os.R_OK | os.X_OK):
             raise SpudError(f"{where}: directory {shown} is not readable (permissions)")
-        found = [p for p in path.rglob("*") if p.suffix.lower() in suffixes and p.is_file()]
+        # A broken symlink is kept so that it is reported below rather than silently dropped.
+        found = [p for p in path.rglob("*") if p.suffix.lower() in suffixes and (p.is_file() or p.is_symlink())]
         files = sorted(found, key=lambda p: p.relative_to(path).as_posix())
         if not files:
             raise SpudError(f"{where}: directory {shown} has no {'/'.join(suffixes)} files")
@@ -342,12 +292,32 @@ def _resolve_files(sc: SourceConfig, where: str) -> list[Path]:
     else:
         raise SpudError(f"{where}: {shown} is neither a regular file nor a directory")
     for f in files:
+        if f.is_symlink() and not f.exists():
+            raise SpudError(f"{where}: {f} is a broken symbolic link (to {os.readlink(f)}); fix or remove it")
+        if f.is_dir():
+            continue  # a directory named like a file: rglob lists its contents separately
         try:
             with f.open("rb") as fh:
                 fh.read(1)
         except OSError as e:
             raise SpudError(f"{where}: cannot read {f} ({e.strerror}); check its permissions") from None
+    files = [f for f in files if f.is_file()]
+    _check_not_all_empty(files, where)
     return files
+
+
+def _check_not_all_empty(files: list[Path], where: str) -> None:
+    """A source whose files hold no text at all fails now, naming them, instead of after the
+    tokenizer has trained on the other sources. (Some empty files among others are skipped and
+    counted in the manifest.) Only small files are read: a large one surely holds something."""
+    for f in files:
+        size = f.stat().st_size
+        if size > 1 << 16 or (size and f.read_bytes().strip()):
+            return
+    names = ", ".join(str(f) for f in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+    what = "the file is" if len(files) == 1 else f"all {len(files)} files are"
+    raise SpudError(f"{where}: no text: {what} empty or whitespace-only ({names}); "
+                    "fill it, or remove the source from data.sources")
 
 
 def _parquet_rows(sc: SourceConfig, files: list[Path], where: str) -> int:
