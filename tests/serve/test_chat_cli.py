@@ -75,7 +75,8 @@ def test_local_scripted_session(chat_run, prompts):
         run=str(chat_run),
     )
     assert rc == 0, out
-    assert out.startswith(f"Chatting with {chat_run} [step_")
+    # a run without `spud sft` is chatted with as the base model, and the session says so
+    assert out.startswith(f"Chatting with {chat_run} [base model, checkpoint {chat_run / 'checkpoints' / 'step_0000003'}].")
     assert out.count("spud> ") == 3
     for note in ("(system prompt set)", "(system prompt: 'You are terse.')", "(conversation cleared)",
                  "unknown command /bogus"):
