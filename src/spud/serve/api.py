@@ -2,37 +2,33 @@
 
 The app never runs the model itself: it validates a request (schemas in protocol.py), turns it
 into token ids + SamplingParams, submits one engine request per choice and formats the engine's
-events as OpenAI JSON or server-sent events. Transport concerns that must happen before FastAPI
-parses anything (API key, body size, per-status request counts) live in a raw ASGI middleware,
-so an oversized or unauthenticated body is rejected without being buffered or parsed.
+events as OpenAI JSON or server-sent events (streaming.py). What sits around the routes (API
+key, body limit, request counting, error shapes, the OpenAPI document) is in boundary.py.
 
 Error policy: anything the client can get wrong is a 4xx in OpenAI's error shape; a 500 means a
-bug here or in the engine, never bad input. Even then the exception stops at the outermost
-middleware (`_Guard`), which answers the 500 itself: an exception that escaped into uvicorn would
-close the connection, and the client's next request on that keep-alive connection would fail.
+bug here or in the engine, never bad input, and even then the connection stays usable.
 
 Tokenizing and detokenizing run in a worker thread: a 1 MB prompt takes long enough to stall
-every other stream (and /health) if done on the event loop.
+every other stream (and /health) if done on the event loop. Text from clients is always encoded
+as plain text (tokenizer.py): only the chat template adds control tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import logging
 import time
 import uuid
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spud.errors import SpudError
 from spud.serve import protocol as P
+from spud.serve.boundary import Guard, http_error, openapi_document, server_error, validation_error
 from spud.serve.engine import ContextLengthError, QueueFullError, SamplingParams
 from spud.serve.metrics import ServerMetrics
 from spud.serve.streaming import (
@@ -44,11 +40,6 @@ from spud.serve.streaming import (
 )
 
 WEB_DIR = Path(__file__).parent / "web"
-log = logging.getLogger("spud.serve")
-
-PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
-KNOWN_ENDPOINTS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
-                   "/health", "/metrics"}
 
 
 def _errors(*codes: int) -> dict:
@@ -60,160 +51,6 @@ def _errors(*codes: int) -> dict:
 GENERATION_ERRORS = _errors(400, 404, 413, 429, 503)
 
 
-class _Guard:
-    """API key, body-size limit and request counting, in front of routing and parsing."""
-
-    def __init__(self, app, *, api_key: str | None, max_body: int, metrics: ServerMetrics):
-        self.app, self.api_key, self.max_body, self.metrics = app, api_key, max_body, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        status = [None]  # set when the response starts
-
-        async def send_tracking(msg):
-            if msg["type"] == "http.response.start":
-                status[0] = msg["status"]
-            await send(msg)
-
-        try:
-            err = self._auth_error(scope)
-            if err is None and scope["method"] in ("POST", "PUT", "PATCH"):
-                receive, err = await self._buffer_body(scope, receive)
-            if err is not None:
-                await err.response()(scope, receive, send_tracking)
-            elif receive is not None:
-                await self.app(scope, receive, send_tracking)
-        except Exception as e:  # noqa: BLE001 - the boundary: a bug must not take the connection down
-            log.exception("error while handling %s %s", scope["method"], scope["path"])
-            if status[0] is not None:
-                raise  # the response is half sent: only closing the connection can signal it
-            await _server_error(None, e)(scope, receive, send_tracking)
-        finally:
-            path = scope["path"]
-            self.metrics.requests.labels(path if path in KNOWN_ENDPOINTS else "other",
-                                         str(status[0] or 499)).inc()  # 499: client left first
-
-    def _auth_error(self, scope) -> APIError | None:
-        if not self.api_key or not scope["path"].startswith(PROTECTED_PREFIXES):
-            return None
-        headers = dict(scope["headers"])
-        auth = headers.get(b"authorization", b"").decode("latin-1")
-        scheme, _, key = auth.partition(" ")
-        # compare_digest: the time taken must not reveal how many leading characters matched
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
-            return APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                            code="invalid_api_key")
-        return None
-
-    async def _buffer_body(self, scope, receive):
-        """Read the whole body (bounded) and hand the app a receive() that replays it. Checking the
-        header alone is not enough: chunked uploads have no Content-Length, and clients can lie."""
-        too_big = APIError(413, f"request body exceeds {self.max_body} bytes", code="request_too_large")
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                return receive, APIError(400, "invalid Content-Length header")
-            if int(declared) > self.max_body:
-                return receive, too_big
-        body = bytearray()
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return None, None  # client gone before sending its body: nothing to answer
-            body += msg.get("body", b"")
-            if len(body) > self.max_body:
-                return receive, too_big
-            if not msg.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()  # afterwards: disconnect detection still works
-
-        return replay, None
-
-
-# ---------------------------------------------------------------------------- error mapping
-def _param_path(loc) -> str | None:
-    """('body', 'messages', 0, 'role') → 'messages[0].role'. Pydantic puts union-member tags such
-    as 'list[int]' or 'constrained-int' into the path; they are not fields, so stop there."""
-    out = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif not part.isidentifier() or part in {"str", "int", "float", "bool", "list", "dict"}:
-            break
-        else:
-            out += f".{part}" if out else part
-    return out or None
-
-
-def _most_specific(errors: list[dict]) -> dict:
-    """The error to report. A union field (`stop`: a string or a list of at most 4) fails once per
-    member; "Input should be a valid string" is the least useful of those when the client clearly
-    sent a list that is too long. So among the first field's errors, prefer one that is not a
-    plain type mismatch."""
-    if not errors:
-        return {"loc": (), "msg": "invalid request"}
-    param = _param_path(tuple(errors[0].get("loc", ())))
-    same = [e for e in errors if _param_path(tuple(e.get("loc", ()))) == param]
-    specific = [e for e in same if not str(e.get("type", "")).endswith("_type")]
-    return (specific or same)[0]
-
-
-def _validation_error(_req, exc: RequestValidationError) -> JSONResponse:
-    first = _most_specific(exc.errors())
-    if first.get("type") == "json_invalid":
-        return APIError(400, "request body is not valid JSON", code="invalid_json").response()
-    param = _param_path(tuple(first.get("loc", ())))
-    msg = first.get("msg", "invalid value").removeprefix("Value error, ")
-    return APIError(400, f"{param}: {msg}" if param else msg, param=param).response()
-
-
-def _http_error(_req, exc: StarletteHTTPException) -> JSONResponse:
-    msg = {404: "no such route", 405: "method not allowed"}.get(exc.status_code, str(exc.detail))
-    return APIError(exc.status_code, msg).response(headers=getattr(exc, "headers", None))
-
-
-def _server_error(_req, exc: Exception) -> JSONResponse:
-    return APIError(500, f"internal server error ({type(exc).__name__})", type="server_error").response()
-
-
-def _openapi(app: FastAPI) -> dict:
-    """FastAPI's document minus its stock 422 "Validation Error" response: this server answers
-    every validation error with a 400 in OpenAI's shape (documented per route), never a 422."""
-    if app.openapi_schema is None:
-        doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        for operations in doc.get("paths", {}).values():
-            for op in operations.values():
-                op.get("responses", {}).pop("422", None)
-        _integer_limits(doc)
-        for name in ("HTTPValidationError", "ValidationError"):
-            doc.get("components", {}).get("schemas", {}).pop(name, None)
-        app.openapi_schema = doc
-    return app.openapi_schema
-
-
-def _integer_limits(node) -> None:
-    """FastAPI's OpenAPI models store limits as floats (n: maximum 16.0); on integer fields
-    write them back as integers."""
-    if isinstance(node, dict):
-        if node.get("type") == "integer":
-            for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
-                if isinstance(node.get(key), float) and node[key].is_integer():
-                    node[key] = int(node[key])
-        for v in node.values():
-            _integer_limits(v)
-    elif isinstance(node, list):
-        for v in node:
-            _integer_limits(v)
-
-
 # ------------------------------------------------------------------------------- the app
 def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_000) -> FastAPI:
     """The engine must already be started (serve() or the caller does that); the app only uses
@@ -221,12 +58,12 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
     app = FastAPI(title="Spud OpenAI-compatible API", version="1")
     metrics = ServerMetrics(engine)
     app.state.engine, app.state.metrics, app.state.draining = engine, metrics, False
-    app.add_middleware(_Guard, api_key=api_key, max_body=max_body_bytes, metrics=metrics)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_middleware(Guard, api_key=api_key, max_body=max_body_bytes, metrics=metrics)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(APIError, lambda _r, e: e.response())
-    app.add_exception_handler(Exception, _server_error)
-    app.openapi = lambda: _openapi(app)
+    app.add_exception_handler(Exception, server_error)
+    app.openapi = lambda: openapi_document(app)
     tok, started = engine.tokenizer, int(time.time())
     vocab = getattr(engine, "vocab_size", tok.vocab_size)  # the model's (maybe padded) vocabulary
 
