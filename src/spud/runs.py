@@ -64,8 +64,12 @@ def has_model(run_dir: str | Path, model: str) -> bool:
 
 
 def default_serving_model(run_dir: str | Path) -> str:
-    """serve/chat talk to people: the chat model when RUN has one, else the base model."""
-    return "chat" if has_model(run_dir, "chat") else "base"
+    """serve/chat talk to people: the chat model when RUN has one, else what RUN itself holds
+    (a chat run directory given directly, e.g. `spud sft --out runs/demo-chat`, is chat)."""
+    if has_model(run_dir, "chat"):
+        return "chat"
+    own = ckpt_io.latest_checkpoint(Path(run_dir))
+    return _model_kind(_state_config(own)) if own is not None else "base"
 
 
 def _check_model_name(model: str) -> None:

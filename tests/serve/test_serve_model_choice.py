@@ -139,9 +139,9 @@ def test_serve_model_chat_without_sft_is_a_clear_error(serve_run, capsys):
 def test_chat_cli_model_flag(sft_run):
     from spud.serve.chat_cli import chat
 
-    def banner(**kw) -> str:
+    def banner(run=sft_run, **kw) -> str:
         out = io.StringIO()
-        assert chat(str(sft_run), None, None, None, 0.0, 4, stdin=io.StringIO("/quit\n"), stdout=out, **kw) == 0
+        assert chat(str(run), None, None, None, 0.0, 4, stdin=io.StringIO("/quit\n"), stdout=out, **kw) == 0
         return out.getvalue().splitlines()[0]
 
     base_ckpt = sft_run / "checkpoints" / "step_0000003"
@@ -149,6 +149,10 @@ def test_chat_cli_model_flag(sft_run):
     assert banner().startswith(f"Chatting with {sft_run} [chat model, checkpoint {chat_ckpt}].")
     assert banner(model="base").startswith(f"Chatting with {sft_run} [base model, checkpoint {base_ckpt}].")
     assert banner(model="chat", checkpoint="2").startswith(f"Chatting with {sft_run} [chat model, checkpoint {chat_ckpt}]")
+    # the chat run directory given directly is a chat model too (e.g. `spud sft --out DIR`)
+    assert banner(sft_run / "chat").startswith(f"Chatting with {sft_run / 'chat'} [chat model, checkpoint {chat_ckpt}]")
+    with pytest.raises(SpudError, match="holds a chat model, not the base model asked for; choose it with --model chat"):
+        banner(sft_run / "chat", model="base")
     with pytest.raises(SpudError, match="chat: no checkpoint"):  # step 3 is the base model's, not chat's
         banner(model="chat", checkpoint="3")
     with pytest.raises(SpudError, match="a server .--url. serves the model it was started with"):
