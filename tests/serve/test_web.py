@@ -364,14 +364,15 @@ def test_markdown_renderer_cases(ui):
     assert render("\u0000" + "0" + "\u0000 `<i>`") == "<p>0 <code>&lt;i&gt;</code></p>"
 
 
-def test_api_error_is_shown(ui):
+def test_api_error_is_shown_once(ui):
     page = ui.page
     ui.send("please fail")
-    page.wait_for_selector("#banner", state="visible")
+    page.wait_for_selector(".msg.error")
     ui.wait_idle()
-    banner = page.inner_text("#banner")
-    assert "400" in banner and "stub says: temperature is too spicy" in banner
-    assert "stub says" in page.inner_text(".msg.error")
+    assert page.inner_text(".msg.error .body") == "HTTP 400 Bad Request: stub says: temperature is too spicy"
+    # inline only, not also as a banner: the page holds the message exactly once
+    assert page.is_hidden("#banner")
+    assert page.inner_text("body").count("stub says: temperature is too spicy") == 1
     assert page.locator(".msg.assistant").count() == 0
     # the error is not sent back to the model as history, and the next message works
     ui.send("hi")
@@ -383,9 +384,10 @@ def test_api_error_is_shown(ui):
 def test_error_inside_the_stream_is_shown(ui):
     page = ui.page
     ui.send("break midway")
-    page.wait_for_selector("#banner", state="visible")
+    page.wait_for_selector(".msg.error")
     ui.wait_idle()
-    assert "engine fell over" in page.inner_text("#banner")
+    assert page.inner_text(".msg.error .body") == "engine fell over"
+    assert page.is_hidden("#banner") and page.inner_text("body").count("engine fell over") == 1
     assert ui.last_reply().startswith("partial answer")
 
 
@@ -405,9 +407,10 @@ def test_network_failure_is_shown(ui):
     page = ui.page
     page.route("**/v1/chat/completions", lambda route: route.abort())
     ui.send("hello?")
-    page.wait_for_selector("#banner", state="visible")
+    page.wait_for_selector(".msg.error")
     ui.wait_idle()
-    assert "Network error" in page.inner_text("#banner")
+    assert page.inner_text(".msg.error .body").startswith("Network error: could not reach the server")
+    assert page.is_hidden("#banner") and page.inner_text("body").count("Network error") == 1
     page.unroute("**/v1/chat/completions")
     ui.send("hi")
     ui.wait_idle()

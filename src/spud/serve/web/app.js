@@ -394,10 +394,9 @@
       if (controller === ctrl) controller = null;
       if (error && !reply.content) conv.messages.splice(conv.messages.indexOf(reply), 1);
       else if (!reply.content && !reply.note) reply.note = "(empty reply)";
-      if (error) {
-        conv.messages.push({ role: "error", content: error });
-        showBanner(error);
-      }
+      // A failed reply is shown once, where it happened: inline in the conversation (and kept
+      // with it). The banner is only for problems not tied to a message (API key, server down).
+      if (error) conv.messages.push({ role: "error", content: error });
       conv.updated = Date.now();
       saveConvs();
       setBusy(false);
