@@ -95,7 +95,9 @@ class SpudLM(TemplateLM):
             choice = choose_model(run, (model or "base").strip(), checkpoint)
             self._model, self._tok, _cfg = load_choice(choice, device or "auto")
             self.checkpoint, self.model_kind, self.step = str(choice.checkpoint), choice.model, choice.step
-            print(f"spud lm-eval: {run}: {choice.describe()}", file=sys.stderr, flush=True)
+            note = (" (lm-eval's prompts are plain text: the chat template is not applied)"
+                    if choice.model == "chat" else "")
+            print(f"spud lm-eval: {run}: {choice.describe()}{note}", file=sys.stderr, flush=True)
         self._model.eval()
         self.run = run
         self._batch = _batch_size(batch_size)
