@@ -216,6 +216,9 @@ class TrainConfig(StrictModel):
     sample_tokens: int = Field(48, gt=0)
     checkpoint_every: int = Field(100, gt=0)
     keep_checkpoints: int = Field(3, gt=0)
+    init_from: str | None = Field(
+        None, description="Start from these weights (a run or checkpoint directory, e.g. from `spud "
+        "import hf`): continued pretraining with a fresh optimizer; the model config must match.")
     compile: bool = False
     log_every: int = Field(1, gt=0)
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = all cores.")

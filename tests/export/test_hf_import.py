@@ -138,3 +138,38 @@ def test_hub_name_without_network_is_an_offline_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SpudError, match=r"not in the local Hugging Face cache.*no network.*huggingface-cli download"):
         import_hf("someorg/some-model", tmp_path / "run")
+
+
+def test_continued_pretraining_starts_from_the_imported_weights(tmp_path):
+    """`spud train CONFIG --out NEW train.init_from=IMPORTED`: a fresh run on new data whose step 0
+    weights are the imported ones and whose data is tokenized with the imported tokenizer."""
+    import yaml
+
+    from spud.cli import main
+    from spud.tokenizer import Tokenizer
+
+    src = foreign_llama(tmp_path)
+    imported = tmp_path / "imported"
+    assert main(["import", "hf", str(src), "--out", str(imported)]) == 0
+    recipe = yaml.safe_load((imported / "config.yaml").read_text())
+    recipe["data"] = {"total_tokens": 20000, "val_fraction": 0.05, "sources": [
+        {"name": "arith", "type": "builtin", "builtin": "arithmetic"}]}
+    recipe["train"] = {"max_steps": 1, "lr": 1e-12, "warmup_steps": 0, "micro_batch_size": 2,
+                       "seq_len": 32, "eval_every": 1, "eval_batches": 1, "checkpoint_every": 1,
+                       "sample_prompts": [], "init_from": str(imported)}
+    cfg_path = tmp_path / "continue.yaml"
+    cfg_path.write_text(yaml.safe_dump(recipe))
+    new = tmp_path / "continued"
+    assert main(["train", str(cfg_path), "--out", str(new)]) == 0
+    assert Tokenizer.load(new / "tokenizer.json").sha256() == Tokenizer.load(imported / "tokenizer.json").sha256()
+    a = load_source(imported).model.state_dict()
+    b = load_source(new).model.state_dict()
+    for k in a:  # one step at lr 1e-12: still the imported weights
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
+    recipe["model"]["n_layers"] = 1
+    cfg_path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(SpudError, match="(?s)model config differs.*n_layers: checkpoint has 2, requested 1"):
+        from spud.config import load_config
+        from spud.train.trainer import Trainer
+
+        Trainer(load_config(cfg_path), tmp_path / "other")

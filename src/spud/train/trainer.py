@@ -45,7 +45,7 @@ from spud.runtime import (
 from spud.serve.sampling import generate
 from spud.tokenizer import Tokenizer
 from spud.train import checkpoint as ckpt_io
-from spud.train import distributed, faults
+from spud.train import distributed, faults, init_from
 from spud.train.faults import graceful_stop
 from spud.train.metrics import MetricsLog, read_metrics, truncate_after
 from spud.train.optim import build_optimizer
@@ -165,6 +165,7 @@ class Trainer:
     # ------------------------------------------------ hooks (post-training overrides these)
     def prepare_data(self, cfg: Config) -> Tokenizer:
         """Make sure the run has its token shards (building data and tokenizer if needed)."""
+        init_from.copy_tokenizer(cfg, self.run_dir)  # train.init_from: tokenize with its tokenizer
         self.manifest = build_dataset(cfg, self.run_dir, progress=True, log=self.console.print)
         return Tokenizer.load(self.run_dir / "tokenizer.json")
 
@@ -178,7 +179,11 @@ class Trainer:
         return self.manifest["val_tokens"] > 0
 
     def init_weights(self, model: torch.nn.Module) -> None:
-        """Weights of a fresh run (not a resume): the model's own random init for pretraining."""
+        """Weights of a fresh run (not a resume): the model's own random init for pretraining, or
+        those of train.init_from (continued pretraining, e.g. of a `spud import hf` model)."""
+        if self.cfg.train.init_from:
+            ckpt = init_from.load(self.cfg, model, self.tokenizer)
+            self.console.print(f"starting from the weights of {ckpt} (train.init_from)")
 
     # ---------------------------------------------------------------------------- evaluation
     @torch.no_grad()
