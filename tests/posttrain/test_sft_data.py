@@ -177,3 +177,10 @@ def test_data_parallel_ranks_split_the_global_batch(tok):
     for _ in range(3):
         x, _ = one.next_batch()
         assert (x[:2] == r0.next_batch()[0]).all() and (x[2:] == r1.next_batch()[0]).all()
+
+
+def test_blank_lines_are_counted_apart_from_records(tok, tmp_path):
+    f = tmp_path / "blanks.jsonl"
+    f.write_text("\n" + json.dumps({"messages": CONV}) + "\n\n   \n" + json.dumps({"messages": CONV[1:3]}) + "\n\n")
+    (src,) = load(tok, [f], limit=60, max_bad_fraction=0.0)
+    assert (src.summary["lines"], src.summary["blank_lines"], src.summary["bad"]) == (2, 4, 0)

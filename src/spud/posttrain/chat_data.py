@@ -143,6 +143,7 @@ class BadLines:
 def load_source(spec_path: str, weight: float, tok: Tokenizer, limit: int, val_fraction: float,
                 max_bad_fraction: float, builtin_count: int, seed: int) -> ChatSource:
     """Read, check, render and split one --data entry. `limit` = tokens one packed window holds."""
+    blank = 0
     if spec_path == "builtin":
         records = [(i + 1, m) for i, m in enumerate(builtin_chat.conversations(builtin_count, seed))]
         name, bad = "builtin", BadLines("builtin")
@@ -155,7 +156,8 @@ def load_source(spec_path: str, weight: float, tok: Tokenizer, limit: int, val_f
         with open(path, encoding="utf-8", errors="replace") as fh:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
-                    continue  # blank lines (e.g. a trailing newline) are not records
+                    blank += 1  # blank lines (e.g. a trailing newline) are not records: counted apart
+                    continue
                 total += 1
                 try:
                     obj = json.loads(line)
@@ -194,7 +196,7 @@ def load_source(spec_path: str, weight: float, tok: Tokenizer, limit: int, val_f
     if not src.train:
         raise SpudError(f"{name}: no training conversations left after the held-out split")
     src.summary = {
-        "source": name, "weight": weight, "lines": total,
+        "source": name, "weight": weight, "lines": total, "blank_lines": blank,
         "train_conversations": len(src.train), "val_conversations": len(src.val),
         "train_tokens": sum(len(c.ids) for c in src.train),
         "assistant_tokens": sum(sum(c.mask) for c in src.train),
