@@ -65,4 +65,7 @@ def test_mc_scorer_truncates_long_context_from_the_left():
     table[1, 7] = 5.0
     model = FakeLM(table, max_seq_len=4)
     scores = choice_logprobs(model, [2] * 20 + [1], [[7, 7], [3, 3]])
-    assert all(math.isfinite(s) for s in scores) and scores[0] > scores[1]
+    # the context keeps its last 2 tokens (..., 2, 1): the first choice token follows 1, the
+    # second follows a row of zeros (uniform over 10)
+    logz = math.log(math.exp(5) + 9)
+    assert scores == pytest.approx([(5 - logz) - math.log(10), -logz - math.log(10)], abs=1e-5)
