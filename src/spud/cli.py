@@ -172,6 +172,15 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def cmd_ablate(args) -> int:
+    from spud.train.ablate import ablate_cmd
+
+    ablate_cmd(resolve_recipe(args.config), vary=args.vary, variants_file=args.variants, flops=args.flops,
+               seeds=args.seeds, heldout=args.heldout, out=run_dir_arg(args.out), overrides=args.overrides,
+               evals=args.evals, heldout_tokens=args.heldout_tokens)
+    return 0
+
+
 def cmd_export_weights(args) -> int:
     from spud.export import export_weights
 
@@ -377,6 +386,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: <ladder dir>/fit)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for intervals")
     p.set_defaults(func=cmd_fit)
+
+    p = verbs.add_parser("ablate", help="train recipe variants at equal training FLOPs, compare on held-out text")
+    p.add_argument("config", help="base YAML recipe or built-in name")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + "; applied to every variant")
+    p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a config key and its values (repeatable: the variants are the cartesian product)")
+    p.add_argument("--variants", help="YAML file of named variants (NAME: {key: value, ...}) instead of --vary")
+    p.add_argument("--flops", required=True, help="training FLOPs per run, e.g. 2e13 (or a list: 5e12,1e13,2e13)")
+    p.add_argument("--seeds", type=int, default=1, help="runs per variant, seeds base, base+1, ...")
+    p.add_argument("--heldout", action="append", default=None, metavar="NAME|DIR|NAME=DIR",
+                   help="held-out corpus to score on (repeatable; default: stdlib_prose)")
+    p.add_argument("--evals", type=int, default=8, help="validation points per run (the plot's curve)")
+    p.add_argument("--heldout-tokens", type=int, default=32768, help="tokens scored per held-out corpus")
+    p.add_argument("--out", required=True, help="ablation directory (shared data, one run per variant)")
+    p.set_defaults(func=cmd_ablate)
 
     p = verbs.add_parser("demo", help="the whole pipeline on the built-in data, on CPU")
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")

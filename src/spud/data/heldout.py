@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
+import os
 import re
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
@@ -34,6 +37,7 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 HTML_SUFFIXES = (".html", ".htm")
 DOC_CHARS = 4000
 NGRAM = 13
+_STDLIB_PROSE_VERSION = 1  # bump when what stdlib_prose keeps changes (invalidates caches)
 INSTALL_HINT = (
     "e.g. the Debian documentation package gnu-standards: `apt-get install gnu-standards`, then "
     "--heldout gnu=/usr/share/doc/gnu-standards (see docs/recipe.md)"
@@ -58,20 +62,39 @@ class HeldoutCorpus:
 # ----------------------------------------------------------------------------------- built in
 @functools.lru_cache(maxsize=1)
 def _stdlib_prose() -> tuple[tuple[str, ...], str]:
-    files = builtin.stdlib_files(heldout=True)
+    """(documents, origin), cached on disk: the 13-gram check reads the whole stdlib (seconds)."""
+    from spud.hardware import cache_dir
+
+    held, training = builtin.stdlib_files(heldout=True), builtin.stdlib_files()
+    stats = [[str(p), s.st_size, s.st_mtime_ns] for p in held + training for s in [p.stat()]]
+    key = hashlib.sha256(json.dumps([_STDLIB_PROSE_VERSION, sys.version, builtin.HELDOUT_FRACTION,
+                                     stats]).encode()).hexdigest()[:16]
+    cache = cache_dir() / "heldout" / f"stdlib_prose-{key}.json"
+    try:
+        cached = json.loads(cache.read_text(encoding="utf-8"))
+        return tuple(cached["documents"]), cached["origin"]
+    except (OSError, ValueError, KeyError):
+        pass
     docs: list[str] = []
-    for path in files:
+    for path in held:
         parsed = builtin.docstring_documents(path.read_text(encoding="utf-8", errors="replace"),
                                              builtin.module_name(path))
         docs += [d for d in parsed or [] if d.strip()]
     # The stdlib copies some prose between modules (abc/_py_abc, gzip/bz2/lzma.open, shutil and
     # distutils archives): a held-out docstring that shares any 13-gram with a training module's
     # source is dropped, so the slice is disjoint from the training modules by check, too.
-    training = (p.read_text(encoding="utf-8", errors="replace") for p in builtin.stdlib_files())
-    shared = ngram_overlap(docs, training)["per_document"]
+    texts = (p.read_text(encoding="utf-8", errors="replace") for p in training)
+    shared = ngram_overlap(docs, texts)["per_document"]
     kept = tuple(d for d, found in zip(docs, shared) if found == 0)
-    origin = (f"docstrings of {len(files)} held-out stdlib modules under {builtin.stdlib_root()}, "
+    origin = (f"docstrings of {len(held)} held-out stdlib modules (Python {sys.version.split()[0]}), "
               f"less {len(docs) - len(kept)} that share a {NGRAM}-gram with a training module")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"documents": kept, "origin": origin}), encoding="utf-8")
+        tmp.replace(cache)
+    except OSError:  # a read-only home: no cache, still correct
+        pass
     return kept, origin
 
 

@@ -1,0 +1,179 @@
+"""`spud ablate` as a user runs it: equal-FLOP step counts, shared data, reports and plot, no
+retraining of finished runs, resume of an interrupted one, and clear errors before any work."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from tiny_recipe import TINY_OVERRIDES
+
+from spud.cli import main
+from spud.config import load_config
+from spud.errors import SpudError
+from spud.model.flops import flops_per_token
+from spud.tokenizer import Tokenizer
+from spud.train import ablate
+from spud.train.metrics import read_metrics
+
+TINY = str(Path(__file__).parents[2] / "configs" / "tiny.yaml")
+BASE = [o for o in TINY_OVERRIDES if not o.startswith(("train.max_steps", "train.eval_every",
+                                                         "train.checkpoint_every"))]
+BUDGET = 1.2e9  # 10 steps of the tiny swiglu model, 11 of relu2 (cheaper per token)
+VARIANTS = ["swiglu", "relu2"]
+
+
+def _docs(tmp: Path) -> Path:
+    d = tmp / "manuals"
+    d.mkdir()
+    text = "\n\n".join(f"Section {i}. Programs should report errors clearly and name the file "
+                       f"they could not read, so that users can fix problem number {i}." for i in range(60))
+    (d / "guide.md").write_text(text, encoding="utf-8")
+    (d / "page.html").write_text(f"<html><body><p>{text}</p></body></html>", encoding="utf-8")
+    return d
+
+
+def _args(out: Path, docs: Path) -> list[str]:
+    return ["ablate", TINY, *BASE, "--vary", "model.mlp=" + ",".join(VARIANTS), "--flops", f"{BUDGET:g}",
+            "--evals", "3", "--heldout", "stdlib_prose", "--heldout", f"docs={docs}",
+            "--heldout-tokens", "3000", "--out", str(out)]
+
+
+def _run_dir(out: Path, mlp: str) -> Path:
+    return out / "runs" / f"mlp={mlp}" / f"flops{BUDGET:.3g}-seed0"
+
+
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ablate")
+    docs, out = _docs(tmp), tmp / "out"
+    assert main(_args(out, docs)) == 0
+    return out, docs
+
+
+def test_equal_flop_steps_files_and_scores(ablation):
+    out, _ = ablation
+    report = json.loads((out / "ablation.json").read_text())
+    vocab = Tokenizer.load(out / "data" / "tokenizer.json").vocab_size
+    runs = {r["variant"]: r for r in report["runs"]}
+    assert set(runs) == {f"mlp={m}" for m in VARIANTS}
+    steps = {}
+    for mlp in VARIANTS:
+        cfg = load_config(TINY, [*BASE, f"model.mlp={mlp}", f"model.vocab_size={(vocab + 63) // 64 * 64}"])
+        fpt = flops_per_token(cfg.model, cfg.seq_len)["training"]
+        tps = cfg.train.micro_batch_size * cfg.seq_len
+        r = runs[f"mlp={mlp}"]
+        steps[mlp] = math.floor(BUDGET / (fpt * tps))
+        assert (r["steps"], r["flops_per_token"], r["tokens"]) == (steps[mlp], fpt, steps[mlp] * tps)
+        assert BUDGET - fpt * tps < r["flops"] <= BUDGET
+        trained = [m["step"] for m in read_metrics(Path(r["run_dir"]) / "metrics.jsonl") if m["kind"] == "train"]
+        assert trained == list(range(1, steps[mlp] + 1))
+        assert 0 < r["val_bpb"] < 10 and set(r["heldout"]) == {"stdlib_prose", "docs"}
+        assert all(0 < h["bpb"] < 10 and h["tokens"] > 0 for h in r["heldout"].values())
+        assert r["tokens_per_s"] > 0 and r["wall_s"] > 0
+        assert (Path(r["run_dir"]) / "data").resolve() == (out / "data" / "data").resolve()  # shared
+    assert steps["swiglu"] != steps["relu2"]  # equal FLOPs, not equal steps
+    # The same held-out text for every variant: same token counts.
+    assert runs["mlp=swiglu"]["heldout"]["docs"]["tokens"] == runs["mlp=relu2"]["heldout"]["docs"]["tokens"]
+    md = (out / "ablation.md").read_text()
+    assert "| mlp=swiglu |" in md and "| mlp=relu2 |" in md and "stdlib_prose bpb" in md
+    assert "0 of" in md  # 13-gram contamination of the held-out corpora: none
+    assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (summary,) = [s for s in report["summary"] if s["variant"] == "mlp=relu2"]
+    assert summary["val_bpb"] == runs["mlp=relu2"]["val_bpb"] and summary["val_bpb_std"] is None
+
+
+def test_rerun_does_not_retrain(ablation, capsys):
+    out, docs = ablation
+    before = {m: (_run_dir(out, m) / "metrics.jsonl").stat().st_mtime_ns for m in VARIANTS}
+    old = json.loads((out / "ablation.json").read_text())
+    assert main(_args(out, docs)) == 0
+    assert capsys.readouterr().out.count("finished earlier, not retrained") == 2
+    assert before == {m: (_run_dir(out, m) / "metrics.jsonl").stat().st_mtime_ns for m in VARIANTS}
+    new = json.loads((out / "ablation.json").read_text())
+    assert [r["val_bpb"] for r in new["runs"]] == [r["val_bpb"] for r in old["runs"]]
+
+
+def test_interrupted_run_resumes_exactly(ablation, tmp_path, monkeypatch):
+    done, docs = ablation
+    out = tmp_path / "out"
+    shutil.copytree(done, out, symlinks=True)
+    shutil.rmtree(_run_dir(out, "relu2"))  # swiglu stays finished; relu2 is trained again
+
+    from spud.train.trainer import Trainer
+
+    real_step = Trainer.train_step
+
+    def dies_at_step_6(self, lr):  # like a crash: no graceful checkpoint (the last one is step 4)
+        if self.step == 6 and self.cfg.model.mlp == "relu2":
+            raise KeyboardInterrupt
+        return real_step(self, lr)
+
+    monkeypatch.setattr(Trainer, "train_step", dies_at_step_6)
+    assert main(_args(out, docs)) == 130
+    run = _run_dir(out, "relu2")
+    assert not (run / ablate.RESULT).exists() and (run / "checkpoints").is_dir()
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert main(_args(out, docs)) == 0
+    events = [m.get("event") for m in read_metrics(run / "metrics.jsonl") if m["kind"] == "event"]
+    assert "resume" in events
+    resumed = json.loads((run / ablate.RESULT).read_text())
+    straight = json.loads((_run_dir(done, "relu2") / ablate.RESULT).read_text())
+    assert resumed["val_bpb"] == straight["val_bpb"] and resumed["heldout"] == straight["heldout"]
+
+
+def test_changed_plan_for_a_trained_run_is_an_error(ablation, capsys):
+    out, docs = ablation
+    args = _args(out, docs)
+    args.insert(2, "train.lr=0.001")  # same run directories, different config
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "different config" in err and "train.lr" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--vary", "model.mpl=a,b"], "unknown key 'model.mpl' (did you mean 'mlp'?)"),
+    (["--vary", "data.total_tokens=1000,2000"], "data.total_tokens cannot be varied"),
+    (["--vary", "seed=1,2"], "seeds are set by --seeds"),
+    (["--vary", "model.mlp=swiglu", "--flops", "1e5"], "too small for variant"),
+    (["--vary", "model.mlp=swiglu", "--flops", "lots"], "'lots' is not a positive number"),
+    (["--vary", "model.mlp=swiglu", "--flops=-1e12"], "is not a positive number"),
+    (["--vary", "model.mlp"], "expected KEY=VALUE1,VALUE2"),
+    ([], "give either --vary"),
+    (["--vary", "model.mlp=swiglu", "--heldout", "nothing/here"], "does not exist"),
+])
+def test_errors_before_any_work(tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    args = ["ablate", TINY, *BASE, *extra, "--out", str(out)]
+    if not any(a.startswith("--flops") for a in extra):
+        args += ["--flops", "2e9"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_lr_sweep_and_variants_file_plan(tmp_path):
+    tree = ablate.base_tree(TINY, BASE)
+    lr = ablate.parse_vary(["train.lr=1e-3,3e-3", "model.mlp=swiglu,relu2"])
+    assert [v.name for v in lr] == ["lr=1e-3,mlp=swiglu", "lr=1e-3,mlp=relu2",
+                                    "lr=3e-3,mlp=swiglu", "lr=3e-3,mlp=relu2"]
+    specs = ablate.plan_runs(tree, lr, [2e9, 4e9], [0, 1], 448, tmp_path, evals=4)
+    assert len(specs) == 4 * 2 * 2
+    assert {s.cfg.train.lr for s in specs} == {1e-3, 3e-3}
+    # The second budget runs the variants in reverse order (load drift does not favour one).
+    assert [s.variant.name for s in specs if s.budget == 4e9][::2] == [v.name for v in lr][::-1]
+    assert all(s.steps * s.tokens_per_step * s.flops_per_token <= s.budget for s in specs)
+    f = tmp_path / "variants.yaml"
+    f.write_text("baseline: {}\nwide-mlp:\n  model.mlp_hidden: 256\n  train: {lr: 0.002}\n")
+    named = ablate.load_variants_file(f)
+    assert [(v.name, v.overrides) for v in named] == [
+        ("baseline", {}), ("wide-mlp", {"model": {"mlp_hidden": 256}, "train": {"lr": 0.002}})]
+    spec = ablate.plan_runs(tree, named[1:], [2e9], [0], 448, tmp_path, 4)[0]
+    assert spec.cfg.model.mlp_hidden == 256 and spec.cfg.train.lr == 0.002
+    f.write_text("bad:\n  tokenizer.vocab_size: 300\n")
+    with pytest.raises(SpudError, match="tokenizer.vocab_size cannot be varied"):
+        ablate.load_variants_file(f)
