@@ -1,5 +1,11 @@
+import importlib.util
+import sys
+import threading
+
 import pytest
 
+from spud.errors import SpudError
+from spud.eval import math_norm
 from spud.eval.math_norm import (
     extract_gsm8k,
     extract_math,
@@ -9,7 +15,14 @@ from spud.eval.math_norm import (
     normalize_math,
 )
 
+# Both checkers run on the same cases. math-verify is in the `test` extra, so CI runs both; a
+# checkout without it skips only the math-verify half.
+HAVE_MATH_VERIFY = importlib.util.find_spec("math_verify") is not None  # without importing SymPy yet
+CHECKERS = ["builtin", pytest.param("math-verify", marks=pytest.mark.skipif(
+    not HAVE_MATH_VERIFY, reason="math-verify not installed (pip install 'spud[math]')"))]
 
+
+@pytest.mark.parametrize("checker", CHECKERS)
 @pytest.mark.parametrize("pred,gold", [
     ("\\frac12", "0.5"),
     ("\\left(3\\right)", "(3)"),
@@ -27,14 +40,59 @@ from spud.eval.math_norm import (
     ("\\frac{\\sqrt3}{2}", "\\frac{\\sqrt{3}}{2}"),
     ("-\\frac{3}{4}", "-0.75"),
 ])
-def test_math_equivalent(pred, gold):
-    assert math_equal(pred, gold), (normalize_math(pred), normalize_math(gold))
+def test_math_equivalent(pred, gold, checker):
+    assert math_equal(pred, gold, checker), (normalize_math(pred), normalize_math(gold))
 
 
+@pytest.mark.parametrize("checker", CHECKERS)
 @pytest.mark.parametrize("pred,gold", [("3", "4"), ("\\frac{1}{3}", "0.33"), ("", "0"), (None, "1"),
-                                       ("x + 1", "x + 2")])
-def test_math_not_equivalent(pred, gold):
-    assert not math_equal(pred, gold)
+                                       ("x + 1", "x + 2"), ("0.5", "\\frac{1}{3}"), ("-3", "3"),
+                                       ("\\$5", "6")])
+def test_math_not_equivalent(pred, gold, checker):
+    assert not math_equal(pred, gold, checker)
+
+
+# What the symbolic checker adds over the normaliser (the reason to prefer it when installed).
+@pytest.mark.parametrize("pred,gold", [
+    ("1 + x", "x + 1"),
+    ("\\frac{\\sqrt{8}}{2}", "\\sqrt{2}"),
+    ("\\{2, 1\\}", "\\{1, 2\\}"),
+    ("2\\pi", "\\pi \\cdot 2"),
+    ("50\\%", "50"),
+])
+def test_math_verify_is_symbolic(pred, gold):
+    pytest.importorskip("math_verify")
+    assert math_equal(pred, gold, "math-verify")
+    assert not math_equal(pred, "7", "math-verify")
+
+
+def test_default_checker_is_math_verify_when_installed_else_builtin(monkeypatch):
+    symbolic_only = ("1 + x", "x + 1")
+    math_norm._math_verify.cache_clear()
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # `import math_verify` now fails
+    try:
+        assert math_norm.math_checker() == "builtin"
+        assert not math_equal(*symbolic_only)  # the fallback decided
+        assert math_equal("\\frac12", "0.5")
+        with pytest.raises(SpudError, match=r"pip install 'spud\[math\]'"):
+            math_equal("1", "1", "math-verify")
+    finally:
+        monkeypatch.undo()
+        math_norm._math_verify.cache_clear()
+    if math_norm._math_verify() is not None:
+        assert math_norm.math_checker() == "math-verify" and math_equal(*symbolic_only)
+    with pytest.raises(SpudError, match="unknown answer checker 'sympy'"):
+        math_equal("1", "1", "sympy")
+
+
+def test_math_verify_works_off_the_main_thread():
+    """Its SIGALRM timeout only works on the main thread; eval workers and the server are not."""
+    pytest.importorskip("math_verify")
+    out = []
+    t = threading.Thread(target=lambda: out.append(math_equal("\\dfrac{2}{4}", "0.5", "math-verify")))
+    t.start()
+    t.join()
+    assert out == [True]
 
 
 def test_boxed_extraction_balances_braces():

@@ -1,15 +1,25 @@
 """Answer extraction and normalisation for generative tasks (GSM8K numbers, MATH LaTeX).
 
 Exact string match is far too strict for free-form answers: a model that writes `\\dfrac{1}{2}`,
-`1/2` or `0.5` for the reference `\\frac12` is right. So both sides go through the same
-normalisation (strip presentation-only LaTeX, units, `x =` prefixes) and, when both parse as
-numbers, are compared numerically.
+`1/2` or `0.5` for the reference `\\frac12` is right. MATH-style answers are checked by
+Hugging Face's `math-verify` when it is installed (`pip install 'spud[math]'`; also in the `eval`
+extra): it parses both sides into SymPy and compares them symbolically, so `x+1` == `1+x`,
+`\\sqrt{8}/2` == `\\sqrt2` and sets or intervals work. Without it, the built-in normaliser below
+is the fallback: both sides go through the same normalisation (strip presentation-only LaTeX,
+units, `x =` prefixes) and, when both parse as numbers, are compared numerically.
+`math_checker()` names the checker in use, so results can say which one produced them.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+import threading
 from fractions import Fraction
+
+from spud.errors import SpudError
+
+CHECKERS = ("math-verify", "builtin")
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _GSM_ANSWER = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
@@ -155,7 +165,48 @@ def math_to_number(s: str) -> Fraction | None:
     return -v if neg else v
 
 
-def math_equal(pred: str | None, gold: str | None) -> bool:
+# ---------------------------------------------------------------------------------- checkers
+@functools.cache
+def _math_verify():
+    try:
+        import math_verify
+    except ImportError:
+        return None
+    return math_verify
+
+
+def math_checker() -> str:
+    """The checker `math_equal` uses by default: "math-verify" when installed, else "builtin"."""
+    return "math-verify" if _math_verify() is not None else "builtin"
+
+
+def math_equal(pred: str | None, gold: str | None, checker: str | None = None) -> bool:
+    """Is `pred` the same MATH answer as `gold`? `checker`: "math-verify", "builtin", or None for
+    `math_checker()`."""
+    if pred is None or gold is None:
+        return False
+    checker = checker or math_checker()
+    if checker == "builtin":
+        return builtin_math_equal(pred, gold)
+    if checker != "math-verify":
+        raise SpudError(f"unknown answer checker {checker!r}; expected one of {list(CHECKERS)}")
+    mv = _math_verify()
+    if mv is None:
+        raise SpudError("the math-verify checker is not installed: pip install 'spud[math]'")
+    # math-verify's timeouts use SIGALRM, which only the main thread may set; elsewhere (eval
+    # worker threads, the server) it runs without one.
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    parsed = [mv.parse(_as_latex(s), parsing_timeout=timeout) for s in (gold, pred)]
+    return bool(parsed[1]) and mv.verify(parsed[0], parsed[1], timeout_seconds=timeout)
+
+
+def _as_latex(answer: str) -> str:
+    """A bare answer ("\\frac12") as the math-mode text math-verify extracts from."""
+    delimited = re.search(r"(?<!\\)\$", answer) or "\\boxed" in answer  # an escaped \$ is a dollar sign
+    return answer if delimited else f"${answer}$"
+
+
+def builtin_math_equal(pred: str | None, gold: str | None) -> bool:
     """Exact match after normalisation, or equal numeric values (1/2 == 0.5 == \\frac12)."""
     if pred is None or gold is None:
         return False
