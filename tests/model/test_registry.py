@@ -2,30 +2,36 @@ import pytest
 import torch
 from torch import nn
 
+from spud.config import validate_config
 from spud.errors import SpudError
-from spud.model import registry
+from spud.model.blocks.llama import LlamaBlock
+from spud.model.blocks.parallel import ParallelBlock
 from spud.model.layers import ResidualLinear
-from spud.model.registry import BLOCKS, build_model, get_block, register_block
+from spud.model.registry import BLOCKS, build_model, choices, get_block, register_block
 from spud.model.transformer import Transformer
 
 
 def test_builtin_blocks():
     assert {"llama", "parallel"} <= set(BLOCKS)
-    assert get_block("llama") is registry.LlamaBlock
+    assert get_block("llama") is LlamaBlock
 
 
-def test_unknown_block_lists_known_ones(tiny):
+@pytest.mark.parametrize("field,typo,right", [("block", "lama", "llama"), ("mlp", "swiglo", "swiglu")])
+def test_unknown_choice_lists_known_ones(field, typo, right):
+    """Choices come from the registry, and a typo fails at config load with a hint."""
     with pytest.raises(SpudError) as e:
-        build_model(tiny(block="lama"))
+        validate_config({"model": {field: typo}})
     msg = str(e.value)
-    assert "'lama'" in msg and "llama" in msg and "parallel" in msg and "did you mean" in msg
+    assert f"model.{field}" in msg and f"'{typo}'" in msg and f"did you mean '{right}'" in msg
+    for name in choices(field):
+        assert name in msg
 
 
 def test_parallel_block_shares_one_norm(tiny):
     model = build_model(tiny(block="parallel"))
     assert isinstance(model, Transformer)
     blk = model.blocks[0]
-    assert isinstance(blk, registry.ParallelBlock)
+    assert isinstance(blk, ParallelBlock)
     assert sum(isinstance(m, nn.Module) and type(m).__name__ == "RMSNorm"
                for m in blk.children()) == 1
     idx = torch.randint(0, 256, (2, 10))

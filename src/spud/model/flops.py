@@ -1,35 +1,45 @@
-"""Exact parameter and FLOP accounting from a ModelConfig, in pure Python (no torch import).
+"""Exact parameter and FLOP counts of a ModelConfig, read from the module itself.
 
-Used for MFU, `spud info`, and planning runs before any tensor exists, so it must agree with the
-built module exactly (tests/model/test_flops.py checks it against the module and against
-torch.utils.flop_counter.FlopCounterMode).
+Nothing here knows any architecture: the model the config describes is built on the meta device
+(shapes, no memory, no arithmetic, no initialisation), then
+- its parameters are counted;
+- its FLOPs are summed over its modules (`module_flops`): Linears by their shape, and modules
+  whose cost is not one matmul per token (attention, mixture of experts, multi-token heads)
+  by their own `flops_per_token(seq_len)`.
+So a new block, MLP or option is counted with no table to edit, and tests/model check every
+option against torch's FlopCounterMode on real forward and backward passes. Meta models are
+cached per config; a count takes milliseconds.
 
 FLOP convention ("model FLOPs", as in the PaLM MFU definition):
 - A matmul of (m×k)·(k×n) costs 2·m·n·k. Only matmuls are counted; norms, activations, softmax,
-  rotary, residual adds and the embedding lookup are ignored (they are O(d) per token, not O(d²)).
-- Attention scores QKᵀ and the weighted sum AV are counted over the *full* T×T square per head,
-  i.e. 2·2·T·head_dim·n_heads FLOPs per token per layer, even though the causal mask makes half
-  of it redundant: that is what SDPA's math path computes and what FlopCounterMode reports.
-  Flash kernels skip masked tiles, so on them "achieved" MFU is slightly understated, the usual
-  convention. GQA/MQA do not reduce attention FLOPs (every query head attends).
-- Training = 3 × forward: the backward of every matmul is two matmuls of the same size (grad of
-  input, grad of weight). Flash-attention backward additionally recomputes QKᵀ; being
-  rematerialisation, not model work, that is not counted.
-- The LM head (2·d·V per token) is counted, tied or not; the embedding lookup is not a matmul.
+  rotary, residual adds, routing and the embedding lookups are ignored (O(d) per token).
+- Attention scores QKᵀ and the weighted sum AV are counted over the *full* T×T square per head
+  (SDPA's math path, which FlopCounterMode sees), i.e. 2·2·T·head_dim·n_heads FLOPs per token per
+  layer, even though the causal mask makes half of it redundant. Sliding-window (local) layers
+  count the same: spud computes them as a masked full square. Flash kernels skip masked tiles,
+  so on them "achieved" MFU is slightly understated, the usual convention. GQA/MQA do not reduce
+  attention FLOPs (every query head attends).
+- A mixture of experts counts its router plus top_k expert MLPs per token (moe.py).
+- 'forward' is inference: the LM head for every position, no auxiliary heads. 'training' is
+  3 × the training forward (the backward of every matmul is two matmuls of the same size), which
+  includes multi-token-prediction heads. Flash-attention backward additionally recomputes QKᵀ;
+  being rematerialisation, not model work, that is not counted.
+- The LM head (2·d·V per token) is counted, tied or not.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from spud.errors import SpudError
 
 if TYPE_CHECKING:
     from spud.config import ModelConfig
-
-# RMSNorm gains (d_model each) per block, by registry block type. Every block type in
-# registry.py has the same matmuls (attention + MLP); only the number of norms differs.
-NORMS_PER_BLOCK: dict[str, int] = {"llama": 2, "parallel": 1}
 
 
 def _vocab(cfg: ModelConfig) -> int:
@@ -41,55 +51,118 @@ def _vocab(cfg: ModelConfig) -> int:
     return cfg.vocab_size
 
 
-def _norms_per_block(cfg: ModelConfig) -> int:
-    if cfg.block not in NORMS_PER_BLOCK:
-        raise SpudError(
-            f"flops.py does not know block type {cfg.block!r}; add it to NORMS_PER_BLOCK in "
-            f"spud/model/flops.py (known: {', '.join(NORMS_PER_BLOCK)})"
-        )
-    return NORMS_PER_BLOCK[cfg.block]
+def _config(key: str) -> ModelConfig:
+    from spud.config import ModelConfig
+
+    return ModelConfig.model_validate_json(key)
 
 
-def _mlp_mats(cfg: ModelConfig) -> int:
-    """Number of d_model×hidden weight matrices in the MLP."""
-    return 3 if cfg.mlp == "swiglu" else 2
-
-
-def _layer_matmul_params(cfg: ModelConfig) -> int:
-    """Weights of one block's projections (each is used once per token in a matmul)."""
-    d, hd = cfg.d_model, cfg.dim_head
-    attn = d * (cfg.n_heads + 2 * cfg.kv_heads) * hd + cfg.n_heads * hd * d
-    return attn + _mlp_mats(cfg) * d * cfg.hidden
+def _numel(params) -> int:
+    return sum(p.numel() for p in params)
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """{'total', 'embedding', 'non_embedding'}; equals Transformer(cfg).num_params().
 
-    'embedding' counts every vocab×d_model matrix: the token embedding, plus the LM head when it
-    is not tied (a tied head is the same tensor and is counted once).
+    'embedding' counts the vocabulary-sized tables: every nn.Embedding (token and value
+    embeddings), plus the LM head when it is not tied (a tied head is the same tensor, counted
+    once).
     """
-    v, d = _vocab(cfg), cfg.d_model
-    embedding = v * d * (1 if cfg.tie_embeddings else 2)
-    per_layer = _layer_matmul_params(cfg) + _norms_per_block(cfg) * d
-    if cfg.qk_norm:
-        per_layer += 2 * cfg.dim_head
-    non_embedding = cfg.n_layers * per_layer + d  # + final norm
-    return {
-        "total": embedding + non_embedding,
-        "embedding": embedding,
-        "non_embedding": non_embedding,
-    }
+    _vocab(cfg)
+    return dict(_param_counts(cfg.model_dump_json()))
+
+
+@lru_cache(maxsize=256)
+def _meta_model(key: str) -> nn.Module:
+    """The config's model on the meta device. A block class with a `layer_key(cfg, i)`
+    staticmethod promises equal parameters and compute for layers with equal keys, so one block
+    per key is built and repeated in model.blocks (the planner counts hundreds of deep candidate
+    shapes); without it, every layer is built."""
+    from spud.model.registry import get_block
+    from spud.model.transformer import Transformer
+
+    cfg = _config(key)
+    block_cls = get_block(cfg.block)
+    layer_key = getattr(block_cls, "layer_key", None)
+    with torch.device("meta"), _MetaBuild():
+        built: dict[object, nn.Module] = {}
+        blocks = []
+        for i in range(cfg.n_layers):
+            k = layer_key(cfg, i) if layer_key is not None else i
+            if k not in built:
+                built[k] = block_cls(cfg, i)
+            blocks.append(built[k])
+        return Transformer(cfg, blocks=blocks)
+
+
+class _MetaBuild(TorchFunctionMode):
+    """Build a model on the meta device without running its initialisers: on meta they do no
+    arithmetic but still cost ~1 ms each through the reference kernels, and the planner counts
+    hundreds of candidate shapes. In-place init calls return their tensor untouched, and
+    tensors are moved to meta without the copy's bookkeeping."""
+
+    SKIP = {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_,
+            torch.Tensor.trunc_normal_ if hasattr(torch.Tensor, "trunc_normal_") else None}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.SKIP:
+            return args[0]
+        if func is torch.Tensor.to and args and isinstance(args[0], torch.Tensor) and (
+            len(args) > 1 and str(args[1]) == "meta"
+        ):
+            return torch.empty_like(args[0], device="meta")
+        return func(*args, **(kwargs or {}))
+
+
+@lru_cache(maxsize=4096)
+def _param_counts(key: str) -> tuple[tuple[str, int], ...]:
+    cfg = _config(key)
+    model = _meta_model(key)
+    built = {id(b): b for b in model.blocks}.values()
+    in_blocks = {id(p) for b in built for p in b.parameters()}
+    shell = _numel(p for p in model.parameters() if id(p) not in in_blocks)
+    total = shell + sum(_numel(b.parameters()) for b in model.blocks._modules.values())
+    embedding = _numel(m.weight for m in model.modules() if isinstance(m, nn.Embedding))
+    if not cfg.tie_embeddings:
+        embedding += model.lm_head.weight.numel()
+    return (("total", total), ("embedding", embedding), ("non_embedding", total - embedding))
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, int]:
     """Matmul FLOPs per token for sequences of seq_len: {'forward', 'training'} (see module doc).
 
-    Per layer and token: 2·(projection weights) + 4·seq_len·head_dim·n_heads (QKᵀ and AV over the
-    full square); plus 2·d_model·vocab for the LM head. Training = 3 × forward.
+    For the llama block this is, per layer and token, 2·(projection weights) +
+    4·seq_len·head_dim·n_heads (QKᵀ and AV over the full square), plus 2·d_model·vocab for the
+    LM head; tests/model/test_flops.py checks both that formula and FlopCounterMode on real runs.
     """
     if seq_len <= 0:
         raise SpudError(f"seq_len must be positive, got {seq_len}")
-    v = _vocab(cfg)
-    per_layer = 2 * _layer_matmul_params(cfg) + 4 * seq_len * cfg.dim_head * cfg.n_heads
-    forward = cfg.n_layers * per_layer + 2 * cfg.d_model * v
-    return {"forward": forward, "training": 3 * forward}
+    _vocab(cfg)
+    model = _meta_model(cfg.model_dump_json())
+    forward = module_flops(model, seq_len)
+    extra = sum(module_flops(m, seq_len, training=True)
+                for m in model.modules() if getattr(m, "training_only", False))
+    return {"forward": round(forward), "training": round(3 * (forward + extra))}
+
+
+def module_flops(module: nn.Module, seq_len: int, training: bool = False) -> float:
+    """Forward matmul FLOPs per token of `module`, read from its structure:
+    - a module with a `flops_per_token(seq_len)` method reports its own (attention: its
+      projections plus the T-dependent QKᵀ and AV; a mixture of experts: router + top_k experts);
+    - an nn.Linear costs 2·in·out: every other module is assumed to apply each Linear it holds
+      once per token, which covers blocks made of projections, spud's Attention and MLPs;
+    - modules marked `training_only` (multi-token-prediction heads) count only when training;
+    - everything else (embeddings, norms) costs nothing.
+    A block that does anything else gives itself a flops_per_token method; the tests compare
+    these counts with torch's FlopCounterMode on real forward/backward passes.
+    """
+    if getattr(module, "training_only", False) and not training:
+        return 0
+    own = getattr(module, "flops_per_token", None)
+    if own is not None:
+        return own(seq_len)
+    if isinstance(module, nn.Linear):
+        return 2 * module.in_features * module.out_features
+    # _modules, not children(): a ModuleList that repeats a block (see _meta_model) counts it
+    # once per layer.
+    return sum(module_flops(m, seq_len) for m in module._modules.values() if m is not None)

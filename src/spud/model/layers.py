@@ -1,4 +1,4 @@
-"""Building blocks of the decoder: RMSNorm, rotary embeddings, attention, MLPs.
+"""Building blocks of the decoder: RMSNorm, rotary embeddings, attention (MLPs: mlp.py, moe.py).
 
 Design notes (CPU fp32 eager throughput drives most choices):
 - Projections are fused: one Linear for q/k/v and one for the SwiGLU gate/up pair. Fewer, larger
@@ -13,6 +13,8 @@ Design notes (CPU fp32 eager throughput drives most choices):
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from typing import TYPE_CHECKING
 
@@ -56,6 +58,20 @@ def linear(d_in: int, d_out: int) -> nn.Linear:
     return nn.Linear(d_in, d_out, bias=False)
 
 
+@functools.lru_cache(maxsize=16)
+def _rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU (T, 1, hd) cos and signed-sin tables. Cached, and computed on the CPU whatever the
+    default device: flops.py builds many models on the meta device, where these would cost
+    more than the rest of the model. Never modified in place (buffers are replaced by .to())."""
+    # float64 for the angles so long positions do not lose precision before cos/sin.
+    cpu = {"dtype": torch.float64, "device": "cpu"}
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, **cpu) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, **cpu), inv_freq)
+    cos, sin = angles.cos(), angles.sin()
+    # Shape (T, 1, hd): broadcasts over the head axis of (B, T, H, hd) activations.
+    return torch.cat((cos, cos), -1).float()[:, None], torch.cat((-sin, sin), -1).float()[:, None]
+
+
 class Rotary(nn.Module):
     """Rotary position embedding with precomputed cos/sin tables (half-rotation convention).
 
@@ -69,13 +85,10 @@ class Rotary(nn.Module):
     def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
         super().__init__()
         self.max_seq_len = max_seq_len
-        # float64 for the angles so long positions do not lose precision before cos/sin.
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-        cos, sin = angles.cos(), angles.sin()
-        # Shape (T, 1, hd): broadcasts over the head axis of (B, T, H, hd) activations.
-        self.register_buffer("cos", torch.cat((cos, cos), -1).float()[:, None], persistent=False)
-        self.register_buffer("sin", torch.cat((-sin, sin), -1).float()[:, None], persistent=False)
+        cos, sin = _rotary_tables(head_dim, max_seq_len, theta)
+        dev = torch.get_default_device()  # meta while flops.py counts
+        self.register_buffer("cos", cos.to(dev), persistent=False)
+        self.register_buffer("sin", sin.to(dev), persistent=False)
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """Rotate x of shape (B, T, H, head_dim) for positions offset .. offset+T-1."""
@@ -111,15 +124,29 @@ class Rotary(nn.Module):
         return torch.addcmul(x * cos, torch.cat((x2, x1), dim=-1), sin)
 
 
-class Attention(nn.Module):
-    """Causal self-attention with grouped KV heads (MHA / GQA / MQA) and optional QK-norm."""
+def causal_mask(offset: int, t: int, window: int | None, device) -> torch.Tensor:
+    """Boolean (t, offset + t) mask: query i (at position offset + i) sees key j when
+    j <= offset + i and, with a window, offset + i - j < window."""
+    kpos = torch.arange(offset + t, device=device)
+    qpos = torch.arange(offset, offset + t, device=device)[:, None]
+    mask = kpos[None, :] <= qpos
+    if window is not None:
+        mask &= kpos[None, :] > qpos - window
+    return mask
 
-    def __init__(self, cfg: ModelConfig) -> None:
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped KV heads (MHA / GQA / MQA), optional QK-norm, an
+    optional sliding window (`model.attn_pattern` / `attn_window`: this layer's queries see only
+    the last `window` positions) and optional value embeddings added to the values."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.kv_heads
         self.head_dim = cfg.dim_head
         self.dropout = cfg.dropout
+        self.window = cfg.window_at(layer_idx)  # None = global (full causal) attention
         # Fused projection, rows ordered [q heads | k heads | v heads].
         self.qkv = linear(cfg.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim)
         self.proj = ResidualLinear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
@@ -128,15 +155,22 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
+    def flops_per_token(self, seq_len: int) -> int:
+        """Projections, plus QKᵀ and AV over the full seq_len square for every query head
+        (flops.py convention; a window masks that square, it does not shrink it)."""
+        return 2 * (self.qkv.weight.numel() + self.proj.weight.numel()) + 4 * seq_len * self.head_dim * self.n_heads
+
     def forward(
         self,
         x: torch.Tensor,
         rotary: Rotary,
         kv_cache: KVCache | None = None,
         layer: int = 0,
+        value_embed: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """value_embed: (B, T, n_kv_heads·head_dim) added to the values (model.value_embeds)."""
         if kv_cache is not None and kv_cache.per_row:
-            return self._forward_slots(x, rotary, kv_cache, layer)
+            return self._forward_slots(x, rotary, kv_cache, layer, value_embed)
         b, t, _ = x.shape
         h, hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.qkv(x).view(b, t, h + 2 * hkv, hd)
@@ -150,6 +184,8 @@ class Attention(nn.Module):
             # q and k are adjacent in the fused output: rotate both with one set of kernels.
             qk, v = qkv.split((h + hkv, hkv), dim=2)
             q, k = rotary(qk, offset).split((h, hkv), dim=2)
+        if value_embed is not None:
+            v = v + value_embed.view(b, t, hkv, hd).to(v.dtype)
         # (B, T, H, hd) -> (B, H, T, hd) as views; SDPA handles the strides.
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
@@ -160,11 +196,12 @@ class Attention(nn.Module):
             k, v = k.to(q.dtype), v.to(q.dtype)
             if offset > 0:
                 causal = False
-                if t > 1:  # chunked prefill: query i sees keys up to offset + i
-                    kpos = torch.arange(offset + t, device=x.device)
-                    qpos = torch.arange(offset, offset + t, device=x.device)
-                    mask = kpos[None, :] <= qpos[:, None]
-                # t == 1: the single new token sees every cached key; no mask needed.
+                # chunked prefill: query i sees keys up to offset + i. A single new token sees
+                # every cached key, so it needs no mask unless a window hides the oldest ones.
+                if t > 1 or (self.window is not None and offset + t > self.window):
+                    mask = causal_mask(offset, t, self.window, x.device)
+        if causal and self.window is not None and t > self.window:
+            mask, causal = causal_mask(0, t, self.window, x.device), False
 
         drop = self.dropout if self.training else 0.0
         # enable_gqa (torch >= 2.5, spud's minimum) broadcasts each KV head over its group of
@@ -178,7 +215,8 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(b, t, h * hd))
 
     def _forward_slots(
-        self, x: torch.Tensor, rotary: Rotary, cache: SlotKVCache, layer: int
+        self, x: torch.Tensor, rotary: Rotary, cache: SlotKVCache, layer: int,
+        value_embed: torch.Tensor | None,
     ) -> torch.Tensor:
         """Attention for rows that live in different slots of a SlotKVCache, each with its own
         length. Kept apart from `forward` so the training / single-sequence path stays exactly
@@ -193,82 +231,38 @@ class Attention(nn.Module):
         else:
             qk, v = qkv.split((h + hkv, hkv), dim=2)
             q, k = cache.rotary_at(rotary, qk).split((h, hkv), dim=2)
+        if value_embed is not None:
+            v = v + value_embed.view(b, t, hkv, hd).to(v.dtype)
         k, v = cache.update(layer, k, v)  # takes (B, T, Hkv, hd), returns (B, Hkv, L, hd)
         k, v = k.to(q.dtype), v.to(q.dtype)
         # The boolean mask (B, 1, T, L) hides keys after each query's position, which covers
-        # both causality and whatever a slot's previous occupant left beyond this row's length.
-        # It is None when it would be all True (one new token per row, all rows equally long).
+        # both causality and whatever a slot's previous occupant left beyond this row's length,
+        # and, for a windowed layer, keys older than the window. It is None when it would be
+        # all True (one new token per row, all rows equally long, no window cut).
         y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k, v, attn_mask=cache.mask, enable_gqa=hkv != h,
+            q.transpose(1, 2), k, v, attn_mask=cache.mask_for(self.window), enable_gqa=hkv != h,
         )
         return self.proj(y.transpose(1, 2).reshape(b, t, h * hd))
 
 
-class SwiGLU(nn.Module):
-    """silu(x·Wg) ⊙ (x·Wu) · Wd, with Wg and Wu fused into one matmul (rows [gate | up])."""
-
-    def __init__(self, d_model: int, hidden: int) -> None:
-        super().__init__()
-        self.hidden = hidden
-        self.gate_up = linear(d_model, 2 * hidden)
-        self.down = ResidualLinear(hidden, d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
-
-
-class _UpDownMLP(nn.Module):
-    """act(x·Wu) · Wd: the two-matrix MLPs, differing only in the activation."""
-
-    def __init__(self, d_model: int, hidden: int) -> None:
-        super().__init__()
-        self.up = linear(d_model, hidden)
-        self.down = ResidualLinear(hidden, d_model, bias=False)
-
-    @staticmethod
-    def act(h: torch.Tensor) -> torch.Tensor:
-        raise TypeError("subclasses define the activation")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.act(self.up(x)))
-
-
-class ReLU2(_UpDownMLP):
-    """relu(x·Wu)² · Wd (Primer / modded-nanoGPT)."""
-
-    @staticmethod
-    def act(h: torch.Tensor) -> torch.Tensor:
-        return F.relu(h).square()
-
-
-class GELU(_UpDownMLP):
-    """gelu(x·Wu) · Wd with the tanh approximation, as in GPT-2 (the gelu presets mimic it)."""
-
-    @staticmethod
-    def act(h: torch.Tensor) -> torch.Tensor:
-        return F.gelu(h, approximate="tanh")
-
-
-MLPS: dict[str, type[nn.Module]] = {"swiglu": SwiGLU, "relu2": ReLU2, "gelu": GELU}
-
-
-def build_mlp(cfg: ModelConfig) -> nn.Module:
-    if cfg.mlp not in MLPS:
-        raise SpudError(f"unknown model.mlp {cfg.mlp!r}; choose one of: {', '.join(MLPS)}")
-    return MLPS[cfg.mlp](cfg.d_model, cfg.hidden)
-
-
-def init_weights(model: nn.Module, std: float, n_layers: int) -> None:
-    """Normal(std) for every matmul / embedding weight; residual outputs get std/sqrt(2·L).
+def init_weights(model: nn.Module, std: float, n_layers: int, zero_residual: bool = False) -> None:
+    """Normal(std) for every matmul / embedding weight; residual outputs get std/sqrt(2·L), or
+    zeros with zero_residual (`model.zero_init_residual`).
 
     The depth scaling (GPT-2, Megatron) keeps the residual stream's variance at init roughly
-    independent of depth: each of the 2·L residual branches adds variance ∝ std².
+    independent of depth: each of the 2·L residual branches adds variance ∝ std². Zero-init
+    (modded-nanogpt, nanochat) goes further: every block starts as the identity, so the model
+    starts as embedding → LM head and each branch grows from zero as its gradient asks; the
+    branch's input projections still get gradient, because its output weight's gradient
+    (output grad × branch activation) is not zero.
     """
     out_std = std / math.sqrt(2 * n_layers)
     for m in model.modules():
         if isinstance(m, ResidualLinear):
-            nn.init.normal_(m.weight, mean=0.0, std=out_std)
+            if zero_residual:
+                nn.init.zeros_(m.weight)
+            else:
+                nn.init.normal_(m.weight, mean=0.0, std=out_std)
         elif isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, mean=0.0, std=std)
         elif isinstance(m, RMSNorm):
@@ -302,13 +296,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dev = h.device.type
         # Under autocast, run the matmuls in the autocast dtype (as nn.Linear would) and the
         # softmax in fp32; autocast itself is switched off so out= buffers keep their dtype.
-        mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        # (meta tensors, as flops.py counts, have no autocast at all)
+        amp = torch.amp.is_autocast_available(dev)
+        mm_dtype = torch.get_autocast_dtype(dev) if amp and torch.is_autocast_enabled(dev) else h.dtype
         n, v = h.shape[0], weight.shape[0]
         # ~8 MB of fp32 logits per chunk on CPU stays cache-friendly and is reused across
         # chunks; accelerators get bigger chunks to keep per-chunk launch overhead small.
         budget = 2**21 if dev == "cpu" else 2**26
         rows = max(1, min(n, budget // v))
-        with torch.autocast(dev, enabled=False):
+        with torch.autocast(dev, enabled=False) if amp else contextlib.nullcontext():
             hm, wm = h.to(mm_dtype), weight.to(mm_dtype)
             valid = targets != ignore_index
             n_valid = valid.sum()

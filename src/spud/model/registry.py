@@ -1,58 +1,114 @@
-"""Registry of named transformer block types.
+"""Lookup of the named parts a `ModelConfig` chooses from: block types and MLP types.
 
-`ModelConfig.block` names an entry here. Adding an architecture = writing one block class and
-decorating it with `@register_block("name")`; the Transformer shell (embedding, final norm, LM
-head, KV cache, init) is shared by all blocks.
+A new architecture is one file under `spud/model/blocks/` (or a plugin module named in
+`model.plugins`) with one decorated class; nothing else needs editing:
 
-A block class is constructed as `Block(cfg, layer_idx)` and called as
-`block(x, rotary, kv_cache, layer_idx) -> x` on the residual stream x of shape (B, T, d_model).
-Blocks tag the Linears that write into the residual stream as `layers.ResidualLinear` so the
-shared init can depth-scale them. If a block's parameter count differs from the "llama" block's
-(other than through norms), teach `flops.param_counts` about it too.
+- `@register_block("name")` makes a block class available as `model.block: name`. It is built
+  as `Block(cfg, layer_idx)` and called as `block(x, rotary, kv_cache, layer)` on the residual
+  stream x (B, T, d_model), plus `value_embed=` when `model.value_embeds` feeds its layer.
+- `@register_mlp("name")` makes an MLP class available as `model.mlp: name`, built as
+  `MLP(d_model, hidden)`.
+
+Parameter and FLOP counts (flops.py) are measured from the built module, and config validation
+and `spud info` list the choices from here, so neither needs a table entry.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from torch import nn
 
 from spud.errors import SpudError
-from spud.model.layers import Attention, RMSNorm, Rotary, build_mlp
 
 if TYPE_CHECKING:
-    import torch
-
     from spud.config import ModelConfig
-    from spud.model.transformer import KVCache, Transformer
+    from spud.model.transformer import Transformer
 
 BLOCKS: dict[str, type[nn.Module]] = {}
+MLPS: dict[str, type[nn.Module]] = {}
+_KINDS = {"block": BLOCKS, "mlp": MLPS}
 
-B = TypeVar("B", bound=type[nn.Module])
+C = TypeVar("C", bound=type[nn.Module])
 
 
-def register_block(name: str) -> Callable[[B], B]:
-    """Class decorator: make a block type available as `model.block: <name>`."""
+def _register(kind: str, name: str) -> Callable[[C], C]:
+    table = _KINDS[kind]
 
-    def deco(cls: B) -> B:
-        if name in BLOCKS and BLOCKS[name] is not cls:
-            raise SpudError(f"block type {name!r} is already registered by {BLOCKS[name]!r}")
-        BLOCKS[name] = cls
+    def deco(cls: C) -> C:
+        if name in table and table[name] is not cls:
+            raise SpudError(f"{kind} type {name!r} is already registered by {table[name]!r}")
+        table[name] = cls
         return cls
 
     return deco
 
 
+def register_block(name: str) -> Callable[[C], C]:
+    """Class decorator: make a block type available as `model.block: <name>`."""
+    return _register("block", name)
+
+
+def register_mlp(name: str) -> Callable[[C], C]:
+    """Class decorator: make an MLP type available as `model.mlp: <name>`."""
+    return _register("mlp", name)
+
+
+def _builtins() -> None:
+    # Imported on first lookup, not at module import: the built-in modules themselves import
+    # this one for the decorators.
+    import spud.model.blocks  # noqa: F401
+    import spud.model.mlp  # noqa: F401
+
+
+def load_plugins(modules: list[str]) -> None:
+    """Import the modules named in `model.plugins` so their decorators register their parts.
+
+    Module names only (importable from sys.path, e.g. an installed package or, under
+    `python -m spud`, a file in the current directory): a config never names a file to execute.
+    """
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise SpudError(
+                f"model.plugins: cannot import {name!r} ({e}); give an importable module name "
+                "(on PYTHONPATH, or in the current directory with `python -m spud`)"
+            ) from None
+
+
+def choices(kind: str) -> dict[str, type[nn.Module]]:
+    """Registered entries of a kind ('block' or 'mlp'), name → class."""
+    _builtins()
+    return dict(_KINDS[kind])
+
+
+def unknown_message(kind: str, name: str) -> str | None:
+    """None if `name` is registered, else the error text (with a did-you-mean hint)."""
+    table = choices(kind)
+    if name in table:
+        return None
+    close = difflib.get_close_matches(name, list(table), n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown model.{kind} {name!r}{hint}; known {kind} types: {', '.join(sorted(table))}"
+
+
+def _get(kind: str, name: str) -> type[nn.Module]:
+    msg = unknown_message(kind, name)
+    if msg:
+        raise SpudError(msg)
+    return _KINDS[kind][name]
+
+
 def get_block(name: str) -> type[nn.Module]:
-    if name not in BLOCKS:
-        close = difflib.get_close_matches(name, list(BLOCKS), n=1, cutoff=0.5)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise SpudError(
-            f"unknown model.block {name!r}{hint}; known block types: {', '.join(sorted(BLOCKS))}"
-        )
-    return BLOCKS[name]
+    return _get("block", name)
+
+
+def get_mlp(name: str) -> type[nn.Module]:
+    return _get("mlp", name)
 
 
 def build_model(cfg: ModelConfig) -> Transformer:
@@ -62,48 +118,3 @@ def build_model(cfg: ModelConfig) -> Transformer:
     from spud.model.transformer import Transformer
 
     return Transformer(cfg)
-
-
-@register_block("llama")
-class LlamaBlock(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)) (Llama, GPT-NeoX...)."""
-
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
-        super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = build_mlp(cfg)
-        # Residual dropout only when asked for: an identity module still costs a call per layer.
-        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
-
-    def forward(
-        self, x: torch.Tensor, rotary: Rotary, kv_cache: KVCache | None = None, layer: int = 0
-    ) -> torch.Tensor:
-        a = self.attn(self.attn_norm(x), rotary, kv_cache, layer)
-        x = x + (self.drop(a) if self.drop is not None else a)
-        m = self.mlp(self.mlp_norm(x))
-        return x + (self.drop(m) if self.drop is not None else m)
-
-
-@register_block("parallel")
-class ParallelBlock(nn.Module):
-    """x + attn(norm(x)) + mlp(norm(x)) off one shared norm (GPT-J, PaLM).
-
-    Attention and MLP read the same normalised input, so a layer needs one norm instead of two
-    and the two branches could run concurrently; quality is close to the sequential block.
-    """
-
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
-        super().__init__()
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg)
-        self.mlp = build_mlp(cfg)
-        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
-
-    def forward(
-        self, x: torch.Tensor, rotary: Rotary, kv_cache: KVCache | None = None, layer: int = 0
-    ) -> torch.Tensor:
-        h = self.norm(x)
-        y = self.attn(h, rotary, kv_cache, layer) + self.mlp(h)
-        return x + (self.drop(y) if self.drop is not None else y)

@@ -1,4 +1,4 @@
-"""The decoder-only Transformer shell, its KV cache, and Hugging Face Llama weight export.
+"""The decoder-only Transformer shell and Hugging Face Llama weight export (caches: kv_cache.py).
 
 The shell owns what every architecture shares (token embedding, rotary tables, final norm, LM
 head, loss, init, cache bookkeeping); the per-layer computation comes from the block registry
@@ -7,6 +7,7 @@ head, loss, init, cache bookkeeping); the per-layer computation comes from the b
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -15,178 +16,39 @@ from torch import nn
 
 from spud.config import ModelConfig
 from spud.errors import SpudError
+from spud.model.kv_cache import KVCache, SlotKVCache
 from spud.model.layers import RMSNorm, Rotary, init_weights, linear_cross_entropy
+from spud.model.moe import MoE
+from spud.model.mtp import MTPHead, mtp_inputs
 from spud.model.registry import get_block
+
+__all__ = ["KVCache", "SlotKVCache", "Transformer", "hf_llama_config", "to_hf_llama_state_dict"]
 
 IGNORE_INDEX = -1
 
 
-class KVCache:
-    """Preallocated keys/values for incremental decoding.
-
-    One (B, n_kv_heads, max_len, head_dim) tensor per layer for k and for v, filled left to right.
-    `pos` is the number of positions already cached; it is also the rotary position offset of the
-    next tokens. Each attention layer writes its new keys/values at [pos, pos+T) and reads
-    [0, pos+T); the model advances `pos` once after all layers have run.
-    """
-
-    def __init__(
-        self,
-        n_layers: int,
-        batch_size: int,
-        n_kv_heads: int,
-        max_len: int,
-        head_dim: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.batch_size = batch_size
-        self.max_len = max_len
-        self.pos = 0
-
-    # Attention dispatches on this: one shared offset for all rows (False) or per-row positions.
-    per_row = False
-
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append k, v of shape (B, n_kv_heads, T, head_dim); return all keys/values so far."""
-        end = self.pos + k.shape[2]
-        self.k[layer][:, :, self.pos : end] = k
-        self.v[layer][:, :, self.pos : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def check(self, batch_size: int, t: int) -> None:
-        if batch_size != self.batch_size:
-            raise SpudError(
-                f"KV cache was made for batch size {self.batch_size}, got a batch of "
-                f"{batch_size}; create a new one with model.new_kv_cache({batch_size}, ...)"
-            )
-        if self.pos + t > self.max_len:
-            raise SpudError(
-                f"KV cache is full: {self.pos} cached + {t} new positions > max_len="
-                f"{self.max_len}; create the cache with a larger max_len"
-            )
-
-    def advance(self, t: int) -> None:
-        self.pos += t
-
-    def reset(self) -> None:
-        """Reuse the buffers for a new sequence (old contents are simply overwritten)."""
-        self.pos = 0
-
-
-class SlotKVCache:
-    """KV memory for continuous batching: `n_slots` independent sequences, each in its own row
-    of a (n_slots, max_len, n_kv_heads, head_dim) tensor per layer, each with its own length.
-
-    Position-major layout (unlike KVCache's head-major one): a step writes one position for
-    rows in arbitrary slots at arbitrary positions, and with (slot, position) adjacent that is
-    a single index_copy_ into a flat (n_slots·max_len, Hkv, hd) view: measured 10-100x faster
-    on CPU than scattering into (slot, :, position) of the head-major layout. Attention reads
-    a transposed view; SDPA accepts the strides, so nothing is copied for that.
-
-    The cache does not track lengths itself: the caller (the serving engine) knows them and
-    `bind`s each forward to (slots, start positions, T). bind builds the per-row positions and
-    the attention mask once per forward instead of once per layer.
-    """
-
-    per_row = True
-
-    def __init__(
-        self,
-        n_layers: int,
-        n_slots: int,
-        n_kv_heads: int,
-        max_len: int,
-        head_dim: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        shape = (n_slots, max_len, n_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.n_slots = n_slots
-        self.max_len = max_len
-        self.device = torch.device(device) if device is not None else self.k[0].device
-        self._bound: tuple[int, int] | None = None
-
-    def bind(self, slots: list[int], starts: list[int], t: int) -> None:
-        """Prepare a forward of T new tokens for each slot, written at starts[i] .. +T-1."""
-        if len(slots) != len(starts) or not slots:
-            raise SpudError("SlotKVCache.bind needs one start position per slot (and >= 1 slot)")
-        if len(set(slots)) != len(slots) or min(slots) < 0 or max(slots) >= self.n_slots:
-            raise SpudError(f"slots must be distinct and in [0, {self.n_slots}), got {slots}")
-        kv_len = max(starts) + t
-        if min(starts) < 0 or kv_len > self.max_len:
-            raise SpudError(
-                f"slot cache is full: positions up to {kv_len} > max_len={self.max_len}"
-            )
-        dev = self.device
-        start = torch.tensor(starts, device=dev)
-        self.positions = start[:, None] + torch.arange(t, device=dev)  # (B, T)
-        if t == 1 and min(starts) == kv_len - 1:
-            # One new token per row and every row as long as the longest: each query sees all
-            # kv_len keys, so the mask would be all True. None lets SDPA skip reading it.
-            self.mask = None
-        else:
-            self.mask = torch.arange(kv_len, device=dev) <= self.positions[:, None, :, None]
-        self.rotary_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # see rotary_at
-        self.kv_len = kv_len
-        s0 = slots[0]
-        # Consecutive slots (the common case: the engine hands out the lowest free slot) are
-        # read as a strided view; anything else is gathered, copying only [0, kv_len).
-        self.slice = slice(s0, s0 + len(slots)) if slots == list(range(s0, s0 + len(slots))) else None
-        self.slot_idx = torch.tensor(slots, device=dev)
-        self.flat_idx = (self.slot_idx[:, None] * self.max_len + self.positions).view(-1)
-        self._bound = (len(slots), t)
-
-    def rotary_at(self, rotary, x: torch.Tensor) -> torch.Tensor:
-        """rotary.at(x, self.positions), with the cos/sin rows gathered once per forward
-        instead of once per layer (every layer rotates the same positions)."""
-        if self.rotary_tables is None:
-            self.rotary_tables = rotary.tables_at(self.positions)
-        cos, sin = self.rotary_tables
-        return rotary.apply(x, cos.to(x.dtype), sin.to(x.dtype))
-
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v of shape (B, T, n_kv_heads, head_dim) at the bound positions; return each
-        row's keys/values (B, n_kv_heads, kv_len, head_dim), kv_len = longest bound row."""
-        out = []
-        for buf, new in ((self.k[layer], k), (self.v[layer], v)):
-            flat = buf.view(-1, *buf.shape[2:])
-            flat.index_copy_(0, self.flat_idx, new.reshape(-1, *new.shape[2:]).to(buf.dtype))
-            if self.slice is not None:
-                rows = buf[self.slice, : self.kv_len]
-            else:
-                rows = buf[:, : self.kv_len].index_select(0, self.slot_idx)
-            out.append(rows.transpose(1, 2))
-        return out[0], out[1]
-
-    def check(self, batch_size: int, t: int) -> None:
-        if self._bound != (batch_size, t):
-            raise SpudError(
-                f"SlotKVCache is bound to (batch, T)={self._bound}, got ({batch_size}, {t}); "
-                "call model.forward_slots (or cache.bind) with matching slots"
-            )
-
-    def advance(self, t: int) -> None:
-        self._bound = None  # lengths live with the caller; force a fresh bind per forward
-
-
 class Transformer(nn.Module):
-    """Token embedding → N registry blocks → RMSNorm → LM head (optionally tied, soft-capped)."""
+    """Token embedding → N registry blocks → RMSNorm → LM head (optionally tied, soft-capped).
+
+    Around the blocks the shell adds the cross-layer options, each a config switch that adds
+    parameters only when on (so the default's weight names never change):
+    - x0_mix: before block i, x ← resid_lambdas[i]·x + x0_lambdas[i]·x0, where x0 is the
+      embedding output (modded-nanogpt); init (1, 0) = the plain residual stream.
+    - unet_skips: the outputs of the first n_layers//2 blocks are added, last-in first-out with
+      learnable weights skip_weights (init 1), to the inputs of the last n_layers//2 blocks.
+    - value_embeds=n: n extra embedding tables; table j, scaled by ve_lambdas, is added to the
+      attention values of layer j and of layer n_layers-n+j (modded-nanogpt).
+    - mtp_depth: multi-token prediction heads, training only (mtp.py).
+    All of them act per position, so cached decoding equals the full forward.
+    """
 
     # Mean loss through layers.linear_cross_entropy; False = plain logits + F.cross_entropy
     # (same numbers, kept as the reference the fused path is tested against).
     fused_loss: bool = True
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, blocks: list[nn.Module] | None = None) -> None:
+        """blocks: prebuilt blocks, one per layer (flops.py passes shared ones to count fast);
+        None builds them from the registry."""
         super().__init__()
         if cfg.vocab_size is None:
             raise SpudError(
@@ -195,20 +57,53 @@ class Transformer(nn.Module):
             )
         self.cfg = cfg
         block_cls = get_block(cfg.block)
+        if cfg.value_embeds and "value_embed" not in inspect.signature(block_cls.forward).parameters:
+            raise SpudError(
+                f"model.block={cfg.block!r} takes no value_embed argument, so it cannot use "
+                "model.value_embeds; set model.value_embeds=0 or add the argument to the block"
+            )
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
         self.rotary = Rotary(cfg.dim_head, cfg.max_seq_len, cfg.rope_theta)
-        self.blocks = nn.ModuleList(block_cls(cfg, i) for i in range(cfg.n_layers))
+        if blocks is None:
+            blocks = [block_cls(cfg, i) for i in range(cfg.n_layers)]
+        self.blocks = nn.ModuleList(blocks)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        init_weights(self, cfg.init_std, cfg.n_layers)
+        n = cfg.n_layers
+        if cfg.x0_mix:
+            self.resid_lambdas = nn.Parameter(torch.ones(n))
+            self.x0_lambdas = nn.Parameter(torch.zeros(n))
+        self.n_skips = n // 2 if cfg.unet_skips else 0
+        if self.n_skips:
+            self.skip_weights = nn.Parameter(torch.ones(self.n_skips))
+        # layer → (value-embedding table, its lambda); the first and the last n layers.
+        self.ve_of_layer: dict[int, tuple[int, int]] = {}
+        if cfg.value_embeds:
+            nv = cfg.value_embeds
+            kv_dim = cfg.kv_heads * cfg.dim_head
+            self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, kv_dim) for _ in range(nv))
+            self.ve_lambdas = nn.Parameter(torch.ones(2 * nv))
+            for j in range(nv):
+                self.ve_of_layer[j] = (j, j)
+                self.ve_of_layer[n - nv + j] = (j, nv + j)
+        if cfg.mtp_depth:
+            self.mtp = nn.ModuleList(MTPHead(cfg, block_cls, k + 1) for k in range(cfg.mtp_depth))
+        self.moe_layers = [m for m in self.modules() if isinstance(m, MoE)]
+        if not self.embed.weight.is_meta:  # a meta model (flops.py) has no values to set
+            init_weights(self, cfg.init_std, cfg.n_layers, cfg.zero_init_residual)
         if cfg.tie_embeddings:
             # Share the Parameter itself so optimizers and state_dict see one tensor.
             self.lm_head.weight = self.embed.weight
+        self._stats: dict[str, list[torch.Tensor]] = {}
 
     # ------------------------------------------------------------------------------ forward
     def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, d_model): everything except the LM head."""
+        return self.norm(self._trunk(idx, kv_cache))
+
+    def _trunk(self, idx: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
+        """The residual stream after the last block (before the final norm)."""
         if idx.dim() != 2:
             raise SpudError(f"expected token ids of shape (batch, time), got {tuple(idx.shape)}")
         b, t = idx.shape
@@ -217,11 +112,23 @@ class Transformer(nn.Module):
         x = self.embed(idx)
         if self.drop is not None:
             x = self.drop(x)
+        x0, skips, n = x, [], len(self.blocks)
         for i, block in enumerate(self.blocks):
-            x = block(x, self.rotary, kv_cache, i)
+            if i >= n - self.n_skips:
+                x = x + self.skip_weights[i - (n - self.n_skips)] * skips.pop()
+            if self.cfg.x0_mix:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            if i in self.ve_of_layer:
+                table, lam = self.ve_of_layer[i]
+                ve = self.ve_lambdas[lam] * self.value_embeds[table](idx)
+                x = block(x, self.rotary, kv_cache, i, value_embed=ve)
+            else:
+                x = block(x, self.rotary, kv_cache, i)
+            if i < self.n_skips:
+                skips.append(x)
         if kv_cache is not None:
             kv_cache.advance(t)
-        return self.norm(x)
+        return x
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         out = self.lm_head(h)
@@ -241,16 +148,39 @@ class Transformer(nn.Module):
         """Logits (B, T, V) without targets; with targets the mean cross-entropy (scalar), or
         the (B, T) per-token loss when return_per_token_loss (ignored positions → 0).
 
-        Targets equal to -1 are ignored (padding / document masking).
+        Targets equal to -1 are ignored (padding / document masking). In training mode the
+        scalar is the training objective: the cross-entropy plus the enabled auxiliary losses
+        (MoE balancing, multi-token prediction); `train_stats` reports the parts.
         """
-        h = self.hidden_states(idx, kv_cache)
+        x = self._trunk(idx, kv_cache)
+        h = self.norm(x)
         if targets is None:
             return self.logits(h)
         if targets.shape != idx.shape:
             raise SpudError(
                 f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}"
             )
-        if self.fused_loss and not return_per_token_loss:
+        if return_per_token_loss:
+            return self._cross_entropy(h, targets, per_token=True)
+        loss = self._cross_entropy(h, targets)
+        if not self.training or not (self.moe_layers or self.cfg.mtp_depth):
+            return loss
+        objective = loss
+        self._record("lm_loss", loss)
+        if self.cfg.mtp_depth:
+            mtp = self._mtp_loss(x, targets)
+            objective = objective + self.cfg.mtp_weight * mtp
+            self._record("mtp_loss", mtp)
+        aux = [m.aux_loss for m in self.moe_layers if m.aux_loss is not None]
+        if aux:
+            moe = torch.stack(aux).mean()
+            objective = objective + self.cfg.moe_aux_loss * moe
+            self._record("moe_aux_loss", moe)
+            self._record("expert_tokens", torch.stack([m.tokens_per_expert for m in self.moe_layers]))
+        return objective
+
+    def _cross_entropy(self, h: torch.Tensor, targets: torch.Tensor, per_token: bool = False):
+        if self.fused_loss and not per_token:
             # LM head + soft-cap + mean cross-entropy in row chunks, never holding (B·T, V)
             # logits: the largest activation of a small model and the slowest part of its step.
             return linear_cross_entropy(
@@ -261,10 +191,37 @@ class Transformer(nn.Module):
         # One flattened cross_entropy call; .float() is a no-op for fp32 logits (under bf16
         # autocast it is the one copy needed for a stable loss).
         flat = logits.view(-1, logits.shape[-1]).float()
-        reduction = "none" if return_per_token_loss else "mean"
+        reduction = "none" if per_token else "mean"
         loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX,
                                reduction=reduction)
-        return loss.view(targets.shape) if return_per_token_loss else loss
+        return loss.view(targets.shape) if per_token else loss
+
+    def _mtp_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the multi-token-prediction heads (mtp.py)."""
+        losses, h = [], x
+        for k, head in enumerate(self.mtp, start=1):
+            inp, tgt = mtp_inputs(targets, k, IGNORE_INDEX)
+            if inp.shape[1] == 0:  # sequence too short for this depth
+                break
+            h = head(h[:, : inp.shape[1]], self.embed(inp), self.rotary)
+            losses.append(self._cross_entropy(self.norm(h), tgt))
+        return torch.stack(losses).mean() if losses else x.new_zeros(())
+
+    def _record(self, name: str, value: torch.Tensor) -> None:
+        self._stats.setdefault(name, []).append(value.detach())
+
+    def train_stats(self) -> dict[str, Any]:
+        """What the auxiliary objectives did since the last call (then forgets it): mean
+        `lm_loss`, `mtp_loss`, `moe_aux_loss` over training forwards, and `expert_tokens`
+        [layer][expert], tokens routed to each expert, summed. Empty without MoE / MTP."""
+        out: dict[str, Any] = {}
+        for name, values in self._stats.items():
+            if name == "expert_tokens":
+                out[name] = torch.stack(values).sum(0).tolist()
+            else:
+                out[name] = torch.stack(values).float().mean().item()
+        self._stats = {}
+        return out
 
     def per_token_loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(B, T) float32 cross-entropy in nats per target token (0 where target == -1)."""
@@ -315,11 +272,12 @@ class Transformer(nn.Module):
         return self.hidden_states(idx, cache)
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Unique parameters; non_embedding leaves out the vocab×d matrices (embedding, and the
-        LM head when untied), the convention of scaling-law parameter counts."""
+        """Unique parameters; non_embedding leaves out the vocabulary-sized lookup tables (every
+        nn.Embedding: the token embedding and any value embeddings) and the LM head when untied,
+        the convention of scaling-law parameter counts."""
         n = sum(p.numel() for p in self.parameters())  # parameters() already dedups ties
         if non_embedding:
-            n -= self.embed.weight.numel()
+            n -= sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
             if not self.cfg.tie_embeddings:
                 n -= self.lm_head.weight.numel()
         return n
@@ -358,6 +316,7 @@ def _check_llama_compatible(cfg: ModelConfig) -> None:
         problems.append("qk_norm=true (Llama has no QK-norm)")
     if cfg.logit_softcap is not None:
         problems.append("logit_softcap is set (Llama has no soft-cap)")
+    problems += [f"{k}={v!r} (not in Llama)" for k, v in cfg.arch_options().items()]
     if problems:
         raise SpudError(
             "model is not expressible as a Hugging Face Llama: " + "; ".join(problems)
