@@ -127,15 +127,19 @@ class ModelConfig(StrictModel):
     """Decoder-only transformer dimensions. `preset` fills any field not given explicitly."""
 
     preset: str | None = None
-    block: str = Field("llama", description="Block type from the model registry.")
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="Python modules imported first; they register extra block / MLP types.",
+    )
+    block: str = Field("llama", description="Block type from the model registry (spud info).")
     vocab_size: int | None = Field(None, gt=0, description="None = from the run's tokenizer.")
     d_model: int = Field(128, gt=0)
     n_layers: int = Field(4, gt=0)
     n_heads: int = Field(4, gt=0)
     n_kv_heads: int | None = Field(None, gt=0, description="None = n_heads (MHA); 1 = MQA.")
     head_dim: int | None = Field(None, gt=0, description="None = d_model // n_heads.")
-    mlp: Literal["swiglu", "relu2", "gelu"] = "swiglu"
-    mlp_hidden: int | None = Field(None, gt=0, description="None = 8/3·d (swiglu) or 4·d.")
+    mlp: str = Field("swiglu", description="MLP type from the model registry (spud info).")
+    mlp_hidden: int | None = Field(None, gt=0, description="None = the MLP's default: 8/3·d (swiglu) or 4·d.")
     norm_eps: float = Field(1e-5, gt=0)
     rope_theta: float = Field(10000.0, gt=0)
     qk_norm: bool = False
@@ -144,6 +148,47 @@ class ModelConfig(StrictModel):
     dropout: float = Field(0.0, ge=0, lt=1)
     max_seq_len: int = Field(256, gt=0)
     init_std: float = Field(0.02, gt=0)
+    # Architecture options (docs/architecture.md). Each adds parameters only when on.
+    zero_init_residual: bool = Field(False, description="Residual-output projections (attention out, MLP down) start at zero.")
+    x0_mix: bool = Field(False, description="Learnable per-layer mix of the embedding output x0 into each block's input.")
+    value_embeds: int = Field(0, ge=0, description="Value-embedding tables; table j feeds the values of layer j and layer n_layers-n+j.")
+    unet_skips: bool = Field(False, description="First-half block outputs added, with learnable weights, to second-half inputs.")
+    attn_pattern: str = Field("G", description="Per-layer attention, cycled: G global, L local (sliding window), e.g. LLLG.")
+    attn_window: int = Field(128, gt=0, description="Positions a local (L) layer sees, its own included.")
+    moe_experts: int = Field(0, ge=0, description="0 = dense MLP; else a mixture of this many model.mlp experts.")
+    moe_top_k: int = Field(2, gt=0, description="Experts per token (MoE).")
+    moe_aux_loss: float = Field(0.01, ge=0, description="Weight of the MoE load-balancing loss.")
+    mtp_depth: int = Field(0, ge=0, description="Multi-token prediction heads (training only): extra tokens ahead.")
+    mtp_weight: float = Field(0.3, ge=0, description="Weight of the multi-token prediction loss.")
+
+    @field_validator("plugins")
+    @classmethod
+    def _load_plugins(cls, v: list[str]) -> list[str]:
+        from spud.model.registry import load_plugins  # imports torch: only when a model is named
+
+        try:
+            load_plugins(v)
+        except SpudError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("block", "mlp")
+    @classmethod
+    def _registered(cls, v: str, info: ValidationInfo) -> str:
+        from spud.model.registry import unknown_message
+
+        msg = unknown_message(info.field_name, v)
+        if msg:
+            raise ValueError(msg)
+        return v
+
+    @field_validator("attn_pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        v = v.upper()
+        if not v or set(v) - {"L", "G"}:
+            raise ValueError(f"{v!r} must be a non-empty string of L (local) and G (global), e.g. LLLG")
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -171,7 +216,28 @@ class ModelConfig(StrictModel):
             )
         if self.dim_head % 2:
             raise ValueError(f"head_dim={self.dim_head} must be even for rotary embeddings")
+        if self.moe_experts and self.moe_top_k > self.moe_experts:
+            raise ValueError(f"moe_top_k={self.moe_top_k} exceeds moe_experts={self.moe_experts}")
+        if 2 * self.value_embeds > self.n_layers:
+            raise ValueError(
+                f"value_embeds={self.value_embeds} needs n_layers >= {2 * self.value_embeds} "
+                "(each table feeds one of the first and one of the last layers)"
+            )
         return self
+
+    def window_at(self, layer: int) -> int | None:
+        """Attention window of a layer: attn_window for an L in attn_pattern, None (global) for G."""
+        return self.attn_window if self.attn_pattern[layer % len(self.attn_pattern)] == "L" else None
+
+    def arch_options(self) -> dict[str, Any]:
+        """The architecture options (the fields after init_std) that differ from their defaults,
+        leaving out the settings of an option that is off."""
+        fields = type(self).model_fields
+        names = list(fields)[list(fields).index("init_std") + 1 :]
+        out = {k: getattr(self, k) for k in names if getattr(self, k) != fields[k].default}
+        off = {"attn_window": "L" not in self.attn_pattern, "moe_top_k": not self.moe_experts,
+               "moe_aux_loss": not self.moe_experts, "mtp_weight": not self.mtp_depth}
+        return {k: v for k, v in out.items() if not off.get(k)}
 
     @property
     def kv_heads(self) -> int:
@@ -185,9 +251,10 @@ class ModelConfig(StrictModel):
     def hidden(self) -> int:
         if self.mlp_hidden:
             return self.mlp_hidden
-        if self.mlp == "swiglu":  # keeps params equal to a 4·d MLP; rounded for matmul efficiency
-            return _round_up(int(8 * self.d_model / 3), 64)
-        return 4 * self.d_model
+        from spud.model.registry import get_mlp
+
+        default = getattr(get_mlp(self.mlp), "default_hidden", None)
+        return default(self.d_model) if default else 4 * self.d_model
 
 
 # ---------------------------------------------------------------------------------------- train
