@@ -113,3 +113,20 @@ def test_gsm8k_extraction():
     assert extract_gsm8k("$2.50 each, total $7.50.") == "7.5"
     assert extract_gsm8k("no numbers") is None
     assert first_number(" 42.\n17 + 1 = 18") == "42"
+
+
+def test_results_name_the_answer_checker(monkeypatch):
+    from spud.eval.runner import task_metrics
+    from spud.eval.tasks import Task
+
+    rows = [{"correct": True}, {"correct": False}]
+    math_task = Task("m", "gen", [], answer="math")
+    assert task_metrics(math_task, rows, 1.0, 0)["answer_checker"] == math_norm.math_checker()
+    assert "answer_checker" not in task_metrics(Task("g", "gen", [], answer="gsm8k"), rows, 1.0, 0)
+    math_norm._math_verify.cache_clear()
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    try:
+        assert task_metrics(math_task, rows, 1.0, 0)["answer_checker"] == "builtin"
+    finally:
+        monkeypatch.undo()
+        math_norm._math_verify.cache_clear()

@@ -31,7 +31,7 @@ from rich.progress import (
 from rich.table import Table
 
 from spud.errors import SpudError
-from spud.eval import sandbox, scoring
+from spud.eval import math_norm, sandbox, scoring
 from spud.eval.intrinsic import intrinsic_metrics
 from spud.eval.tasks import Example, Task, load_tasks
 from spud.runs import ModelChoice, choose_model, load_choice
@@ -116,6 +116,8 @@ def task_metrics(task: Task, rows: list[dict], seconds: float, seed: int) -> dic
     n = len(rows)
     out = {"kind": task.kind, "n": n, "seconds": round(seconds, 3), "baseline": task.baseline,
            "source": task.source}
+    if task.answer == "math":  # which checker judged the answers ("math-verify" or "builtin")
+        out["answer_checker"] = math_norm.math_checker()
     if task.kind == "mc":
         acc = sum(r["correct"] for r in rows) / n
         acc_norm = sum(r["correct_norm"] for r in rows) / n
