@@ -6,7 +6,7 @@ from __future__ import annotations
 import gzip
 
 import pytest
-from data_helpers import make_cfg, quiet, read_source
+from data_helpers import make_cfg, quiet
 
 from spud.data import builtin, heldout
 from spud.data.build import build_dataset

@@ -16,7 +16,7 @@ from spud.config import load_config
 from spud.errors import SpudError
 from spud.model.flops import flops_per_token
 from spud.tokenizer import Tokenizer
-from spud.train import ablate
+from spud.train import ablate, ablate_variants
 from spud.train.metrics import read_metrics
 
 TINY = str(Path(__file__).parents[2] / "configs" / "tiny.yaml")
@@ -158,7 +158,7 @@ def test_errors_before_any_work(tmp_path, capsys, extra, message):
 
 def test_lr_sweep_and_variants_file_plan(tmp_path):
     tree = ablate.base_tree(TINY, BASE)
-    lr = ablate.parse_vary(["train.lr=1e-3,3e-3", "model.mlp=swiglu,relu2"])
+    lr = ablate_variants.parse_vary(["train.lr=1e-3,3e-3", "model.mlp=swiglu,relu2"])
     assert [v.name for v in lr] == ["lr=1e-3,mlp=swiglu", "lr=1e-3,mlp=relu2",
                                     "lr=3e-3,mlp=swiglu", "lr=3e-3,mlp=relu2"]
     specs = ablate.plan_runs(tree, lr, [2e9, 4e9], [0, 1], 448, tmp_path, evals=4)
@@ -169,11 +169,30 @@ def test_lr_sweep_and_variants_file_plan(tmp_path):
     assert all(s.steps * s.tokens_per_step * s.flops_per_token <= s.budget for s in specs)
     f = tmp_path / "variants.yaml"
     f.write_text("baseline: {}\nwide-mlp:\n  model.mlp_hidden: 256\n  train: {lr: 0.002}\n")
-    named = ablate.load_variants_file(f)
+    named = ablate_variants.load_variants_file(f)
     assert [(v.name, v.overrides) for v in named] == [
         ("baseline", {}), ("wide-mlp", {"model": {"mlp_hidden": 256}, "train": {"lr": 0.002}})]
     spec = ablate.plan_runs(tree, named[1:], [2e9], [0], 448, tmp_path, 4)[0]
     assert spec.cfg.model.mlp_hidden == 256 and spec.cfg.train.lr == 0.002
     f.write_text("bad:\n  tokenizer.vocab_size: 300\n")
     with pytest.raises(SpudError, match="tokenizer.vocab_size cannot be varied"):
-        ablate.load_variants_file(f)
+        ablate_variants.load_variants_file(f)
+
+
+def test_benchmark_flop_ratio_interpolates_in_log_flops():
+    import importlib.util
+
+    script = Path(__file__).parents[2] / "benchmarks" / "recipe_efficiency.py"
+    spec = importlib.util.spec_from_file_location("recipe_efficiency", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    base = [(1.0, 3.0), (2.0, 2.5), (4.0, 2.0)]
+    assert bench.flop_ratio(base, base)["ratio"] == pytest.approx(1.0)
+    assert bench.flop_ratio(base, [(1.0, 2.5), (2.0, 2.0), (4.0, 1.6)])["ratio"] == pytest.approx(2.0)
+    # 2.0 is 3/4 of the way from 2.6 to 1.8: reached at 4**0.75 FLOPs, a ratio of 4 / 4**0.75.
+    assert bench.flop_ratio(base, [(1.0, 2.6), (4.0, 1.8)])["ratio"] == pytest.approx(4 ** 0.25)
+    early = bench.flop_ratio(base, [(1.0, 1.9), (4.0, 1.5)])
+    assert early["ratio"] is None and early["ratio_at_least"] == 4.0
+    # Worse everywhere: the baseline reaches the candidate's final 2.6 at 2**0.8 FLOPs.
+    worse = bench.flop_ratio(base, [(1.0, 3.2), (2.0, 2.9), (4.0, 2.6)])
+    assert worse["ratio"] == pytest.approx(2 ** 0.8 / 4)

@@ -113,10 +113,10 @@ class _HTMLText(HTMLParser):
     scripts, styles, navigation (texinfo's `div.header` bars repeat on every node), tables of
     contents and index tables: lists of titles, not prose."""
 
-    SKIP_TAGS = {"head", "script", "style", "nav", "header", "footer"}
-    SKIP_CLASSES = {"header", "nav-panel", "navigation", "contents", "shortcontents"}
-    BLOCKS = {"p", "div", "br", "li", "pre", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "dt", "dd",
-              "table", "ul", "ol", "dl", "blockquote", "hr"}
+    SKIP_TAGS = frozenset({"head", "script", "style", "nav", "header", "footer"})
+    SKIP_CLASSES = frozenset({"header", "nav-panel", "navigation", "contents", "shortcontents"})
+    BLOCKS = frozenset({"p", "div", "br", "li", "pre", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "dt",
+                        "dd", "table", "ul", "ol", "dl", "blockquote", "hr"})
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)

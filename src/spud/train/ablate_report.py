@@ -51,16 +51,17 @@ def markdown(report: dict) -> str:
     lines = ["# Ablation at equal training FLOPs", ""]
     if report.get("command"):
         lines += ["```", report["command"], "```", ""]
+    base = f"Base recipe `{report['base']}`"
+    if report["base_overrides"]:
+        base += f" with {' '.join(report['base_overrides'])}"
+    budgets = ", ".join(f"{b:.3g}" for b in report["budgets"])
     lines += [
-        f"Base recipe `{report['base']}`" + (f" with {' '.join(report['base_overrides'])}"
-                                              if report["base_overrides"] else "") + "; "
-        f"seeds {', '.join(map(str, report['seeds']))}; budgets "
-        f"{', '.join(f'{b:.3g}' for b in report['budgets'])} training FLOPs. Steps = floor(budget / "
-        "(FLOPs/token × tokens/step)), FLOPs/token from spud.model.flops.",
-        f"Machine: {machine['cpus']} CPUs, load average {machine['load_start'][0]:.1f} at the start, "
-        f"{machine['load_end'][0]:.1f} at the end (wall-clock and tokens/s depend on it).", "",
-        "Scores are final bits per byte (lower is better), mean ± sample std over seeds: `val` on "
-        "the shared validation split, the others on held-out corpora no run trained on.", "",
+        (f"{base}; seeds {', '.join(map(str, report['seeds']))}; budgets {budgets} training FLOPs. "
+         "Steps = floor(budget / (FLOPs/token × tokens/step)), FLOPs/token from spud.model.flops."),
+        (f"Machine: {machine['cpus']} CPUs, load average {machine['load_start'][0]:.1f} at the start, "
+         f"{machine['load_end'][0]:.1f} at the end (wall-clock and tokens/s depend on it)."), "",
+        ("Scores are final bits per byte (lower is better), mean ± sample std over seeds: `val` on "
+         "the shared validation split, the others on held-out corpora no run trained on."), "",
     ]
     for budget in report["budgets"]:
         sub = [r for r in rows if r["budget"] == budget]
