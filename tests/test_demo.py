@@ -23,11 +23,16 @@ def test_quick_demo_end_to_end(tmp_path):
     for name in ("config.yaml", "tokenizer.json", "metrics.jsonl", "sft_data.json"):
         assert (out / "chat" / name).is_file()
     assert list((out / "chat" / "checkpoints").glob("step_*"))
-    assert re.search(r"arithmetic exact match \(\d+ held-out questions\): base model \(plain prompt\) "
-                     r"[\d.]+% → chat model [\d.]+%", r.stdout)
+    # the chat eval: five held-out splits, base next to chat, and the decontamination check of
+    # those questions against the run's own shards and SFT data (built-in data: none overlap)
+    for split in ("operands", "templates", "three_digit", "multi_step", "out_of_range"):
+        assert re.search(rf"\n  {split} +[^\n]+ +[\d.]+% +[\d.]+%  0/12\n", r.stdout), split
+    assert re.search(r"decontamination: 0 of 60 eval examples \(0\.0%\) overlap the training data "
+                     r"\(13-gram or arithmetic fact\); scanned [\d,]+ pretraining tokens \+ 2,000 SFT "
+                     r"conversations", r.stdout), r.stdout[-3000:]
     assert f"spud chat {out}" in r.stdout and f"spud serve {out}" in r.stdout
     # running the demo again continues the finished run instead of failing or overwriting it
     again = subprocess.run([sys.executable, "-m", "spud", "demo", "--quick", "--out", str(out)],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "validation bits/byte" in again.stdout
-    assert "arithmetic exact match" in again.stdout
+    assert "decontamination: 0 of 60 eval examples" in again.stdout

@@ -1,9 +1,9 @@
 """`spud demo`: the whole pipeline on the built-in offline mix, on CPU, in minutes.
 
 data → tokenizer → pretraining → samples → SFT on the built-in chat data (RUN/chat/) → a short
-chat eval (held-out single-operation arithmetic, exact match, the chat model next to the base
-model prompted in the plain-text format it was pretrained on), then a summary of where everything
-went. `--quick` shrinks data, model and steps to finish in under 2 minutes (used by the test
+chat eval (exact match on five held-out splits, spud.posttrain.chat_eval: the chat model next to
+the base model given the same questions as plain text) with its decontamination check against
+the run's shards and SFT data, then a summary of where everything went. `--quick` shrinks data, model and steps to finish in under 2 minutes (used by the test
 suite).
 """
 
@@ -42,7 +42,7 @@ SFT_OVERRIDES = ["sft.max_steps=400", "sft.lr_ratio=1.0", "sft.eval_every=100",
 SFT_QUICK_OVERRIDES = ["sft.max_steps=30", "sft.lr_ratio=1.0", "sft.eval_every=15", "sft.eval_batches=2",
                        "sft.checkpoint_every=30", "sft.builtin_conversations=2000",
                        "train.sample_tokens=12"]
-EVAL_QUESTIONS, EVAL_QUESTIONS_QUICK = 200, 30
+EVAL_QUESTIONS, EVAL_QUESTIONS_QUICK = 100, 12  # per split (five splits)
 
 
 def run_demo(out: Path, quick: bool = False, console: Console | None = None) -> dict:
@@ -84,10 +84,8 @@ def run_demo(out: Path, quick: bool = False, console: Console | None = None) -> 
 
 
 def run_sft_stage(out: Path, quick: bool, console: Console) -> tuple[dict, dict]:
-    """SFT on the built-in chat data into out/chat/, then the base-vs-chat arithmetic eval."""
-    from spud.posttrain.chat_eval import arithmetic_accuracy
+    """SFT on the built-in chat data into out/chat/, then the base-vs-chat eval."""
     from spud.posttrain.sft import sft_cmd
-    from spud.runs import load_model
     from spud.train.checkpoint import latest_checkpoint
 
     console.rule("[bold]sft: fine-tuning into a chat model (built-in chat data)")
@@ -104,14 +102,39 @@ def run_sft_stage(out: Path, quick: bool, console: Console) -> tuple[dict, dict]
             console.print(f"▸ [cyan]user:[/cyan] {escape(s['prompt'])}  [cyan]assistant:[/cyan] "
                           f"{escape(s['text'])}", highlight=False)
 
-    console.rule("[bold]chat eval: held-out single-operation arithmetic")
+    return sft, chat_eval_stage(out, quick, console)
+
+
+def chat_eval_stage(out: Path, quick: bool, console: Console) -> dict:
+    """Base vs chat model on the held-out splits (spud.posttrain.chat_eval), then the
+    decontamination check of those questions against everything the chat model trained on."""
+    from spud.eval.decontam import Probe, check, summary_line
+    from spud.posttrain.chat_eval import SPLITS, eval_items, split_accuracy
+    from spud.runs import load_model
+
+    console.rule("[bold]chat eval: held-out arithmetic and word problems, base vs chat model")
     t1, n = time.time(), EVAL_QUESTIONS_QUICK if quick else EVAL_QUESTIONS
+    items = [it for split in SPLITS for it in eval_items(split, n)]
     base_model, tok, _, _ = load_model(out, device="cpu", model="base")
-    base = arithmetic_accuracy(base_model, tok, n, chat=False)
+    base = split_accuracy(base_model, tok, items, chat=False)
     chat_model, tok, _, _ = load_model(out, device="cpu", model="chat")
-    chat = arithmetic_accuracy(chat_model, tok, n, chat=True)
-    for q, text, ok in chat["examples"]:
-        console.print(f"▸ [cyan]{escape(q)}[/cyan] → {escape(text)} {'✓' if ok else '✗'}", highlight=False)
-    console.print(f"arithmetic exact match ({n} held-out questions): base model (plain prompt) "
-                  f"{base['accuracy']:.1%} → chat model {chat['accuracy']:.1%}  ({time.time() - t1:.0f} s)")
-    return sft, {"base": base["accuracy"], "chat": chat["accuracy"], "n": n}
+    chat = split_accuracy(chat_model, tok, items, chat=True)
+    for split in SPLITS:
+        for q, text, ok in chat[split]["examples"][:1]:
+            console.print(f"▸ [cyan]{escape(q)}[/cyan] → {escape(text)} {'✓' if ok else '✗'}", highlight=False)
+    seconds = time.time() - t1
+
+    t2 = time.time()
+    probes = [Probe(it.split, i, f"{it.question} {it.answer}", frozenset(it.facts)) for i, it in enumerate(items)]
+    report = check(probes, out / "chat")
+    # plain aligned lines, not a table: they stay one line each in logs and narrow terminals
+    console.print(f"exact match, {n} questions per split (greedy; base: plain text, chat: chat template)")
+    console.print(f"  {'split':<13} {'questions':<44} {'base':>6} {'chat':>6}  contaminated")
+    for split, what in SPLITS.items():
+        c = report["tasks"][split]
+        console.print(f"  {split:<13} {what:<44} {base[split]['accuracy']:>6.1%} {chat[split]['accuracy']:>6.1%}"
+                      f"  {c['contaminated']}/{c['examples']}", highlight=False, soft_wrap=True)
+    console.print(f"decontamination: {summary_line(report)}", soft_wrap=True, highlight=False)
+    console.print(f"chat eval: {seconds:.0f} s generation, {time.time() - t2:.0f} s decontamination")
+    return {"n": n, "splits": {s: {"base": base[s]["accuracy"], "chat": chat[s]["accuracy"]} for s in SPLITS},
+            "decontamination": report}

@@ -16,7 +16,7 @@ from spud.train import checkpoint as ckpt_io
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
-BASE_MODEL = {"d_model": 32, "n_layers": 1, "n_heads": 2, "max_seq_len": 96}
+BASE_MODEL = {"d_model": 32, "n_layers": 1, "n_heads": 2, "max_seq_len": 160}
 
 from sft_helpers import SFT_OVERRIDES  # noqa: F401  (re-exported for the tests)
 

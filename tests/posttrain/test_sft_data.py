@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from spud.data.facts import derivable, extract_facts, fact_held_out
 from spud.errors import SpudError
 from spud.posttrain import builtin_chat
 from spud.posttrain.chat_data import (
@@ -126,12 +127,10 @@ def test_builtin_data_is_deterministic_and_keeps_eval_facts_out():
     assert roles == {"system", "user", "assistant"}
     text = json.dumps(a)
     assert "I am Spud" in text and "First " in text  # identity turns and worked steps
-    held = builtin_chat.eval_questions(100, 0)
-    train_answers = {m["content"] for c in builtin_chat.conversations(3000, 0) for m in c
-                     if m["role"] == "assistant"}
-    sums = [h for h in held if h[1] in "+-"]
-    assert len(sums) > 30 and all(builtin_chat.held_out(x, op, y) for x, op, y, _, _ in sums)
-    assert not any(builtin_chat.answer(x, op, y, c) in train_answers for x, op, y, c, _ in sums)
+    # no conversation states an eval-only fact, though plenty of derivable facts are stated
+    facts = [f for c in builtin_chat.conversations(3000, 0) for m in c for f in extract_facts(m["content"])]
+    assert sum(derivable(*f) for f in facts) > 2000
+    assert not any(fact_held_out(*f) for f in facts)
 
 
 def test_data_specs_and_weighted_mix(tok, tmp_path):

@@ -1,22 +1,22 @@
 """Built-in tasks, generated offline and deterministically from a seed.
 
-The arithmetic prompts use exactly the surface formats of the built-in training mix
-(spud.data.builtin: "What is 17 plus 25? 17 + 25 = 42." and "17 + 25 = 42"), so a minutes-old
-model from `spud demo` is evaluated on text it has learned to continue and can beat chance.
-Eval examples come from a separate string-seeded stream; with 1-4 digit numbers some overlap with
-training sums is unavoidable (small sums are few), which is acceptable for a smoke-test task.
+The arithmetic prompts use the surface formats of the built-in training mix (spud.data.builtin:
+"What is 17 plus 25? 17 + 25 = 42." and "17 + 25 = 42"), so a minutes-old model from `spud demo`
+is evaluated on text it has learned to continue and can beat chance. They are held out all the
+same: every question is a fact the training generators never state (spud.data.facts), and the
+word problems use story wordings no training generator uses (spud.data.templates). Each example
+carries its facts, and `spud eval` checks them and its text against the run's actual training
+data (spud.eval.decontam).
 """
 
 from __future__ import annotations
 
 import random
 
-from spud.data.builtin import (  # the training mix's own generators
-    _NAMES,
-    _OPS,
-    _operation,
-)
-from spud.eval.tasks import CODE_STOP, Example, Task
+from spud.data import templates
+from spud.data.builtin_generators import OPS, operation
+from spud.data.facts import any_held_out, canonical, fact_held_out
+from spud.eval.example import CODE_STOP, Example, Task
 
 EVAL_SIZE = {"arithmetic": 500, "word_problems": 250, "mc_arithmetic": 500}
 POOL_SIZE = 50
@@ -27,10 +27,18 @@ def _rng(task: str, split: str, seed: int) -> random.Random:
     return random.Random(f"spud-eval/{task}/{split}/{seed}")
 
 
-def _arith_prompt(rng: random.Random) -> tuple[str, int, tuple]:
-    a, op, b, c = _operation(rng)
+def _held_out_operation(rng: random.Random, held_out: bool) -> tuple[int, str, int, int]:
+    """An operation of the pretraining range whose fact is held out (eval) or not (few-shot pool)."""
+    while True:
+        a, op, b, c = operation(rng)
+        if fact_held_out(op, a, b) == held_out:
+            return a, op, b, c
+
+
+def _arith_prompt(rng: random.Random, held_out: bool) -> tuple[str, int, tuple]:
+    a, op, b, c = _held_out_operation(rng, held_out)
     if rng.random() < 0.5:
-        return f"What is {a} {_OPS[op]} {b}? {a} {op} {b} =", c, (a, op, b)
+        return f"What is {a} {OPS[op]} {b}? {a} {op} {b} =", c, (a, op, b)
     return f"{a} {op} {b} =", c, (a, op, b)
 
 
@@ -38,8 +46,9 @@ def arithmetic(seed: int) -> Task:
     def make(split: str, n: int) -> list[Example]:
         rng, out = _rng("arithmetic", split, seed), []
         for i in range(n):
-            prompt, c, _ = _arith_prompt(rng)
-            out.append(Example(prompt, str(c), demo=f" {c}", where=f"arithmetic/{split}/{i}"))
+            prompt, c, (a, op, b) = _arith_prompt(rng, held_out=split == "test")
+            out.append(Example(prompt, str(c), demo=f" {c}", where=f"arithmetic/{split}/{i}",
+                               facts=(canonical(op, a, b),), split="operands"))
         return out
 
     # one example per line, as in the training documents; the answer ends at the newline
@@ -64,50 +73,38 @@ def mc_arithmetic(seed: int) -> Task:
     def make(split: str, n: int) -> list[Example]:
         rng, out = _rng("mc_arithmetic", split, seed), []
         for i in range(n):
-            prompt, c, (a, op, b) = _arith_prompt(rng)
+            prompt, c, (a, op, b) = _arith_prompt(rng, held_out=split == "test")
             options = [c, *_distractors(rng, a, op, b, c)]
             rng.shuffle(options)
             choices = [f" {x}" for x in options]
             label = options.index(c)
             out.append(Example(prompt, choices[label], demo=choices[label], choices=choices,
-                               label=label, where=f"mc_arithmetic/{split}/{i}"))
+                               label=label, where=f"mc_arithmetic/{split}/{i}",
+                               facts=(canonical(op, a, b),), split="operands"))
         return out
 
     return Task("mc_arithmetic", "mc", make("test", EVAL_SIZE["mc_arithmetic"]),
                 make("train", POOL_SIZE), separator="\n")
 
 
-_ITEMS = ["apples", "pencils", "books", "marbles", "cookies", "stickers", "cards", "shells"]
-
-
-def _word_problem(rng: random.Random) -> tuple[str, str, int]:
-    """A two- or three-step problem with a GSM8K-style worked answer ending in '#### N'."""
-    name, other = rng.sample(_NAMES, 2)
-    items = rng.choice(_ITEMS)
-    a, b = rng.randint(2, 30), rng.randint(2, 30)
-    steps = [f"{name} starts with {a} {items} and buys {b} more, so {name} has {a} + {b} = {a + b}."]
-    q = f"{name} has {a} {items} and buys {b} more."
-    total = a + b
-    if rng.random() < 0.5:
-        k = rng.randint(2, 4)
-        q += f" Then {name} buys {k} times as many as {name} has now and adds them."
-        steps.append(f"{name} buys {total} * {k} = {total * k} more, so {name} has "
-                     f"{total} + {total * k} = {total * (k + 1)}.")
-        total *= k + 1
-    g = rng.randint(1, total - 1)
-    q += f" {name} gives {g} {items} to {other}. How many {items} does {name} have left?"
-    steps.append(f"After giving {g} away, {name} has {total} - {g} = {total - g}.")
-    total -= g
-    return q, " ".join(steps) + f"\n#### {total}", total
+def _story(rng: random.Random, held_out: bool) -> templates.Story:
+    """Eval: a held-out wording with at least one held-out fact; pool: training ones."""
+    while True:
+        s = templates.story(rng, held_out=held_out, words=0.1 if held_out else 0.0,
+                            distract=0.25 if held_out else 0.0)
+        if any_held_out(s.facts) == held_out:
+            return s
 
 
 def word_problems(seed: int) -> Task:
+    """Two-step word problems with a GSM8K-style worked answer ending in '#### N'."""
     def make(split: str, n: int) -> list[Example]:
         rng, out = _rng("word_problems", split, seed), []
         for i in range(n):
-            q, worked, ans = _word_problem(rng)
-            out.append(Example(f"Question: {q}\nAnswer:", str(ans), demo=" " + worked,
-                               where=f"word_problems/{split}/{i}"))
+            s = _story(rng, held_out=split == "test")
+            out.append(Example(f"Question: {s.question}\nAnswer:", str(s.answer),
+                               demo=f" {s.worked()}\n#### {s.answer}", where=f"word_problems/{split}/{i}",
+                               facts=tuple(sorted(s.facts)), split="multi_step"))
         return out
 
     return Task("word_problems", "gen", make("test", EVAL_SIZE["word_problems"]),

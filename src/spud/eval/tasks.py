@@ -1,5 +1,6 @@
-"""Tasks: what an evaluation example is, the task-spec syntax, and loaders for the published
-JSONL shapes of standard benchmarks (local files first; the Hugging Face hub when online).
+"""Tasks: the task-spec syntax and loaders for the published JSONL shapes of standard benchmarks
+(local files first; the Hugging Face hub when online). The example and task types live in
+spud.eval.example; the generated built-in tasks in spud.eval.builtin_tasks.
 
 Spec syntax (comma-separated): `arithmetic` (a built-in), `gsm8k:path/test.jsonl` (a local file),
 `gsm8k:test.jsonl:train.jsonl` (with a separate few-shot pool; without it, few-shot examples come
@@ -13,59 +14,15 @@ import hashlib
 import json
 import random
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from spud.errors import SpudError
-from spud.eval import math_norm
+from spud.eval import builtin_tasks, math_norm
+from spud.eval.example import CODE_STOP, Example, Task
 
-CODE_STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
+__all__ = ["CODE_STOP", "Example", "FORMATS", "Task", "load_tasks", "parse_specs"]
+
 LETTERS = "ABCDEFGHIJ"
-
-
-@dataclass
-class Example:
-    prompt: str                       # what the model continues (without few-shot examples)
-    target: str                       # gold answer (gen), gold choice text (mc), '' (code)
-    demo: str = ""                    # what follows the prompt when it is a few-shot example
-    choices: list[str] | None = None  # mc: continuations, leading space included
-    label: int | None = None          # mc: index of the right choice
-    test: str | None = None           # code: the task's tests
-    entry_point: str | None = None    # code: function passed to check() (HumanEval)
-    where: str = ""                   # file:line or generator, for messages and outputs
-
-
-@dataclass
-class Task:
-    name: str
-    kind: str                          # "mc" | "gen" | "code"
-    examples: list[Example]
-    fewshot_pool: list[Example] | None = None  # None: draw from `examples`, excluding self
-    answer: str = "number"             # gen extraction: "first_number" | "gsm8k" | "math"
-    stop: tuple[str, ...] = ("\n\n",)
-    max_new_tokens: int = 256
-    separator: str = "\n\n"            # between few-shot examples
-    source: str = "builtin"
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def baseline(self) -> float:
-        """Accuracy of guessing: 1/#choices for multiple choice, 0 for free-form answers."""
-        if self.kind != "mc" or not self.examples:
-            return 0.0
-        return sum(1 / len(e.choices) for e in self.examples) / len(self.examples)
-
-    def extract(self, output: str) -> str | None:
-        if self.answer == "gsm8k":
-            return math_norm.extract_gsm8k(output)
-        if self.answer == "math":
-            return math_norm.extract_math(output)
-        return math_norm.first_number(output)
-
-    def is_correct(self, extracted: str | None, target: str) -> bool:
-        if self.answer == "math":
-            return math_norm.math_equal(extracted, target)
-        return math_norm.numbers_equal(extracted, math_norm.normalize_number(target))
 
 
 # ------------------------------------------------------------------------------- JSONL reading
@@ -284,8 +241,6 @@ def parse_specs(spec: str) -> list[tuple[str, str | None, str | None]]:
 
 
 def load_tasks(spec: str, seed: int) -> list[Task]:
-    from spud.eval import builtin_tasks
-
     tasks, seen = [], {}
     for name, path, fewshot in parse_specs(spec):
         key = name

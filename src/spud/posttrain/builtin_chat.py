@@ -1,24 +1,26 @@
 """Built-in chat data, generated offline and deterministically: `--data builtin`.
 
-- arithmetic questions in several phrasings, answered as "a + b = c." (the equation format of
-  the pretraining mix, so SFT only has to teach the chat turn-taking, not new arithmetic);
-  multi-step problems get short worked steps;
+- arithmetic requests in dozens of training wordings (spud.data.templates: "Could you add 31 and
+  88 for me?", "Subtract 12 from 40.", numbers sometimes in words, sometimes after an irrelevant
+  sentence), answered with column steps and the equation ("... So 31 + 88 = 119.");
+- multi-step word problems ("boxes of eggs plus loose eggs", change from a purchase, three days of
+  reading) in the training wordings, worked one equation per step, and bracketed expressions;
 - simple instructions: repeat, reverse word order, count words or letters, capitalise, list;
 - greetings, thanks and identity turns ("I am Spud, a small language model ...").
 
-Numbers are kept in a range a ~1M-parameter model can get right (sums of up to 2-digit numbers,
-the 12×12 times table and its divisions), so minutes of SFT on CPU reach high accuracy.
-A hash-chosen 1 in 16 of the sums and differences is never generated for training: those are the
-held-out facts `spud.posttrain.chat_eval` scores, so its accuracy on them is not memorisation.
-Products and quotients come from the 12×12 table, which is learnt by heart (see `held_out`).
+Numbers stay in a range a ~1M-parameter model can learn in minutes of CPU SFT: sums and
+differences of 1-3 digit numbers, the 12×12 table and its divisions. Held out by construction
+(spud.data.facts): no conversation states an eval-only fact (every text is read back with
+`extract_facts` and redrawn if it does) or uses an eval-only wording. The eval sets built on those
+(spud.posttrain.chat_eval) are then checked against this data by spud.eval.decontam.
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
 
-from spud.data.builtin import _ITEMS, _NAMES, _OPS
+from spud.data import templates
+from spud.data.facts import any_held_out, extract_facts
 
 IDENTITY = "I am Spud, a small language model trained with the spud framework."
 SYSTEM_PROMPTS = ["You are Spud, a helpful assistant.", "You are a helpful assistant.",
@@ -30,15 +32,23 @@ _LISTS = {"fruits": ["apple", "banana", "orange", "grape", "pear", "mango", "che
           "animals": ["cat", "dog", "horse", "rabbit", "lion", "tiger", "sheep", "mouse"],
           "days of the week": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday"]}
 _COUNT_WORDS = ["zero", "one", "two", "three", "four", "five"]
+_COLUMNS = ["Ones", "Tens", "Hundreds", "Thousands", "Ten-thousands", "Hundred-thousands"]
 
 
 # ----------------------------------------------------------------------------------- arithmetic
-def operation(rng: random.Random, op: str | None = None) -> tuple[int, str, int, int]:
-    """One operation in the chat data's range: + and - on 1-2 digit numbers (non-negative
-    results), * within the 12×12 table, exact / with divisor and quotient up to 12."""
+def operand(rng: random.Random, digits: int) -> int:
+    return rng.randint(0, 9) if digits == 1 else rng.randint(10 ** (digits - 1), 10**digits - 1)
+
+
+def operation(rng: random.Random, op: str | None = None, digits: int | None = None) -> tuple[int, str, int, int]:
+    """One operation in the chat data's range: + and - on 1-3 digit numbers (mostly two digits;
+    non-negative results), * within the 12×12 table, exact / with divisor and quotient up to 12.
+    `digits` fixes the size of both operands of + and - (the eval's 3- and 5-digit splits)."""
     op = op or rng.choice("+-*/")
     if op in "+-":
-        a, b = (rng.randint(0, 9) if rng.random() < 0.2 else rng.randint(10, 99) for _ in range(2))
+        def size() -> int:
+            return digits or rng.choices([1, 2, 3], weights=[15, 60, 25])[0]
+        a, b = operand(rng, size()), operand(rng, size())
         if op == "-":
             a, b = max(a, b), min(a, b)
         return a, op, b, a + b if op == "+" else a - b
@@ -49,70 +59,56 @@ def operation(rng: random.Random, op: str | None = None) -> tuple[int, str, int,
     return b * q, op, b, q
 
 
-def held_out(a: int, op: str, b: int) -> bool:
-    """True for the sums and differences reserved for evaluation (never in the built-in training
-    data). Products and quotients are never held out: the 12×12 table is a set of 169 facts one
-    memorises rather than derives, so an unseen fact cannot be inferred from the others; its eval
-    questions test recall in new phrasings and contexts instead."""
-    if op in "*/":
-        return False
-    return hashlib.sha256(f"{a} {op} {b}".encode()).digest()[0] % 16 == 0
-
-
-def question(rng: random.Random, a: int, op: str, b: int) -> str:
-    word, sym = _OPS[op], op
-    return rng.choice([
-        f"What is {a} {word} {b}?", f"What's {a} {sym} {b}?", f"Compute {a} {sym} {b}.",
-        f"Calculate {a} {word} {b}.", f"{a} {sym} {b} = ?", f"How much is {a} {word} {b}?",
-        f"Please work out {a} {sym} {b}.", f"{a} {sym} {b}",
-    ])
-
-
 def answer(a: int, op: str, b: int, c: int) -> str:
-    """Sums and differences of two-digit numbers get column steps (ones, then tens with the carry
-    or borrow), the format of the pretraining mix's column additions: a tiny model gets multi-digit
-    sums right far more often when each digit is its own small step. The result comes last."""
+    """Sums and differences with a multi-digit operand get column steps (ones, tens, hundreds ...
+    with the carry or borrow), the format of the pretraining mix's column additions: a tiny model
+    gets multi-digit sums right far more often when each digit is its own small step, and the
+    steps extend to any length. The result comes last."""
     if op not in "+-" or max(a, b) < 10:
         return f"{a} {op} {b} = {c}."
-    a1, a0, b1, b0 = a // 10, a % 10, b // 10, b % 10
-    if op == "+":
-        s0 = a0 + b0
-        carry = " + 1" if s0 >= 10 else ""
-        steps = f"Ones: {a0} + {b0} = {s0}. Tens: {a1} + {b1}{carry} = {a1 + b1 + s0 // 10}."
-    elif a0 < b0:
-        steps = f"Ones: {a0 + 10} - {b0} = {a0 + 10 - b0}, borrow 1. Tens: {a1} - 1 - {b1} = {a1 - 1 - b1}."
-    else:
-        steps = f"Ones: {a0} - {b0} = {a0 - b0}. Tens: {a1} - {b1} = {a1 - b1}."
-    return f"{steps} So {a} {op} {b} = {c}."
+    da, db = str(a)[::-1], str(b)[::-1]
+    width = max(len(da), len(db))
+    steps, carry = [], 0
+    for i in range(width):
+        x = int(da[i]) if i < len(da) else 0
+        y = int(db[i]) if i < len(db) else 0
+        col = _COLUMNS[i]
+        if op == "+":
+            s = x + y + carry
+            steps.append(f"{col}: {x} + {y}{' + 1' if carry else ''} = {s}.")
+            carry = s // 10
+        else:
+            have = x - carry
+            if have < y:
+                steps.append(f"{col}: {have + 10} - {y} = {have + 10 - y}, borrow 1.")
+                carry = 1
+            else:
+                steps.append(f"{col}: {x}{' - 1' if carry else ''} - {y} = {have - y}.")
+                carry = 0
+    return f"{' '.join(steps)} So {a} {op} {b} = {c}."
 
 
 def _single(rng: random.Random) -> tuple[str, str]:
-    while True:
-        a, op, b, c = operation(rng)
-        if not held_out(a, op, b):
-            return question(rng, a, op, b), answer(a, op, b, c)
+    a, op, b, c = operation(rng)
+    _, q = templates.ask(rng, op, a, b, held_out=False, words=0.15, distract=0.15)
+    return q, answer(a, op, b, c)
 
 
-def _multi(rng: random.Random) -> tuple[str, str]:
+def _expression(rng: random.Random) -> tuple[str, str]:
     a, b, c = rng.randint(1, 20), rng.randint(1, 20), rng.randint(1, 9)
     op1, op2 = rng.choice("+-"), rng.choice("+*")
     if op1 == "-":
         a, b = max(a, b), min(a, b)
     d = a + b if op1 == "+" else a - b
     e = d + c if op2 == "+" else d * c
-    q = rng.choice([f"What is ({a} {op1} {b}) {op2} {c}?", f"Compute ({a} {op1} {b}) {op2} {c}."])
+    q = rng.choice([f"What is ({a} {op1} {b}) {op2} {c}?", f"Compute ({a} {op1} {b}) {op2} {c}.",
+                    f"Work out ({a} {op1} {b}) {op2} {c}, step by step."])
     return q, f"First {a} {op1} {b} = {d}. Then {d} {op2} {c} = {e}. The answer is {e}."
 
 
-def _word_problem(rng: random.Random) -> tuple[str, str]:
-    name, items = rng.choice(_NAMES), rng.choice(_ITEMS)
-    a, b = rng.randint(2, 30), rng.randint(1, 20)
-    if rng.random() < 0.5:
-        return (f"{name} has {a} {items} and gets {b} more. How many {items} does {name} have now?",
-                f"{a} + {b} = {a + b}. {name} has {a + b} {items}.")
-    a += b
-    return (f"{name} has {a} {items} and gives away {b}. How many are left?",
-            f"{a} - {b} = {a - b}. {name} has {a - b} {items} left.")
+def _story(rng: random.Random) -> tuple[str, str]:
+    s = templates.story(rng, held_out=False, words=0.1, distract=0.25)
+    return s.question, s.worked()
 
 
 # --------------------------------------------------------------------------------- instructions
@@ -122,27 +118,33 @@ def _instruction(rng: random.Random) -> tuple[str, str]:
     kind = rng.choice(["repeat", "reverse", "count_words", "count_letters", "upper", "title", "list",
                        "numbers"])
     if kind == "repeat":
-        return rng.choice([f"Repeat after me: {text}", f"Say exactly this: {text}"]), text
+        return rng.choice([f"Repeat after me: {text}", f"Say exactly this: {text}",
+                           f"Please echo: {text}", f"Copy these words: {text}"]), text
     if kind == "reverse":
-        return f"Reverse the order of these words: {text}", " ".join(reversed(words))
+        return rng.choice([f"Reverse the order of these words: {text}",
+                           f"Write these words backwards, last word first: {text}"]), " ".join(reversed(words))
     if kind == "count_words":
-        return f"How many words are in this sentence: {text}", f"There are {len(words)} words."
+        return rng.choice([f"How many words are in this sentence: {text}",
+                           f"Count the words: {text}"]), f"There are {len(words)} words."
     if kind == "count_letters":
         w = rng.choice(words)
-        return f"How many letters are in the word {w}?", f"The word {w} has {len(w)} letters."
+        return rng.choice([f"How many letters are in the word {w}?",
+                           f"Count the letters in {w}."]), f"The word {w} has {len(w)} letters."
     if kind == "upper":
-        return f"Write this in capital letters: {text}", text.upper()
+        return rng.choice([f"Write this in capital letters: {text}", f"Uppercase this: {text}"]), text.upper()
     if kind == "title":
-        return f"Capitalise each word: {text}", " ".join(w.capitalize() for w in words)
+        return rng.choice([f"Capitalise each word: {text}",
+                           f"Start every word with a capital: {text}"]), " ".join(w.capitalize() for w in words)
     if kind == "list":
         topic = rng.choice(list(_LISTS))
         n = rng.randint(2, 4)
         picked = rng.sample(_LISTS[topic], n) if topic != "days of the week" else _LISTS[topic][:n]
-        return (f"List {_COUNT_WORDS[n]} {topic}.",
+        return (rng.choice([f"List {_COUNT_WORDS[n]} {topic}.", f"Name {_COUNT_WORDS[n]} {topic}."]),
                 "\n".join(f"{i}. {x}" for i, x in enumerate(picked, 1)))
     lo = rng.randint(1, 20)
     hi = lo + rng.randint(2, 6)
-    return f"List the numbers from {lo} to {hi}.", ", ".join(str(i) for i in range(lo, hi + 1))
+    return (rng.choice([f"List the numbers from {lo} to {hi}.", f"Count from {lo} to {hi}."]),
+            ", ".join(str(i) for i in range(lo, hi + 1)))
 
 
 # ----------------------------------------------------------------------------------- smalltalk
@@ -164,12 +166,15 @@ def _smalltalk(rng: random.Random) -> tuple[str, str]:
     return rng.choice(asks), rng.choice(replies)
 
 
-_KINDS = [(_single, 12), (_multi, 2), (_word_problem, 1), (_instruction, 4), (_smalltalk, 1)]
+_KINDS = [(_single, 12), (_expression, 1), (_story, 3), (_instruction, 4), (_smalltalk, 1)]
 
 
 def _turn(rng: random.Random) -> tuple[str, str]:
     make = rng.choices([k for k, _ in _KINDS], weights=[w for _, w in _KINDS])[0]
-    return make(rng)
+    while True:  # redraw a turn that states an eval-only fact (about 1 arithmetic turn in 10)
+        q, a = make(rng)
+        if not any_held_out(extract_facts(q + "\n" + a)):
+            return q, a
 
 
 def conversations(n: int, seed: int) -> list[list[dict]]:
@@ -184,19 +189,4 @@ def conversations(n: int, seed: int) -> list[list[dict]]:
             q, a = _turn(rng)
             msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         out.append(msgs)
-    return out
-
-
-def eval_questions(n: int, seed: int) -> list[tuple[int, str, int, int, str]]:
-    """n single-operation questions (a, op, b, c, question text), deterministic; every sum and
-    difference is a fact the built-in training data never contains (see `held_out`)."""
-    rng = random.Random(f"spud-builtin-chat-eval/{seed}")
-    out = []
-    while len(out) < n:
-        op = rng.choice("+-*/")  # the four operations equally often, as in training
-        while True:
-            a, op, b, c = operation(rng, op)
-            if op in "*/" or held_out(a, op, b):
-                break
-        out.append((a, op, b, c, question(rng, a, op, b)))
     return out

@@ -1,55 +1,132 @@
-"""A short exact-match eval on held-out single-operation arithmetic, for the base model (plain
-text prompt "a + b =", the pretraining format) and the chat model (one user turn in the chat
-template). The questions come from `builtin_chat.eval_questions`: facts the built-in chat data
-never contains, so the chat model's score is not memorisation of its SFT data."""
+"""The demo's chat eval: exact match on five held-out splits, for the base model and the chat model.
+
+| split         | questions                                                                   |
+|---------------|-----------------------------------------------------------------------------|
+| operands      | 2-digit + and −, training wordings, operand pairs no training data contains |
+| templates     | 2-digit + and −, eval-only wordings and distractors, held-out operand pairs |
+| three_digit   | 3-digit + and −, training wordings, held-out operand pairs                  |
+| multi_step    | two-step word problems in eval-only story wordings, with a held-out fact    |
+| out_of_range  | 5-digit + and −: longer numbers than any training data has                  |
+
+Every question is held out by construction (spud.data.facts, spud.data.templates) and each
+carries its facts so spud.eval.decontam can verify it against the run's real training data.
+Both models get the same question text: the chat model as one user turn in the chat template,
+the base model as plain text (the pretraining mix writes "question equation" on one line, so the
+base model answers by continuing the line). Both answers are read the same way: the number after
+the last "=", else the last number. Generation is greedy and batched through the serving engine.
+"""
 
 from __future__ import annotations
 
+import random
 import re
+from dataclasses import dataclass
 
-import torch
+from spud.data import templates
+from spud.data.facts import any_held_out, canonical, fact_held_out
+from spud.posttrain.builtin_chat import answer, operation
 
-from spud.posttrain import builtin_chat
-from spud.serve.sampling import generate
-
+SPLITS = {
+    "operands": "2-digit +/-, seen wordings, unseen operands",
+    "templates": "2-digit +/-, unseen wordings",
+    "three_digit": "3-digit +/-, unseen operands",
+    "multi_step": "2-step word problems, unseen wordings",
+    "out_of_range": "5-digit +/-, beyond the training range",
+}
+# longest answers: column steps grow with the digits
+MAX_TOKENS = {"operands": 48, "templates": 48, "three_digit": 72, "multi_step": 48, "out_of_range": 120}
 _NUMBER = re.compile(r"-?\d+")
 
 
-def chat_answer(text: str) -> int | None:
-    """The number after the last '=' (answers read "a + b = c."), else the last number."""
+@dataclass
+class Item:
+    split: str
+    question: str
+    answer: int
+    facts: tuple       # canonical (op, a, b) of the question (every step for word problems)
+    template: str      # wording id (with "+distractor id" when one was added)
+    reference: str     # the worked answer the chat data would give
+
+
+def _single(rng: random.Random, digits: int, held_out_wording: bool) -> Item | None:
+    a, op, b, c = operation(rng, rng.choice("+-"), digits=digits)
+    if not fact_held_out(op, a, b):
+        return None
+    tid, q = templates.ask(rng, op, a, b, held_out=held_out_wording,
+                           words=0.15 if held_out_wording else 0.0,
+                           distract=0.3 if held_out_wording else 0.0)
+    return Item("", q, c, (canonical(op, a, b),), tid, answer(a, op, b, c))
+
+
+def _multi(rng: random.Random) -> Item | None:
+    s = templates.story(rng, held_out=True, words=0.1, distract=0.25)
+    if not any_held_out(s.facts):
+        return None
+    return Item("", s.question, s.answer, tuple(sorted(s.facts)), s.template, s.worked())
+
+
+def eval_items(split: str, n: int, seed: int = 0) -> list[Item]:
+    """n distinct questions of `split`, deterministic in (split, n, seed)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; one of {', '.join(SPLITS)}")
+    rng = random.Random(f"spud-chat-eval/{split}/{seed}")
+    make = {"operands": lambda: _single(rng, 2, False), "templates": lambda: _single(rng, 2, True),
+            "three_digit": lambda: _single(rng, 3, False), "multi_step": lambda: _multi(rng),
+            "out_of_range": lambda: _single(rng, 5, False)}[split]
+    out, seen = [], set()
+    while len(out) < n:
+        item = make()
+        if item is None or item.question in seen:
+            continue
+        seen.add(item.question)
+        item.split = split
+        out.append(item)
+    return out
+
+
+def final_number(text: str) -> int | None:
+    """The number after the last '=' (answers end "... = c." or "The answer is c."), else the
+    last number."""
     tail = text.rsplit("=", 1)[-1]
     found = _NUMBER.findall(tail) or _NUMBER.findall(text)
     return int(found[-1]) if found else None
 
 
-def plain_answer(text: str) -> int | None:
-    """The first number of the continuation's first line (the base model continues "a + b =")."""
-    found = _NUMBER.findall(text.split("\n", 1)[0])
-    return int(found[0]) if found else None
+def _generate(model, tok, prompts: list[list[int]], max_tokens: list[int], stop: list[str]) -> list[str]:
+    """Greedy completions of many prompts at once through the serving engine (continuous
+    batching: one forward decodes a token for every active prompt)."""
+    from spud.serve.engine import Engine, SamplingParams
+
+    engine = Engine(model, tok, max_batch=32, max_queue=len(prompts) + 1)
+    engine.start()
+    try:
+        handles = [engine.submit(p, SamplingParams(max_tokens=max(1, min(m, engine.max_context - len(p))),
+                                                  temperature=0.0, stop=list(stop)))
+                   for p, m in zip(prompts, max_tokens)]
+        return [h.result()[0] for h in handles]
+    finally:
+        engine.shutdown()
 
 
-@torch.no_grad()
-def arithmetic_accuracy(model, tok, n: int = 200, seed: int = 0, chat: bool = True,
-                        examples: int = 3) -> dict:
-    """Greedy decoding; → {"accuracy", "n", "examples": [(question, output, correct)]}."""
-    correct, shown = 0, []
-    stop = [tok.end_id, tok.bos_id] if chat else [tok.bos_id, tok.eos_id]
-    for a, op, b, c, q in builtin_chat.eval_questions(n, seed):
+def split_accuracy(model, tok, items: list[Item], chat: bool, examples: int = 2) -> dict:
+    """→ {split: {"accuracy", "n", "correct", "examples": [(question, output, correct)]}}."""
+    limit = model.cfg.max_seq_len - 8
+    prompts = []
+    for it in items:
         if chat:
-            ids, _ = tok.render_chat([{"role": "user", "content": q}], add_generation_prompt=True)
+            ids, _ = tok.render_chat([{"role": "user", "content": it.question}], add_generation_prompt=True)
         else:
-            q = f"{a} {op} {b} ="
-            ids = tok.encode(q, add_bos=True)
-        out = []
-        # chat answers to sums carry column steps (~30 tokens); the plain continuation is a number
-        for t in generate(model, ids, 48 if chat else 16, temperature=0.0, stop_ids=stop):
-            out.append(t)
-            if not chat and "\n" in tok.decode(out):
-                break
-        text = tok.decode(out)
-        got = chat_answer(text) if chat else plain_answer(text)
-        ok = got == c
-        correct += ok
-        if len(shown) < examples:
-            shown.append((q, text.strip(), ok))
-    return {"accuracy": correct / n, "n": n, "examples": shown}
+            ids = tok.encode(it.question, add_bos=True)  # continues " 31 + 88 = 119."
+        prompts.append(ids[-limit:])
+    outs = _generate(model, tok, prompts, [MAX_TOKENS[it.split] for it in items], [] if chat else ["\n"])
+    res: dict = {}
+    for it, text in zip(items, outs):
+        r = res.setdefault(it.split, {"correct": 0, "n": 0, "examples": []})
+        ok = final_number(text.split("\n", 1)[0] if not chat else text) == it.answer
+        r["correct"] += ok
+        r["n"] += 1
+        if len(r["examples"]) < examples:
+            r["examples"].append((it.question, text.strip(), ok))
+    for r in res.values():
+        r["accuracy"] = r["correct"] / r["n"]
+    return res
