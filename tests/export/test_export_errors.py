@@ -23,7 +23,9 @@ def test_run_without_a_complete_checkpoint(run_factory, tmp_path, capsys):
     for ck in (run / "checkpoints").iterdir():
         (ck / "state.json").unlink()  # a checkpoint whose save never finished
     assert main(["export", "hf", str(run), str(tmp_path / "out")]) == 2
-    assert "no checkpoints found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # the wording is the checkpoint module's (it may name the damaged files); the export adds none
+    assert "no checkpoints found" in err or "no intact checkpoint" in err
     assert not (tmp_path / "out").exists()
 
 

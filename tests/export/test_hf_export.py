@@ -94,6 +94,38 @@ def test_an_option_without_a_mapping_is_refused_by_default():
         pick_arch(Future(vocab_size=64, sliding_window=128))
 
 
+def test_every_unmapped_model_option_is_refused_when_set():
+    """Whatever options ModelConfig has today: each one arch.py does not map, set to a valid
+    non-default value, makes the export refuse and name it."""
+    from pydantic import ValidationError
+
+    from spud.config import ModelConfig
+    from spud.export.arch import HANDLED, MOOT_UNLESS
+
+    candidates = {bool: [True], int: [2, 1, 4], float: [0.5, 2.0], str: ["LG", "L"]}
+    checked = []
+    for name, field in ModelConfig.model_fields.items():
+        if name in HANDLED or name in MOOT_UNLESS:
+            continue
+        default = field.get_default(call_default_factory=True)
+        for v in candidates.get(type(default), []):
+            try:
+                cfg = ModelConfig(vocab_size=64, n_layers=4, **{name: v})
+            except (ValidationError, SpudError):
+                continue
+            if getattr(cfg, name) == default:
+                continue
+            with pytest.raises(SpudError, match=rf"model\.{name}="):
+                pick_arch(cfg)
+            checked.append(name)
+            break
+    for name, (other, _) in MOOT_UNLESS.items():  # e.g. a window size without local layers: fine
+        if name in ModelConfig.model_fields:
+            field = ModelConfig.model_fields[name]
+            assert pick_arch(ModelConfig(vocab_size=64, **{name: field.get_default() + 1}))
+    print("refused:", checked)
+
+
 def test_sharded_weights_load_with_an_index(run_factory, tmp_path):
     run = run_factory(tie_embeddings=False)
     out = tmp_path / "hf"

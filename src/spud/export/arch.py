@@ -57,13 +57,18 @@ ARCHS = {
 }
 
 # ModelConfig fields the mapping expresses (any value allowed, subject to the checks below).
-# `dropout` only acts in training and `init_std` only at initialisation; `preset` is already
-# folded into the other fields.
+# Some only act in training and leave the inference function unchanged: `dropout`, the init
+# choices (`init_std`, `zero_init_residual`), loss weights, and `mtp_depth` (multi-token
+# prediction heads feed a training loss only; the export leaves them out). `preset` is already
+# folded into the other fields and `plugins` only register types (block/mlp are checked).
 HANDLED = {
-    "preset", "block", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-    "mlp", "mlp_hidden", "norm_eps", "rope_theta", "qk_norm", "logit_softcap", "tie_embeddings",
-    "dropout", "max_seq_len", "init_std",
+    "preset", "plugins", "block", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
+    "head_dim", "mlp", "mlp_hidden", "norm_eps", "rope_theta", "qk_norm", "logit_softcap",
+    "tie_embeddings", "dropout", "max_seq_len", "init_std", "zero_init_residual",
+    "mtp_depth", "mtp_weight", "moe_aux_loss", "moe_top_k",
 }
+# field → the other field whose default makes it irrelevant (e.g. a window without local layers)
+MOOT_UNLESS = {"attn_window": ("attn_pattern", lambda p: "L" not in str(p).upper())}
 
 
 def pick_arch(cfg: ModelConfig) -> Arch:
@@ -74,6 +79,10 @@ def pick_arch(cfg: ModelConfig) -> Arch:
     for name in fields:
         if name in HANDLED:
             continue
+        if name in MOOT_UNLESS:
+            other, moot = MOOT_UNLESS[name]
+            if moot(getattr(cfg, other, None)):
+                continue
         value, default = getattr(cfg, name), fields[name].get_default(call_default_factory=True)
         if value != default:
             problems.append(f"model.{name}={value!r} (no export mapping yet; closest exportable: "
