@@ -9,6 +9,18 @@ import pytest
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
 
 
+def _engine_greedy(live, ids: list[int], max_tokens: int, **kw):
+    """The same request straight to the engine, bypassing HTTP: (text, token events, finish)."""
+    from spud.serve.engine import SamplingParams
+
+    return live.engine.submit(ids, SamplingParams(max_tokens=max_tokens, temperature=0, **kw)).result()
+
+
+def _model_logprobs(live, ids: list[int], gen: list[int], top: int):
+    """Log-probs of `gen` after `ids` from one full forward pass (not the decode loop's cache)."""
+    return live.engine.prompt_logprobs(ids + gen, top)[len(ids):]
+
+
 def test_models_and_health(client, http, model_name, live):
     models = client.models.list()
     assert [m.id for m in models.data] == [model_name]
@@ -22,10 +34,11 @@ def test_completion_shape_and_usage(client, model_name, live):
     assert r.id.startswith("cmpl-") and r.object == "text_completion" and r.model == model_name
     assert r.created > 0 and len(r.choices) == 1
     c = r.choices[0]
-    assert c.finish_reason in ("stop", "length") and isinstance(c.text, str)
-    n_prompt = len(live.engine.tokenizer.encode("The ")) + 1  # + the BOS the server prepends
-    assert r.usage.prompt_tokens == n_prompt
-    assert 1 <= r.usage.completion_tokens <= 5
+    tok = live.engine.tokenizer
+    ids = [tok.bos_id, *tok.encode("The ")]  # + the BOS the server prepends
+    text, _, fin = _engine_greedy(live, ids, 5)
+    assert (c.text, c.finish_reason) == (text, fin.reason)
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == fin.completion_tokens
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
@@ -60,17 +73,24 @@ def test_stop_string(client, model_name):
     assert r.text == full[: full.index(stop)] and r.finish_reason == "stop"
 
 
-def test_completion_logprobs(client, model_name):
+def test_completion_logprobs(client, model_name, live):
+    tok = live.engine.tokenizer
     r = client.completions.create(model=model_name, prompt="x = ", max_tokens=4, temperature=0, logprobs=2)
     lp = r.choices[0].logprobs
-    n = r.usage.completion_tokens
-    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
-    assert all(v <= 0 for v in lp.token_logprobs)
-    assert all(1 <= len(t) <= 2 for t in lp.top_logprobs)
+    _, events, _ = _engine_greedy(live, [tok.bos_id, *tok.encode("x = ")], 4)
+    gen = [e.token_id for e in events]
+    expected = _model_logprobs(live, [tok.bos_id, *tok.encode("x = ")], gen, 2)
+    assert lp.tokens == [tok.decode([i]) for i in gen] and len(gen) >= 1
+    assert lp.token_logprobs == pytest.approx([v for v, _ in expected], abs=1e-4)
+    for top, (_, alts) in zip(lp.top_logprobs, expected):
+        want = {}
+        for a, v in alts:  # two ids that decode to the same string share one key, as with OpenAI
+            want.setdefault(tok.decode([a]), v)
+        assert top == pytest.approx(want, abs=1e-4)
     # greedy: the chosen token is the best alternative
-    for tok, top, v in zip(lp.tokens, lp.top_logprobs, lp.token_logprobs):
-        assert max(top.values()) == pytest.approx(v, abs=1e-4)
-    assert lp.text_offset[0] == len("x = ")
+    assert [max(t.values()) for t in lp.top_logprobs] == pytest.approx(lp.token_logprobs, abs=1e-4)
+    starts = [len("x = ") + sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert lp.text_offset == starts
 
 
 def test_echo_max_tokens_zero_scores_prompt(client, model_name, live):
@@ -94,27 +114,43 @@ def test_echo_max_tokens_zero_scores_prompt(client, model_name, live):
     assert g.text.startswith(prompt) and len(g.logprobs.tokens) == len(ids) + 3
 
 
-def test_chat_logprobs(client, model_name):
+def test_chat_logprobs(client, model_name, live):
+    tok = live.engine.tokenizer
     r = client.chat.completions.create(model=model_name, messages=CHAT, max_tokens=4, temperature=0,
                                        logprobs=True, top_logprobs=3)
     content = r.choices[0].logprobs.content
-    assert len(content) >= 1
-    for item in content:
-        assert item.logprob <= 0 and len(item.top_logprobs) == 3
-        assert item.top_logprobs[0].logprob == pytest.approx(item.logprob, abs=1e-4)
+    ids = tok.render_chat(CHAT, add_generation_prompt=True)[0]
+    _, events, _ = _engine_greedy(live, ids, 4, stop_token_ids=[tok.end_id])
+    gen = [e.token_id for e in events]
+    expected = _model_logprobs(live, ids, gen, 3)
+    assert [c.token for c in content] == [tok.decode([i]) for i in gen] and len(gen) >= 1
+    assert [c.logprob for c in content] == pytest.approx([v for v, _ in expected], abs=1e-4)
+    for item, (_, alts) in zip(content, expected):
+        assert [t.token for t in item.top_logprobs] == [tok.decode([a]) for a, _ in alts]
+        assert [t.logprob for t in item.top_logprobs] == pytest.approx([v for _, v in alts], abs=1e-4)
+        assert item.bytes == list(item.token.encode("utf-8"))
 
 
-def test_max_completion_tokens(client, model_name):
-    r = client.chat.completions.create(model=model_name, messages=CHAT, max_completion_tokens=3, temperature=0)
-    assert r.usage.completion_tokens <= 3
+def test_max_completion_tokens(client, model_name, live):
+    tok = live.engine.tokenizer
+    no_end = {str(tok.end_id): -100, str(tok.eos_id): -100, str(tok.bos_id): -100}
+    r = client.chat.completions.create(model=model_name, messages=CHAT, max_completion_tokens=3, temperature=0,
+                                       logit_bias=no_end)
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+    # max_completion_tokens wins over the older max_tokens when both are given
+    r = client.chat.completions.create(model=model_name, messages=CHAT, max_completion_tokens=2, max_tokens=5,
+                                       temperature=0, logit_bias=no_end)
+    assert r.usage.completion_tokens == 2
 
 
-def test_async_client(aclient, model_name):
+def test_async_client(client, aclient, model_name):
+    kw = {"model": model_name, "messages": CHAT, "max_tokens": 4, "temperature": 0}
+
     async def go():
-        r = await aclient.chat.completions.create(model=model_name, messages=CHAT, max_tokens=4, temperature=0)
+        r = await aclient.chat.completions.create(**kw)
         return r.choices[0].message.content
 
-    assert isinstance(asyncio.run(go()), str)
+    assert asyncio.run(go()) == client.chat.completions.create(**kw).choices[0].message.content
 
 
 def test_tokenize_detokenize(http, live, model_name):

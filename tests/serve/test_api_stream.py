@@ -19,10 +19,12 @@ def _events(http, path, body) -> list:
 
 
 def test_chat_stream_framing(http, model_name):
-    body = {"model": model_name, "messages": CHAT, "max_tokens": 6, "temperature": 0, "stream": True}
-    chunks = _events(http, "/v1/chat/completions", body)
-    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    body = {"model": model_name, "messages": CHAT, "max_tokens": 6, "temperature": 0}
+    ref = http.post("/v1/chat/completions", json=body).json()["choices"][0]
+    chunks = _events(http, "/v1/chat/completions", {**body, "stream": True})
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["choices"][0]["finish_reason"] == ref["finish_reason"]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == ref["message"]["content"]
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
     assert all("usage" not in c for c in chunks)  # no usage unless asked for
     assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
