@@ -62,6 +62,7 @@ def test_export_matches_spud_logits_and_greedy_generation(run_factory, tmp_path,
             x = torch.tensor([ids])
             diff = max(diff, (peer(input_ids=x).logits - src.model(x)).abs().max().item())
     assert diff <= 1e-4, f"max |logit diff| {diff}"
+    print(f"{hf_class} {kw}: max |logit diff| {diff:.1e}")
     for ids in real[:1]:
         mine = list(generate(src.model, ids, 64, temperature=0.0))
         assert len(mine) == 64
@@ -223,6 +224,8 @@ def test_trained_run_parity_on_real_prompts(trained_run, tmp_path):
         assert tok(p, add_special_tokens=False)["input_ids"] == ids[1:]
         x = torch.tensor([ids])
         with torch.no_grad():
-            assert (peer(input_ids=x).logits - src.model(x)).abs().max().item() <= 1e-4
+            diff = (peer(input_ids=x).logits - src.model(x)).abs().max().item()
+            assert diff <= 1e-4
+            print(f"trained run, prompt {p!r}: max |logit diff| {diff:.1e}")
     ids = src.tokenizer.encode(prompts[1], add_bos=True)
     assert hf_greedy(peer, ids, 64) == list(generate(src.model, ids, 64, temperature=0.0))
