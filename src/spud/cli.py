@@ -87,10 +87,19 @@ def cmd_train(args) -> int:
     from spud.train.trainer import Trainer
 
     out = run_dir_arg(args.out)
+    if args.resume and args.config and "=" in args.config and not Path(args.config).exists():
+        # `spud train --resume --out RUN train.max_steps=400`: argparse took the override for CONFIG
+        args.overrides, args.config = [args.config, *(args.overrides or [])], None
     if args.config is None:
-        if not (args.resume and (out / "config.yaml").is_file()):
-            raise SpudError("give a CONFIG (or --resume with a run directory that has config.yaml)")
-        cfg = load_config(out / "config.yaml", args.overrides)
+        from spud.train.checkpoint import config_for_resume
+
+        # --resume without CONFIG continues with the config stored in the checkpoint; config.yaml
+        # (a copy for people) is compared with it, and used only while there is no checkpoint.
+        cfg = config_for_resume(out, args.overrides or []) if args.resume else None
+        if cfg is None:
+            if not (args.resume and (out / "config.yaml").is_file()):
+                raise SpudError("give a CONFIG (or --resume with a run directory that has config.yaml)")
+            cfg = load_config(out / "config.yaml", args.overrides)
     else:
         cfg = _load(args)
     summary = Trainer(cfg, out, resume=args.resume).run()

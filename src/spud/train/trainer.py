@@ -86,8 +86,12 @@ class Trainer:
         if not self.dist.is_main:
             self.tokenizer = self.prepare_data(cfg)
         self.cfg = cfg = resolve_vocab(cfg, self.tokenizer)
-        self.resume_from = ckpt_io.latest_checkpoint(self.run_dir) if resume else None
-        if not resume and ckpt_io.latest_checkpoint(self.run_dir) is not None:
+        # A damaged newest checkpoint is skipped with a warning naming the file (fall back).
+        self.resume_from = ckpt_io.latest_checkpoint(
+            self.run_dir, training=True,
+            warn=lambda m: self.console.print(f"warning: {m}", style="yellow", markup=False, highlight=False),
+        ) if resume else None
+        if not resume and ckpt_io.list_checkpoints(self.run_dir):
             raise SpudError(
                 f"{self.run_dir} already has checkpoints; pass --resume to continue that run, "
                 "or choose a new --out directory"
@@ -103,6 +107,11 @@ class Trainer:
                     + "\n  ".join(diff)
                     + "\nUse the same model settings to resume, or a new --out directory."
                 )
+            saved_cfg = ckpt_io.read_state(self.resume_from)["config"]
+            changes = ckpt_io.config_diff(saved_cfg, cfg.model_dump(mode="json"), "", ("was", "now"))
+            if changes:  # e.g. a longer train.max_steps: allowed, but never silently
+                self.console.print(f"resuming with a config that differs from {self.resume_from.name}'s:\n  "
+                                   + "\n  ".join(changes), style="yellow", markup=False, highlight=False)
         if self.dist.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
 
@@ -325,6 +334,7 @@ class Trainer:
         if self.resume_from is not None:
             self._restore(log)
             log.write("event", self.step, event="resume", checkpoint=self.resume_from.name)
+            self.console.print(f"resuming from step {self.step} ({self.resume_from})")
         else:
             log.write("event", 0, event="start", **self.facts)
         self.console.print(
