@@ -196,3 +196,18 @@ def test_benchmark_flop_ratio_interpolates_in_log_flops():
     # Worse everywhere: the baseline reaches the candidate's final 2.6 at 2**0.8 FLOPs.
     worse = bench.flop_ratio(base, [(1.0, 3.2), (2.0, 2.9), (4.0, 2.6)])
     assert worse["ratio"] == pytest.approx(2 ** 0.8 / 4)
+
+
+def test_contamination_check_finds_training_text_in_a_heldout_corpus(ablation, capsys):
+    from rich.console import Console
+
+    from spud.data.heldout import HeldoutCorpus, dataset_documents
+    from spud.train.ablate_score import contamination
+
+    out, _ = ablation
+    data = out / "data"
+    tok = Tokenizer.load(data / "tokenizer.json")
+    leaked = [d for d in dataset_documents(data, tok) if len(d.split()) > 40][:5]
+    (info,) = contamination([HeldoutCorpus("leak", "training documents", leaked)], data, Console())
+    assert info["overlap_13gram"]["fraction"] == 1.0
+    assert "not fully held out" in capsys.readouterr().out

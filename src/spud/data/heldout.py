@@ -257,15 +257,26 @@ def ngram_overlap(heldout_docs: Iterable[str], training_texts: Iterable[str], n:
     Words are lowercased \\w+ runs, so markup and punctuation differences do not hide a copy. The
     held-out n-grams are kept in memory and the training texts streamed past them, so memory is
     bounded by the (small) held-out corpus, not by the training data."""
-    per_doc = [set(_ngram_hashes(d, n)) for d in heldout_docs]
-    wanted = set().union(*per_doc)
+    return ngram_overlaps({"": list(heldout_docs)}, training_texts, n)[""]
+
+
+def ngram_overlaps(corpora: dict[str, list[str]], training_texts: Iterable[str],
+                   n: int = NGRAM) -> dict[str, dict]:
+    """`ngram_overlap` for several held-out corpora in one pass over the training texts."""
+    per_doc = {name: [set(_ngram_hashes(d, n)) for d in docs] for name, docs in corpora.items()}
+    wanted = {name: set().union(*sets) for name, sets in per_doc.items()}
+    every = set().union(*wanted.values())
     found: set[int] = set()
-    if wanted:
+    if every:
         for text in training_texts:
-            found.update(h for h in _ngram_hashes(text, n) if h in wanted)
-    return {"ngrams": len(wanted), "found": len(found),
-            "fraction": len(found) / len(wanted) if wanted else 0.0, "n": n,
-            "per_document": [len(d & found) for d in per_doc]}
+            found.update(h for h in _ngram_hashes(text, n) if h in every)
+    out = {}
+    for name, sets in per_doc.items():
+        hit = wanted[name] & found
+        out[name] = {"ngrams": len(wanted[name]), "found": len(hit), "n": n,
+                     "fraction": len(hit) / len(wanted[name]) if wanted[name] else 0.0,
+                     "per_document": [len(d & hit) for d in sets]}
+    return out
 
 
 def _ngram_hashes(text: str, n: int) -> Iterator[int]:

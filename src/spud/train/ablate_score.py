@@ -99,18 +99,20 @@ def contamination(corpora: list, data_dir: Path, console, max_tokens: int = 50_0
             cache = json.loads(cache_path.read_text(encoding="utf-8"))
         except ValueError:
             cache = {}
-    tok = Tokenizer.load(data_dir / "tokenizer.json")
+    keys = {c.name: f"{c.name}:{c.nbytes}:{len(c.documents)}" for c in corpora}
+    stale = [c for c in corpora if (cache.get(keys[c.name]) or {}).get("shards") != stamp]
+    if stale:  # one pass over the data for every corpus not checked yet
+        console.print(f"checking held-out corpora {', '.join(c.name for c in stale)} against the "
+                      f"training data ({heldout_mod.NGRAM}-grams)")
+        tok = Tokenizer.load(data_dir / "tokenizer.json")
+        overlaps = heldout_mod.ngram_overlaps({c.name: c.documents for c in stale},
+                                              heldout_mod.dataset_documents(data_dir, tok, max_tokens))
+        for c in stale:
+            overlaps[c.name].pop("per_document")
+            cache[keys[c.name]] = {"shards": stamp, "overlap": overlaps[c.name]}
     out = []
     for corpus in corpora:
-        key = f"{corpus.name}:{corpus.nbytes}:{len(corpus.documents)}"
-        entry = cache.get(key)
-        if not entry or entry.get("shards") != stamp:
-            console.print(f"checking held-out corpus {corpus.name} against the training data (13-grams)")
-            overlap = heldout_mod.ngram_overlap(corpus.documents,
-                                                heldout_mod.dataset_documents(data_dir, tok, max_tokens))
-            overlap.pop("per_document")
-            entry = cache[key] = {"shards": stamp, "overlap": overlap}
-        overlap = entry["overlap"]
+        overlap = cache[keys[corpus.name]]["overlap"]
         if overlap["fraction"] > 0.01:
             console.print(f"[yellow]held-out corpus {corpus.name}: {overlap['fraction']:.1%} of its "
                           f"13-grams occur in the training data; it is not fully held out")
