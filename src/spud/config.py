@@ -230,14 +230,14 @@ class ModelConfig(StrictModel):
         return self.attn_window if self.attn_pattern[layer % len(self.attn_pattern)] == "L" else None
 
     def arch_options(self) -> dict[str, Any]:
-        """The architecture options (the fields after init_std) that differ from their defaults,
-        leaving out the settings of an option that is off."""
+        """The architecture options in use (fields after init_std): those that differ from their
+        defaults, with the settings of an option that is on and without those of one that is off."""
         fields = type(self).model_fields
         names = list(fields)[list(fields).index("init_std") + 1 :]
-        out = {k: getattr(self, k) for k in names if getattr(self, k) != fields[k].default}
-        off = {"attn_window": "L" not in self.attn_pattern, "moe_top_k": not self.moe_experts,
-               "moe_aux_loss": not self.moe_experts, "mtp_weight": not self.mtp_depth}
-        return {k: v for k, v in out.items() if not off.get(k)}
+        settings = {"attn_window": "L" in self.attn_pattern, "moe_top_k": bool(self.moe_experts),
+                    "moe_aux_loss": bool(self.moe_experts), "mtp_weight": bool(self.mtp_depth)}
+        return {k: getattr(self, k) for k in names
+                if settings.get(k, getattr(self, k) != fields[k].default)}
 
     @property
     def kv_heads(self) -> int:

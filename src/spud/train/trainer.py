@@ -301,6 +301,7 @@ class Trainer:
             loss_sum += loss.detach().float().item()
         self._poison.discard(self.step + 1)
         loss = distributed.mean(self.dist, loss_sum / self.accum, self.device)
+        self.aux_metrics = self._aux_metrics()
         clip = self.cfg.train.grad_clip or float("inf")
         grad_norm = distributed.clip_grad_norm(self.dist, self.model, clip)
         if math.isfinite(loss) and math.isfinite(grad_norm):
@@ -310,6 +311,26 @@ class Trainer:
             self.bad_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm
+
+    def _aux_metrics(self) -> dict:
+        """The objective's parts this step when it has auxiliary terms (MoE balancing, multi-token
+        prediction; Transformer.train_stats): losses averaged and tokens per expert summed over
+        ranks. {} for a plain model, whose metrics stay as they were."""
+        stats = self.model.train_stats() if hasattr(self.model, "train_stats") else {}
+        if not stats or not self.dist.enabled:
+            return stats
+        keys = sorted(stats)  # the same keys on every rank: one all-reduce, same order
+        flat = [float(x) for k in keys
+                for x in (sum(stats[k], []) if k == "expert_tokens" else [stats[k]])]
+        total, out, i = distributed.all_sum(self.dist, flat, self.device), {}, 0
+        for k in keys:
+            if k == "expert_tokens":
+                e = len(stats[k][0])
+                out[k] = [[round(v) for v in total[i + r * e : i + (r + 1) * e]] for r in range(len(stats[k]))]
+                i += e * len(stats[k])
+            else:
+                out[k], i = total[i] / self.world, i + 1
+        return out
 
     def _rollback(self, log) -> None:
         faults.rollback(self, log)
@@ -375,7 +396,7 @@ class Trainer:
                 mfu = tps * self.flops_per_token / self.peak if self.peak else float("nan")
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     log.write("train", self.step, loss=loss, lr=lr, grad_norm=gnorm, tokens=self.tokens_seen,
-                              tokens_per_s=tps, mfu=mfu, step_time=dt)
+                              tokens_per_s=tps, mfu=mfu, step_time=dt, **self.aux_metrics)
                 info = f"loss {loss:.3f} · {tps:,.0f} tok/s · MFU {mfu:.0%}"
                 is_eval_step = self.step % t.eval_every == 0 or self.step == t.max_steps
                 if is_eval_step and (val := self.evaluate()) is not None:
