@@ -23,6 +23,7 @@ and tokenizer sections are ignored: both recipes train on the baseline's data.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -71,7 +72,7 @@ def candidate_variant(path: str, baseline_cfg):
 def _crossing(points: list[tuple[float, float]], target: float) -> float | None:
     """log-linear interpolation: the FLOPs at which a decreasing bpb-vs-FLOPs curve reaches
     target, or None outside the measured range."""
-    for (c0, b0), (c1, b1) in zip(points, points[1:]):
+    for (c0, b0), (c1, b1) in itertools.pairwise(points):
         if b0 > target >= b1:
             t = (b0 - target) / (b0 - b1)
             return math.exp(math.log(c0) + t * (math.log(c1) - math.log(c0)))
