@@ -49,11 +49,15 @@ def test_lone_surrogate_is_400(http, model_name, path, body, param):
 
 
 # ---------------------------------------------------------------------------------------- seeds
-@pytest.mark.parametrize("seed", [2**63 + 1, 2**64, -(2**63) - 1, 10**30, 1e30])
-def test_seed_outside_range_is_400(http, model_name, seed):
+@pytest.mark.parametrize("seed,bound", [(2**63 + 1, "less than or equal to 9223372036854775808"),
+                                        (2**64, "less than or equal to 9223372036854775808"),
+                                        (10**30, "less than or equal to 9223372036854775808"),
+                                        (1e30, "less than or equal to 9223372036854775808"),
+                                        (-(2**63) - 1, "greater than or equal to -9223372036854775808")])
+def test_seed_outside_range_is_400(http, model_name, seed, bound):
     body = {"model": model_name, "prompt": "a", "max_tokens": 1, "seed": seed}
     e = _err(http.post("/v1/completions", json=body), 400, "seed")
-    assert str(2**63) in e["message"]  # "less than or equal to 2**63" or "greater than or equal to -2**63"
+    assert e["message"] == f"seed: Input should be {bound}"
 
 
 def test_seeds_at_the_edges_with_n(client, model_name):
@@ -266,5 +270,5 @@ def test_tokenizing_does_not_block_the_event_loop(live, model_name, monkeypatch)
             time.sleep(0.1)
     for t in threads:
         t.join()
-    assert statuses == [200, 200, 200] or sorted(statuses) == [200, 200, 200]
+    assert statuses == [200, 200, 200]
     assert worst < 0.5, f"/health took {worst:.2f} s while prompts were being tokenized"

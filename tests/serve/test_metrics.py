@@ -125,8 +125,15 @@ def test_one_request_adds_exactly_its_numbers(http, live, model_name):
     assert _get(after, "spud_engine_slots") == live.engine.max_batch
 
 
-def test_busy_slots_gauge_during_a_stream(http, live, model_name):
-    tok = live.engine.tokenizer
+def test_busy_slots_gauge_during_a_stream(http, live, model_name, monkeypatch):
+    tok, model = live.engine.tokenizer, live.engine.model
+    forward = model.forward_slots
+
+    def slow_forward(*a, **k):  # a tiny model finishes 50 tokens faster than one scrape on a busy CI
+        time.sleep(0.05)
+        return forward(*a, **k)
+
+    monkeypatch.setattr(model, "forward_slots", slow_forward)
     body = {"model": model_name, "prompt": "a", "max_tokens": 50, "temperature": 0, "stream": True,
             "logit_bias": {str(tok.eos_id): -100, str(tok.end_id): -100}}
     with http.stream("POST", "/v1/completions", json=body) as r:
@@ -134,7 +141,8 @@ def test_busy_slots_gauge_during_a_stream(http, live, model_name):
             if line.startswith("data: {"):
                 break
         during = _samples(http.get("/metrics").text)
-    assert _get(during, "spud_num_requests_running") == 1
+    monkeypatch.undo()
+    assert _get(during, "spud_num_requests_running") == 1, during
     deadline = time.monotonic() + 10
     while live.engine.stats()["running"] and time.monotonic() < deadline:
         time.sleep(0.05)
