@@ -60,13 +60,15 @@ def markdown(report: dict) -> str:
          "Steps = floor(budget / (FLOPs/token × tokens/step)), FLOPs/token from spud.model.flops."),
         (f"Machine: {machine['cpus']} CPUs, load average {machine['load_start'][0]:.1f} at the start, "
          f"{machine['load_end'][0]:.1f} at the end (wall-clock and tokens/s depend on it)."), "",
-        ("Scores are final bits per byte (lower is better), mean ± sample std over seeds: `val` on "
-         "the shared validation split, the others on held-out corpora no run trained on."), "",
+        ("Scores are final bits per byte (lower is better; the best of each column in bold), mean ± "
+         "sample std over seeds: `val` on the shared validation split, the others on held-out "
+         "corpora no run trained on."), "",
     ]
     for budget in report["budgets"]:
         sub = [r for r in rows if r["budget"] == budget]
         best = {c: min((r["heldout"][c]["bpb"] for r in sub if r["heldout"][c]["bpb"] is not None),
                        default=None) for c in corpora}
+        best_val = min((r["val_bpb"] for r in sub if r["val_bpb"] is not None), default=None)
         lines += [f"## {budget:.3g} FLOPs", "",
                   "| variant | params | FLOPs/token | steps | tokens | val bpb | "
                   + " | ".join(f"{c} bpb" for c in corpora) + " | wall-clock | tokens/s |",
@@ -78,8 +80,10 @@ def markdown(report: dict) -> str:
                 text = _fmt(h["bpb"], h["bpb_std"])
                 cells.append(f"**{text}**" if h["bpb"] is not None and h["bpb"] == best[c] else text)
             tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"
+            val = _fmt(r["val_bpb"], r["val_bpb_std"])
+            val = f"**{val}**" if r["val_bpb"] is not None and r["val_bpb"] == best_val else val
             lines.append(f"| {r['variant']} | {r['params']:,} | {r['flops_per_token']:,} | {r['steps']:,} | "
-                         f"{r['tokens']:,} | {_fmt(r['val_bpb'], r['val_bpb_std'])} | "
+                         f"{r['tokens']:,} | {val} | "
                          + " | ".join(cells) + f" | {r['wall_s']:.0f} s | {tps} |")
         lines.append("")
     lines += ["## Held-out corpora", "", "| corpus | source | documents | bytes | 13-grams also in the training data |",
