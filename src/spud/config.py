@@ -142,9 +142,9 @@ class ModelConfig(StrictModel):
     mlp_hidden: int | None = Field(None, gt=0, description="None = the MLP's default: 8/3·d (swiglu) or 4·d.")
     norm_eps: float = Field(1e-5, gt=0)
     rope_theta: float = Field(10000.0, gt=0)
-    qk_norm: bool = False
-    logit_softcap: float | None = Field(None, gt=0)
-    tie_embeddings: bool = True
+    qk_norm: bool = Field(False, description="RMSNorm on each head's queries and keys (bounded attention logits).")
+    logit_softcap: float | None = Field(None, gt=0, description="cap·tanh(logits/cap) on the LM head (Gemma 2).")
+    tie_embeddings: bool = Field(True, description="The LM head shares the token embedding matrix.")
     dropout: float = Field(0.0, ge=0, lt=1)
     max_seq_len: int = Field(256, gt=0)
     init_std: float = Field(0.02, gt=0)

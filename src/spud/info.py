@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from spud.config import ModelConfig
@@ -37,6 +38,30 @@ def preset_table(names: list[str], vocab: int, seq_len: int | None) -> Table:
     return table
 
 
+# Model fields that choose the architecture (the rest are sizes): listed by `spud info` with
+# their defaults; every field after init_std (ModelConfig.arch_options) is listed too.
+ARCH_FIELDS = ("block", "mlp", "qk_norm", "logit_softcap", "tie_embeddings")
+
+
+def options_table() -> Table:
+    """Every architecture choice: registry entries for block / mlp, then each option switch."""
+    from spud.model.registry import choices
+
+    table = Table(title="architecture options (set as model.<option>=value; docs/architecture.md)")
+    for col in ("option", "default", "choices / meaning"):
+        table.add_column(col)
+    fields = ModelConfig.model_fields
+    names = list(fields)
+    for name in (*ARCH_FIELDS, *names[names.index("init_std") + 1 :]):
+        f = fields[name]
+        text = f.description or ""
+        if name in ("block", "mlp"):
+            text = "\n".join(f"{k}: {(cls.__doc__ or '').strip().splitlines()[0]}"
+                              for k, cls in sorted(choices(name).items()))
+        table.add_row(name, repr(f.default), escape(text))
+    return table
+
+
 def show_info(run: str | None, preset: str | None, vocab: int, seq_len: int | None,
               console: Console | None = None) -> None:
     console = console or make_console()
@@ -50,6 +75,7 @@ def show_info(run: str | None, preset: str | None, vocab: int, seq_len: int | No
         show_run(Path(run), console)
     if not preset and not run:
         console.print(preset_table(list(PRESETS), vocab, seq_len))
+        console.print(options_table())
 
 
 def show_run(run: Path, console: Console) -> None:
@@ -65,6 +91,9 @@ def show_run(run: Path, console: Console) -> None:
         fl = flops_per_token(cfg.model, cfg.seq_len)
         console.print(f"model: {cfg.model.d_model}d × {cfg.model.n_layers} layers, "
                       f"{_fmt(counts['total'])} params, {_fmt(fl['training'])} train FLOPs/token")
+        opts = {"block": cfg.model.block, "mlp": cfg.model.mlp, **cfg.model.arch_options()}
+        console.print("architecture: " + ", ".join(f"{k}={v}" for k, v in opts.items()),
+                      markup=False, highlight=False)
     if (run / "data" / "manifest.json").is_file():
         m = load_manifest(run)  # a corrupt manifest is a clear SpudError, not a traceback
         table = Table(title=f"data mix ({m['train_tokens']:,} train / {m['val_tokens']:,} val tokens)")

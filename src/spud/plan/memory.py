@@ -90,7 +90,11 @@ def activation_bytes_per_layer(cfg: ModelConfig, micro_batch: int, seq_len: int,
     p = _bytes(precision)
     h, f = cfg.d_model, cfg.hidden
     kv = cfg.kv_heads * cfg.dim_head
-    m = 3 if cfg.mlp == "swiglu" else 2
+    # Hidden-sized tensors the MLP keeps (3 swiglu, 2 relu2/gelu: the MLP class says), once per
+    # expert a token visits under MoE.
+    from spud.model.registry import get_mlp
+
+    m = getattr(get_mlp(cfg.mlp), "hidden_activations", 2) * (cfg.moe_top_k if cfg.moe_experts else 1)
     tokens = micro_batch * seq_len
     return p * tokens * (6 * h + 2 * kv + m * f) + 4 * tokens * cfg.n_heads
 
