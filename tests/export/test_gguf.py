@@ -132,3 +132,16 @@ def test_gguf_refusals(run_factory, tmp_path):
         export_gguf(run, tmp_path / "c.gguf")
     assert (tmp_path / "c.gguf").read_text() == "precious"
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".gguf" or p.name.startswith(".")) == ["c.gguf"]
+
+
+def test_cli_export_gguf(run_factory, tmp_path, capsys):
+    from spud.cli import main
+
+    run = run_factory(qk_norm=True)
+    out = tmp_path / "x.gguf"
+    assert main(["export", "gguf", str(run), str(out), "--outtype", "q8_0"]) == 0
+    assert "GGUF arch qwen3, q8_0" in capsys.readouterr().out
+    assert main(["export", "gguf", str(run), str(out)]) == 2  # exists: needs --force
+    assert "pass --force" in capsys.readouterr().err
+    assert main(["export", "gguf", str(run), str(out), "--force", "--outtype", "f32"]) == 0
+    assert read(out)[2]["blk.0.attn_q.weight"].tensor_type.name == "F32"

@@ -17,6 +17,8 @@ def cmd_export_hf(args) -> int:
                   force=args.force, max_shard_bytes=shard)
     print(f"wrote {s['out']}: {s['architecture']} ({s['params']:,} parameters, {s['dtype']}, "
           f"{len(s['weight_files'])} weight file(s)) from the {s['model']} model, {s['checkpoint']}")
+    if s["dropped"]:
+        print("left out the multi-token-prediction heads (training only; inference is unchanged)")
     print(f"load it with: AutoModelForCausalLM.from_pretrained({str(Path(s['out']))!r}) · "
           f"serve it with: vllm serve {s['out']}")
     return 0

@@ -33,7 +33,7 @@ DEFAULT_SHARD_BYTES = 5 * 2**30  # transformers' own default max_shard_size ("5G
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def tokenizer_files(tok: Tokenizer, tok_path: Path, out: Path, chat: bool) -> None:
+def tokenizer_files(tok: Tokenizer, tok_path: Path, out: Path, chat: bool, max_len: int) -> None:
     """tokenizer.json (copied byte for byte), tokenizer_config.json, special_tokens_map.json.
 
     A chat model's eos_token is <|end|> (the end of an assistant turn), so chat front ends that
@@ -51,7 +51,7 @@ def tokenizer_files(tok: Tokenizer, tok_path: Path, out: Path, chat: bool) -> No
         "add_bos_token": False,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": None,
+        "model_max_length": max_len,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
@@ -119,9 +119,11 @@ def export_hf(run: str | Path, out: str | Path, which: Which = "auto", checkpoin
         # No run-specific metadata in the weight files (the model card names the checkpoint):
         # the same weights always make the same bytes, so export → import → export is identical.
         files = save_weights(tensors, tmp, max_shard_bytes, {})
-        tokenizer_files(src.tokenizer, src.tokenizer_path, tmp, chat)
+        tokenizer_files(src.tokenizer, src.tokenizer_path, tmp, chat, cfg.max_seq_len)
         params = src.model.num_params()
         write_model_card(tmp, src, arch, params)
     return {"out": str(out), "architecture": arch.hf_class, "model_type": arch.model_type,
             "model": src.kind, "checkpoint": str(src.checkpoint), "dtype": dtype,
-            "weight_files": files, "params": params}
+            "weight_files": files, "params": params,
+            # training-only modules left out of the export (their loss never affects inference)
+            "dropped": ["mtp"] if getattr(cfg, "mtp_depth", 0) else []}
