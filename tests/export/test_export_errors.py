@@ -95,3 +95,26 @@ def test_cli_export_and_help(run_factory, tmp_path, capsys):
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
     with pytest.raises(SystemExit):
         main(["export", "hf", str(run), str(tmp_path / "o2"), "--base", "--chat"])
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_sharded_dcp_checkpoint_exports_like_a_single_file_one(run_factory, tmp_path):
+    """A checkpoint written by data-parallel training (DCP shards) exports to the same bytes."""
+    import json as _json
+
+    import torch
+
+    from spud.export.source import load_source
+    from spud.train import checkpoint as ckpt_io
+
+    run = run_factory(tie_embeddings=False)
+    export_hf(run, tmp_path / "single")
+    src = load_source(run)
+    opt = torch.optim.AdamW(src.model.parameters())
+    state = {k: v for k, v in src.state.items() if k not in ("step", "files")}
+    ckpt_io.save_sharded(run, 9, src.model, opt, state, {}, keep=5, rank=0)
+    assert ckpt_io.is_sharded(run / "checkpoints" / "step_0000009")
+    export_hf(run, tmp_path / "sharded", checkpoint=9)
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (tmp_path / "single" / name).read_bytes() == (tmp_path / "sharded" / name).read_bytes(), name
+    assert _json.loads((tmp_path / "sharded" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
