@@ -316,7 +316,10 @@ def _check_llama_compatible(cfg: ModelConfig) -> None:
         problems.append("qk_norm=true (Llama has no QK-norm)")
     if cfg.logit_softcap is not None:
         problems.append("logit_softcap is set (Llama has no soft-cap)")
-    problems += [f"{k}={v!r} (not in Llama)" for k, v in cfg.arch_options().items()]
+    # zero_init_residual only changes the init; MTP heads never run at inference (left out).
+    inference_only = {"zero_init_residual", "mtp_depth", "mtp_weight"}
+    problems += [f"{k}={v!r} (not in Llama)" for k, v in cfg.arch_options().items()
+                 if k not in inference_only]
     if problems:
         raise SpudError(
             "model is not expressible as a Hugging Face Llama: " + "; ".join(problems)
