@@ -118,3 +118,21 @@ def test_sharded_dcp_checkpoint_exports_like_a_single_file_one(run_factory, tmp_
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
         assert (tmp_path / "single" / name).read_bytes() == (tmp_path / "sharded" / name).read_bytes(), name
     assert _json.loads((tmp_path / "sharded" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+@pytest.mark.parametrize("verb", [["export", "hf"], ["export", "gguf"], ["import", "hf"]])
+def test_verb_help(verb, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*verb, "--help"])
+    assert e.value.code == 0
+    assert "usage: spud " + " ".join(verb) in capsys.readouterr().out
+
+
+def test_cli_errors_have_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "spud", "export", "hf", str(tmp_path / "nope"), str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "run directory not found" in r.stderr
