@@ -196,7 +196,7 @@ def test_model_chat_without_sft_is_a_clear_error(trained_run, tmp_path):
     (["--k", "2"], "--k 2: every k must be between 1 and --samples (1)"),
 ])
 def test_sampling_flags_are_validated(trained_run, capsys, argv, message):
-    rc = main(["eval", str(trained_run), "--tasks", "arithmetic", "--device", "cpu", *argv])
+    rc = main(["eval", str(trained_run), "--tasks", "arithmetic", "--limit", "1", "--device", "cpu", *argv])
     assert rc == 2 and message in capsys.readouterr().err
 
 
