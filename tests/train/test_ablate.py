@@ -211,3 +211,28 @@ def test_contamination_check_finds_training_text_in_a_heldout_corpus(ablation, c
     (info,) = contamination([HeldoutCorpus("leak", "training documents", leaked)], data, Console())
     assert info["overlap_13gram"]["fraction"] == 1.0
     assert "not fully held out" in capsys.readouterr().out
+
+
+def test_summary_is_mean_and_sample_std_over_seeds(tmp_path):
+    from spud.train.ablate_report import markdown, summarise
+
+    def run(variant, seed, val, held):
+        return {"variant": variant, "overrides": {}, "budget": 1e9, "seed": seed, "params": 10,
+                "non_embedding_params": 5, "flops_per_token": 60, "tokens_per_step": 8, "steps": 3,
+                "tokens": 24, "flops": 1440, "val_bpb": val, "heldout": {"h": {"bpb": held}},
+                "wall_s": 2.0, "train_s": 1.0, "tokens_per_s": 24.0, "step_time_ms": 300.0, "curve": []}
+
+    report = {"budgets": [1e9], "variants": [{"name": "a"}, {"name": "b"}],
+              "runs": [run("a", 0, 1.0, 2.0), run("a", 1, 1.2, 2.4), run("b", 0, 0.9, 2.1), run("b", 1, 0.9, 2.1)]}
+    rows = {r["variant"]: r for r in summarise(report)}
+    assert rows["a"]["val_bpb"] == pytest.approx(1.1) and rows["a"]["val_bpb_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert rows["a"]["heldout"]["h"] == pytest.approx({"bpb": 2.2, "bpb_std": 0.2828}, abs=1e-4)
+    assert rows["b"]["val_bpb_std"] == 0.0 and rows["b"]["seeds"] == 2
+    report.update(summary=list(rows.values()), base="b.yaml", base_overrides=[], seeds=[0, 1],
+                  machine={"cpus": 2, "load_start": [1.0], "load_end": [1.5]},
+                  heldout=[{"name": "h", "origin": "x", "documents": 1, "bytes": 9,
+                            "overlap_13gram": {"ngrams": 4, "found": 0, "fraction": 0.0}}])
+    md = markdown(report)
+    assert "| a | 10 | 60 | 3 | 24 | 1.1000 ± 0.1414 | **2.2000 ± 0.2828** |" not in md  # b is best on h
+    assert "| a | 10 | 60 | 3 | 24 | 1.1000 ± 0.1414 | 2.2000 ± 0.2828 |" in md
+    assert "| b | 10 | 60 | 3 | 24 | **0.9000 ± 0.0000** | **2.1000 ± 0.0000** |" in md
