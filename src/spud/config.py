@@ -275,6 +275,17 @@ class TrainConfig(StrictModel):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     eps: float = Field(1e-8, gt=0)
+    # Optimizer (src/spud/train/optim.py). With muon, the blocks' weight matrices take Muon;
+    # embeddings, LM head, norms and other scalars take AdamW at train.lr (embed_lr / head_lr).
+    optimizer: Literal["adamw", "muon"] = Field("adamw", description="adamw | muon (matrices in blocks).")
+    muon_lr: float = Field(0.02, gt=0, description="Muon peak LR (spectral: × sqrt(max(1, out/in))).")
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="Muon Nesterov momentum after warm-up.")
+    muon_momentum_start: float = Field(0.85, ge=0, lt=1, description="Muon momentum at step 0.")
+    muon_momentum_warmup_steps: int = Field(300, ge=0, description="Steps from start to full momentum.")
+    muon_ns_steps: int = Field(5, ge=1, le=12, description="Polar Express orthogonalisation iterations.")
+    muon_weight_decay: float = Field(0.0, ge=0, description="Decoupled decay of Muon matrices (× LR).")
+    embed_lr: float | None = Field(None, gt=0, description="AdamW LR of embeddings; None = train.lr.")
+    head_lr: float | None = Field(None, gt=0, description="AdamW LR of an untied LM head; None = train.lr.")
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping.")
     eval_every: int = Field(50, gt=0)
     eval_batches: int = Field(8, gt=0)

@@ -1,35 +1,320 @@
-"""AdamW with weight decay only on matrices that are not embeddings.
+"""Optimizers: AdamW (train.optimizer=adamw), or Muon for the blocks' weight matrices with AdamW
+for everything else (train.optimizer=muon).
 
-Decaying norm gains, biases or the embedding table hurts small models (it shrinks what should be
-free scale parameters), so they go in a no-decay group. Fused AdamW on CUDA and CPU (one kernel
-per parameter group instead of a dozen elementwise passes), foreach elsewhere.
+AdamW: weight decay only on matrices that are not embeddings. Decaying norm gains, biases or the
+embedding table hurts small models (it shrinks what should be free scale parameters). Fused AdamW
+on CUDA and CPU (one kernel per parameter group instead of a dozen elementwise passes).
+
+Muon (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/): SGD with Nesterov momentum
+whose update for each weight matrix is replaced by the nearest semi-orthogonal matrix (all singular
+values ≈ 1): every direction of the matrix moves by the same amount, instead of the few directions
+that dominate a raw gradient. Choices, and why:
+
+- Orthogonalisation: Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv:2505.16932), i.e. the
+  same quintic iteration X ← aX + (bA + cA²)X, A = XXᵀ as Newton–Schulz "NS5", but with a separate,
+  minimax-optimal (a, b, c) per iteration. At the same cost (5 iterations) it is far tighter: for
+  every singular value ≥ 1e-3·‖G‖_F the result lies in [0.853, 1.141] (exact arithmetic, computed
+  from the scalar polynomials) where NS5's fixed (3.4445, -4.7750, 2.0315) gives [0.47, 1.20].
+  Iterations past 5 use the classical quintic (15/8, -5/4, 3/8), which converges to exactly 1.
+  fp32 on CPU; bf16 on CUDA (the iteration is stable in bf16, and its matmuls dominate the cost).
+- Fused projections are orthogonalised per piece: the q | k | v rows of a fused QKV weight and the
+  gate | up rows of SwiGLU are separate matrices in the math (and in Hugging Face Llama), so each
+  gets its own polar factor, as if unfused. A module can declare others with `muon_row_splits`.
+- LR scaling: the spectral rule lr · sqrt(max(1, fan_out/fan_in)) (Keller Jordan; Bernstein's
+  modular norm). It keeps the update's spectral norm proportional to sqrt(fan_out/fan_in), the
+  condition under which a learning rate transfers across width, which is what an ablation on two
+  model sizes needs. (The alternative, 0.2·sqrt(max(A, B)) to match AdamW's update RMS, lets Muon
+  reuse AdamW's LR but makes the best LR depend on width.) Default train.muon_lr = 0.02.
+- Weight decay is decoupled and scaled by the LR: W ← W·(1 − lr·wd) (train.muon_weight_decay).
+- Momentum warms up linearly from train.muon_momentum_start to train.muon_momentum over
+  train.muon_momentum_warmup_steps; the LR schedule (schedule.py) applies to every group.
+
+Which parameters take Muon: the weights of nn.Linear modules inside `model.blocks` (and raw ≥3-D
+parameters there, e.g. stacked expert matrices, orthogonalised per matrix). Embeddings (also
+value embeddings inside blocks), the LM head, norms, gains, biases and anything outside the
+blocks take AdamW: the embedding's "input" is one-hot and the head's output is a softmax, so the
+spectral argument for Muon does not hold for them.
+
+Distributed (DDP / FSDP2): a matrix must be orthogonalised whole. Matrices are dealt out in
+turns: in each round of world_size matrices, rank i owns the i-th; under FSDP every rank first
+all-gathers each of the round's momentum-updated gradients (DTensor.full_tensor), then each owner
+orthogonalises its matrix and broadcasts the result, and every rank applies its own rows (its FSDP
+shard, or the whole matrix under DDP). This splits the orthogonalisation work over ranks, and
+under DDP it keeps replicas bit-identical by construction even where two ranks' BLAS would round
+differently. Momentum buffers live with the parameters (sharded DTensors under FSDP), so
+checkpoints reshard like AdamW state.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from spud.config import TrainConfig
+from spud.errors import SpudError
+
+# Polar Express coefficients for 5 iterations (arXiv:2505.16932, computed for lower spectral
+# bound 1e-3, safety factor 2e-2, cushion 2); the first k are used for k < 5 iterations.
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+QUINTIC_TO_ONE = (15 / 8, -10 / 8, 3 / 8)  # p(1) = 1, p'(1) = 0: polishes toward exactly 1
+
+
+def polar_factor(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """≈ U·Vᵀ of g = U·S·Vᵀ for each matrix in the last two dims (batched), in g's dtype.
+
+    With steps=5, singular values ≥ 1e-3·‖g‖_F come out in [0.853, 1.141] (fp32 adds ~1e-3);
+    smaller ones are raised toward, but not all the way to, that band."""
+    lead, (m, n) = g.shape[:-2], g.shape[-2:]
+    x = g.reshape(-1, m, n)
+    # Frobenius ≥ spectral norm, so this puts every singular value in (0, 1/1.01].
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-7)
+    tall = m > n
+    if tall:  # work with the smaller Gram matrix: A is min(m, n)², not max(m, n)²
+        x = x.mT
+    coeffs = POLAR_EXPRESS[:steps] + (QUINTIC_TO_ONE,) * max(0, steps - len(POLAR_EXPRESS))
+    for a, b, c in coeffs:
+        gram = torch.bmm(x, x.mT)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b·A + c·A²
+        x = torch.baddbmm(x, poly, x, beta=a)  # a·X + (b·A + c·A²)·X
+    if tall:
+        x = x.mT
+    return x.reshape(*lead, m, n)
+
+
+def muon_update(g: torch.Tensor, steps: int, row_splits: list[int] | None = None,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Orthogonalised, spectrally scaled update for a weight (..., out, in): each row block of
+    `row_splits` (e.g. q | k | v) separately, consecutive equal blocks batched together."""
+    g = g.to(dtype)
+    rows, cols = g.shape[-2:]
+    splits = row_splits if row_splits and sum(row_splits) == rows else [rows]
+    runs: list[list[int]] = []  # [rows per block, how many in a row]
+    for s in splits:
+        if runs and runs[-1][0] == s:
+            runs[-1][1] += 1
+        else:
+            runs.append([s, 1])
+    out, start = [], 0
+    for size, count in runs:
+        block = g[..., start:start + size * count, :]
+        block = block.reshape(*g.shape[:-2], count, size, cols)
+        scale = math.sqrt(max(1.0, size / cols))
+        out.append((polar_factor(block, steps) * scale).reshape(*g.shape[:-2], size * count, cols))
+        start += size * count
+    return out[0] if len(out) == 1 else torch.cat(out, dim=-2)
+
+
+# ----------------------------------------------------------------------------- parameter roles
+def _fused_row_splits(model: nn.Module) -> dict[int, list[int]]:
+    """id(weight) → row blocks for fused projections that are several matrices in the math."""
+    splits: dict[int, list[int]] = {}
+    for m in model.modules():
+        declared = getattr(m, "muon_row_splits", None)
+        if isinstance(m, nn.Linear) and declared:
+            splits[id(m.weight)] = list(declared)
+        qkv = getattr(m, "qkv", None)
+        if isinstance(qkv, nn.Linear) and all(hasattr(m, a) for a in ("n_heads", "n_kv_heads", "head_dim")):
+            q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
+            splits.setdefault(id(qkv.weight), [q, kv, kv])
+        gate_up = getattr(m, "gate_up", None)
+        if isinstance(gate_up, nn.Linear) and hasattr(m, "hidden"):
+            splits.setdefault(id(gate_up.weight), [m.hidden, m.hidden])
+    return splits
+
+
+def param_roles(model: nn.Module) -> dict[str, str]:
+    """Name → role for every trainable parameter (tied ones once, under their first name):
+    'matrix' (Muon), 'embedding', 'head', 'other_matrix' (≥2-D outside the blocks), 'scalar'."""
+    embedding = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = getattr(model, "lm_head", None)
+    head_ids = {id(head.weight)} if isinstance(head, nn.Linear) else set()
+    blocks = getattr(model, "blocks", None)
+    block_linear: set[int] = set()
+    block_params: set[int] = set()
+    if isinstance(blocks, nn.Module):
+        block_params = {id(p) for p in blocks.parameters()}
+        block_linear = {id(m.weight) for m in blocks.modules() if isinstance(m, nn.Linear)}
+    roles, seen = {}, set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in embedding:
+            roles[name] = "embedding"
+        elif id(p) in head_ids:
+            roles[name] = "head"
+        elif id(p) in block_linear or (id(p) in block_params and p.dim() >= 3):
+            roles[name] = "matrix"
+        elif p.dim() >= 2:
+            roles[name] = "other_matrix"
+        else:
+            roles[name] = "scalar"
+    return roles
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    embedding_params = {
-        id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)
-    }
-    decay, no_decay, seen = [], [], set()
-    for _, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))  # tied weights appear twice; optimise them once
-        (decay if p.dim() >= 2 and id(p) not in embedding_params else no_decay).append(p)
+    """AdamW groups: decay on matrices that are not embeddings, none on the rest."""
+    roles = param_roles(model)
+    params = dict(model.named_parameters())
+    decay = [params[n] for n, r in roles.items() if r in ("matrix", "other_matrix", "head")]
+    no_decay = [params[n] for n, r in roles.items() if r in ("embedding", "scalar")]
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay, "lr_ratio": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "lr_ratio": 1.0},
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def muon_param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """One Muon group (block matrices) and up to four AdamW groups, each with its LR as a ratio
+    to train.lr (the schedule scales them all alike). Empty groups are left out."""
+    roles = param_roles(model)
+    params = dict(model.named_parameters())
+
+    def pick(*which: str) -> list:
+        return [params[n] for n, r in roles.items() if r in which]
+
+    groups = [
+        dict(name="muon", kind="muon", params=pick("matrix"), lr_ratio=cfg.muon_lr / cfg.lr,
+             weight_decay=cfg.muon_weight_decay, momentum=cfg.muon_momentum_start, ns_steps=cfg.muon_ns_steps),
+        dict(name="embedding", kind="adamw", params=pick("embedding"),
+             lr_ratio=(cfg.embed_lr or cfg.lr) / cfg.lr, weight_decay=0.0),
+        dict(name="head", kind="adamw", params=pick("head"),
+             lr_ratio=(cfg.head_lr or cfg.lr) / cfg.lr, weight_decay=cfg.weight_decay),
+        dict(name="other_matrix", kind="adamw", params=pick("other_matrix"), lr_ratio=1.0,
+             weight_decay=cfg.weight_decay),
+        dict(name="scalar", kind="adamw", params=pick("scalar"), lr_ratio=1.0, weight_decay=0.0),
+    ]
+    return [g for g in groups if g["params"]]
+
+
+# ----------------------------------------------------------------------------- the optimizer
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (possibly FSDP-sharded DTensor) tensor; in-place ops on it update it."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _gather(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The whole matrix from every rank's shard (an all-gather) when `like` is a DTensor."""
+    if not hasattr(like, "device_mesh"):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False,
+                              shape=like.shape, stride=like.stride()).full_tensor()
+
+
+def _own_shard(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a full tensor that every rank holds identically (no communication)."""
+    if not hasattr(like, "device_mesh"):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    try:
+        return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
+    except TypeError:  # torch < 2.6: no src_data_rank (then rank 0's copy is scattered)
+        return distribute_tensor(full, like.device_mesh, like.placements).to_local()
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon for groups with kind='muon', AdamW (decoupled decay, bias-corrected) for the others.
+    State: momentum_buffer per Muon matrix; step, exp_avg, exp_avg_sq per AdamW tensor."""
+
+    def __init__(self, groups: list[dict], betas: tuple[float, float], eps: float,
+                 compute_dtype: torch.dtype = torch.float32, parallel: str = "none",
+                 row_splits: dict[int, list[int]] | None = None) -> None:
+        defaults = dict(lr=0.0, weight_decay=0.0, betas=betas, eps=eps, kind="adamw", lr_ratio=1.0,
+                        momentum=0.95, ns_steps=5)
+        super().__init__(groups, defaults)
+        self.compute_dtype = compute_dtype
+        self.parallel = parallel
+        self.row_splits = row_splits or {}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        matrices = []
+        for group in self.param_groups:
+            if group["kind"] == "muon":
+                matrices += [(p, group) for p in group["params"] if p.grad is not None]
+            else:
+                self._adamw(group)
+        self._muon(matrices)
+        return loss
+
+    def _adamw(self, group: dict) -> None:
+        (b1, b2), lr, wd, eps = group["betas"], group["lr"], group["weight_decay"], group["eps"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            st = self.state[p]
+            if not st:
+                st["step"] = torch.tensor(0.0)
+                st["exp_avg"] = torch.zeros_like(p)
+                st["exp_avg_sq"] = torch.zeros_like(p)
+            st["step"] += 1
+            n = st["step"].item()
+            x, g, m, v = (_local(t) for t in (p, p.grad, st["exp_avg"], st["exp_avg_sq"]))
+            if wd:
+                x.mul_(1 - lr * wd)
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v.sqrt() / math.sqrt(1 - b2**n)).add_(eps)
+            x.addcdiv_(m, denom, value=-lr / (1 - b1**n))
+
+    def _muon(self, matrices: list[tuple[torch.Tensor, dict]]) -> None:
+        world = dist.get_world_size() if self.parallel != "none" and dist.is_initialized() else 1
+        rank = dist.get_rank() if world > 1 else 0
+        for start in range(0, len(matrices), world):  # one round: rank i owns the i-th matrix
+            round_ = matrices[start:start + world]
+            full = []
+            for p, group in round_:
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                g, b, mom = _local(p.grad), _local(buf), group["momentum"]
+                b.lerp_(g, 1 - mom)  # EMA of gradients
+                full.append(_gather(g.lerp(b, mom), p))  # Nesterov: look one step ahead
+            updates, pending = [], []
+            for i, ((p, group), u) in enumerate(zip(round_, full)):
+                if i == rank:
+                    upd = muon_update(u, group["ns_steps"], self.row_splits.get(id(p)), self.compute_dtype)
+                else:
+                    upd = torch.empty(u.shape, dtype=self.compute_dtype, device=u.device)
+                if world > 1:
+                    pending.append(dist.broadcast(upd, src=i, async_op=True))
+                updates.append(upd)
+            for work in pending:
+                work.wait()
+            for (p, group), upd in zip(round_, updates):
+                x = _local(p)
+                if group["weight_decay"]:
+                    x.mul_(1 - group["lr"] * group["weight_decay"])
+                x.add_(_own_shard(upd, p).to(x.dtype), alpha=-group["lr"])
+
+
+# ----------------------------------------------------------------------------- construction
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
+                    parallel: str = "none") -> torch.optim.Optimizer:
+    """The optimizer train.optimizer names, over `model` (already wrapped for DDP/FSDP).
+    Each group carries lr_ratio: its peak LR over train.lr (see apply_schedule)."""
+    if cfg.optimizer == "muon":
+        return MuonAdamW(
+            muon_param_groups(model, cfg), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+            compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+            parallel=parallel, row_splits=_fused_row_splits(model),
+        )
     kwargs = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),
@@ -38,3 +323,31 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
         eps=cfg.eps,
         **kwargs,
     )
+
+
+def muon_momentum_at(step: int, cfg: TrainConfig) -> float:
+    """Muon momentum for optimizer step `step` (0-based): linear warm-up, then constant."""
+    warm = cfg.muon_momentum_warmup_steps
+    frac = min(1.0, step / warm) if warm else 1.0
+    return cfg.muon_momentum_start + (cfg.muon_momentum - cfg.muon_momentum_start) * frac
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, lr: float, step: int, cfg: TrainConfig) -> None:
+    """Set every group's LR for this step (`lr`: the scheduled train.lr, × the group's lr_ratio)
+    and the Muon momentum. A pure function of the step, so resuming needs no scheduler state."""
+    momentum = muon_momentum_at(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_ratio", 1.0)
+        if group.get("kind") == "muon":
+            group["momentum"] = momentum
+
+
+def check_resumable(saved_config: dict, cfg: TrainConfig, ckpt: str) -> None:
+    """Optimizer state only loads into the optimizer that wrote it; say so before trying."""
+    saved = (saved_config.get("train") or {}).get("optimizer", "adamw")
+    if saved != cfg.optimizer:
+        raise SpudError(
+            f"{ckpt} was trained with train.optimizer={saved}, and its optimizer state does not fit "
+            f"train.optimizer={cfg.optimizer}; resume with train.optimizer={saved}, or start a new "
+            "--out directory (e.g. `spud train CONFIG train.optimizer=...`)"
+        )

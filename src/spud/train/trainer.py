@@ -48,7 +48,7 @@ from spud.train import checkpoint as ckpt_io
 from spud.train import distributed, faults, init_from
 from spud.train.faults import graceful_stop
 from spud.train.metrics import MetricsLog, read_metrics, truncate_after
-from spud.train.optim import build_optimizer
+from spud.train.optim import apply_schedule, build_optimizer, check_resumable
 from spud.train.schedule import lr_at
 from spud.ui import make_console
 
@@ -133,7 +133,9 @@ class Trainer:
             distributed.apply_activation_checkpointing(self.model)
         self.train_module = distributed.wrap(self.model, self.dist, self.device, t.mixed_precision)
         self.step_model = torch.compile(self.train_module) if cfg.train.compile else self.train_module
-        self.optimizer = build_optimizer(self.model, cfg.train, self.device)
+        self.optimizer = build_optimizer(self.model, cfg.train, self.device, self.dist.parallel)
+        if self.resume_from is not None:
+            check_resumable(ckpt_io.read_state(self.resume_from)["config"], cfg.train, str(self.resume_from))
         if self.world > 1:  # distinct dropout masks per rank
             torch.manual_seed(cfg.seed + 7919 * self.rank)
 
@@ -286,8 +288,7 @@ class Trainer:
     def train_step(self, lr: float) -> tuple[float, float]:
         """One optimizer step; (global mean loss, global grad norm). A non-finite loss or norm
         skips the update (self.bad_steps counts such steps in a row)."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        apply_schedule(self.optimizer, lr, self.step, self.cfg.train)  # every group's LR, Muon momentum
         loss_sum = 0.0
         poison = self.step + 1 in self._poison
         for i in range(self.accum):
