@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from spud.config import validate_config
 from spud.errors import SpudError
 from spud.model.flops import flops_per_token
 from spud.train import checkpoint as ckpt_io
@@ -57,8 +58,6 @@ def training_flops(src: Source) -> dict:
     for name, state in stages:
         tokens = int(state.get("tokens_seen") or 0)
         try:
-            from spud.config import validate_config
-
             c = validate_config(state["config"], "state.json")
             per_token = flops_per_token(c.model, c.seq_len)["training"]
         except (SpudError, KeyError):
@@ -71,7 +70,7 @@ def eval_results(src: Source) -> list[dict]:
     """Every results.json under RUN/eval and RUN/chat/eval, newest layout or old, as
     {'where', 'checkpoint', 'tasks', 'exported'}; results of the exported checkpoint first."""
     seen, rows = set(), []
-    for root in {src.run / "eval", src.model_dir / "eval"}:
+    for root in dict.fromkeys([src.run / "eval", src.model_dir / "eval"]):  # ordered, unique
         for p in sorted(root.glob("**/results.json")):
             r = _read_json(p)
             if r is None or not isinstance(r.get("tasks"), dict) or p.resolve() in seen:
