@@ -229,3 +229,8 @@ def test_trained_run_parity_on_real_prompts(trained_run, tmp_path):
             print(f"trained run, prompt {p!r}: max |logit diff| {diff:.1e}")
     ids = src.tokenizer.encode(prompts[1], add_bos=True)
     assert hf_greedy(peer, ids, 64) == list(generate(src.model, ids, 64, temperature=0.0))
+
+
+def test_a_chat_run_directory_given_directly_exports_its_chat_model(run_factory, tmp_path):
+    run = run_factory(chat=True)
+    assert export_hf(run / "chat", tmp_path / "hf")["model"] == "chat"

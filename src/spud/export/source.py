@@ -46,7 +46,17 @@ def load_source(run_dir: str | Path, which: Which = "auto", checkpoint: str | in
     a CPU fp32 model. auto = the chat model when SFT made one, as `spud serve` picks."""
     run = Path(run_dir)
     kind = default_serving_model(run) if which == "auto" else which
-    choice = choose_model(run, kind, checkpoint)  # the same resolution and errors as serve/eval
+    try:
+        choice = choose_model(run, kind, checkpoint)  # the same resolution and errors as serve/eval
+    except SpudError:
+        if which != "auto" or kind != "base":
+            raise
+        try:  # RUN may itself be a chat run directory (RUN/chat given directly)
+            choice, kind = choose_model(run, "chat", checkpoint), "chat"
+        except SpudError:
+            choice = None
+        if choice is None:
+            raise
     ckpt = choice.checkpoint
     state = ckpt_io.read_state(ckpt)
     cfg = validate_config(state["config"], f"{ckpt}/state.json")
