@@ -150,7 +150,7 @@ def cmd_eval(args) -> int:
     run_eval(args.run, tasks=args.tasks, limit=args.limit, fewshot=args.fewshot,
              checkpoint=args.checkpoint, device=args.device, seed=args.seed, model=args.model,
              chat=args.chat, force=args.force, samples=args.samples, temperature=args.temperature,
-             ks=args.k)
+             ks=args.k, decontam_tokens=args.decontam_tokens)
     return 0
 
 
@@ -340,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling temperature for --samples > 1 (0 = greedy, one sample)")
     p.add_argument("--k", type=_int_list, default=None, metavar="K[,K...]",
                    help="pass@k values to report, each <= --samples (default: 1 and 10 where they fit)")
+    p.add_argument("--decontam-tokens", type=int, default=200_000_000, metavar="N",
+                   help="scan at most N pretraining tokens for eval examples (13-gram/fact overlap; "
+                        "0 = skip the check; default 200M)")
     p.set_defaults(func=cmd_eval)
 
     p = verbs.add_parser("export-weights", help="consolidate a checkpoint (also sharded) into one safetensors file")

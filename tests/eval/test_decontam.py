@@ -3,6 +3,8 @@ SFT files), and the built-in eval sets overlap none of the built-in training dat
 
 import itertools
 import json
+import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -10,7 +12,7 @@ import yaml
 from spud.data.builtin import generated_documents
 from spud.data.facts import canonical, extract_facts
 from spud.eval.builtin_tasks import make_task
-from spud.eval.decontam import Index, Probe, _Hits, check, probes_from_examples, summary_line, words
+from spud.eval.decontam import Index, Probe, _Hits, check, summary_line, task_probes, words
 from spud.posttrain import builtin_chat
 from spud.posttrain.chat_eval import SPLITS, eval_items
 
@@ -56,8 +58,10 @@ def test_multi_step_facts_must_share_a_line():
 def planted_run(tmp_path_factory):
     """A real run: a built-in source plus a JSONL source with planted eval text, built into
     shards; and a chat run whose SFT data is a planted JSONL file plus the built-in chats."""
+    from rich.console import Console
+
     from spud.config import validate_config
-    from spud.data.build import build_dataset
+    from spud.train.trainer import Trainer
 
     root = tmp_path_factory.mktemp("decontam")
     arith = make_task("arithmetic", 0).examples
@@ -68,14 +72,14 @@ def planted_run(tmp_path_factory):
         f"I wrote {arith[1].facts[0][1]} {arith[1].facts[0][0]} {arith[1].facts[0][2]} somewhere.",  # fact
     ]
     (root / "planted.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in planted))
-    cfg = validate_config({
-        "data": {"total_tokens": 40000, "sources": [
-            {"name": "arith", "type": "builtin", "builtin": "arithmetic", "weight": 1},
-            {"name": "planted", "type": "jsonl", "path": str(root / "planted.jsonl"), "weight": 1}]},
-        "tokenizer": {"vocab_size": 400, "train_bytes": 100000}})
+    tiny = yaml.safe_load((Path(__file__).parents[2] / "configs" / "tiny.yaml").read_text())
+    tiny["data"] = {"total_tokens": 40000, "sources": [
+        {"name": "arith", "type": "builtin", "builtin": "arithmetic", "weight": 1},
+        {"name": "planted", "type": "jsonl", "path": str(root / "planted.jsonl"), "weight": 1}]}
+    tiny["tokenizer"] = {"vocab_size": 400, "train_bytes": 100000}
+    tiny["train"].update(max_steps=1, eval_every=1, checkpoint_every=1, eval_batches=1, micro_batch_size=2)
     run = root / "run"
-    build_dataset(cfg, run, progress=False, log=lambda *a, **k: None)
-    (run / "config.yaml").write_text(yaml.safe_dump({"seed": 0}))
+    Trainer(validate_config(tiny), run, console=Console(quiet=True)).run()  # real shards and a checkpoint
     chat = run / "chat"
     chat.mkdir()
     sft_file = root / "sft.jsonl"
@@ -93,10 +97,9 @@ def planted_run(tmp_path_factory):
 
 
 def test_planted_overlaps_are_found_with_exact_counts(planted_run):
-    arith = make_task("arithmetic", 0).examples[:100]
-    story = make_task("word_problems", 0).examples[:50]
-    probes = (probes_from_examples("arithmetic", arith, lambda e: e.target)
-              + probes_from_examples("word_problems", story, lambda e: e.target))
+    arith, story = make_task("arithmetic", 0), make_task("word_problems", 0)
+    arith.examples, story.examples = arith.examples[:100], story.examples[:50]
+    probes = task_probes([arith, story])
     base = check(probes, planted_run)
     a, w = base["tasks"]["arithmetic"], base["tasks"]["word_problems"]
     # arithmetic: example 0 verbatim (n-gram and fact), example 1 as a bare fact; example 2 is
@@ -116,8 +119,32 @@ def test_planted_overlaps_are_found_with_exact_counts(planted_run):
     assert summary_line(chat).startswith("4 of 150 eval examples (2.7%) overlap the training data")
 
 
+def test_spud_eval_reports_contamination_per_task(planted_run, capsys):
+    from spud.cli import main
+
+    assert main(["eval", str(planted_run), "--tasks", "arithmetic,word_problems", "--limit", "50",
+                 "--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    results = json.loads((planted_run / "eval" / "base-step_0000001" / "results.json").read_text())
+    a, w = results["tasks"]["arithmetic"]["contamination"], results["tasks"]["word_problems"]["contamination"]
+    assert (a["examples"], a["ngram"], a["facts"], a["contaminated"], a["rate"]) == (50, 1, 2, 2, 0.04)
+    assert (w["examples"], w["contaminated"]) == (50, 1)
+    assert results["decontamination"]["complete"] is True
+    assert "decontamination: 3 of 100 eval examples (3.0%) overlap the training data" in out
+    assert main(["report", str(planted_run)]) == 0  # the report card shows it per task
+    card = (planted_run / "report.md").read_text()
+    assert re.search(r"\| base \| `step_0000001` \| arithmetic \|[^\n]*\| 50 \| 2/50 \|", card), card
+    assert re.search(r"\| word_problems \|[^\n]*\| 50 \| 1/50 \|", card)
+    assert main(["eval", str(planted_run), "--tasks", "arithmetic", "--limit", "5",
+                 "--decontam-tokens", "0"]) == 0
+    results = json.loads((planted_run / "eval" / "base-step_0000001" / "results.json").read_text())
+    assert "decontamination" not in results and "contamination" not in results["tasks"]["arithmetic"]
+
+
 def test_partial_scan_says_so(planted_run):
-    probes = probes_from_examples("arithmetic", make_task("arithmetic", 0).examples[:5], lambda e: e.target)
+    task = make_task("arithmetic", 0)
+    task.examples = task.examples[:5]
+    probes = task_probes([task])
     report = check(probes, planted_run, max_tokens=1)
     assert report["complete"] is False and "PARTIAL" in summary_line(report)
 
@@ -125,10 +152,7 @@ def test_partial_scan_says_so(planted_run):
 def test_builtin_eval_sets_overlap_no_builtin_training_data():
     """Every built-in eval set against a sample of every built-in training generator (pretraining
     arithmetic and reasoning documents, the SFT conversations): zero overlap of either kind."""
-    probes = []
-    for name in ("arithmetic", "mc_arithmetic", "word_problems"):
-        task = make_task(name, 0)
-        probes += probes_from_examples(name, task.examples, lambda e: e.target)
+    probes = task_probes([make_task(name, 0) for name in ("arithmetic", "mc_arithmetic", "word_problems")])
     items = [it for split in SPLITS for it in eval_items(split, 100)]
     probes += [Probe(it.split, i, f"{it.question} {it.answer}", frozenset(it.facts)) for i, it in enumerate(items)]
     index, hits = Index(probes), _Hits()

@@ -43,6 +43,7 @@ from spud.data.facts import extract_facts
 
 NGRAM = 13
 CHUNK_TOKENS = 1 << 20
+DEFAULT_MAX_TOKENS = 200_000_000  # `spud eval` scans at most this much pretraining data (~minutes)
 _TOKEN = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 _MULT = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier of the rolling hash
 _UNKNOWN = np.uint64(0x5BD1E9955BD1E995)  # any word no eval example uses
@@ -169,9 +170,10 @@ def shard_documents(run_dir: Path, max_tokens: int | None) -> Iterator[tuple[str
     for shard in manifest["shards"]:
         data = np.memmap(run_dir / "data" / shard["file"], dtype=dtype, mode="r")
         for start in range(0, len(data), CHUNK_TOKENS):
-            if max_tokens is not None and read >= max_tokens:
+            take = CHUNK_TOKENS if max_tokens is None else min(CHUNK_TOKENS, max_tokens - read)
+            if take <= 0:
                 return
-            chunk = np.asarray(data[start:start + CHUNK_TOKENS], dtype=np.int64)
+            chunk = np.asarray(data[start:start + take], dtype=np.int64)
             cuts = np.flatnonzero(chunk == bos)
             pieces = [p for p in np.split(chunk, cuts) if len(p)]
             docs = tok.backend.decode_batch([p.tolist() for p in pieces], skip_special_tokens=True)
@@ -311,7 +313,15 @@ def summary_line(report: dict) -> str:
             f"in {report['seconds']:.1f} s{part}")
 
 
-def probes_from_examples(task: str, examples: Iterable, answer_of) -> list[Probe]:
-    """Probes for a list of spud.eval.example.Example (answer_of(ex) → the gold answer text)."""
-    return [Probe(task, i, f"{ex.prompt} {answer_of(ex)}".strip(), frozenset(ex.facts or ()))
-            for i, ex in enumerate(examples)]
+def task_probes(tasks: Iterable) -> list[Probe]:
+    """Probes for spud.eval tasks: prompt + gold answer (the right choice of a multiple-choice
+    example, the reference solution of a code example), with the example's declared facts."""
+    out = []
+    for t in tasks:
+        for i, ex in enumerate(t.examples):
+            if t.kind == "mc" and ex.choices and ex.label is not None:
+                gold = ex.choices[ex.label]
+            else:
+                gold = ex.demo if t.kind == "code" else ex.target
+            out.append(Probe(t.name, i, f"{ex.prompt} {gold}".strip(), frozenset(ex.facts or ())))
+    return out

@@ -400,9 +400,11 @@ def _eval_section(evals: list[dict], out: Path) -> list[str]:
             setting += ", chat prompts" + (" (forced)" if r.get("forced") else "")
         for name, t in (r.get("tasks") or {}).items():
             if isinstance(t, dict):
+                c = t.get("contamination")  # spud.eval.decontam: examples seen in training data
+                seen = f"{c['contaminated']}/{c['examples']}" if isinstance(c, dict) and "examples" in c else "not checked"
                 trows.append([model, ckpt, name, t.get("metric", "—"), _fmt(_num(t.get("value"))),
                               _fmt(_num(t.get("stderr"))), _fmt(_num(t.get("baseline"))),
-                              _fmt(_num(t.get("centered"))), _fmt(t.get("n"))])
+                              _fmt(_num(t.get("centered"))), _fmt(t.get("n")), seen])
         agg = r.get("aggregate") or {}
         if _num(agg.get("centered_mean")) is not None:
             aggs.append(f"{model} model, {ckpt} ({setting}): centred mean over {agg.get('tasks')} tasks "
@@ -412,8 +414,10 @@ def _eval_section(evals: list[dict], out: Path) -> list[str]:
         irows += [[model, ckpt, name, _fmt(_num(v.get("loss"))), _fmt(_num(v.get("bpb"))), _fmt(v.get("tokens"))]
                   for name, v in named if isinstance(v, dict) and "bpb" in v]
     if trows:
-        md += _table(["model", "checkpoint", "task", "metric", "value", "± stderr", "chance", "centred", "n"],
-                     trows) + [""]
+        md += _table(["model", "checkpoint", "task", "metric", "value", "± stderr", "chance", "centred", "n",
+                      "contaminated"], trows) + [""]
+        md += ["_contaminated: eval examples with a 13-gram (or, for generated arithmetic, a fact) that "
+               "occurs in the data the model trained on (spud.eval.decontam)._", ""]
     md += [f"- {a}" for a in aggs] + ([""] if aggs else [])
     if irows:
         md += ["Intrinsic (same checkpoints):", ""]

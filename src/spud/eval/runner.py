@@ -31,7 +31,7 @@ from rich.progress import (
 from rich.table import Table
 
 from spud.errors import SpudError
-from spud.eval import math_norm, sandbox, scoring
+from spud.eval import decontam, math_norm, sandbox, scoring
 from spud.eval.intrinsic import intrinsic_metrics
 from spud.eval.tasks import Example, Task, load_tasks
 from spud.runs import ModelChoice, choose_model, load_choice
@@ -196,6 +196,7 @@ def run_eval(
     model: str = "base", chat: bool = False, force: bool = False,
     samples: int = 1, temperature: float = 0.0, ks: tuple[int, ...] | None = None,
     intrinsic: bool = True, intrinsic_windows: int = 64, intrinsic_source_tokens: int = 20_000,
+    decontam_tokens: int | None = decontam.DEFAULT_MAX_TOKENS,
     console=None, progress: bool = True,
 ) -> dict:
     """Evaluate RUN's `model` ("base" or "chat") at `checkpoint` on `tasks` (see spud.eval.tasks
@@ -206,6 +207,8 @@ def run_eval(
     if fewshot < 0:
         raise SpudError(f"--fewshot must be >= 0, got {fewshot}")
     ks = check_sampling(samples, temperature, ks)
+    if decontam_tokens is not None and decontam_tokens < 0:
+        raise SpudError(f"--decontam-tokens must be >= 0 (0 = skip the check), got {decontam_tokens}")
     console = console or make_console()
     task_list = load_tasks(tasks, seed)  # before the model: a bad spec fails fast
     choice = choose_model(run_dir, model, checkpoint)
@@ -249,6 +252,12 @@ def run_eval(
     centred = [r["centered"] for r in results["tasks"].values()]
     results["aggregate"] = {"centered_mean": sum(centred) / len(centred), "tasks": len(centred),
                             "method": "mean over tasks of (value - baseline) / (1 - baseline)"}
+    if decontam_tokens != 0:  # held out means held out: scan what this model trained on
+        with console.status("decontamination: scanning the training data for the eval examples"):
+            report = decontam.check(decontam.task_probes(task_list), choice.run, max_tokens=decontam_tokens)
+        for name, rates in report.pop("tasks").items():
+            results["tasks"][name]["contamination"] = rates
+        results["decontamination"] = report
     if intrinsic:
         with console.status("intrinsic: validation loss and bits per byte"):
             results["intrinsic"] = intrinsic_metrics(run_dir, net, tok, cfg, intrinsic_windows,
@@ -297,4 +306,8 @@ def print_results(results: dict, console) -> None:
                 console.print(f"  {name}: loss {s['loss']:.4f} · bpb {s['bpb']:.4f} ({s['tokens']:,} tokens)")
             else:
                 console.print(f"  {name}: {s.get('error') if isinstance(s, dict) else s}")
+    if "decontamination" in results:
+        rep = {**results["decontamination"],
+               "tasks": {k: r["contamination"] for k, r in results["tasks"].items() if "contamination" in r}}
+        console.print(f"decontamination: {decontam.summary_line(rep)}", soft_wrap=True, highlight=False)
     console.print(f"results: {results.get('path', '')}")
