@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from spud.config import TokenizerConfig
 from spud.errors import SpudError
-from spud.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
+from spud.tokenizer import LONG_DECODE, SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. 12 + 30 = 42.\n",
@@ -144,3 +144,24 @@ def test_lone_surrogate_is_a_clear_error(tok):
         tok.encode_batch(["fine", "b\udcff"])
     with pytest.raises(SpudError, match="message 0: .*lone surrogate"):
         tok.render_chat([{"role": "user", "content": "\ud800"}])
+
+
+def test_long_texts_encode_and_decode_without_holding_the_gil(tok):
+    """The server tokenizes in a worker thread; that only helps if the tokenizer lets the event
+    loop's thread run meanwhile (the library's single-text encode holds the GIL throughout)."""
+    import threading
+    import time
+
+    text = "".join(CORPUS) * 40  # ~300 KB
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and len(ids) > LONG_DECODE  # the batch decode path
+    assert tok.decode(ids[:100]) == tok.backend.decode(ids[:100])
+    for work in (lambda: tok.encode(text), lambda: tok.encode_batch([text]), lambda: tok.decode(ids)):
+        worker = threading.Thread(target=work)
+        ticks, start = 0, time.perf_counter()
+        worker.start()
+        while worker.is_alive():
+            time.sleep(0.001)
+            ticks += 1
+        if time.perf_counter() - start > 0.1:  # long enough to tell: the main thread kept running
+            assert ticks >= 5, f"main thread ran {ticks} times in {time.perf_counter() - start:.2f} s"

@@ -31,6 +31,10 @@ SPLIT_PATTERN = (
     r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
 
+# Longer id lists are decoded through the batch call, which releases the GIL; shorter ones (the
+# serving engine decodes a few ids per generated token) skip its extra cost.
+LONG_DECODE = 4096
+
 # Jinja version of `render_chat`, stored in tokenizer_config.json for Hugging Face users.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}"
@@ -108,24 +112,34 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         """Plain text → ids, never containing a control id; BOS/EOS only when asked for."""
         try:
-            ids = self._tok.encode(text, add_special_tokens=False).ids
-        except TypeError:
-            raise SpudError(_bad_text(text)) from None
+            (ids,) = self._encode_many([text])
+        except SpudError as e:
+            raise SpudError(str(e).removeprefix("text 0: ")) from None
         return [self.bos_id] * add_bos + ids + [self.eos_id] * add_eos
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Plain texts → ids (as `encode`), in parallel on the Rust side (all cores unless
         RAYON_NUM_THREADS is set)."""
-        texts = list(texts)
+        return self._encode_many(list(texts))
+
+    def _encode_many(self, texts: list) -> list[list[int]]:
+        # Always the library's batch call, also for one text: the single-text `encode` holds
+        # Python's GIL for its whole run (seconds for a 1 MB prompt), so a server thread doing it
+        # stalls the event loop; the batch calls release it. `encode_batch_fast` (newer
+        # `tokenizers`) also skips computing character offsets, which nothing here uses.
+        batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
         try:
-            return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+            return [e.ids for e in batch(texts, add_special_tokens=False)]
         except TypeError:
             i = next((i for i, t in enumerate(texts) if not _encodable(t)), None)
             raise SpudError(f"text {i}: {_bad_text(texts[i])}" if i is not None else
                             "encode_batch: every text must be a str") from None
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
+        ids = list(ids)
+        if len(ids) > LONG_DECODE:  # the batch call releases the GIL (see _encode_many)
+            return self._tok.decode_batch([ids], skip_special_tokens=skip_special)[0]
+        return self._tok.decode(ids, skip_special_tokens=skip_special)
 
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(i)
