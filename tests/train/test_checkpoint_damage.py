@@ -12,6 +12,7 @@ import sys
 import pytest
 import yaml
 
+from spud.cli import main
 from spud.errors import SpudError
 from spud.train import checkpoint as ckpt_io
 from spud.train.metrics import read_metrics
@@ -53,13 +54,23 @@ DAMAGE = {
 }
 
 
-def spud(*args):
-    r = subprocess.run([sys.executable, "-m", "spud", *args], capture_output=True, text=True, timeout=300)
-    return r.returncode, " ".join((r.stdout + r.stderr).split())  # unwrapped, one line
+@pytest.fixture
+def spud(capsys):
+    """`spud ARGS` through the CLI's entry point, in this process for `train` (no interpreter
+    start-up): (exit code, stdout + stderr as one unwrapped line)."""
+    def run(*args):
+        if args[0] == "sample":  # sample_to_terminal binds sys.stdout at import: a real process
+            r = subprocess.run([sys.executable, "-m", "spud", *args], capture_output=True, text=True, timeout=300)
+            return r.returncode, " ".join((r.stdout + r.stderr).split())
+        capsys.readouterr()
+        rc = main(list(args))
+        out = capsys.readouterr()
+        return rc, " ".join((out.out + out.err).split())
+    return run
 
 
 @pytest.mark.parametrize("name", list(DAMAGE))
-def test_resume_falls_back_past_a_damaged_file(run, name):
+def test_resume_falls_back_past_a_damaged_file(run, name, spud):
     damaged = run / "checkpoints" / LAST / name
     DAMAGE[name](damaged)
     rc, out = spud("train", "--resume", "--out", str(run))
@@ -75,7 +86,7 @@ def test_resume_falls_back_past_a_damaged_file(run, name):
 
 
 @pytest.mark.parametrize("name, falls_back", [("model.safetensors", True), ("optimizer.pt", False)])
-def test_sample_skips_only_what_it_needs(run, name, falls_back):
+def test_sample_skips_only_what_it_needs(run, name, falls_back, spud):
     """Sampling reads weights and state.json only: a damaged optimizer/RNG file does not matter."""
     damaged = run / "checkpoints" / LAST / name
     DAMAGE[name](damaged)
@@ -88,7 +99,7 @@ def test_sample_skips_only_what_it_needs(run, name, falls_back):
         assert "warning" not in out and out.endswith(f"[{LAST}]")
 
 
-def test_every_checkpoint_damaged_is_a_clear_error(run):
+def test_every_checkpoint_damaged_is_a_clear_error(run, spud):
     for step in ("step_0000004", "step_0000008", LAST):
         _truncate(run / "checkpoints" / step / "model.safetensors")
     for args in (("train", "--resume", "--out", str(run)), ("sample", str(run), "--max-tokens", "2")):
@@ -136,7 +147,7 @@ def test_sharded_checkpoint_without_complete_marker_or_metadata(tmp_path):
     ]
 
 
-def test_resume_takes_the_checkpoint_config_over_a_cut_off_config_yaml(tiny_cfg, fresh_run):
+def test_resume_takes_the_checkpoint_config_over_a_cut_off_config_yaml(tiny_cfg, fresh_run, spud):
     """config.yaml cut off by a crash must not resume with defaults (max_steps=200)."""
     cfg = tiny_cfg.model_copy(deep=True)
     cfg.train.max_steps = 8
