@@ -72,6 +72,9 @@ def run_demo(out: Path, quick: bool = False, console: Console | None = None) -> 
                       f"{val[-1]['bpb']:.3f} at step {val[-1]['step']}")
     console.print(f"run directory:  {out}/  (config.yaml, tokenizer.json, data/, checkpoints/, metrics.jsonl)")
 
+    if summary.get("interrupted"):  # Ctrl-C / SIGTERM: stop here; the next `spud demo` continues
+        console.print(f"demo stopped after pretraining step {summary['step']}; run it again to continue")
+        return summary
     summary["sft"], summary["chat_eval"] = run_sft_stage(out, quick, console)
     console.rule("[bold]next")
     console.print(f"chat model:     {out}/chat/  (spud serve and spud chat use it by default)")
@@ -93,6 +96,9 @@ def run_sft_stage(out: Path, quick: bool, console: Console) -> tuple[dict, dict]
     resume = latest_checkpoint(out / "chat") is not None
     overrides = SFT_QUICK_OVERRIDES if quick else SFT_OVERRIDES
     sft = sft_cmd(str(out), None if resume else ["builtin"], None, overrides, resume=resume, console=console)
+    if sft.get("interrupted"):
+        console.print(f"demo stopped after SFT step {sft['step']}; run it again to continue")
+        return sft, {}
     val = sft["val"]
     if val:
         console.print(f"sft validation loss (assistant tokens): {val[0]['loss']:.3f} at step {val[0]['step']} → "

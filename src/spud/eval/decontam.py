@@ -21,8 +21,9 @@ out from the loss, but on disk next to the training data, so a leak there is wor
 Cost: the eval side is small and is what gets indexed (a hash → example table of a few 10^5
 entries); the training side is streamed in chunks of `CHUNK_TOKENS`, its words hashed with
 vectorised numpy (a word the eval sets never use maps to one shared sentinel without being hashed),
-so memory stays at a few chunks whatever the data size and time is linear in it: about 1 s per
-million training tokens on one CPU core. `max_tokens` caps the scan for huge runs; the report then
+so memory stays at a few chunks whatever the data size and time is linear in it. Measured on the
+demo run (5M pretraining tokens + 20,000 built-in SFT conversations, 500 eval questions): 10.6 s
+of CPU time, of which ~3.5 s regenerate the built-in conversations. `max_tokens` caps the scan for huge runs; the report then
 says how much of the data was read (`complete: false`), and its rates are lower bounds.
 """
 
