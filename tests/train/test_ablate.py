@@ -80,7 +80,7 @@ def test_equal_flop_steps_files_and_scores(ablation):
     assert runs["mlp=swiglu"]["heldout"]["docs"]["tokens"] == runs["mlp=relu2"]["heldout"]["docs"]["tokens"]
     md = (out / "ablation.md").read_text()
     assert "| mlp=swiglu |" in md and "| mlp=relu2 |" in md and "stdlib_prose bpb" in md
-    assert "0 of" in md  # 13-gram contamination of the held-out corpora: none
+    assert "| docs | 2 files under" in md and "| 0 of " in md  # no 13-gram contamination
     assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (summary,) = [s for s in report["summary"] if s["variant"] == "mlp=relu2"]
     assert summary["val_bpb"] == runs["mlp=relu2"]["val_bpb"] and summary["val_bpb_std"] is None
@@ -201,15 +201,20 @@ def test_benchmark_flop_ratio_interpolates_in_log_flops():
 def test_contamination_check_finds_training_text_in_a_heldout_corpus(ablation, capsys):
     from rich.console import Console
 
-    from spud.data.heldout import HeldoutCorpus, dataset_documents
+    from spud.data.heldout import HeldoutCorpus
+    from spud.eval.decontam import shard_documents
     from spud.train.ablate_score import contamination
 
     out, _ = ablation
     data = out / "data"
-    tok = Tokenizer.load(data / "tokenizer.json")
-    leaked = [d for d in dataset_documents(data, tok) if len(d.split()) > 40][:5]
-    (info,) = contamination([HeldoutCorpus("leak", "training documents", leaked)], data, Console())
-    assert info["overlap_13gram"]["fraction"] == 1.0
+    training = [d for _, docs, _ in shard_documents(data, None) for d in docs]
+    leaked = [d for d in training if len(d.split()) > 40][:5]
+    clean = [("Entirely new words about zebras, violins and lighthouses that no source would ever "
+              "put together in one long sentence like this one here today.")]
+    corpus = HeldoutCorpus("leak", "training documents", leaked + clean)
+    (info,) = contamination([corpus], data, Console())
+    o = info["overlap_13gram"]
+    assert (o["contaminated"], o["documents"], o["complete"]) == (5, 6, True)
     assert "not fully held out" in capsys.readouterr().out
 
 
@@ -231,7 +236,8 @@ def test_summary_is_mean_and_sample_std_over_seeds(tmp_path):
     report.update(summary=list(rows.values()), base="b.yaml", base_overrides=[], seeds=[0, 1],
                   machine={"cpus": 2, "load_start": [1.0], "load_end": [1.5]},
                   heldout=[{"name": "h", "origin": "x", "documents": 1, "bytes": 9,
-                            "overlap_13gram": {"ngrams": 4, "found": 0, "fraction": 0.0}}])
+                            "overlap_13gram": {"n": 13, "documents": 1, "contaminated": 0, "rate": 0.0,
+                                               "complete": True}}])
     md = markdown(report)
     assert "| a | 10 | 60 | 3 | 24 | 1.1000 ± 0.1414 | **2.2000 ± 0.2828** |" not in md  # b is best on h
     assert "| a | 10 | 60 | 3 | 24 | 1.1000 ± 0.1414 | 2.2000 ± 0.2828 |" in md

@@ -12,8 +12,9 @@ never trained or tuned on (`spud ablate`, benchmarks/recipe_efficiency.py, docs/
 
 Files are split into documents of whole paragraphs (about DOC_CHARS each) so that capping a
 corpus at a token budget can take evenly spaced documents from all of it instead of the first
-chapter. `ngram_overlap` measures contamination: the share of a held-out corpus's word 13-grams
-that also occur in some training text (the n-gram length GPT-3's decontamination used).
+chapter. `ngram_overlap` (the share of a corpus's word 13-grams found in some texts) builds
+`stdlib_prose`; a corpus is checked against a built data set by spud.eval.decontam (`spud ablate`
+does that before training).
 """
 
 from __future__ import annotations
@@ -254,56 +255,22 @@ def ngram_overlap(heldout_docs: Iterable[str], training_texts: Iterable[str], n:
     """How much of a held-out corpus occurs in training texts, in distinct word n-grams:
     {'ngrams', 'found', 'fraction', 'n', 'per_document': [n-grams found, per held-out document]}.
 
-    Words are lowercased \\w+ runs, so markup and punctuation differences do not hide a copy. The
-    held-out n-grams are kept in memory and the training texts streamed past them, so memory is
-    bounded by the (small) held-out corpus, not by the training data."""
-    return ngram_overlaps({"": list(heldout_docs)}, training_texts, n)[""]
-
-
-def ngram_overlaps(corpora: dict[str, list[str]], training_texts: Iterable[str],
-                   n: int = NGRAM) -> dict[str, dict]:
-    """`ngram_overlap` for several held-out corpora in one pass over the training texts."""
-    per_doc = {name: [set(_ngram_hashes(d, n)) for d in docs] for name, docs in corpora.items()}
-    wanted = {name: set().union(*sets) for name, sets in per_doc.items()}
-    every = set().union(*wanted.values())
+    Used to build `stdlib_prose` from the stdlib's own files; checking a corpus against a built
+    data set is spud.eval.decontam's job. Words are lowercased \\w+ runs, so markup and
+    punctuation differences do not hide a copy; the held-out n-grams are kept in memory and the
+    training texts streamed past them."""
+    per_doc = [set(_ngram_hashes(d, n)) for d in heldout_docs]
+    wanted = set().union(*per_doc)
     found: set[int] = set()
-    if every:
+    if wanted:
         for text in training_texts:
-            found.update(h for h in _ngram_hashes(text, n) if h in every)
-    out = {}
-    for name, sets in per_doc.items():
-        hit = wanted[name] & found
-        out[name] = {"ngrams": len(wanted[name]), "found": len(hit), "n": n,
-                     "fraction": len(hit) / len(wanted[name]) if wanted[name] else 0.0,
-                     "per_document": [len(d & hit) for d in sets]}
-    return out
+            found.update(h for h in _ngram_hashes(text, n) if h in wanted)
+    return {"ngrams": len(wanted), "found": len(found),
+            "fraction": len(found) / len(wanted) if wanted else 0.0, "n": n,
+            "per_document": [len(d & found) for d in per_doc]}
 
 
 def _ngram_hashes(text: str, n: int) -> Iterator[int]:
     w = _words(text)
     return (hash(tuple(w[i:i + n])) for i in range(len(w) - n + 1))
 
-
-def dataset_documents(run_dir: str | Path, tokenizer, max_tokens: int | None = None) -> Iterator[str]:
-    """The documents of a built data set (train then val shards), decoded back to text: each
-    split's shards are one stream of [BOS, tokens...] documents. Reads at most max_tokens."""
-    import numpy as np
-
-    from spud.data.shards import load_manifest
-
-    manifest = load_manifest(run_dir)
-    data_dir = Path(run_dir) / "data"
-    bos, left = manifest["bos_id"], max_tokens
-    for split in ("train", "val"):
-        parts = [np.fromfile(data_dir / s["file"], dtype=np.dtype(manifest["dtype"]))
-                 for s in manifest["shards"] if s["split"] == split]
-        if not parts:
-            continue
-        stream = np.concatenate(parts)
-        if left is not None:
-            stream, left = stream[:left], max(0, left - len(stream))
-        starts = np.flatnonzero(stream == bos)
-        for a, b in zip(starts, [*starts[1:], len(stream)]):
-            yield tokenizer.decode(stream[a + 1:b].tolist())
-        if left == 0:
-            return

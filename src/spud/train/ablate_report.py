@@ -86,12 +86,14 @@ def markdown(report: dict) -> str:
                          f"{r['tokens']:,} | {val} | "
                          + " | ".join(cells) + f" | {r['wall_s']:.0f} s | {tps} |")
         lines.append("")
-    lines += ["## Held-out corpora", "", "| corpus | source | documents | bytes | 13-grams also in the training data |",
+    lines += ["## Held-out corpora", "",
+              "| corpus | source | documents | bytes | documents sharing a 13-gram with the training data |",
               "|---|---|---:|---:|---:|"]
     for c in report["heldout"]:
         o = c["overlap_13gram"]
+        partial = "" if o.get("complete", True) else " (partial scan)"
         lines.append(f"| {c['name']} | {c['origin']} | {c['documents']:,} | {c['bytes']:,} | "
-                     f"{o['found']:,} of {o['ngrams']:,} ({o['fraction']:.2%}) |")
+                     f"{o['contaminated']:,} of {o['documents']:,} ({o['rate']:.1%}){partial} |")
     lines += ["", "![val bpb against training FLOPs](ablation.png)", ""]
     return "\n".join(lines)
 

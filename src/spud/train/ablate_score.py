@@ -85,14 +85,14 @@ def run_summary(run_dir: Path, tokens_per_step: int, flops_per_token: int) -> di
 
 
 def contamination(corpora: list, data_dir: Path, console, max_tokens: int = 50_000_000) -> list[dict]:
-    """Each held-out corpus's description plus its 13-gram overlap with the shared data set
-    (train + val shards, decoded), cached in DIR/data/heldout_overlap.json."""
+    """Each held-out corpus's description plus how many of its documents share a 13-gram with the
+    shared data set (train + val shards), by the project's decontamination check
+    (spud.eval.decontam, as `spud eval` runs it); cached in DIR/data/heldout_overlap.json."""
     from spud.data.shards import load_manifest
-    from spud.tokenizer import Tokenizer
+    from spud.eval.decontam import Probe, check
 
     cache_path = data_dir / "heldout_overlap.json"
-    manifest = load_manifest(data_dir)
-    stamp = [s["sha256"] for s in manifest["shards"]]
+    stamp = [s["sha256"] for s in load_manifest(data_dir)["shards"]]
     cache = {}
     if cache_path.is_file():
         try:
@@ -100,22 +100,25 @@ def contamination(corpora: list, data_dir: Path, console, max_tokens: int = 50_0
         except ValueError:
             cache = {}
     keys = {c.name: f"{c.name}:{c.nbytes}:{len(c.documents)}" for c in corpora}
-    stale = [c for c in corpora if (cache.get(keys[c.name]) or {}).get("shards") != stamp]
+    stale = [c for c in corpora if (cache.get(keys[c.name]) or {}).get("shards") != stamp
+             or "rate" not in cache[keys[c.name]].get("overlap", {})]  # older spud's format
     if stale:  # one pass over the data for every corpus not checked yet
         console.print(f"checking held-out corpora {', '.join(c.name for c in stale)} against the "
-                      f"training data ({heldout_mod.NGRAM}-grams)")
-        tok = Tokenizer.load(data_dir / "tokenizer.json")
-        overlaps = heldout_mod.ngram_overlaps({c.name: c.documents for c in stale},
-                                              heldout_mod.dataset_documents(data_dir, tok, max_tokens))
+                      "training data (13-gram overlap)")
+        probes = [Probe(c.name, i, doc) for c in stale for i, doc in enumerate(c.documents)]
+        report = check(probes, data_dir, max_tokens=max_tokens)
         for c in stale:
-            overlaps[c.name].pop("per_document")
-            cache[keys[c.name]] = {"shards": stamp, "overlap": overlaps[c.name]}
+            rates = report["tasks"][c.name]
+            cache[keys[c.name]] = {"shards": stamp, "overlap": {
+                "n": report["n"], "documents": rates["examples"], "contaminated": rates["contaminated"],
+                "rate": rates["rate"], "examples": rates["first"], "complete": report["complete"]}}
     out = []
     for corpus in corpora:
         overlap = cache[keys[corpus.name]]["overlap"]
-        if overlap["fraction"] > 0.01:
-            console.print(f"[yellow]held-out corpus {corpus.name}: {overlap['fraction']:.1%} of its "
-                          f"13-grams occur in the training data; it is not fully held out")
+        if overlap["rate"] > 0.01:
+            console.print(f"[yellow]held-out corpus {corpus.name}: {overlap['contaminated']} of "
+                          f"{overlap['documents']} documents share a 13-gram with the training data; "
+                          "it is not fully held out")
         out.append({**corpus.describe(), "overlap_13gram": overlap})
     cache_path.write_text(json.dumps(cache), encoding="utf-8")
     return out
