@@ -242,3 +242,12 @@ def test_summary_is_mean_and_sample_std_over_seeds(tmp_path):
     assert "| a | 10 | 60 | 3 | 24 | 1.1000 ± 0.1414 | **2.2000 ± 0.2828** |" not in md  # b is best on h
     assert "| a | 10 | 60 | 3 | 24 | 1.1000 ± 0.1414 | 2.2000 ± 0.2828 |" in md
     assert "| b | 10 | 60 | 3 | 24 | **0.9000 ± 0.0000** | **2.1000 ± 0.0000** |" in md
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["ablate", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "usage: spud ablate" in out
+    for flag in ("--vary", "--variants", "--flops", "--seeds", "--heldout", "--out"):
+        assert flag in out
