@@ -10,9 +10,11 @@ and MFU use). A variant with a cheaper model therefore trains on more tokens: th
 an equal-compute comparison. Every run reads the same data and tokenizer, built once in
 DIR/data/, and seed k is the same seed (init and data order) for every variant.
 
-Each finished run is scored on the shared validation split (the same fixed windows for every
-variant) and on held-out corpora (spud.data.heldout: built-in `stdlib_prose` by default, plus
-directories); DIR/ablation.{md,json,png} summarise them (ablate_report.py).
+Variants and budgets are parsed in ablate_variants.py. Each finished run is scored
+(ablate_score.py) on the shared validation split (the same fixed windows for every variant) and on
+held-out corpora (spud.data.heldout: built-in `stdlib_prose` by default, plus directories), whose
+13-gram contamination by the shared data is checked first; DIR/ablation.{md,json,png} summarise
+them (ablate_report.py).
 
 Resumable: a finished run leaves `ablation_run.json` and is never retrained; an interrupted one
 resumes from its last checkpoint (bit-exact, as `spud train --resume`). A run directory trained
@@ -42,8 +44,12 @@ from spud.train.ablate_variants import (
 )
 
 RESULT = "ablation_run.json"  # marker + result of a finished run
+
+
 @dataclass
 class RunSpec:
+    """One training run of the ablation: a variant at one budget and seed, with its step count."""
+
     variant: Variant
     seed: int
     budget: float
