@@ -94,14 +94,26 @@ def test_foreign_model_imports_with_spud_control_tokens(tmp_path, model_type):
         "the cat", add_special_tokens=False)
 
 
-def test_imported_run_samples_and_fine_tunes(tmp_path):
-    """The imported run is a normal run: `spud sample` and a short `spud sft` both work on it."""
+def test_imported_run_samples_evaluates_serves_and_fine_tunes(tmp_path):
+    """The imported run is a normal run: sample, eval, the serving engine and a short `spud sft`."""
     from spud.cli import main
 
     src = foreign_llama(tmp_path)
     run = tmp_path / "run"
     assert main(["import", "hf", str(src), "--out", str(run)]) == 0
     assert main(["sample", str(run), "--prompt", "the cat", "--max-tokens", "5"]) == 0
+    assert main(["eval", str(run), "--tasks", "mc_arithmetic", "--limit", "2"]) == 0
+    assert list((run / "eval").glob("**/results.json"))
+    from spud.serve.engine import Engine
+    from spud.serve.engine_types import SamplingParams
+
+    engine = Engine.from_run(run, device="cpu")  # what `spud serve` runs
+    engine.start()
+    try:
+        events = list(engine.submit([0, 1, 2], SamplingParams(max_tokens=4, temperature=0.0)))
+    finally:
+        engine.shutdown()
+    assert events
     assert main(["sft", str(run), "sft.max_steps=2", "sft.micro_batch_size=2", "sft.eval_every=2",
                  "sft.builtin_conversations=50", "sft.checkpoint_every=2", "sft.max_bad_fraction=0.5",
                  "train.seq_len=255"]) == 0
