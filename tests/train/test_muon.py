@@ -19,6 +19,7 @@ from spud.train.optim import (
     build_optimizer,
     muon_momentum_at,
     muon_update,
+    muon_updates,
     param_roles,
     polar_factor,
 )
@@ -201,3 +202,16 @@ def test_resume_with_another_optimizer_is_refused(tiny_cfg, fresh_run):
     cfg.train.max_steps = 8
     with pytest.raises(SpudError, match="train.optimizer=muon"):
         Trainer(cfg, fresh_run, resume=True)
+
+
+def test_batching_across_weights_does_not_change_the_update():
+    """One process batches all same-shaped matrices (across layers, tall ones transposed); the
+    result must be each weight's own update."""
+    g = torch.Generator().manual_seed(1)
+    weights = [torch.randn(192, 64, generator=g), torch.randn(64, 64, generator=g),
+               torch.randn(384, 64, generator=g), torch.randn(64, 192, generator=g),
+               torch.randn(2, 8, 64, generator=g)]
+    splits = [[64, 64, 64], None, [192, 192], None, None]
+    together = muon_updates(weights, splits, 5)
+    for w, s, got in zip(weights, splits, together, strict=True):
+        torch.testing.assert_close(got, muon_update(w, 5, s), atol=1e-6, rtol=1e-6)

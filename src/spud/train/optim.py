@@ -35,6 +35,9 @@ value embeddings inside blocks), the LM head, norms, gains, biases and anything 
 blocks take AdamW: the embedding's "input" is one-hot and the head's output is a softmax, so the
 spectral argument for Muon does not hold for them.
 
+Cost: one process orthogonalises all matrices of one shape (across layers) as one batch, so a
+whole model's update is a few batched matmul chains (see benchmarks/optimizer_step.py).
+
 Distributed (DDP / FSDP2): a matrix must be orthogonalised whole. Matrices are dealt out in
 turns: in each round of world_size matrices, rank i owns the i-th; under FSDP every rank first
 all-gathers each of the round's momentum-updated gradients (DTensor.full_tensor), then each owner
@@ -90,27 +93,41 @@ def polar_factor(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return x.reshape(*lead, m, n)
 
 
+def muon_updates(grads: list[torch.Tensor], row_splits: list[list[int] | None], steps: int,
+                 dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """Orthogonalised, spectrally scaled updates for weights (..., out, in), in `dtype`.
+
+    Each row block of a weight's `row_splits` (e.g. q | k | v) is its own matrix. All matrices of
+    one shape, across weights and layers, go through polar_factor as one batch (tall ones
+    transposed: polar(Gᵀ) = polar(G)ᵀ), so a whole model is a handful of batched matmul chains
+    rather than one chain per matrix: fewer, larger kernels, which matters most on CPU."""
+    out = [torch.empty(g.shape, dtype=dtype, device=g.device) for g in grads]
+    buckets: dict[tuple[int, int], list[tuple]] = {}  # (short side, long side) → pieces
+    for i, (g, splits) in enumerate(zip(grads, row_splits, strict=True)):
+        rows, cols = g.shape[-2:]
+        start = 0
+        for size in splits if splits and sum(splits) == rows else [rows]:
+            piece = g[..., start:start + size, :].reshape(-1, size, cols)
+            tall = size > cols
+            buckets.setdefault((min(size, cols), max(size, cols)), []).append(
+                (i, start, size, tall, piece.mT if tall else piece))
+            start += size
+    for pieces in buckets.values():
+        ortho = polar_factor(torch.cat([pc[4] for pc in pieces]).to(dtype), steps)
+        k = 0
+        for i, start, size, tall, piece in pieces:
+            o = ortho[k:k + piece.shape[0]]
+            k += piece.shape[0]
+            cols = out[i].shape[-1]
+            o = (o.mT if tall else o) * math.sqrt(max(1.0, size / cols))
+            out[i][..., start:start + size, :] = o.reshape(*out[i].shape[:-2], size, cols)
+    return out
+
+
 def muon_update(g: torch.Tensor, steps: int, row_splits: list[int] | None = None,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Orthogonalised, spectrally scaled update for a weight (..., out, in): each row block of
-    `row_splits` (e.g. q | k | v) separately, consecutive equal blocks batched together."""
-    g = g.to(dtype)
-    rows, cols = g.shape[-2:]
-    splits = row_splits if row_splits and sum(row_splits) == rows else [rows]
-    runs: list[list[int]] = []  # [rows per block, how many in a row]
-    for s in splits:
-        if runs and runs[-1][0] == s:
-            runs[-1][1] += 1
-        else:
-            runs.append([s, 1])
-    out, start = [], 0
-    for size, count in runs:
-        block = g[..., start:start + size * count, :]
-        block = block.reshape(*g.shape[:-2], count, size, cols)
-        scale = math.sqrt(max(1.0, size / cols))
-        out.append((polar_factor(block, steps) * scale).reshape(*g.shape[:-2], size * count, cols))
-        start += size * count
-    return out[0] if len(out) == 1 else torch.cat(out, dim=-2)
+    """muon_updates for one weight."""
+    return muon_updates([g], [row_splits], steps, dtype)[0]
 
 
 # ----------------------------------------------------------------------------- parameter roles
@@ -244,13 +261,8 @@ class MuonAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        matrices = []
         for group in self.param_groups:
-            if group["kind"] == "muon":
-                matrices += [(p, group) for p in group["params"] if p.grad is not None]
-            else:
-                self._adamw(group)
-        self._muon(matrices)
+            (self._muon if group["kind"] == "muon" else self._adamw)(group)
         return loss
 
     def _adamw(self, group: dict) -> None:
@@ -273,31 +285,39 @@ class MuonAdamW(torch.optim.Optimizer):
             denom = (v.sqrt() / math.sqrt(1 - b2**n)).add_(eps)
             x.addcdiv_(m, denom, value=-lr / (1 - b1**n))
 
-    def _muon(self, matrices: list[tuple[torch.Tensor, dict]]) -> None:
+    def _lookahead(self, p: torch.Tensor, momentum: float) -> torch.Tensor:
+        """Update the momentum buffer; return the Nesterov gradient, whole (gathered under FSDP)."""
+        buf = self.state[p].get("momentum_buffer")
+        if buf is None:
+            buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        g, b = _local(p.grad), _local(buf)
+        b.lerp_(g, 1 - momentum)  # EMA of gradients
+        return _gather(g.lerp(b, momentum), p)  # Nesterov: look one step ahead
+
+    def _muon(self, group: dict) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
         world = dist.get_world_size() if self.parallel != "none" and dist.is_initialized() else 1
         rank = dist.get_rank() if world > 1 else 0
-        for start in range(0, len(matrices), world):  # one round: rank i owns the i-th matrix
-            round_ = matrices[start:start + world]
-            full = []
-            for p, group in round_:
-                buf = self.state[p].get("momentum_buffer")
-                if buf is None:
-                    buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-                g, b, mom = _local(p.grad), _local(buf), group["momentum"]
-                b.lerp_(g, 1 - mom)  # EMA of gradients
-                full.append(_gather(g.lerp(b, mom), p))  # Nesterov: look one step ahead
-            updates, pending = [], []
-            for i, ((p, group), u) in enumerate(zip(round_, full)):
-                if i == rank:
-                    upd = muon_update(u, group["ns_steps"], self.row_splits.get(id(p)), self.compute_dtype)
-                else:
-                    upd = torch.empty(u.shape, dtype=self.compute_dtype, device=u.device)
-                if world > 1:
+        steps, dtype = group["ns_steps"], self.compute_dtype
+        # One process: all matrices in one batched pass. Ranks: rounds of `world` matrices in which
+        # rank i orthogonalises the i-th and broadcasts it (at most `world` whole matrices at once).
+        per_round = world if world > 1 else max(1, len(params))
+        for start in range(0, len(params), per_round):
+            round_ = params[start:start + per_round]
+            full = [self._lookahead(p, group["momentum"]) for p in round_]
+            splits = [self.row_splits.get(id(p)) for p in round_]
+            if world == 1:
+                updates = muon_updates(full, splits, steps, dtype)
+            else:
+                updates, pending = [], []
+                for i, (u, sp) in enumerate(zip(full, splits)):
+                    upd = (muon_update(u, steps, sp, dtype) if i == rank
+                           else torch.empty(u.shape, dtype=dtype, device=u.device))
                     pending.append(dist.broadcast(upd, src=i, async_op=True))
-                updates.append(upd)
-            for work in pending:
-                work.wait()
-            for (p, group), upd in zip(round_, updates):
+                    updates.append(upd)
+                for work in pending:
+                    work.wait()
+            for p, upd in zip(round_, updates):
                 x = _local(p)
                 if group["weight_decay"]:
                     x.mul_(1 - group["lr"] * group["weight_decay"])
