@@ -26,7 +26,7 @@ from safetensors import safe_open
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
-from spud.config import Config, ModelConfig, save_config, validate_config
+from spud.config import ModelConfig, save_config, validate_config
 from spud.errors import SpudError
 from spud.export.arch import ACTS, ARCHS, GATED_ACT, from_hf
 from spud.export.source import staged_output

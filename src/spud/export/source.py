@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 
 from spud.config import Config, validate_config
 from spud.errors import SpudError
