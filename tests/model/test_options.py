@@ -235,3 +235,28 @@ def test_arch_options_lists_only_what_is_on():
     cfg = ModelConfig(attn_pattern="LG", moe_experts=4, x0_mix=True)
     assert cfg.arch_options() == {"x0_mix": True, "attn_pattern": "LG", "attn_window": 128, "moe_experts": 4,
                                   "moe_top_k": 2, "moe_aux_loss": 0.01}
+
+
+def test_info_lists_every_choice_and_option():
+    from rich.console import Console
+
+    from spud.info import options_table
+    from spud.model.registry import choices
+
+    console = Console(record=True, width=300)
+    console.print(options_table())
+    text = console.export_text()
+    names = list(ModelConfig.model_fields)
+    for name in (*names[names.index("init_std") + 1 :], "qk_norm", "logit_softcap", *choices("block"),
+                 *choices("mlp")):
+        assert name in text, name
+
+
+@pytest.mark.parametrize("name", ["moe", "mtp", "all"])
+def test_eval_loss_is_the_next_token_loss(tiny, name):
+    """What `spud eval` and validation read: per-token losses equal cross-entropy of the logits."""
+    model = make(tiny, name)
+    idx, tgt = torch.randint(0, 256, (2, 2, 12))
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), tgt.flatten(), reduction="none")
+        torch.testing.assert_close(model.per_token_loss(idx, tgt).flatten(), ref, atol=1e-5, rtol=1e-5)

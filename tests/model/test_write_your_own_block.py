@@ -44,6 +44,9 @@ def test_documented_block_trains_decodes_and_counts(tmp_path, monkeypatch):
                         "--max-tokens", "6", "--seed", "1"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "spud", "info", str(run)], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "block=sandwich" in r.stdout and "attn_window=8" in r.stdout, r.stdout
 
     monkeypatch.syspath_prepend(str(tmp_path))
     from spud.runs import load_model
