@@ -105,3 +105,46 @@ def test_builtin_code_solutions_pass_in_the_sandbox():
     task = make_task("code_simple", 0)
     for ex in task.examples[:3]:
         assert run_program(check_program(ex.prompt, ex.demo, ex.test, ex.entry_point)).passed
+
+
+def test_builtin_tasks_sit_below_task_loading():
+    """eval/example.py (types) ← builtin_tasks ← tasks: the generated tasks never import the
+    file-format loaders, so the two modules no longer import each other."""
+    import ast
+
+    import spud.eval.builtin_tasks as bt
+    import spud.eval.example as ex
+    from spud.eval import tasks
+
+    def imports(module) -> set[str]:
+        tree = ast.parse(open(module.__file__, encoding="utf-8").read())
+        out = set()
+        for node in ast.walk(tree):  # also imports inside functions
+            if isinstance(node, ast.ImportFrom):
+                out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                out |= {a.name for a in node.names}
+        return out
+
+    assert "spud.eval.tasks" not in imports(bt) and "spud.eval.tasks" not in imports(ex)
+    assert not {m for m in imports(ex) if m.startswith("spud.eval.builtin")}
+    assert "spud.eval.builtin_tasks" in imports(tasks)
+    assert tasks.Example is ex.Example and tasks.Task is ex.Task  # the old import path still works
+
+
+def test_builtin_tasks_ask_only_held_out_facts_and_wordings():
+    from spud.data.facts import any_held_out, fact_held_out
+    from spud.data.templates import story_templates
+
+    for name in ("arithmetic", "mc_arithmetic"):
+        task = make_task(name, 0)
+        assert len(task.examples) == 500 and all(len(e.facts) == 1 and fact_held_out(*e.facts[0])
+                                                 for e in task.examples)
+        assert not any(fact_held_out(*e.facts[0]) for e in task.fewshot_pool)  # the pool: training facts
+    wp = make_task("word_problems", 0)
+    assert len(wp.examples) == 250 and all(any_held_out(e.facts) for e in wp.examples)
+    held = {i for i, _, _ in story_templates(True)}
+    used = {e.where.split("(wording ")[1].split("+")[0].rstrip(")") for e in wp.examples}
+    assert used == held and all(e.split == "multi_step" for e in wp.examples)
+    pool = {e.where.split("(wording ")[1].split("+")[0].rstrip(")") for e in wp.fewshot_pool}
+    assert pool and not pool & held

@@ -103,7 +103,8 @@ def word_problems(seed: int) -> Task:
         for i in range(n):
             s = _story(rng, held_out=split == "test")
             out.append(Example(f"Question: {s.question}\nAnswer:", str(s.answer),
-                               demo=f" {s.worked()}\n#### {s.answer}", where=f"word_problems/{split}/{i}",
+                               demo=f" {s.worked()}\n#### {s.answer}",
+                               where=f"word_problems/{split}/{i} (wording {s.template})",
                                facts=tuple(sorted(s.facts)), split="multi_step"))
         return out
 
