@@ -119,6 +119,19 @@ def cmd_sft(args) -> int:
     return 130 if summary.get("interrupted") else 0
 
 
+def cmd_rl(args) -> int:
+    from spud.posttrain.rl import rl_cmd
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    overrides = list(args.overrides or [])
+    for flag, key in ((args.steps, "rl.steps"), (args.group, "rl.group")):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    summary = rl_cmd(args.run, source=args.source, tasks=tasks, out=args.out, overrides=overrides,
+                     resume=args.resume)
+    return 130 if summary.get("interrupted") else 0
+
+
 def cmd_sample(args) -> int:
     from spud.sample import sample_to_terminal
 
@@ -282,6 +295,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output run directory (default RUN/chat)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted SFT run")
     p.set_defaults(func=cmd_sft)
+
+    p = verbs.add_parser("rl", help="reinforcement learning from verifiable rewards (GRPO family) → RUN/rl")
+    p.add_argument("run", help="run directory (with a chat model, or --from base)")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. rl.lr=1e-4 rl.kl=0.02")
+    p.add_argument("--from", dest="source", choices=["chat", "base"], default="chat",
+                   help="which model of RUN to start from (default: chat)")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated: arithmetic, program, or problem .jsonl files (default: arithmetic)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (rl.steps)")
+    p.add_argument("--group", type=int, default=None, help="completions per prompt (rl.group)")
+    p.add_argument("--out", default=None, help="output run directory (default RUN/rl)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted RL run exactly")
+    p.set_defaults(func=cmd_rl)
 
     p = verbs.add_parser("sample", help="stream text from a trained run")
     p.add_argument("run", help="run directory")

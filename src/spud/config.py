@@ -346,6 +346,38 @@ class SFTConfig(StrictModel):
     )
 
 
+class RLConfig(StrictModel):
+    """On-policy RL from verifiable rewards (`spud rl`; see spud.posttrain.rl for the method)."""
+
+    tasks: list[str] = Field(default_factory=lambda: ["arithmetic"],
+                             description="Built-in tasks (arithmetic, program) or problem .jsonl files.")
+    source: Literal["chat", "base"] = Field("chat", description="Which model of the run RL starts from.")
+    base_run: str | None = Field(None, description="Run RL started from (set by spud rl).")
+    base_checkpoint: str | None = Field(None, description="Checkpoint loaded at step 0 (set by spud rl).")
+    steps: int = Field(40, gt=0, description="Optimizer steps; each one is a fresh batch of rollouts.")
+    prompts_per_step: int = Field(16, gt=0)
+    group: int = Field(8, gt=1, description="Completions sampled per prompt (the GRPO group).")
+    max_tokens: int = Field(64, gt=0, description="Longest completion sampled.")
+    temperature: float = Field(1.0, gt=0)
+    lr: float = Field(3e-4, gt=0)
+    warmup_steps: int = Field(3, ge=0)
+    advantage: Literal["drgrpo", "grpo"] = Field(
+        "drgrpo", description="drgrpo: reward minus group mean; grpo: also divided by the group std.")
+    clip_low: float = Field(0.2, gt=0, lt=1)
+    clip_high: float = Field(0.28, gt=0, description="Upper ratio clip (DAPO clip-higher).")
+    ppo_epochs: int = Field(1, gt=0, description="Gradient passes over each batch of rollouts.")
+    kl: float = Field(0.0, ge=0, description="KL penalty to the starting model (k3 estimator); 0 = off.")
+    format_weight: float = Field(0.1, ge=0, le=1, description="Reward bonus for a well-placed answer.")
+    micro_batch_size: int = Field(32, gt=0, description="Sequences per forward in the update.")
+    grad_clip: float = Field(1.0, gt=0)
+    train_problems: int = Field(4000, gt=0, description="Problems generated per built-in task.")
+    heldout_problems: int = Field(200, gt=0, description="Held-out problems per built-in task.")
+    eval_every: int = Field(10, gt=0, description="Held-out greedy pass@1 every this many steps.")
+    checkpoint_every: int = Field(20, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    verifier_timeout_s: float = Field(5.0, gt=0)
+
+
 class Config(StrictModel):
     seed: int = 1337
     data: DataConfig = Field(default_factory=DataConfig)
@@ -353,6 +385,7 @@ class Config(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
 
     @property
     def seq_len(self) -> int:

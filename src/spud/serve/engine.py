@@ -64,6 +64,7 @@ class _Seq:
         self.slot = -1
         self.length = 0  # positions held in the KV slot
         self.last = -1  # last sampled token: the next decode step's input
+        self.end_token: int | None = None  # the end id that finished it, if one did
         self.generated = 0
         self.done = False
         self.gen: torch.Generator | None = None
@@ -318,7 +319,9 @@ class Engine:
         with self._cv:
             self._stats["completion_tokens_total"] += 1
         if tok in s.end_ids:
-            # The end token itself is not part of the output (no TokenEvent), only counted.
+            # The end token itself is not part of the output (no TokenEvent), only counted;
+            # the finish event names it (RL trains on the exact sequence that was sampled).
+            s.end_token = tok
             self._finish(s, "stop")
             return
         s.handle._emit(TokenEvent(tok, s.detok.push(tok), lp, top))
@@ -347,7 +350,7 @@ class Engine:
         if s.slot >= 0:
             heapq.heappush(self._free, s.slot)
             s.slot = -1
-        s.handle._emit(FinishEvent(reason, text, len(s.prompt), s.generated, error))
+        s.handle._emit(FinishEvent(reason, text, len(s.prompt), s.generated, error, s.end_token))
 
 
 def _describe(e: BaseException) -> str:

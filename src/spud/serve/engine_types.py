@@ -70,6 +70,7 @@ class FinishEvent:
     prompt_tokens: int
     completion_tokens: int  # includes an end / stop token that finished the request
     error: str | None = None
+    end_token: int | None = None  # the end id sampled last (not in the output), if any
 
 
 Event = TokenEvent | FinishEvent

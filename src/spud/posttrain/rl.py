@@ -1,0 +1,357 @@
+"""`spud rl`: on-policy reinforcement learning from verifiable rewards (GRPO family).
+
+One step:
+1. **Rollouts.** `rl.prompts_per_step` problems are drawn (a pure function of seed and step, so a
+   resumed run draws the same ones), and `rl.group` completions of each are sampled through the
+   serving engine's continuous batching — the same generation path as serve and eval.
+2. **Rewards.** Each completion is judged by its problem's verifier (spud.posttrain.verifiers):
+   1 if correct, plus `rl.format_weight` if the answer sits where it belongs. A verifier that
+   crashes or times out gives 0 and is counted (`verifier_errors`), never raised.
+3. **Advantages.** Dr. GRPO (Liu et al. 2025): reward minus the group mean, *not* divided by the
+   group's standard deviation (`rl.advantage: grpo` divides), because the division up-weights
+   groups that are nearly all right or all wrong — noise for a small model. A group whose rewards
+   are all equal has zero advantage and contributes no gradient.
+4. **Update.** The clipped policy-gradient objective of PPO with DAPO's asymmetric "clip-higher"
+   range [1 − clip_low, 1 + clip_high] (Yu et al. 2025), averaged over every completion token of
+   the batch (token-level, so long answers are not down-weighted per token as in the original
+   per-sequence mean), plus an optional k3 KL penalty to the starting model. With
+   `rl.ppo_epochs: 1` the batch is used once and the ratio is 1 at the update, so this is the exact
+   on-policy gradient; more epochs reuse rollouts and the clip then matters.
+
+The result is a run directory of its own, RUN/rl/ (config, tokenizer, checkpoints, metrics.jsonl),
+served and evaluated with `--model rl`. Resume is exact: weights, optimizer and step are restored,
+and rollouts depend only on (seed, step) and the weights. Ctrl-C saves a checkpoint and exits 130.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from spud.config import Config, _merge, parse_overrides, save_config, validate_config
+from spud.errors import SpudError
+from spud.model.registry import build_model
+from spud.posttrain.rl_tasks import Problem, load_tasks
+from spud.posttrain.verifiers import verify
+from spud.tokenizer import Tokenizer
+from spud.train import checkpoint as ckpt_io
+from spud.train.faults import graceful_stop
+from spud.train.metrics import MetricsLog, truncate_after
+
+
+def _seed(*parts) -> int:
+    """A 56-bit seed from any parts: the same parts give the same draws on every machine."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:7], "big")
+
+
+def generate_many(model, tok: Tokenizer, prompts: list[list[int]], max_tokens: int, temperature: float,
+                  seeds: list[int] | None = None) -> list[tuple[list[int], str]]:
+    """Completions of many prompts through the serving engine (continuous batching): → (completion
+    ids including the end token that closed it, text) per prompt."""
+    from spud.serve.engine import Engine, SamplingParams  # noqa: PLC0415
+
+    was_training = model.training
+    model.eval()
+    engine = Engine(model, tok, max_batch=min(64, max(1, len(prompts))), max_queue=len(prompts) + 1)
+    engine.start()
+    try:
+        handles = []
+        for i, p in enumerate(prompts):
+            room = max(1, min(max_tokens, engine.max_context - len(p)))
+            handles.append(engine.submit(p, SamplingParams(
+                max_tokens=room, temperature=temperature,
+                seed=None if seeds is None else seeds[i])))
+        out = []
+        for h in handles:
+            text, toks, fin = h.result()
+            ids = [t.token_id for t in toks] + ([fin.end_token] if fin.end_token is not None else [])
+            out.append((ids, text))
+        return out
+    finally:
+        engine.shutdown()
+        model.train(was_training)
+
+
+def prompt_ids(tok: Tokenizer, p: Problem, limit: int) -> list[int]:
+    ids, _ = tok.render_chat(p.messages, add_generation_prompt=True)
+    return ids[-limit:]
+
+
+def evaluate(model, tok: Tokenizer, problems: list[Problem], samples: int = 1, temperature: float = 0.0,
+             max_tokens: int = 64, seed: int = 0, timeout: float = 5.0) -> dict:
+    """Held-out pass@k: greedy pass@1 when samples == 1, else unbiased pass@k for k ≤ samples."""
+    from spud.eval.scoring import pass_at_k  # noqa: PLC0415
+
+    if not problems:
+        return {"n": 0}
+    limit = model.cfg.max_seq_len - max_tokens
+    prompts = [prompt_ids(tok, p, limit) for p in problems for _ in range(samples)]
+    seeds = [_seed(seed, "eval", i) for i in range(len(prompts))] if temperature > 0 else None
+    outs = generate_many(model, tok, prompts, max_tokens, temperature, seeds)
+    correct = []
+    for i, p in enumerate(problems):
+        texts = [outs[i * samples + j][1] for j in range(samples)]
+        correct.append(sum(verify(p.verifier, t, p.reference, p.tests, timeout).correct for t in texts))
+    ks = [k for k in (1, 2, 4, 8, 16, 32) if k <= samples]
+    return {"n": len(problems), "samples": samples, "temperature": temperature,
+            **{f"pass@{k}": sum(pass_at_k(samples, c, k) for c in correct) / len(problems) for k in ks}}
+
+
+def advantages(rewards: list[float], group: int, kind: str) -> list[float]:
+    out = []
+    for g in range(0, len(rewards), group):
+        r = torch.tensor(rewards[g:g + group], dtype=torch.float64)
+        a = r - r.mean()
+        if kind == "grpo":
+            a = a / (r.std(unbiased=False) + 1e-6)
+        out += a.tolist()
+    return out
+
+
+def token_logprobs(model, seqs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) log-probabilities of `targets` (−1 = not a completion token → 0) and the entropy of
+    each position's distribution."""
+    logits = model(seqs).float()
+    logp = torch.log_softmax(logits, dim=-1)
+    mask = targets >= 0
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    entropy = -(logp.exp() * logp).sum(-1) * mask
+    return picked, entropy
+
+
+def _batch(rows: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt, completion) pairs → input ids and targets (completion positions only)."""
+    width = max(len(p) + len(c) for p, c in rows) - 1
+    x = torch.full((len(rows), width), pad, dtype=torch.long)
+    y = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, (p, c) in enumerate(rows):
+        seq = p + c
+        x[i, :len(seq) - 1] = torch.tensor(seq[:-1])
+        y[i, len(p) - 1:len(seq) - 1] = torch.tensor(c)
+    return x, y
+
+
+class RLRun:
+    def __init__(self, cfg: Config, out: Path, console, resume: bool):
+        self.cfg, self.out, self.console = cfg, out, console
+        r = cfg.rl
+        out.mkdir(parents=True, exist_ok=True)
+        src = Path(r.base_checkpoint).parent.parent  # the run dir whose checkpoints/ held it
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (src / name).is_file():
+                shutil.copyfile(src / name, out / name)
+        self.tok = Tokenizer.load(out / "tokenizer.json")
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model)
+        ckpt_io.load_weights(Path(r.base_checkpoint), self.model, "cpu")
+        self.ref = None
+        if r.kl > 0:
+            self.ref = build_model(cfg.model).eval()
+            self.ref.load_state_dict(self.model.state_dict())
+            self.ref.requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=r.lr, betas=(0.9, 0.99), weight_decay=0.0)
+        train, heldout, self.task_summary = load_tasks(r.tasks, r.train_problems, r.heldout_problems, cfg.seed)
+        # A prompt that leaves no room for the answer is skipped and counted, never cut: a question
+        # missing its beginning would teach the model to answer a different question.
+        limit = cfg.model.max_seq_len - r.max_tokens
+        fits = lambda p: len(self.tok.render_chat(p.messages, add_generation_prompt=True)[0]) <= limit  # noqa: E731
+        self.train_set = [p for p in train if fits(p)]
+        self.heldout = [p for p in heldout if fits(p)]
+        too_long = len(train) - len(self.train_set) + len(heldout) - len(self.heldout)
+        self.task_summary.append({"too_long_skipped": too_long})
+        if too_long:
+            console.print(f"[yellow]{too_long} problems are longer than the {limit} prompt tokens the "
+                          f"context leaves after rl.max_tokens={r.max_tokens}: skipped")
+        if not self.train_set:
+            raise SpudError(f"no RL training problem fits the model's context ({limit} prompt tokens "
+                            f"after rl.max_tokens={r.max_tokens})")
+        self.step = 0
+        latest = ckpt_io.latest_checkpoint(out) if resume else None
+        if latest is not None:
+            ckpt_io.load_weights(latest, self.model, "cpu")
+            self.opt.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
+            self.step = int(ckpt_io.read_state(latest)["step"])
+            truncate_after(out / "metrics.jsonl", self.step)
+            console.print(f"resuming RL from step {self.step} ({latest})")
+        elif resume:
+            console.print(f"[yellow]no checkpoint in {out}: starting RL from {r.base_checkpoint}")
+        save_config(cfg, out / "config.yaml")
+        self.log = MetricsLog(out / "metrics.jsonl")
+        self.model.train()
+
+    # ----------------------------------------------------------------------------- one step
+    def rollout(self) -> tuple[list, list[float], dict]:
+        r = self.cfg.rl
+        rng = random.Random(_seed(self.cfg.seed, "rl-prompts", self.step))
+        problems = rng.sample(self.train_set, min(r.prompts_per_step, len(self.train_set)))
+        limit = self.model.cfg.max_seq_len - r.max_tokens
+        prompts = [prompt_ids(self.tok, p, limit) for p in problems for _ in range(r.group)]
+        seeds = [_seed(self.cfg.seed, "rl-sample", self.step, i) for i in range(len(prompts))]
+        outs = generate_many(self.model, self.tok, prompts, r.max_tokens, r.temperature, seeds)
+        rewards, correct, errors = [], 0, 0
+        for i, (ids, text) in enumerate(outs):
+            p = problems[i // r.group]
+            v = verify(p.verifier, text, p.reference, p.tests, r.verifier_timeout_s)
+            rewards.append(float(v.correct) + r.format_weight * float(v.formatted))
+            correct += v.correct
+            errors += v.error is not None
+        rows = [(prompts[i], ids) for i, (ids, _) in enumerate(outs)]
+        stats = {"reward": sum(rewards) / len(rewards), "accuracy": correct / len(outs),
+                 "response_length": sum(len(ids) for ids, _ in outs) / len(outs),
+                 "verifier_errors": errors}
+        return rows, rewards, stats
+
+    def update(self, rows, adv: list[float]) -> dict:
+        r = self.cfg.rl
+        keep = [i for i, a in enumerate(adv) if a != 0.0 and rows[i][1]]
+        if not keep:
+            return {"skipped": True, "entropy": None, "kl": 0.0, "clip_fraction": 0.0, "loss": 0.0}
+        pad = self.tok.pad_id
+        chunks = [keep[i:i + r.micro_batch_size] for i in range(0, len(keep), r.micro_batch_size)]
+        batches = []
+        with torch.no_grad():
+            for ch in chunks:
+                x, y = _batch([rows[i] for i in ch], pad)
+                old, _ = token_logprobs(self.model, x, y)
+                ref = token_logprobs(self.ref, x, y)[0] if self.ref is not None else None
+                batches.append((x, y, torch.tensor([adv[i] for i in ch]).unsqueeze(1), old, ref))
+        n_tokens = sum(int((y >= 0).sum()) for _, y, _, _, _ in batches)
+        lr = r.lr * min(1.0, (self.step + 1) / max(1, r.warmup_steps))
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        ent = kl_sum = clipped = loss_sum = 0.0
+        for _ in range(r.ppo_epochs):
+            self.opt.zero_grad(set_to_none=True)
+            for x, y, a, old, ref in batches:
+                mask = (y >= 0).float()
+                logp, entropy = token_logprobs(self.model, x, y)
+                ratio = torch.exp(logp - old)
+                surr = torch.minimum(ratio * a, ratio.clamp(1 - r.clip_low, 1 + r.clip_high) * a)
+                per_token = -surr
+                if ref is not None:
+                    d = ref - logp
+                    kl = (torch.exp(d) - d - 1) * mask  # k3: unbiased, always >= 0
+                    per_token = per_token + r.kl * kl
+                    kl_sum += float(kl.sum())
+                loss = (per_token * mask).sum() / n_tokens
+                loss.backward()
+                loss_sum += float(loss.detach())
+                ent += float(entropy.detach().sum())
+                clipped += float((((ratio < 1 - r.clip_low) | (ratio > 1 + r.clip_high)).float() * mask).sum())
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.grad_clip)
+            self.opt.step()
+        total = n_tokens * r.ppo_epochs
+        return {"skipped": False, "entropy": ent / total, "kl": kl_sum / total,
+                "clip_fraction": clipped / total, "loss": loss_sum / r.ppo_epochs, "lr": lr,
+                "sequences": len(keep)}
+
+    def save(self) -> Path:
+        state = {"config": self.cfg.model_dump(mode="json"), "tokenizer_sha256": self.tok.sha256(),
+                 "loader": None, "tokens_seen": 0, "val": None}
+        return ckpt_io.save_checkpoint(self.out, self.step, self.model, self.opt, state, None,
+                                       self.cfg.rl.keep_checkpoints)
+
+    def heldout_pass1(self) -> dict:
+        r = self.cfg.rl
+        return evaluate(self.model, self.tok, self.heldout, 1, 0.0, r.max_tokens, self.cfg.seed,
+                        r.verifier_timeout_s)
+
+    def run(self) -> dict:
+        r = self.cfg.rl
+        start_eval = None
+        if self.step == 0:
+            start_eval = self.heldout_pass1()
+            self.log.write("rl_eval", 0, **start_eval)
+            self.console.print(f"held-out pass@1 before RL: {start_eval.get('pass@1', float('nan')):.3f} "
+                               f"({start_eval['n']} problems)")
+        interrupted = False
+        with graceful_stop() as stop:
+            while self.step < r.steps:
+                t0 = time.perf_counter()
+                rows, rewards, stats = self.rollout()
+                t1 = time.perf_counter()
+                upd = self.update(rows, advantages(rewards, r.group, r.advantage))
+                t2 = time.perf_counter()
+                self.step += 1
+                rec = self.log.write("rl", self.step, **stats, **upd, rollout_s=round(t1 - t0, 3),
+                                     update_s=round(t2 - t1, 3))
+                self.console.print(
+                    f"rl step {self.step}/{r.steps} reward {rec['reward']:.3f} acc {rec['accuracy']:.3f} "
+                    f"len {rec['response_length']:.1f} "
+                    + (f"ent {upd['entropy']:.3f} " if upd["entropy"] is not None else "(no signal) ")
+                    + f"rollout {t1 - t0:.1f}s update {t2 - t1:.1f}s")
+                if self.step % r.eval_every == 0 or self.step == r.steps:
+                    ev = self.heldout_pass1()
+                    self.log.write("rl_eval", self.step, **ev)
+                    self.console.print(f"  held-out pass@1 {ev.get('pass@1', float('nan')):.3f}")
+                if self.step % r.checkpoint_every == 0 or self.step == r.steps or stop["stop"]:
+                    self.save()
+                if stop["stop"]:
+                    interrupted = True
+                    self.log.write("event", self.step, event="interrupt")
+                    break
+        self.log.close()
+        return {"steps": self.step, "interrupted": interrupted, "out": str(self.out),
+                "start_eval": start_eval, "tasks": self.task_summary}
+
+
+def rl_config(run: str | Path, source: str, tasks: list[str] | None, out: Path,
+              overrides: list[str], resume: bool) -> Config:
+    """The RL run's config: the starting checkpoint's config, the saved `rl:` section when resuming,
+    then overrides and --tasks; rl.base_run / base_checkpoint record where it started."""
+    import yaml  # noqa: PLC0415
+
+    from spud.runs import choose_model  # noqa: PLC0415
+
+    saved = out / "config.yaml"
+    saved_rl = None
+    if resume and saved.is_file():
+        saved_rl = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("rl")
+    if saved_rl and saved_rl.get("base_checkpoint"):
+        base_ckpt = Path(saved_rl["base_checkpoint"])
+        source = saved_rl.get("source", source)
+    else:
+        if source == "chat":
+            from spud.runs import has_model  # noqa: PLC0415
+
+            if not has_model(run, "chat"):
+                raise SpudError(f"{run} has no chat model to start RL from; run `spud sft {run}` first, "
+                                "or start from the base model with --from base")
+        base_ckpt = choose_model(run, source).checkpoint
+    tree = ckpt_io.read_state(base_ckpt)["config"]
+    if saved_rl:
+        tree["rl"] = saved_rl
+    if overrides:
+        tree = _merge(tree, parse_overrides(overrides), "")
+    tree.setdefault("rl", {})
+    if tasks:
+        tree["rl"]["tasks"] = list(tasks)
+    tree["rl"].update(source=source, base_run=str(Path(run).resolve()),
+                      base_checkpoint=str(base_ckpt.resolve()))
+    cfg = validate_config(tree, f"spud rl {run}")
+    if cfg.rl.max_tokens >= cfg.model.max_seq_len:
+        raise SpudError(f"rl.max_tokens={cfg.rl.max_tokens} leaves no room for a prompt in the model's "
+                        f"{cfg.model.max_seq_len}-token context")
+    return cfg
+
+
+def rl_cmd(run: str, source: str = "chat", tasks: list[str] | None = None, out: str | None = None,
+           overrides: list[str] | None = None, resume: bool = False, console=None) -> dict:
+    """`spud rl RUN [--from chat|base] [--tasks arithmetic,...] [--out DIR] [rl.key=value ...]`."""
+    from spud.ui import make_console  # noqa: PLC0415
+
+    console = console or make_console()
+    out_dir = Path(out) if out else Path(run) / "rl"
+    cfg = rl_config(run, source, tasks, out_dir, overrides or [], resume)
+    runner = RLRun(cfg, out_dir, console, resume)
+    console.print(f"rl: {len(runner.train_set):,} train / {len(runner.heldout):,} held-out problems from "
+                  f"{', '.join(cfg.rl.tasks)} · {cfg.rl.prompts_per_step}×{cfg.rl.group} rollouts/step · "
+                  f"from {cfg.rl.base_checkpoint}")
+    summary = runner.run()
+    console.print(f"RL model: {out_dir} (serve it with: spud serve {run} --model rl)")
+    return summary

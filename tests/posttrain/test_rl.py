@@ -1,0 +1,136 @@
+"""spud rl on a tiny random base run: learning, exact resume, verifiers, tasks, bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spud.data.facts import any_held_out
+from spud.errors import SpudError
+from spud.posttrain import rl_tasks
+from spud.posttrain.rl import advantages, rl_cmd
+from spud.posttrain.verifiers import final_number, verify
+from spud.train.metrics import read_metrics
+
+FAST = ["rl.max_tokens=3", "rl.prompts_per_step=4", "rl.group=8", "rl.eval_every=100",
+        "rl.heldout_problems=4", "train.threads=1"]
+
+
+def seven_task(path, n=40):
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": f"Question {i}: say the number seven.", "verifier": "numeric",
+                                "reference": "7"}) + "\n")
+        f.write(json.dumps({"prompt": "Held: say seven.", "verifier": "numeric", "reference": "7",
+                            "split": "heldout"}) + "\n")
+    return str(path)
+
+
+def quiet():
+    from rich.console import Console
+    return Console(quiet=True)
+
+
+def test_rl_raises_reward_on_a_learnable_task(base_run, tmp_path):
+    task = seven_task(tmp_path / "seven.jsonl")
+    out = rl_cmd(str(base_run), source="base", tasks=[task], overrides=FAST + ["rl.steps=20", "rl.lr=0.01"],
+                 console=quiet())
+    assert out["steps"] == 20 and not out["interrupted"]
+    rows = [r for r in read_metrics(base_run / "rl" / "metrics.jsonl") if r["kind"] == "rl"]
+    acc = [r["accuracy"] for r in rows]
+    first, last = sum(acc[:5]) / 5, sum(acc[-5:]) / 5
+    assert last >= first + 0.1, acc  # random init: ~3 % of 3-token samples end in a 7
+    assert rows[-1]["entropy"] < rows[0]["entropy"]
+    for key in ("reward", "response_length", "kl", "clip_fraction", "rollout_s", "update_s"):
+        assert key in rows[-1]
+    # the RL model is a run of its own, chosen with --model rl
+    from spud.runs import choose_model
+    choice = choose_model(base_run, "rl")
+    assert choice.run == base_run / "rl" and choice.step == 20
+
+
+def test_rl_resume_is_exact(base_run, tmp_path):
+    task = seven_task(tmp_path / "seven.jsonl")
+    straight = tmp_path / "straight"
+    rl_cmd(str(base_run), source="base", tasks=[task], out=str(straight),
+           overrides=FAST + ["rl.steps=4", "rl.lr=0.01"], console=quiet())
+    cut = tmp_path / "cut"
+    rl_cmd(str(base_run), source="base", tasks=[task], out=str(cut),
+           overrides=FAST + ["rl.steps=2", "rl.lr=0.01"], console=quiet())
+    rl_cmd(str(base_run), source="base", tasks=None, out=str(cut), overrides=["rl.steps=4"], resume=True,
+           console=quiet())
+    a = load_file(straight / "checkpoints" / "step_0000004" / "model.safetensors")
+    b = load_file(cut / "checkpoints" / "step_0000004" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra = [r["reward"] for r in read_metrics(straight / "metrics.jsonl") if r["kind"] == "rl"]
+    rb = [r["reward"] for r in read_metrics(cut / "metrics.jsonl") if r["kind"] == "rl"]
+    assert ra == rb and len(ra) == 4
+
+
+def test_advantages_dr_grpo_and_grpo():
+    r = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+    assert advantages(r, 4, "drgrpo") == [0.75, -0.25, -0.25, -0.25, 0.0, 0.0, 0.0, 0.0]
+    g = advantages(r, 4, "grpo")
+    std = (0.75 ** 2 * 0.25 + 0.25 ** 2 * 0.75) ** 0.5
+    assert g[0] == pytest.approx(0.75 / std, rel=1e-5) and g[4:] == [0.0] * 4
+
+
+@pytest.mark.parametrize("kind, text, ref, correct, formatted", [
+    ("numeric", "3 * 4 = 12. 12 + 5 = 17. The answer is 17.", "17", True, True),
+    ("numeric", "Ones: 7 + 8 = 15. So 47 + 38 = 85.", "85", True, True),
+    ("numeric", "It is 1,250 apples", "1250", True, False),
+    ("numeric", "I think 16", "17", False, False),
+    ("output", "It prints 42.", "42", True, True),
+    ("output", "hello", "42", False, True),
+    ("math", "so the result is \\boxed{\\frac{1}{2}}", "0.5", True, False),
+])
+def test_verifiers(kind, text, ref, correct, formatted):
+    v = verify(kind, text, ref)
+    assert (v.correct, v.formatted, v.error) == (correct, formatted, None)
+
+
+def test_code_verifier_limits_and_crashes_are_zero_reward():
+    ok = verify("code", "def f(x):\n    return x + 1", "", "assert f(1) == 2")
+    assert ok.correct
+    loop = verify("code", "def f(x):\n    while True: pass", "", "f(1)", timeout=1.0)
+    assert not loop.correct and loop.error == "timeout"
+    net = verify("code", "import socket\nsocket.create_connection(('127.0.0.1', 9))", "", "")
+    assert not net.correct
+    assert verify("nonsense", "x", "1").error == "unknown verifier 'nonsense'"
+    assert final_number("no digits here") is None
+
+
+def test_builtin_tasks_hold_out_wordings_and_operands():
+    for name in rl_tasks.BUILTIN:
+        train = rl_tasks.builtin_problems(name, "train", 300, 0)
+        held = rl_tasks.builtin_problems(name, "heldout", 40, 0)
+        assert len(train) == 300 and len(held) == 40
+        wording = lambda p: p.key.split("|")[0].split("+")[0]  # noqa: E731
+        assert not {wording(p) for p in train} & {wording(p) for p in held}
+        assert not {p.messages[0]["content"] for p in train} & {p.messages[0]["content"] for p in held}
+    arith = rl_tasks.builtin_problems("arithmetic", "train", 300, 0)
+    assert not any(any_held_out(p.facts) for p in arith)
+    assert all(any_held_out(p.facts) for p in rl_tasks.builtin_problems("arithmetic", "heldout", 40, 0))
+    # every program's reference is what Python really prints
+    for p in rl_tasks.builtin_problems("program", "train", 30, 1):
+        assert p.program in p.messages[0]["content"]
+        run = subprocess.run([sys.executable, "-c", p.program], capture_output=True, text=True)
+        assert run.stdout.strip() == p.reference, p.program
+
+
+def test_bad_input(base_run, tmp_path):
+    with pytest.raises(SpudError, match="no chat model to start RL from"):
+        rl_cmd(str(base_run), source="chat", tasks=["arithmetic"], overrides=FAST, console=quiet())
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n" + json.dumps({"prompt": "x"}) + "\n")
+    with pytest.raises(SpudError, match=r"empty.jsonl: no usable problem.*missing 'reference'"):
+        rl_cmd(str(base_run), source="base", tasks=[str(empty)], overrides=FAST, console=quiet())
+    with pytest.raises(SpudError, match="unknown RL task 'gsm9k'"):
+        rl_cmd(str(base_run), source="base", tasks=["gsm9k"], overrides=FAST, console=quiet())
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "word " * 400, "reference": "1"}) + "\n")
+    with pytest.raises(SpudError, match="no RL training problem fits the model's context"):
+        rl_cmd(str(base_run), source="base", tasks=[str(long)], overrides=FAST, console=quiet())
