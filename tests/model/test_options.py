@@ -260,3 +260,34 @@ def test_eval_loss_is_the_next_token_loss(tiny, name):
     with torch.no_grad():
         ref = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), tgt.flatten(), reduction="none")
         torch.testing.assert_close(model.per_token_loss(idx, tgt).flatten(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_all_options_under_bf16_autocast_and_activation_checkpointing(tiny):
+    from spud.train.distributed import apply_activation_checkpointing
+
+    model = make(tiny, "all").train()
+    idx, tgt = torch.randint(0, 256, (2, 2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(idx, tgt)
+        loss.backward()
+        model.eval()
+        with torch.no_grad():
+            cache = model.new_kv_cache(2)
+            steps = [model(idx[:, :6], kv_cache=cache)] + [model(idx[:, t : t + 1], kv_cache=cache)
+                                                           for t in range(6, 16)]
+            full = model(idx)
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+    torch.testing.assert_close(torch.cat(steps, 1).float(), full.float(), atol=0.1, rtol=0)
+    # Recomputing blocks in backward (train.activation_checkpointing) changes nothing.
+    model.train()
+    model.zero_grad()
+    ref = model(idx, tgt)
+    ref.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    apply_activation_checkpointing(model)
+    again = model(idx, tgt)
+    again.backward()
+    torch.testing.assert_close(again, ref)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(p.grad, g)

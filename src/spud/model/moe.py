@@ -70,7 +70,8 @@ class MoE(nn.Module):
         rows = xf[token].split(sizes)
         out = torch.cat([mlp(r) for mlp, r in zip(self.experts, rows, strict=True)])
         out = out * weight.reshape(-1)[order, None].to(out.dtype)
-        y = torch.zeros_like(xf).index_add(0, token, out)
+        # In the experts' output dtype (bf16 under autocast), as a dense MLP's output would be.
+        y = out.new_zeros(xf.shape).index_add(0, token, out)
         if self.training and counts is not None:
             share = counts.float() / (n * k)
             self.aux_loss = e * (share * probs.mean(0)).sum()

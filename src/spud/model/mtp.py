@@ -49,6 +49,7 @@ class MTPHead(nn.Module):
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, rotary: Rotary) -> torch.Tensor:
         x = self.proj(torch.cat((self.hidden_norm(h), self.embed_norm(emb)), dim=-1))
+        x = x.to(h.dtype)  # a residual stream in h's dtype, as the main model's (fp32 under autocast)
         return self.block(x, rotary, None, 0)
 
 
