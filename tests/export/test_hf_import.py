@@ -90,6 +90,8 @@ def test_foreign_model_imports_with_spud_control_tokens(tmp_path, model_type):
         mine = run.model(x)
         # the original vocabulary's logits are unchanged; the new rows are extra columns
         assert (mine[..., :n] - peer(input_ids=x).logits).abs().max().item() <= 1e-4
+    emb = run.model.embed.weight.detach()  # new rows start at the mean of the trained ones
+    torch.testing.assert_close(emb[n:], emb[:n].mean(0, keepdim=True).expand(len(SPECIAL_TOKENS), -1))
     assert run.tokenizer.encode("the cat") == transformers.AutoTokenizer.from_pretrained(src).encode(
         "the cat", add_special_tokens=False)
 
