@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -108,20 +109,28 @@ def test_serve_cli_model_base_prints_and_serves_the_base_model(sft_run):
 def test_default_serves_the_chat_model_and_says_so(sft_run):
     import httpx
 
-    from spud.serve.server import _banner
     from spud.serve.engine import Engine
-
-    from conftest import LiveServer
+    from spud.serve.server import _banner, build_server
 
     engine = Engine.from_run(sft_run, device="cpu", max_batch=2)
     engine.start()
-    srv = LiveServer(engine)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = build_server(engine, "127.0.0.1", port, log_level="warning")
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
     try:
-        with httpx.Client(base_url=srv.url, timeout=60) as http:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
             (card,) = http.get("/v1/models").json()["data"]
             got = served_prompt_logprobs(http, card["id"])
     finally:
-        srv.stop()
+        server.should_exit = True  # its shutdown also stops the engine
+        thread.join(timeout=15)
     chat_ckpt = sft_run / "chat" / "checkpoints" / "step_0000002"
     assert card["id"] == "tiny-run-chat" and card["spud_model"] == "chat"
     assert card["checkpoint"] == str(chat_ckpt)
