@@ -67,3 +67,44 @@ def test_errors(tiny):
         param_counts(ModelConfig(d_model=32, n_layers=1, n_heads=2))
     with pytest.raises(SpudError, match="seq_len"):
         flops_per_token(tiny(), 0)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(n_kv_heads=1, mlp="gelu", tie_embeddings=False),
+                                dict(block="parallel", head_dim=8, mlp_hidden=100)])
+def test_flops_closed_form(tiny, kw):
+    """The convention written out for the built-in blocks: per layer 2·(projection weights) +
+    4·T·head_dim·n_heads, plus 2·d·V for the LM head; training = 3 × forward."""
+    cfg = tiny(**kw)
+    d, hd, t = cfg.d_model, cfg.dim_head, 40
+    proj = d * (cfg.n_heads + 2 * cfg.kv_heads) * hd + cfg.n_heads * hd * d
+    proj += (3 if cfg.mlp == "swiglu" else 2) * d * cfg.hidden
+    fwd = cfg.n_layers * (2 * proj + 4 * t * hd * cfg.n_heads) + 2 * d * cfg.vocab_size
+    assert flops_per_token(cfg, t) == {"forward": fwd, "training": 3 * fwd}
+
+
+def test_counts_of_a_block_that_varies_by_layer(tiny):
+    """Without layer_key every layer's block is built for counting, so per-layer shapes count."""
+    from torch import nn
+
+    from spud.model.layers import ResidualLinear
+    from spud.model.registry import BLOCKS, register_block
+
+    @register_block("_test_growing")
+    class Growing(nn.Module):
+        def __init__(self, cfg, layer_idx):
+            super().__init__()
+            self.up = nn.Linear(cfg.d_model, 16 * (layer_idx + 1), bias=False)
+            self.down = ResidualLinear(16 * (layer_idx + 1), cfg.d_model, bias=False)
+
+        def forward(self, x, rotary, kv_cache=None, layer=0):
+            return x + self.down(torch.relu(self.up(x)))
+
+    try:
+        cfg = tiny(block="_test_growing", n_layers=3)
+        model = build_model(cfg)
+        assert param_counts(cfg)["total"] == model.num_params()
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            model(torch.randint(0, 256, (1, 10)))
+        assert fc.get_total_flops() == flops_per_token(cfg, 10)["forward"] * 10
+    finally:
+        BLOCKS.pop("_test_growing", None)
