@@ -120,7 +120,7 @@ def export_hf(run: str | Path, out: str | Path, which: Which = "auto", checkpoin
         # the same weights always make the same bytes, so export → import → export is identical.
         files = save_weights(tensors, tmp, max_shard_bytes, {})
         tokenizer_files(src.tokenizer, src.tokenizer_path, tmp, chat, cfg.max_seq_len)
-        params = src.model.num_params()
+        params = sum(t.numel() for t in tensors.values())  # what the export holds (a tie counts once)
         write_model_card(tmp, src, arch, params)
     return {"out": str(out), "architecture": arch.hf_class, "model_type": arch.model_type,
             "model": src.kind, "checkpoint": str(src.checkpoint), "dtype": dtype,
