@@ -132,6 +132,14 @@ def cmd_rl(args) -> int:
     return 130 if summary.get("interrupted") else 0
 
 
+def cmd_dpo(args) -> int:
+    from spud.posttrain.dpo import dpo_cmd
+
+    summary = dpo_cmd(args.run, source=args.source, data=args.data, out=args.out,
+                      overrides=args.overrides or [])
+    return 130 if summary.get("interrupted") else 0
+
+
 def cmd_sample(args) -> int:
     from spud.sample import sample_to_terminal
 
@@ -308,6 +316,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output run directory (default RUN/rl)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted RL run exactly")
     p.set_defaults(func=cmd_rl)
+
+    p = verbs.add_parser("dpo", help="direct preference optimisation from preference pairs → RUN/dpo")
+    p.add_argument("run", help="run directory")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. dpo.beta=0.2 dpo.epochs=3")
+    p.add_argument("--data", action="extend", nargs="+", default=None,
+                   help="preference .jsonl files ({prompt|messages, chosen, rejected} per line) "
+                        "and/or verifier:TASK (pairs sampled and judged by the RL verifiers)")
+    p.add_argument("--from", dest="source", choices=["chat", "base", "rl"], default="chat",
+                   help="which model of RUN to start from (default: chat)")
+    p.add_argument("--out", default=None, help="output run directory (default RUN/dpo)")
+    p.set_defaults(func=cmd_dpo)
 
     p = verbs.add_parser("sample", help="stream text from a trained run")
     p.add_argument("run", help="run directory")

@@ -378,6 +378,23 @@ class RLConfig(StrictModel):
     verifier_timeout_s: float = Field(5.0, gt=0)
 
 
+class DPOConfig(StrictModel):
+    """Direct preference optimisation (`spud dpo`; see spud.posttrain.dpo)."""
+
+    data: list[str] = Field(default_factory=list, description="Preference .jsonl files, or 'verifier:TASK'.")
+    source: Literal["chat", "base", "rl"] = Field("chat", description="Which model of the run DPO starts from.")
+    base_run: str | None = None
+    base_checkpoint: str | None = None
+    beta: float = Field(0.1, gt=0, description="Strength of the implicit KL to the reference model.")
+    lr: float = Field(1e-4, gt=0)
+    epochs: int = Field(2, gt=0)
+    batch_size: int = Field(16, gt=0)
+    pairs_per_task: int = Field(256, gt=0, description="Pairs sampled for each 'verifier:TASK' entry.")
+    samples_per_prompt: int = Field(8, gt=1, description="Completions sampled to find a right and a wrong one.")
+    max_tokens: int = Field(64, gt=0)
+    max_bad_fraction: float = Field(0.05, ge=0, le=1)
+
+
 class Config(StrictModel):
     seed: int = 1337
     data: DataConfig = Field(default_factory=DataConfig)
@@ -386,6 +403,7 @@ class Config(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
 
     @property
     def seq_len(self) -> int:

@@ -8,5 +8,5 @@ e.g. "rl": "rl"; every --model flag and spud.runs.choose_model follow this mappi
 
 from __future__ import annotations
 
-MODEL_DIRS: dict[str, str] = {"base": "", "chat": "chat", "rl": "rl"}
+MODEL_DIRS: dict[str, str] = {"base": "", "chat": "chat", "rl": "rl", "dpo": "dpo"}
 MODELS: tuple[str, ...] = tuple(MODEL_DIRS)

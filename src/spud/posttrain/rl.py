@@ -324,6 +324,7 @@ def rl_config(run: str | Path, source: str, tasks: list[str] | None, out: Path,
                                 "or start from the base model with --from base")
         base_ckpt = choose_model(run, source).checkpoint
     tree = ckpt_io.read_state(base_ckpt)["config"]
+    tree["dpo"] = {}  # the newest stage names the model (spud.runs._model_kind)
     if saved_rl:
         tree["rl"] = saved_rl
     if overrides:
