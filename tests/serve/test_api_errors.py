@@ -73,9 +73,15 @@ def test_context_length_states_both_numbers(client, http, model_name, live):
     ctx, tok = live.engine.max_context, live.engine.tokenizer
     n_prompt = len(tok.render_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)[0])
     # prompt fits, prompt + max_tokens does not: the limit, the total and both parts
-    e = _err(http.post("/v1/chat/completions", json=_chat(model_name, max_tokens=ctx)), 400)
-    assert e["code"] == "context_length_exceeded"
-    assert _numbers(e["message"]) == [ctx, n_prompt + ctx, n_prompt, ctx]
+    e = _err(http.post("/v1/chat/completions", json=_chat(model_name, max_tokens=ctx - 4)), 400, "messages")
+    assert e["code"] == "context_length_exceeded" and n_prompt > 4
+    assert _numbers(e["message"]) == [ctx, n_prompt + ctx - 4, n_prompt, ctx - 4]
+    # max_tokens beyond the context minus the shortest prompt can never fit, whatever the prompt
+    e = _err(http.post("/v1/chat/completions", json=_chat(model_name, max_tokens=ctx - 3)), 400, "max_tokens")
+    assert e["code"] == "context_length_exceeded" and _numbers(e["message"]) == [ctx - 3, ctx, 4]
+    e = _err(http.post("/v1/completions", json={"model": model_name, "prompt": "a", "max_tokens": ctx}), 400,
+             "max_tokens")
+    assert _numbers(e["message"]) == [ctx, ctx, 1]
     # the prompt alone is too long (generation): its length and the context
     prompt = "a " * (ctx + 5)
     with pytest.raises(openai.BadRequestError) as info:
@@ -94,6 +100,9 @@ def test_unknown_model_route_and_method(client, http, model_name):
         client.completions.create(model="gpt-9", prompt="a", max_tokens=1)
     _err(http.post("/v1/chat/completions", json=_chat("nope")), 404, "model")
     _err(http.get("/v1/models/nope"), 404)
+    _err(http.post("/tokenize", json={"model": "nope", "prompt": "a"}), 404, "model")
+    _err(http.post("/detokenize", json={"model": "nope", "tokens": [1]}), 404, "model")
+    assert http.post("/tokenize", json={"model": model_name, "prompt": "a"}).status_code == 200
     _err(http.get("/v1/nothing-here"), 404)
     _err(http.get("/v1/completions"), 405)
     _err(http.delete("/v1/models"), 405)

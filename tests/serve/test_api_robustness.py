@@ -8,6 +8,7 @@ import gc
 import http.client
 import json
 import logging
+import re
 import threading
 import time
 
@@ -147,6 +148,35 @@ def test_openapi_uses_standard_limits_and_documents_real_errors(openapi):
     assert props["n"]["type"] == "integer" and (props["n"]["minimum"], props["n"]["maximum"]) == (1, 16)
     stop_list = [s for s in props["stop"]["anyOf"] if s.get("type") == "array"][0]
     assert stop_list["maxItems"] == 4
+    # cross-field rules, as JSON Schema if/then
+    assert schemas["CompletionRequest"]["if"] == {"properties": {"max_tokens": {"const": 0}},
+                                                  "required": ["max_tokens"]}
+    assert schemas["ChatCompletionRequest"]["then"] == {"properties": {"logprobs": {"const": True}},
+                                                        "required": ["logprobs"]}
+    assert [alt["required"] for alt in schemas["TokenizeRequest"]["oneOf"]] == [["prompt"], ["messages"]]
+    # stream=true: each server-sent event's data is a chunk (or an error), then [DONE]
+    sse = openapi["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]["text/event-stream"]
+    data = sse["schema"]["properties"]["data"]["anyOf"]
+    assert data[0]["contentSchema"]["anyOf"][0] == {"$ref": "#/components/schemas/ChatCompletionChunk"}
+    assert data[1] == {"const": "[DONE]"} and "ChatCompletionChunk" in schemas
+    assert not any(str(k).startswith("x-spud") for _, node in _walk(openapi) for k in node)
+
+
+def test_openapi_states_the_served_models_limits(openapi, live, model_name):
+    schemas, engine = openapi["components"]["schemas"], live.engine
+    chat, comp = schemas["ChatCompletionRequest"]["properties"], schemas["CompletionRequest"]["properties"]
+    assert chat["model"]["enum"] == [model_name]
+    assert [a for a in schemas["TokenizeRequest"]["properties"]["model"]["anyOf"] if "enum" in a] == \
+        [{"type": "string", "enum": [model_name]}]
+    assert schemas["DetokenizeRequest"]["properties"]["tokens"]["items"] == \
+        {"type": "integer", "minimum": 0, "maximum": engine.vocab_size - 1}
+    ids = [a for a in comp["prompt"]["anyOf"] if a.get("items", {}).get("type") == "integer"][0]
+    assert ids["items"]["maximum"] == engine.vocab_size - 1
+    pattern = re.compile(comp["logit_bias"]["propertyNames"]["pattern"])
+    accepted = [k for k in range(engine.vocab_size + 100) if pattern.match(str(k))]
+    assert accepted == list(range(engine.vocab_size)) and not pattern.match("01")
+    assert comp["max_tokens"]["anyOf"][0]["maximum"] == engine.max_context - 1
+    assert chat["max_completion_tokens"]["anyOf"][0]["maximum"] == engine.max_context - 4
 
 
 def _limits(openapi, schema: str) -> list[tuple[str, str, float]]:

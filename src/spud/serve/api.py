@@ -48,6 +48,20 @@ def _errors(*codes: int) -> dict:
     return {c: {"model": P.ErrorResponse} for c in sorted({*codes, 401, 500})}
 
 
+
+
+def _sse(chunk: str) -> dict:
+    """stream=true answers with server-sent events, one per chunk: `data: <chunk JSON>`, then
+    `data: [DONE]`. In OpenAPI 3.1 an event stream's schema describes one event."""
+    json_data = {"type": "string", "contentMediaType": "application/json", "contentSchema": {"anyOf": [
+        {"$ref": f"#/components/schemas/{chunk}"}, {"$ref": "#/components/schemas/ErrorResponse"}]}}
+    data = {"anyOf": [json_data, {"const": "[DONE]"}],
+            "description": f"a {chunk} as JSON (an ErrorResponse if generation fails mid-stream), "
+                           "then the literal [DONE]"}
+    return {200: {"content": {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"], "properties": {"data": data}}}}}}
+
+
 GENERATION_ERRORS = _errors(400, 404, 413, 429, 503)
 
 
@@ -63,19 +77,22 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(APIError, lambda _r, e: e.response())
     app.add_exception_handler(Exception, server_error)
-    app.openapi = lambda: openapi_document(app)
     tok, started = engine.tokenizer, int(time.time())
     vocab = getattr(engine, "vocab_size", tok.vocab_size)  # the model's (maybe padded) vocabulary
+    app.openapi = lambda: openapi_document(app, engine.model_name, vocab, engine.max_context)
 
     def card() -> P.ModelCard:
         return P.ModelCard(id=engine.model_name, created=started, max_model_len=engine.max_context,
                            spud_model=getattr(engine, "model_kind", None),
                            checkpoint=getattr(engine, "checkpoint", None))
 
-    def check_ready(model: str | None) -> None:
+    def check_model(model: str | None) -> None:
         if model is not None and model != engine.model_name:
             raise APIError(404, f"model {model!r} does not exist; this server serves {engine.model_name!r}",
                            param="model", code="model_not_found")
+
+    def check_ready(model: str | None) -> None:
+        check_model(model)
         if app.state.draining:
             raise APIError(503, "server is shutting down", code="shutting_down")
 
@@ -92,6 +109,15 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
             raise APIError(400, f"the prompt is {len(ids)} tokens but the model's context is {engine.max_context}"
                            "; shorten it", param=param, code="context_length_exceeded")
         return left
+
+    def check_new_tokens(req, fields: tuple[str, ...], shortest_prompt: int) -> None:
+        """The documented maximum (protocol.NewTokens): even the shortest prompt leaves no room."""
+        for field in fields:
+            value = getattr(req, field)
+            if value is not None and value > engine.max_context - shortest_prompt:
+                raise APIError(400, f"{field}: {value} tokens can never fit: the model's context is "
+                               f"{engine.max_context} tokens and a prompt takes at least {shortest_prompt}",
+                               param=field, code="context_length_exceeded")
 
     def sampling(req, max_tokens: int, top: int | None, stop_ids: list[int]) -> list[SamplingParams]:
         bias = {int(k): float(v) for k, v in (req.logit_bias or {}).items()}
@@ -186,26 +212,30 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
             check_ready(model_id)
         return card()
 
-    @app.post("/tokenize", response_model=P.TokenizeResponse, responses=_errors(400, 413))
+    @app.post("/tokenize", response_model=P.TokenizeResponse, responses=_errors(400, 404, 413))
     async def tokenize(req: P.TokenizeRequest):
         """Exactly the ids the generation endpoints would use: text is always plain text."""
+        check_model(req.model)
         if req.prompt is not None:
             ids = await off_loop("prompt", tok.encode, req.prompt, req.add_special_tokens)
         else:
             ids = await render_messages(req.messages, req.add_special_tokens)
         return P.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.max_context)
 
-    @app.post("/detokenize", response_model=P.DetokenizeResponse, responses=_errors(400, 413))
+    @app.post("/detokenize", response_model=P.DetokenizeResponse, responses=_errors(400, 404, 413))
     async def detokenize(req: P.DetokenizeRequest):
+        check_model(req.model)
         check_ids(req.tokens, "tokens")
         return P.DetokenizeResponse(prompt=await off_loop("tokens", tok.decode, req.tokens))
 
-    @app.post("/v1/completions", response_model=P.CompletionResponse, responses=GENERATION_ERRORS)
+    @app.post("/v1/completions", response_model=P.CompletionResponse,
+              responses={**GENERATION_ERRORS, **_sse("CompletionResponse")})
     async def completions(req: P.CompletionRequest, request: Request):
         t0, endpoint = time.perf_counter(), "/v1/completions"
         check_ready(req.model)
         if req.max_tokens == 0 and not req.echo:
             raise APIError(400, "max_tokens=0 is only allowed with echo=true (prompt scoring)", param="max_tokens")
+        check_new_tokens(req, ("max_tokens",), 1)
         prompts, generate = await off_loop("prompt", encode_prompts, req.prompt), req.max_tokens != 0
         jobs = []
         for ids, _, _ in prompts:
@@ -261,12 +291,14 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
         usage = P.Usage(prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done)
         return P.CompletionResponse(choices=choices, usage=usage, **ctx)
 
-    @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse, responses=GENERATION_ERRORS)
+    @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse,
+              responses={**GENERATION_ERRORS, **_sse("ChatCompletionChunk")})
     async def chat_completions(req: P.ChatCompletionRequest, request: Request):
         t0, endpoint = time.perf_counter(), "/v1/chat/completions"
         check_ready(req.model)
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
+        check_new_tokens(req, ("max_completion_tokens", "max_tokens"), 4)
         ids = await render_messages(req.messages, True)
         left = room(ids, "messages")
         top = (req.top_logprobs or 0) if req.logprobs else None

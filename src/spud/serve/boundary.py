@@ -21,6 +21,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from spud.serve import protocol as P
 from spud.serve.metrics import ServerMetrics
 from spud.serve.streaming import APIError
 
@@ -155,19 +156,65 @@ def server_error(_req, exc: Exception) -> JSONResponse:
     return APIError(500, f"internal server error ({type(exc).__name__})", type="server_error").response()
 
 
-def openapi_document(app: FastAPI) -> dict:
-    """FastAPI's document minus its stock 422 "Validation Error" response: this server answers
-    every validation error with a 400 in OpenAI's shape (documented per route), never a 422."""
+def openapi_document(app: FastAPI, model_name: str, vocab_size: int, context: int) -> dict:
+    """FastAPI's document, made to say what this server enforces: no stock 422 "Validation Error"
+    (every validation error is a 400 in OpenAI's shape, documented per route), and the limits
+    that depend on the served model written in: `model` must be its name, token ids (prompts,
+    /detokenize, logit_bias keys) must be below its vocabulary size, max_tokens within its
+    context."""
     if app.openapi_schema is None:
         doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
         for operations in doc.get("paths", {}).values():
             for op in operations.values():
                 op.get("responses", {}).pop("422", None)
-        _integer_limits(doc)
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):
-            doc.get("components", {}).get("schemas", {}).pop(name, None)
+            schemas.pop(name, None)
+        # streamed chunks are no route's response_model, but the event-stream docs refer to them
+        chunk = P.ChatCompletionChunk.model_json_schema(ref_template="#/components/schemas/{model}",
+                                                        mode="serialization")
+        for name, schema in [*chunk.pop("$defs", {}).items(), ("ChatCompletionChunk", chunk)]:
+            schemas.setdefault(name, schema)
+        _integer_limits(doc)
+        _server_limits(doc, model_name, vocab_size, context)
         app.openapi_schema = doc
     return app.openapi_schema
+
+
+def _server_limits(node, model_name: str, vocab_size: int, context: int) -> None:
+    """Replace protocol.py's markers with standard JSON Schema keywords."""
+    if isinstance(node, dict):
+        if P.NEW_TOKENS in node:
+            node["maximum"] = context - node.pop(P.NEW_TOKENS)
+        if node.pop(P.TOKEN_ID, False):
+            node["maximum"] = vocab_size - 1
+        if node.pop(P.TOKEN_ID_KEYS, False):
+            node["propertyNames"] = {"pattern": int_range_pattern(vocab_size - 1)}
+        if node.pop(P.MODEL_NAME, False):
+            for alt in node.get("anyOf", [node]):
+                if alt.get("type") == "string":
+                    alt["enum"] = [model_name]
+        for v in node.values():
+            _server_limits(v, model_name, vocab_size, context)
+    elif isinstance(node, list):
+        for v in node:
+            _server_limits(v, model_name, vocab_size, context)
+
+
+def int_range_pattern(hi: int) -> str:
+    """A regex matching the decimal integers 0..hi (no leading zeros, as the server parses them):
+    for 447, `[0-9]|[1-9][0-9]|[1-3][0-9]{2}|4[0-3][0-9]|44[0-7]`."""
+    s = str(hi)
+    if len(s) == 1:
+        return f"^[0-{s}]$"
+    parts = ["[0-9]"] + [f"[1-9][0-9]{{{n - 1}}}" for n in range(2, len(s))]
+    for i, d in enumerate(s):
+        low, top, rest = (1 if i == 0 else 0), int(d) - 1, len(s) - i - 1
+        if i == len(s) - 1:
+            parts.append(f"{s[:i]}[{low}-{d}]" if int(d) > low else f"{s[:i]}{d}")
+        elif top >= low:
+            parts.append(f"{s[:i]}[{low}-{top}]" + (f"[0-9]{{{rest}}}" if rest > 1 else "[0-9]"))
+    return "^(?:" + "|".join(parts) + ")$"
 
 
 def _integer_limits(node) -> None:

@@ -37,7 +37,18 @@ MAX_TOP_LOGPROBS = 20
 # torch.Generator.manual_seed takes [-2**63, 2**64). The bounds are powers of two so that they
 # survive the OpenAPI document's float limits exactly (2**64 - 1 would read as 2**64 there).
 SEED_MIN, SEED_MAX = -(2**63), 2**63
-TOKEN_ID_KEY = r"^[0-9]{1,10}$"  # logit_bias keys: token ids as decimal strings
+TOKEN_ID_KEY = r"^(0|[1-9][0-9]{0,9})$"  # logit_bias keys: token ids as decimal strings
+# Markers for limits only the running server knows (its model's name and vocabulary):
+# boundary.openapi_document replaces them with standard keywords in each app's document.
+MODEL_NAME, TOKEN_ID, TOKEN_ID_KEYS = "x-spud-model-name", "x-spud-token-id", "x-spud-token-id-keys"
+NEW_TOKENS = "x-spud-context-minus"  # maximum = the model's context minus the shortest prompt
+
+
+def NewTokens(minimum: int, shortest_prompt: int):  # noqa: N802 - a type factory
+    """max_tokens-style fields: at most the context minus the shortest possible prompt (BOS for a
+    completion; BOS, role, end and the assistant marker for a chat). A necessary bound only: the
+    real limit depends on the prompt's length, which the server checks (400, both numbers)."""
+    return Annotated[Int(ge=minimum), Field(json_schema_extra={NEW_TOKENS: shortest_prompt})]
 
 
 def _integral(v):
@@ -65,7 +76,9 @@ def Int(**limits):  # noqa: N802 - a type factory, used like a type
 # A float field accepts JSON integers too (strict floats take ints, never bools or strings).
 Number = StrictFloat
 Text = Annotated[StrictStr, AfterValidator(_valid_unicode)]
-TokenId = Int(ge=0)  # the upper bound is the model's vocabulary, checked in api.py
+# the upper bound is the model's vocabulary: checked in api.py, stated in each app's document
+TokenId = Annotated[Int(ge=0), Field(json_schema_extra={TOKEN_ID: True})]
+ModelName = Annotated[Text, Field(json_schema_extra={MODEL_NAME: True})]
 
 
 class _Request(BaseModel):
@@ -79,7 +92,7 @@ class StreamOptions(_Request):
 class _SamplingFields(_Request):
     """Parameters shared by /v1/completions and /v1/chat/completions."""
 
-    model: Text
+    model: ModelName
     temperature: Annotated[Number, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[Number, Field(gt=0, le=1)] = 1.0
     top_k: Annotated[Int(ge=-1), Field(description="0 or -1 = off")] = 0
@@ -88,7 +101,7 @@ class _SamplingFields(_Request):
     frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] = 0.0
     logit_bias: Annotated[
         dict[StrictStr, Annotated[Number, Field(ge=-100, le=100)]] | None,
-        Field(json_schema_extra={"propertyNames": {"pattern": TOKEN_ID_KEY}}),
+        Field(json_schema_extra={"propertyNames": {"pattern": TOKEN_ID_KEY}, TOKEN_ID_KEYS: True}),
     ] = None
     seed: Int(ge=SEED_MIN, le=SEED_MAX) | None = None
     stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP)] | None = None
@@ -124,9 +137,18 @@ PromptType = (Text | Annotated[list[Text], NonEmpty] | Annotated[list[TokenId], 
               | Annotated[list[Annotated[list[TokenId], NonEmpty]], NonEmpty])
 
 
+def _requires(field: str, condition: dict, other: str, value) -> dict:
+    """JSON Schema for "when `field` matches `condition`, `other` must be `value`" (if/then), for
+    the cross-field rules api.py enforces, so that the document states them too."""
+    return {"if": {"properties": {field: condition}, "required": [field]},
+            "then": {"properties": {other: {"const": value}}, "required": [other]}}
+
+
 class CompletionRequest(_SamplingFields):
+    model_config = ConfigDict(json_schema_extra=_requires("max_tokens", {"const": 0}, "echo", True))
+
     prompt: PromptType
-    max_tokens: Int(ge=0) | None = 16
+    max_tokens: NewTokens(0, 1) | None = 16
     echo: StrictBool = False
     logprobs: Int(ge=0, le=MAX_TOP_LOGPROBS) | None = None
 
@@ -149,9 +171,12 @@ class ChatMessage(_Request):
 
 
 class ChatCompletionRequest(_SamplingFields):
+    model_config = ConfigDict(json_schema_extra=_requires("top_logprobs", {"type": "integer", "minimum": 1},
+                                                          "logprobs", True))
+
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Int(ge=1) | None = None
-    max_completion_tokens: Int(ge=1) | None = None
+    max_tokens: NewTokens(1, 4) | None = None
+    max_completion_tokens: NewTokens(1, 4) | None = None
     logprobs: StrictBool = False
     top_logprobs: Int(ge=0, le=MAX_TOP_LOGPROBS) | None = None
 
@@ -160,7 +185,11 @@ class TokenizeRequest(_Request):
     """Text is tokenized exactly as the generation endpoints tokenize it: always as plain text,
     so "<|end|>" inside `prompt` or a message is characters, never the control token."""
 
-    model: Text | None = None
+    model_config = ConfigDict(json_schema_extra={"oneOf": [  # what _exactly_one enforces
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}}}]})
+
+    model: ModelName | None = None
     prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: StrictBool = Field(
@@ -174,7 +203,7 @@ class TokenizeRequest(_Request):
 
 
 class DetokenizeRequest(_Request):
-    model: Text | None = None
+    model: ModelName | None = None
     tokens: list[TokenId]
 
 
