@@ -234,3 +234,18 @@ def test_trained_run_parity_on_real_prompts(trained_run, tmp_path):
 def test_a_chat_run_directory_given_directly_exports_its_chat_model(run_factory, tmp_path):
     run = run_factory(chat=True)
     assert export_hf(run / "chat", tmp_path / "hf")["model"] == "chat"
+
+
+def test_training_only_options_export_and_mtp_heads_are_left_out(run_factory, tmp_path):
+    from spud.config import ModelConfig
+
+    if "mtp_depth" not in ModelConfig.model_fields:
+        pytest.skip("this Spud has no multi-token prediction")
+    run = run_factory(mtp_depth=1, zero_init_residual=True, dropout=0.1)
+    s = export_hf(run, tmp_path / "hf")
+    src = load_source(run)
+    assert s["dropped"] == ["mtp"] and s["params"] < src.model.num_params()
+    peer = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, 448, (2, 30))
+    with torch.no_grad():
+        assert (peer(input_ids=x).logits - src.model(x)).abs().max().item() <= 1e-4
