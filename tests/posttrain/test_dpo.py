@@ -3,11 +3,12 @@
 import json
 
 import pytest
+import torch
 
 from spud.cli import main
 from spud.errors import SpudError
 from spud.posttrain.dpo import dpo_cmd
-from spud.runs import choose_model
+from spud.runs import choose_model, load_model
 from spud.train.metrics import read_metrics
 
 
@@ -32,6 +33,17 @@ def test_dpo_learns_the_preference_through_the_cli(base_run, tmp_path):
     summary = json.loads((base_run / "dpo" / "dpo_data.json").read_text())
     assert summary[0]["pairs"] == 24 and summary[0]["skipped"] == [f"{data}:25: 'chosen' and 'rejected' are the same text"]
     assert choose_model(base_run, "dpo").step == 12
+    # independently of the logged margin: the DPO model moved probability to the chosen answer
+    gain = {}
+    for kind in ("base", "dpo"):
+        model, tok, _, _ = load_model(base_run, model=kind, device="cpu")
+        p, _ = tok.render_chat([{"role": "user", "content": "Say seven (3)."}], add_generation_prompt=True)
+        with torch.no_grad():
+            for name, text in (("chosen", "7."), ("rejected", "3.")):
+                c = tok.encode(text) + [tok.end_id]
+                logp = torch.log_softmax(model(torch.tensor([p + c[:-1]])), -1)[0, len(p) - 1:]
+                gain[kind, name] = float(logp.gather(-1, torch.tensor(c)[:, None]).sum())
+    assert (gain["dpo", "chosen"] - gain["base", "chosen"]) - (gain["dpo", "rejected"] - gain["base", "rejected"]) > 1.0
 
 
 def test_dpo_bad_input(base_run, tmp_path):
