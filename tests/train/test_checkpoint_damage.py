@@ -75,7 +75,7 @@ def test_resume_falls_back_past_a_damaged_file(run, name, spud):
     DAMAGE[name](damaged)
     rc, out = spud("train", "--resume", "--out", str(run))
     assert rc == 0, out
-    assert f"warning: checkpoint {LAST} is damaged: {damaged}" in out
+    assert out.count(f"warning: checkpoint {LAST} is damaged: {damaged}") == 1
     assert "Falling back to step_0000008" in out
     assert f"resuming from step 8 ({run / 'checkpoints' / 'step_0000008'})" in out
     assert "Traceback" not in out
@@ -93,7 +93,7 @@ def test_sample_skips_only_what_it_needs(run, name, falls_back, spud):
     rc, out = spud("sample", str(run), "--max-tokens", "4", "--seed", "0")
     assert rc == 0, out
     if falls_back:
-        assert f"warning: checkpoint {LAST} is damaged: {damaged}" in out
+        assert out.count(f"warning: checkpoint {LAST} is damaged: {damaged}") == 1
         assert out.endswith("[step_0000008]")
     else:
         assert "warning" not in out and out.endswith(f"[{LAST}]")

@@ -79,8 +79,14 @@ def is_complete(ckpt: Path) -> bool:
     return (ckpt / "state.json").is_file() and (ckpt / "model.safetensors").is_file()
 
 
+_warned: set[str] = set()
+
+
 def warn_stderr(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    """Once per process: a command may look for the latest checkpoint more than once."""
+    if message not in _warned:
+        _warned.add(message)
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def latest_checkpoint(run_dir: Path, training: bool = False,
