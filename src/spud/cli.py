@@ -57,6 +57,13 @@ def cmd_data_build(args) -> int:
     return 0
 
 
+def cmd_data_inspect(args) -> int:
+    from spud.data.inspect import inspect_cmd
+
+    inspect_cmd(args.run, rule=args.rule, n=args.n)
+    return 0
+
+
 def cmd_tokenizer_train(args) -> int:
     from spud.data.build import validate_sources
     from spud.data.mix import sample_texts_for_tokenizer
@@ -277,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data_build)
+    p = data.add_parser("inspect", help="show documents the cleaning rules and dedup dropped (and kept ones)")
+    p.add_argument("run", help="run directory with a built data/")
+    p.add_argument("--rule", default=None, help="only this reason, e.g. mean_word_length or duplicate:near")
+    p.add_argument("--n", type=int, default=5, help="documents per reason (default 5)")
+    p.set_defaults(func=cmd_data_inspect)
 
     tk = verbs.add_parser("tokenizer", help="train or inspect the BPE tokenizer").add_subparsers(dest="action")
     tk.required = True

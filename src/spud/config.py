@@ -72,6 +72,28 @@ class StrictModel(BaseModel):
 
 
 # ----------------------------------------------------------------------------------------- data
+class CleanConfig(StrictModel):
+    """Heuristic quality rules for one source (spud.data.clean): `kind` picks the default rule set,
+    `rules` switches rules off/on or sets their bounds: {mean_word_length: {min: 3, max: 10},
+    bullet_lines: false}."""
+
+    kind: Literal["none", "text", "code"] = Field("none", description="none (off), text (Gopher/C4/"
+                                                  "FineWeb rules) or code (StarCoder rules).")
+    rules: dict[str, Any] = Field(default_factory=dict, description="Per-rule overrides by name.")
+
+
+class DedupSettings(StrictModel):
+    """Exact and MinHash near-duplicate removal across all sources (spud.data.dedup)."""
+
+    exact: bool = Field(False, description="Drop documents whose normalised text was seen before.")
+    near: bool = Field(False, description="Drop near-duplicates (MinHash + LSH, rensa).")
+    threshold: float = Field(0.8, gt=0, le=1, description="Estimated Jaccard similarity of a near-duplicate.")
+    ngram: int = Field(5, ge=1, description="Words per shingle.")
+    num_perm: int = Field(128, ge=2, description="MinHash permutations.")
+    bands: int | None = Field(None, ge=1, description="LSH bands; None = fitted to the threshold.")
+    seed: int = 0
+
+
 class SourceConfig(StrictModel):
     """One source of documents in the mix."""
 
@@ -93,6 +115,7 @@ class SourceConfig(StrictModel):
     hf_name: str | None = None
     hf_config: str | None = None
     hf_split: str = "train"
+    clean: CleanConfig = Field(default_factory=CleanConfig, description="Quality rules for this source.")
 
     @model_validator(mode="after")
     def _check_kind(self) -> SourceConfig:
@@ -114,6 +137,7 @@ class DataConfig(StrictModel):
         0.05, ge=0, le=1, description="Error out when more than this share of records is bad."
     )
     workers: int = Field(0, ge=0, description="Tokenizer worker threads; 0 = all cores.")
+    dedup: DedupSettings = Field(default_factory=DedupSettings, description="Duplicate removal.")
 
 
 class TokenizerConfig(StrictModel):

@@ -35,6 +35,7 @@ __all__ = ["build_dataset", "load_manifest", "validate_sources", "verify_shards"
 # Settings that change how the build runs but not a single output byte; excluded from the
 # "same config → reuse" comparison so e.g. a different thread count does not force a rebuild.
 _NON_OUTPUT_KEYS = ("workers",)
+INSPECT_FILE = "inspect.json"  # samples of dropped and kept documents per source and reason
 
 
 def validate_sources(cfg: Config) -> list[Source]:
@@ -128,6 +129,10 @@ def build_dataset(
             "build_seconds": round(time.perf_counter() - t0, 2),
         }
         write_manifest(staging, manifest)
+        samples = {s.name: {"dropped": s.cleaner.examples, "kept": s.cleaner.kept}
+                   for s in sources if s.cleaner is not None}
+        if samples:  # what `spud data inspect` shows
+            (staging / INSPECT_FILE).write_text(json.dumps(samples, indent=1), encoding="utf-8")
     log(f"wrote {run_dir / 'data'}: {manifest['train_tokens']:,} train / "
         f"{manifest['val_tokens']:,} val tokens in {len(shards)} shards "
         f"({manifest['build_seconds']:.1f}s)")

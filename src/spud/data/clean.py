@@ -239,3 +239,64 @@ class QualityFilter:
     def stats(self) -> dict:
         return {name: {"documents": self.dropped[name], "bytes": self.dropped_bytes[name]}
                 for name in sorted(self.dropped)}
+
+
+class DocumentFilter:
+    """One source's cleaning: its quality rules, then the mix-wide deduplicator.
+
+    Decisions are made on a source's first pass and replayed on later passes (the mix repeats
+    small sources): a document kept once is kept every time, instead of being judged a duplicate
+    of itself. Keeps up to `samples` dropped documents per reason and kept ones for
+    `spud data inspect`."""
+
+    def __init__(self, source: str, quality: QualityFilter | None, dedup, samples: int = 20):
+        self.source, self.quality, self.dedup, self.samples = source, quality, dedup, samples
+        self._decisions: list[str | None] = []
+        self.examples: dict[str, list[dict]] = {}
+        self.kept: list[dict] = []
+
+    def _sample(self, bucket: list, where: str, text: str, detail: str = "") -> None:
+        if len(bucket) < self.samples:
+            bucket.append({"where": where, "detail": detail, "text": text[:2000]})
+
+    def judge(self, text: str, where: str, index: int, first_pass: bool) -> tuple[str, str] | None:
+        """None to keep the `index`-th record of a pass, else (reason, detail) to drop it."""
+        if not first_pass:
+            reason = self._decisions[index] if index < len(self._decisions) else None
+            return (reason, "as on the first pass") if reason else None
+        verdict = self.quality(text) if self.quality is not None else None
+        if verdict is not None:
+            reason, detail = f"quality:{verdict[0]}", verdict[1]
+        elif self.dedup is not None and (kind := self.dedup.check(text, self.source)):
+            reason, detail = f"duplicate:{kind}", f"{kind} duplicate of an earlier document"
+        else:
+            self._decisions.append(None)
+            self._sample(self.kept, where, text)
+            return None
+        self._decisions.append(reason)
+        self._sample(self.examples.setdefault(reason, []), where, text, detail)
+        return reason, detail
+
+    def stats(self) -> dict:
+        out = {"quality": self.quality.stats() if self.quality is not None else {}}
+        if self.dedup is not None:
+            out["dedup"] = self.dedup.stats(self.source)
+        return out
+
+
+def attach_cleaning(cfg, sources: list) -> None:
+    """Give each source its quality rules and the one deduplicator they share (so a document
+    repeated in two sources is kept once). Rule names and bounds are checked here, before any
+    work, with errors naming the source."""
+    from spud.data.dedup import DedupConfig, Deduplicator  # noqa: PLC0415 - rensa only when used
+
+    d = cfg.data.dedup
+    dedup = None
+    if d.exact or d.near:
+        dedup = Deduplicator(DedupConfig(exact=d.exact, near=d.near, threshold=d.threshold,
+                                         ngram=d.ngram, num_perm=d.num_perm, bands=d.bands, seed=d.seed))
+    for i, src in enumerate(sources):
+        c = src.cfg.clean
+        rules = build_rules(c.kind, c.rules, f"data.sources[{i}] ({src.name}).clean") if c.kind != "none" or c.rules else []
+        if rules or dedup is not None:
+            src.cleaner = DocumentFilter(src.name, QualityFilter(rules) if rules else None, dedup)

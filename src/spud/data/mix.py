@@ -344,6 +344,7 @@ def _report(source: Source, tally: _Tally) -> dict:
         "exhausted": tally.passes > 0 or tally.progress >= 1.0,
         "infinite": source.infinite,
         **source.stats.to_dict(),
+        **({"cleaning": source.cleaner.stats()} if source.cleaner is not None else {}),
     }
 
 

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 from spud.config import Config, SourceConfig
 from spud.data import builtin
+from spud.data.clean import attach_cleaning
 from spud.data.records import (
     MAX_DOCUMENT_BYTES,
     SourceStats,
@@ -71,6 +72,7 @@ class Source:
         self.generated = cfg.type == "builtin" and cfg.builtin in builtin.GENERATED
         self.infinite = self.generated and not cfg.max_documents
         self._passes = 0
+        self.cleaner = None  # spud.data.clean.DocumentFilter, set by open_sources when configured
 
     def fingerprint(self) -> list:
         """What the source's content depends on, cheaply (stat, not read): a changed file or
@@ -89,6 +91,7 @@ class Source:
         cap = self.cfg.max_documents
         count = 0
         last_where, dropped, split = None, None, None
+        judged = 0  # records judged by the cleaner this pass (its decisions are replayed by index)
         for text, progress, where in self._read(stats):
             piece = where == last_where  # a later piece of the same long (file) document
             last_where = where
@@ -106,6 +109,13 @@ class Source:
                 stats.skip("not_text", where, reason)
                 dropped = where
                 continue
+            if self.cleaner is not None and not piece:
+                verdict = self.cleaner.judge(text, where, judged, self._passes == 1)
+                judged += 1
+                if verdict is not None:
+                    stats.skip(verdict[0], where, verdict[1])
+                    dropped = where
+                    continue
             parts = list(text_pieces(text, MAX_DOCUMENT_BYTES)) if len(text) > MAX_DOCUMENT_BYTES else [text]
             if (piece or len(parts) > 1) and split != where:
                 stats.split_documents += 1
@@ -387,4 +397,5 @@ def open_sources(cfg: Config) -> list[Source]:
             problems.append(str(e))
     if problems:
         raise SpudError("invalid data sources:\n  " + "\n  ".join(problems))
+    attach_cleaning(cfg, sources)
     return sources
