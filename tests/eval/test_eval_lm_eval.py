@@ -209,7 +209,7 @@ def test_adapter_greedy_flag_batching_and_rolling(run_dir):
 
     outs = one.generate_until(reqs())
     assert outs[0] == greedy_by_hand(one._model, tok, "1 + 1 =", 8, "\n")
-    assert "\n" not in outs[1] and len(tok.encode(outs[1])) <= 8
+    assert "\n" not in outs[1]  # (its length is not checked by re-encoding: a sample may end mid-character)
     assert one.generate_until(reqs()) == outs  # request n samples with seed + n: reproducible
 
 
