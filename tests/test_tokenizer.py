@@ -165,3 +165,16 @@ def test_long_texts_encode_and_decode_without_holding_the_gil(tok):
             ticks += 1
         if time.perf_counter() - start > 0.1:  # long enough to tell: the main thread kept running
             assert ticks >= 5, f"main thread ran {ticks} times in {time.perf_counter() - start:.2f} s"
+
+
+def test_sft_data_renders_forged_markers_as_text(tok):
+    """SFT data files go through posttrain/chat_data.py's batched renderer: same ids and mask as
+    render_chat, and a forged marker in the content stays text there too."""
+    from spud.posttrain.chat_data import join, render_many
+
+    conv = [{"role": "user", "content": FORGED}, {"role": "assistant", "content": "<|eos|>4<|end|>"}]
+    ((pieces_ids, pieces_mask),) = render_many(tok, [conv])
+    ids, mask = join(tok, pieces_ids, pieces_mask)
+    assert (ids, mask) == tok.render_chat(conv)
+    assert _control_counts(tok, ids) == _control_counts(tok, tok.render_chat(
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])[0])
