@@ -92,7 +92,8 @@ def test_connection_stays_healthy_after_errors(live, model_name, monkeypatch):
         call("GET", "/health")
         sock = conn.sock
         assert call("POST", "/v1/completions", b"{not json")[0] == 400
-        assert call("POST", "/v1/completions", json.dumps({"model": model_name, "prompt": "a", "seed": 2**70}))[0] == 400
+        bad_seed = json.dumps({"model": model_name, "prompt": "a", "seed": 2**70})
+        assert call("POST", "/v1/completions", bad_seed)[0] == 400
         assert call("POST", "/tokenize", b'{"prompt": "\\ud800"}')[0] == 400
 
         def broken():

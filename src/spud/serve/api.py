@@ -315,7 +315,8 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
                            endpoint, t0, tok, top)
             return EventStream(body, handles, finished)
         results = await collect(request, handles, metrics, endpoint, t0)
-        choices = [P.ChatChoice(index=k, message=P.ChatResponseMessage(content=joined_text(events, fin)), finish_reason=fin.reason,
+        choices = [P.ChatChoice(index=k, message=P.ChatResponseMessage(content=joined_text(events, fin)),
+                                finish_reason=fin.reason,
                                 logprobs=P.chat_logprobs(tok, events) if top is not None else None)
                    for k, (events, fin) in enumerate(results)]
         done = sum(fin.completion_tokens for _, fin in results)
