@@ -21,7 +21,7 @@ import hashlib
 import random
 import sysconfig
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from spud.data.builtin_generators import arithmetic_example, reasoning_example
