@@ -24,7 +24,8 @@ vectorised numpy (a word the eval sets never use maps to one shared sentinel wit
 so memory stays at a few chunks whatever the data size and time is linear in it. Measured on the
 demo run (5M pretraining tokens + 20,000 built-in SFT conversations, 500 eval questions): 10.6 s
 of CPU time, of which ~3.5 s regenerate the built-in conversations. `max_tokens` caps the scan for huge runs; the report then
-says how much of the data was read (`complete: false`), and its rates are lower bounds.
+says how much of the data was read (`complete: false`), and its rates are lower bounds. (A
+window that spans two chunks, i.e. a document cut at a 1M-token boundary, is not checked.)
 """
 
 from __future__ import annotations
