@@ -131,7 +131,7 @@ def test_evenly_spaced_is_bounded_and_spread():
 def test_ngram_overlap_counts_shared_13grams():
     held = " ".join(f"w{i}" for i in range(30))  # 18 distinct 13-grams
     other = " ".join(f"a{i}" for i in range(15))  # 3
-    copied = " ".join(f"W{i}," for i in range(20))  # w0..w19, case and punctuation changed
+    copied = "\n".join(f"W{i}" for i in range(20))  # w0..w19, case and line breaks changed
     r = heldout.ngram_overlap([held, other], [f"prefix {copied} suffix", "unrelated text"])
     assert r["per_document"] == [20 - 13 + 1, 0]
     assert r["found"] == 8 and r["ngrams"] == 18 + 3 and r["fraction"] == pytest.approx(8 / 21)

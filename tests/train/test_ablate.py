@@ -125,6 +125,25 @@ def test_interrupted_run_resumes_exactly(ablation, tmp_path, monkeypatch):
     assert resumed["val_bpb"] == straight["val_bpb"] and resumed["heldout"] == straight["heldout"]
 
 
+def test_added_heldout_corpus_is_scored_without_retraining(ablation, tmp_path, capsys):
+    done, docs = ablation
+    out = tmp_path / "out"
+    shutil.copytree(done, out, symlinks=True)
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "notes.txt").write_text("Another corpus of plain notes about reading files carefully. " * 40)
+    before = {m: (_run_dir(out, m) / "metrics.jsonl").stat().st_mtime_ns for m in VARIANTS}
+    assert main([*_args(out, docs)[:-2], "--heldout", f"extra={extra}", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("rescoring its final checkpoint") == 2
+    assert before == {m: (_run_dir(out, m) / "metrics.jsonl").stat().st_mtime_ns for m in VARIANTS}
+    old = {r["variant"]: r for r in json.loads((done / "ablation.json").read_text())["runs"]}
+    for r in json.loads((out / "ablation.json").read_text())["runs"]:
+        assert set(r["heldout"]) == {"stdlib_prose", "docs", "extra"} and r["heldout"]["extra"]["bpb"] > 0
+        # The same weights give the same scores on the corpora scored before.
+        assert r["heldout"]["docs"] == old[r["variant"]]["heldout"]["docs"]
+        assert r["val_bpb"] == old[r["variant"]]["val_bpb"]
+
+
 def test_changed_plan_for_a_trained_run_is_an_error(ablation, capsys):
     out, docs = ablation
     args = _args(out, docs)

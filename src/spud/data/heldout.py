@@ -38,7 +38,7 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 HTML_SUFFIXES = (".html", ".htm")
 DOC_CHARS = 4000
 NGRAM = 13
-_STDLIB_PROSE_VERSION = 1  # bump when what stdlib_prose keeps changes (invalidates caches)
+_STDLIB_PROSE_VERSION = 3  # bump when what stdlib_prose keeps changes (invalidates caches)
 INSTALL_HINT = (
     "e.g. the Debian documentation package gnu-standards: `apt-get install gnu-standards`, then "
     "--heldout gnu=/usr/share/doc/gnu-standards (see docs/recipe.md)"
@@ -82,13 +82,20 @@ def _stdlib_prose() -> tuple[tuple[str, ...], str]:
                                              builtin.module_name(path))
         docs += [d for d in parsed or [] if d.strip()]
     # The stdlib copies some prose between modules (abc/_py_abc, gzip/bz2/lzma.open, shutil and
-    # distutils archives): a held-out docstring that shares any 13-gram with a training module's
-    # source is dropped, so the slice is disjoint from the training modules by check, too.
-    texts = (p.read_text(encoding="utf-8", errors="replace") for p in training)
-    shared = ngram_overlap(docs, texts)["per_document"]
+    # distutils archives): a held-out docstring that shares any 13-gram with what the built-in
+    # sources make of a training module (its source for stdlib_code, its docstring documents, with
+    # their `def module.name(args)` headings, for stdlib_docs) is dropped, so the slice is disjoint
+    # from the training sources by check, too.
+    def training_texts():
+        for path in training:
+            source = path.read_text(encoding="utf-8", errors="replace")
+            yield source
+            yield from builtin.docstring_documents(source, builtin.module_name(path)) or []
+
+    shared = ngram_overlap(docs, training_texts())["per_document"]
     kept = tuple(d for d, found in zip(docs, shared) if found == 0)
     origin = (f"docstrings of {len(held)} held-out stdlib modules (Python {sys.version.split()[0]}), "
-              f"less {len(docs) - len(kept)} that share a {NGRAM}-gram with a training module")
+              f"less {len(docs) - len(kept)} that share a {NGRAM}-gram with the training modules")
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".tmp{os.getpid()}")
@@ -248,7 +255,9 @@ def document_hash(text: str) -> str:
 
 
 def _words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
+    from spud.eval.decontam import words  # one normalisation for every n-gram check
+
+    return words(text)
 
 
 def ngram_overlap(heldout_docs: Iterable[str], training_texts: Iterable[str], n: int = NGRAM) -> dict:
@@ -256,9 +265,9 @@ def ngram_overlap(heldout_docs: Iterable[str], training_texts: Iterable[str], n:
     {'ngrams', 'found', 'fraction', 'n', 'per_document': [n-grams found, per held-out document]}.
 
     Used to build `stdlib_prose` from the stdlib's own files; checking a corpus against a built
-    data set is spud.eval.decontam's job. Words are lowercased \\w+ runs, so markup and
-    punctuation differences do not hide a copy; the held-out n-grams are kept in memory and the
-    training texts streamed past them."""
+    data set is spud.eval.decontam's job, and the words are its words (lowercased runs of letters
+    and digits, and single punctuation marks), so both checks agree. The held-out n-grams are
+    kept in memory and the training texts streamed past them."""
     per_doc = [set(_ngram_hashes(d, n)) for d in heldout_docs]
     wanted = set().union(*per_doc)
     found: set[int] = set()

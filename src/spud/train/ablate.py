@@ -148,7 +148,19 @@ def _prepare_run_dir(spec: RunSpec, data_dir: Path) -> None:
             shutil.copytree(data_dir / "data", link)
 
 
+def _common(a, b):
+    """a and b restricted (recursively) to the keys both have."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = [k for k in a if k in b]
+        pairs = {k: _common(a[k], b[k]) for k in keys}
+        return {k: v[0] for k, v in pairs.items()}, {k: v[1] for k, v in pairs.items()}
+    return a, b
+
+
 def _check_same_config(spec: RunSpec) -> None:
+    """A run directory already trained (or half-trained) must have been planned exactly like now.
+    Only what shapes a pretraining run is compared, and only keys both configs have, so a spud
+    upgrade that adds a config field (with its default) does not orphan finished runs."""
     from spud.config import load_config
     from spud.train.checkpoint import config_diff
 
@@ -159,7 +171,9 @@ def _check_same_config(spec: RunSpec) -> None:
         saved = load_config(spec.run_dir / "config.yaml").model_dump(mode="json")
     if saved is None:
         return
-    diff = config_diff(saved, spec.cfg.model_dump(mode="json"))
+    sections = ("seed", "data", "tokenizer", "model", "train")
+    planned = {k: v for k, v in spec.cfg.model_dump(mode="json").items() if k in sections}
+    diff = config_diff(*_common({k: v for k, v in saved.items() if k in sections}, planned))
     if diff:
         raise SpudError(f"{spec.run_dir} was trained with a different config than this ablation "
                         f"plans for it:\n  " + "\n  ".join(diff)
@@ -208,10 +222,43 @@ def train_and_score(spec: RunSpec, data_dir: Path, corpora: list, console, val_w
         "run_dir": str(spec.run_dir),
         "config": spec.cfg.model_dump(mode="json"),
     }
+    return _write_result(spec, result, corpora, val_windows, heldout_tokens)
+
+
+def _scored_on(corpora: list, val_windows: int, heldout_tokens: int) -> dict:
+    """What a run's scores were computed on: a finished run is rescored when this changes."""
+    return {"val_windows": val_windows, "heldout_tokens": heldout_tokens,
+            "corpora": {c.name: f"{c.nbytes}:{len(c.documents)}" for c in corpora}}
+
+
+def _write_result(spec: RunSpec, result: dict, corpora: list, val_windows: int, heldout_tokens: int) -> dict:
+    result["scored_on"] = _scored_on(corpora, val_windows, heldout_tokens)
     tmp = spec.run_dir / (RESULT + ".tmp")
     tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
     tmp.replace(spec.run_dir / RESULT)  # atomic: a marker is complete or absent
     return result
+
+
+def rescore(spec: RunSpec, result: dict, corpora: list, val_windows: int, heldout_tokens: int) -> dict:
+    """Score a finished run again from its final checkpoint (e.g. a held-out corpus was added),
+    without retraining."""
+    from spud.model.registry import build_model
+    from spud.runtime import pick_device
+    from spud.tokenizer import Tokenizer
+    from spud.train.ablate_score import score_model
+    from spud.train.checkpoint import latest_checkpoint, load_weights
+
+    ckpt = latest_checkpoint(spec.run_dir)
+    if ckpt is None:
+        raise SpudError(f"{spec.run_dir} has a result but no checkpoint to rescore; delete the "
+                        "run directory to retrain it")
+    device = pick_device(spec.cfg.train.device)
+    model = build_model(spec.cfg.model)
+    load_weights(ckpt, model, device)
+    model.to(device)
+    tok = Tokenizer.load(spec.run_dir / "tokenizer.json")
+    scores = score_model(model, tok, spec.cfg, spec.run_dir, corpora, val_windows, heldout_tokens)
+    return _write_result(spec, {**result, **scores}, corpora, val_windows, heldout_tokens)
 
 
 def run_ablation(base: str | Path, variants: list[Variant], budgets: list[float], out: str | Path,
@@ -262,6 +309,9 @@ def run_ablation(base: str | Path, variants: list[Variant], budgets: list[float]
         if marker.is_file():
             spec.result = json.loads(marker.read_text(encoding="utf-8"))
             console.print(f"[dim][{i}/{len(specs)}] {spec.label}: finished earlier, not retrained")
+            if spec.result.get("scored_on") != _scored_on(corpora, val_windows, heldout_tokens):
+                console.print("  held-out corpora or scoring settings changed: rescoring its final checkpoint")
+                spec.result = rescore(spec, spec.result, corpora, val_windows, heldout_tokens)
             continue
         elapsed = time.time() - started
         eta = (f" · ablation ETA {(todo_flops - flops_done) * elapsed / flops_done / 60:.1f} min"
