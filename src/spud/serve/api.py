@@ -220,7 +220,10 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
             ids = await off_loop("prompt", tok.encode, req.prompt, req.add_special_tokens)
         else:
             ids = await render_messages(req.messages, req.add_special_tokens)
-        return P.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.max_context)
+        # a 1 MB prompt is ~10^5-10^6 ids: serialise them off the loop too
+        body = await asyncio.to_thread(lambda: P.TokenizeResponse(
+            tokens=ids, count=len(ids), max_model_len=engine.max_context).model_dump_json())
+        return Response(body, media_type="application/json")
 
     @app.post("/detokenize", response_model=P.DetokenizeResponse, responses=_errors(400, 404, 413))
     async def detokenize(req: P.DetokenizeRequest):
