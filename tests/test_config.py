@@ -103,3 +103,13 @@ def test_save_config_is_atomic_and_round_trips(tmp_path, monkeypatch):
         save_config(load_config(None, ["train.max_steps=7"]), path)
     assert load_config(path).train.max_steps == 400
     assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]  # no temp file left behind
+
+
+def test_cli_reports_a_wrong_kind_before_any_work(tmp_path, capsys):
+    from spud.cli import main
+
+    rc = main(["train", "tiny", "train.max_steps=true", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: invalid config (")
+    assert "  train.max_steps: true is a boolean, not an integer" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
