@@ -209,6 +209,18 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def cmd_mix_search(args) -> int:
+    from spud.data.mixsearch import run_search
+    from spud.plan.ladder import parse_tokens
+
+    flops = parse_tokens(args.proxy_flops)[0] if args.proxy_flops else None
+    targets = [t.strip() for t in args.target.split(",") if t.strip()]
+    res = run_search(resolve_recipe(args.config), targets, args.proxies, float(flops), run_dir_arg(args.out),
+                     overrides=args.overrides, seed=args.seed)
+    print(f"searched mix: {res['weights']} (CV Spearman {res['cv_spearman']:.3f}) → {args.out}/mix.yaml")
+    return 0
+
+
 def cmd_ablate(args) -> int:
     from spud.train.ablate import ablate_cmd
 
@@ -284,6 +296,17 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data_build)
+    mx = verbs.add_parser("mix", help="learn the data mixture from proxy runs (RegMix)").add_subparsers(dest="action")
+    mx.required = True
+    p = mx.add_parser("search", help="train proxies on sampled mixtures, regress, search → DIR/mix.yaml")
+    p.add_argument("config", help="YAML recipe (its sources are the mixture's components)")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.add_argument("--target", required=True, help="source name(s) whose validation bpb to minimise, comma-separated")
+    p.add_argument("--proxies", type=int, default=64, help="proxy runs (default 64)")
+    p.add_argument("--proxy-flops", required=True, help="training FLOPs per proxy, e.g. 2e12")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory (resumable)")
+    p.set_defaults(func=cmd_mix_search)
     p = data.add_parser("inspect", help="show documents the cleaning rules and dedup dropped (and kept ones)")
     p.add_argument("run", help="run directory with a built data/")
     p.add_argument("--rule", default=None, help="only this reason, e.g. mean_word_length or duplicate:near")
