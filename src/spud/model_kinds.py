@@ -10,3 +10,5 @@ from __future__ import annotations
 
 MODEL_DIRS: dict[str, str] = {"base": "", "chat": "chat", "rl": "rl", "dpo": "dpo"}
 MODELS: tuple[str, ...] = tuple(MODEL_DIRS)
+# Models fine-tuned on the chat template (their prompts are chat-rendered); "base" continues text.
+CHAT_MODELS: tuple[str, ...] = ("chat", "rl", "dpo")

@@ -96,7 +96,7 @@ class SpudLM(TemplateLM):
             self._model, self._tok, _cfg = load_choice(choice, device or "auto")
             self.checkpoint, self.model_kind, self.step = str(choice.checkpoint), choice.model, choice.step
             note = (" (lm-eval's prompts are plain text: the chat template is not applied)"
-                    if choice.model == "chat" else "")
+                    if choice.model != "base" else "")
             print(f"spud lm-eval: {run}: {choice.describe()}{note}", file=sys.stderr, flush=True)
         self._model.eval()
         self.run = run

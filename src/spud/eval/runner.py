@@ -31,9 +31,10 @@ from rich.progress import (
 from rich.table import Table
 
 from spud.errors import SpudError
-from spud.eval import decontam, math_norm, sandbox, scoring
+from spud.eval import batch_scorer, decontam, math_norm, sandbox, scoring
 from spud.eval.intrinsic import intrinsic_metrics
 from spud.eval.tasks import Example, Task, load_tasks
+from spud.model_kinds import CHAT_MODELS
 from spud.runs import ModelChoice, choose_model, load_choice
 from spud.ui import make_console
 
@@ -67,13 +68,24 @@ def render_prompt(task: Task, ex: Example, shots: list[Example], tok, chat: bool
 
 # -------------------------------------------------------------------------------- per kind
 def eval_mc(model, tok, task, ex, ctx_ids, chat) -> dict:
-    conts = [c.lstrip() if chat else c for c in ex.choices]
-    scores = scoring.choice_logprobs(model, ctx_ids, [tok.encode(c) for c in conts], tok.pad_id)
-    nbytes = [max(len(c.encode("utf-8")), 1) for c in conts]
-    pred = max(range(len(scores)), key=lambda i: scores[i])
-    pred_norm = max(range(len(scores)), key=lambda i: scores[i] / nbytes[i])
-    return {"choices": ex.choices, "scores": scores, "pred": pred, "pred_norm": pred_norm,
-            "label": ex.label, "correct": pred == ex.label, "correct_norm": pred_norm == ex.label}
+    return eval_mc_many(model, tok, task, [ex], [ctx_ids], chat)[0]
+
+
+def eval_mc_many(model, tok, task, examples, ctxs, chat) -> list[dict]:
+    """Score every choice of every example in one call to the batched scorer (sorted by length,
+    packed under a token budget), then read off each example's prediction."""
+    conts = [[c.lstrip() if chat else c for c in ex.choices] for ex in examples]
+    pairs = [(ctx, tok.encode(c)) for ctx, cs in zip(ctxs, conts) for c in cs]
+    flat = [s.logprob for s in batch_scorer.score(model, pairs, pad_id=tok.pad_id)]
+    rows, at = [], 0
+    for ex, cs in zip(examples, conts):
+        scores, at = flat[at:at + len(cs)], at + len(cs)
+        nbytes = [max(len(c.encode("utf-8")), 1) for c in cs]
+        pred = max(range(len(scores)), key=lambda i: scores[i])
+        pred_norm = max(range(len(scores)), key=lambda i: scores[i] / nbytes[i])
+        rows.append({"choices": ex.choices, "scores": scores, "pred": pred, "pred_norm": pred_norm,
+                     "label": ex.label, "correct": pred == ex.label, "correct_norm": pred_norm == ex.label})
+    return rows
 
 
 def _samples(n: int, temperature: float) -> tuple[int, float]:
@@ -146,6 +158,7 @@ def task_metrics(task: Task, rows: list[dict], seconds: float, seed: int) -> dic
 
 # -------------------------------------------------------------------------------------- main
 DEFAULT_KS = (1, 10)
+MC_CHUNK = 512  # examples per batched scoring call: large batches, yet a live progress bar
 
 
 def check_sampling(samples: int, temperature: float, ks: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -173,14 +186,14 @@ def check_prompt_format(choice: ModelChoice, chat: bool, force: bool) -> None:
     mismatch measures the prompt format, not the model, so it needs `force`."""
     if force:
         return
-    if chat and choice.model != "chat":
+    if chat and choice.model not in CHAT_MODELS:
         raise SpudError(
             f"--chat renders prompts with the chat template, but the {choice.model} model "
             f"({choice.checkpoint}) was not fine-tuned on it; evaluate the chat model with "
             "--model chat, drop --chat for plain prompts, or add --force to measure it anyway")
-    if not chat and choice.model == "chat":
+    if not chat and choice.model in CHAT_MODELS:
         raise SpudError(
-            f"the chat model ({choice.checkpoint}) is being given plain, non-chat prompts; add --chat "
+            f"the {choice.model} model ({choice.checkpoint}) is being given plain, non-chat prompts; add --chat "
             "to use the chat template it was trained on, use --model base for the pretrained model, "
             "or add --force to measure it anyway")
 
@@ -235,11 +248,19 @@ def run_eval(
             bar.update(job, description=f"eval {task.name}")
             start = time.monotonic()
             rows = []
-            for i, ex in enumerate(task.examples):
+            if task.kind == "mc":  # batched: MC_CHUNK examples' choices per scorer call
+                for lo in range(0, len(task.examples), MC_CHUNK):
+                    chunk = task.examples[lo:lo + MC_CHUNK]
+                    ctxs = [render_prompt(task, ex, pick_shots(task, fewshot, seed, lo + j), tok, chat)
+                            for j, ex in enumerate(chunk)]
+                    scored = eval_mc_many(net, tok, task, chunk, ctxs, chat)
+                    for j, (ex, ctx, row) in enumerate(zip(chunk, ctxs, scored)):
+                        rows.append({"index": lo + j, "where": ex.where, "prompt": tok.decode(ctx),
+                                     "target": ex.target} | row)
+                    bar.advance(job, len(chunk))
+            for i, ex in enumerate(task.examples if task.kind != "mc" else []):
                 ctx = render_prompt(task, ex, pick_shots(task, fewshot, seed, i), tok, chat)
-                if task.kind == "mc":
-                    row = eval_mc(net, tok, task, ex, ctx, chat)
-                elif task.kind == "gen":
+                if task.kind == "gen":
                     row = eval_gen(net, tok, task, ex, ctx, samples, temperature, seed, ks)
                 else:
                     row = eval_code(net, tok, task, ex, ctx, samples, temperature, seed, ks)
