@@ -51,6 +51,7 @@ def _vocab(cfg: ModelConfig) -> int:
     return cfg.vocab_size
 
 
+@lru_cache(maxsize=256)
 def _config(key: str) -> ModelConfig:
     from spud.config import ModelConfig
 
@@ -101,12 +102,13 @@ class _MetaBuild(TorchFunctionMode):
     hundreds of candidate shapes. In-place init calls return their tensor untouched, and
     tensors are moved to meta without the copy's bookkeeping."""
 
-    SKIP = {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_,
-            torch.Tensor.trunc_normal_ if hasattr(torch.Tensor, "trunc_normal_") else None}
+    SKIP = {"normal_", "uniform_", "zero_", "fill_", "trunc_normal_"}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.SKIP:
-            return args[0]
+        if getattr(func, "__name__", None) in self.SKIP or getattr(func, "__module__", None) == "torch.nn.init":
+            target = args[0] if args else (kwargs or {}).get("tensor")  # nn.init passes tensor=
+            if isinstance(target, torch.Tensor):
+                return target
         if func is torch.Tensor.to and args and isinstance(args[0], torch.Tensor) and (
             len(args) > 1 and str(args[1]) == "meta"
         ):
@@ -121,7 +123,8 @@ def _param_counts(key: str) -> tuple[tuple[str, int], ...]:
     built = {id(b): b for b in model.blocks}.values()
     in_blocks = {id(p) for b in built for p in b.parameters()}
     shell = _numel(p for p in model.parameters() if id(p) not in in_blocks)
-    total = shell + sum(_numel(b.parameters()) for b in model.blocks._modules.values())
+    per_block = {id(b): _numel(b.parameters()) for b in built}
+    total = shell + sum(per_block[id(b)] for b in model.blocks._modules.values())
     embedding = _numel(m.weight for m in model.modules() if isinstance(m, nn.Embedding))
     if not cfg.tie_embeddings:
         embedding += model.lm_head.weight.numel()
