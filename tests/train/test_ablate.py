@@ -144,6 +144,18 @@ def test_added_heldout_corpus_is_scored_without_retraining(ablation, tmp_path, c
         assert r["val_bpb"] == old[r["variant"]]["val_bpb"]
 
 
+def test_rebuilt_shared_data_is_an_error(ablation, tmp_path, capsys):
+    done, docs = ablation
+    out = tmp_path / "out"
+    shutil.copytree(done, out, symlinks=True)
+    stamp = _run_dir(out, "relu2") / ablate.DATA_STAMP
+    assert json.loads(stamp.read_text()) == [s["sha256"] for s in
+                                             json.loads((out / "data" / "data" / "manifest.json").read_text())["shards"]]
+    stamp.write_text(json.dumps(["0" * 64]))  # as if DIR/data had been rebuilt since
+    assert main(_args(out, docs)) == 2
+    assert "another build of the shared data" in capsys.readouterr().err
+
+
 def test_changed_plan_for_a_trained_run_is_an_error(ablation, capsys):
     out, docs = ablation
     args = _args(out, docs)

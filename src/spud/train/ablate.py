@@ -44,6 +44,7 @@ from spud.train.ablate_variants import (
 )
 
 RESULT = "ablation_run.json"  # marker + result of a finished run
+DATA_STAMP = "ablation_data.json"  # the shared shards' hashes a run was (or is being) trained on
 
 
 @dataclass
@@ -136,6 +137,8 @@ def _prepare_run_dir(spec: RunSpec, data_dir: Path) -> None:
 
     run = spec.run_dir
     run.mkdir(parents=True, exist_ok=True)
+    if not (run / DATA_STAMP).is_file():
+        (run / DATA_STAMP).write_text(json.dumps(_data_stamp(data_dir)), encoding="utf-8")
     if not (run / "tokenizer.json").is_file():
         shutil.copy(data_dir / "tokenizer.json", run / "tokenizer.json")
     link = run / "data"
@@ -149,15 +152,23 @@ def _prepare_run_dir(spec: RunSpec, data_dir: Path) -> None:
 
 
 def _common(a, b):
-    """a and b restricted (recursively) to the keys both have."""
+    """a and b restricted (recursively, into lists of equal length too) to the keys both have."""
     if isinstance(a, dict) and isinstance(b, dict):
-        keys = [k for k in a if k in b]
-        pairs = {k: _common(a[k], b[k]) for k in keys}
+        pairs = {k: _common(a[k], b[k]) for k in a if k in b}
         return {k: v[0] for k, v in pairs.items()}, {k: v[1] for k, v in pairs.items()}
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        pairs = [_common(x, y) for x, y in zip(a, b)]
+        return [x for x, _ in pairs], [y for _, y in pairs]
     return a, b
 
 
-def _check_same_config(spec: RunSpec) -> None:
+def _data_stamp(data_dir: Path) -> list[str]:
+    from spud.data.shards import load_manifest
+
+    return [s["sha256"] for s in load_manifest(data_dir)["shards"]]
+
+
+def _check_same_config(spec: RunSpec, stamp: list[str]) -> None:
     """A run directory already trained (or half-trained) must have been planned exactly like now.
     Only what shapes a pretraining run is compared, and only keys both configs have, so a spud
     upgrade that adds a config field (with its default) does not orphan finished runs."""
@@ -171,6 +182,11 @@ def _check_same_config(spec: RunSpec) -> None:
         saved = load_config(spec.run_dir / "config.yaml").model_dump(mode="json")
     if saved is None:
         return
+    stamp_file = spec.run_dir / DATA_STAMP
+    if stamp_file.is_file() and json.loads(stamp_file.read_text(encoding="utf-8")) != stamp:
+        raise SpudError(f"{spec.run_dir} was trained on another build of the shared data (the shards "
+                        f"in {spec.run_dir.parent.parent.parent / 'data'} changed since, e.g. after a "
+                        "spud upgrade); use a new --out directory, or delete that run to retrain it")
     sections = ("seed", "data", "tokenizer", "model", "train")
     planned = {k: v for k, v in spec.cfg.model_dump(mode="json").items() if k in sections}
     diff = config_diff(*_common({k: v for k, v in saved.items() if k in sections}, planned))
@@ -295,8 +311,9 @@ def run_ablation(base: str | Path, variants: list[Variant], budgets: list[float]
     base_cfg = validate_config(tree)
     build_dataset(base_cfg, data_dir, progress=True, log=console.print)
     specs = plan_runs(tree, variants, budgets, seed_list, _estimated_vocab(tree, data_dir), out, evals)
+    stamp = _data_stamp(data_dir)
     for spec in specs:
-        _check_same_config(spec)
+        _check_same_config(spec, stamp)
     from spud.train.ablate_score import contamination
 
     corpus_info = contamination(corpora, data_dir, console)
