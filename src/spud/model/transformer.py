@@ -95,7 +95,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             # Share the Parameter itself so optimizers and state_dict see one tensor.
             self.lm_head.weight = self.embed.weight
-        self._stats: dict[str, list[torch.Tensor]] = {}
+        self._stats: dict[str, tuple[torch.Tensor, int]] = {}
 
     # ------------------------------------------------------------------------------ forward
     def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
@@ -208,18 +208,21 @@ class Transformer(nn.Module):
         return torch.stack(losses).mean() if losses else x.new_zeros(())
 
     def _record(self, name: str, value: torch.Tensor) -> None:
-        self._stats.setdefault(name, []).append(value.detach())
+        # Running (sum, count): bounded memory however long nobody reads the stats.
+        total, n = self._stats.get(name, (0, 0))
+        value = value.detach()
+        self._stats[name] = (total + (value.float() if value.is_floating_point() else value), n + 1)
 
     def train_stats(self) -> dict[str, Any]:
         """What the auxiliary objectives did since the last call (then forgets it): mean
         `lm_loss`, `mtp_loss`, `moe_aux_loss` over training forwards, and `expert_tokens`
         [layer][expert], tokens routed to each expert, summed. Empty without MoE / MTP."""
         out: dict[str, Any] = {}
-        for name, values in self._stats.items():
+        for name, (total, n) in self._stats.items():
             if name == "expert_tokens":
-                out[name] = torch.stack(values).sum(0).tolist()
+                out[name] = [[round(v) for v in row] for row in total.tolist()]
             else:
-                out[name] = torch.stack(values).float().mean().item()
+                out[name] = total.item() / n
         self._stats = {}
         return out
 
