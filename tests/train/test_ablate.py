@@ -73,7 +73,7 @@ def test_equal_flop_steps_files_and_scores(ablation):
         assert trained == list(range(1, steps[mlp] + 1))
         assert 0 < r["val_bpb"] < 10 and set(r["heldout"]) == {"stdlib_prose", "docs"}
         assert all(0 < h["bpb"] < 10 and h["tokens"] > 0 for h in r["heldout"].values())
-        assert r["tokens_per_s"] > 0 and r["wall_s"] > 0
+        assert r["tokens_per_s"] > 0 and r["wall_s"] > 0 and len(r["load_avg"]) == 2
         assert (Path(r["run_dir"]) / "data").resolve() == (out / "data" / "data").resolve()  # shared
     assert steps["swiglu"] != steps["relu2"]  # equal FLOPs, not equal steps
     # The same held-out text for every variant: same token counts.
@@ -271,7 +271,7 @@ def test_summary_is_mean_and_sample_std_over_seeds(tmp_path):
                                                "complete": True}}])
     md = markdown(report)
     assert "| a | 10 | 60 | 3 | 24 | 1.1000 ± 0.1414 | **2.2000 ± 0.2828** |" not in md  # b is best on h
-    assert "| a | 10 | 60 | 3 | 24 | 1.1000 ± 0.1414 | 2.2000 ± 0.2828 |" in md
+    assert "| a | 10 | 60 | 3 | 24 | 1.1000 ± 0.1414 | 2.2000 ± 0.2828 | 2 s | 24 | - |" in md
     assert "| b | 10 | 60 | 3 | 24 | **0.9000 ± 0.0000** | **2.1000 ± 0.0000** |" in md
 
 

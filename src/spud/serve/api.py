@@ -31,6 +31,7 @@ from spud.serve import protocol as P
 from spud.serve.boundary import Guard, http_error, openapi_document, server_error, validation_error
 from spud.serve.engine import ContextLengthError, QueueFullError, SamplingParams
 from spud.serve.metrics import ServerMetrics
+from spud.serve.structured import GrammarCompiler, GrammarError, ToolCallParser
 from spud.serve.streaming import (
     APIError,
     EventStream,
@@ -80,6 +81,8 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
     tok, started = engine.tokenizer, int(time.time())
     vocab = getattr(engine, "vocab_size", tok.vocab_size)  # the model's (maybe padded) vocabulary
     app.openapi = lambda: openapi_document(app, engine.model_name, vocab, engine.max_context)
+    ends = getattr(engine, "end_ids", None) or {tok.end_id, tok.eos_id}
+    grammars = GrammarCompiler(tok, vocab, sorted(ends))
 
     def card() -> P.ModelCard:
         return P.ModelCard(id=engine.model_name, created=started, max_model_len=engine.max_context,
@@ -119,10 +122,13 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
                                f"{engine.max_context} tokens and a prompt takes at least {shortest_prompt}",
                                param=field, code="context_length_exceeded")
 
-    def sampling(req, max_tokens: int, top: int | None, stop_ids: list[int]) -> list[SamplingParams]:
+    def sampling(req, max_tokens: int, top: int | None, stop_ids: list[int],
+                 grammar: str | None = None) -> list[SamplingParams]:
         bias = {int(k): float(v) for k, v in (req.logit_bias or {}).items()}
         check_ids(list(bias), "logit_bias")
         return [SamplingParams(
+            # structured output: each choice gets its own parser state
+            constraint=grammars.constraint(grammar) if grammar else None,
             max_tokens=max_tokens, temperature=float(req.temperature), top_p=float(req.top_p),
             top_k=max(req.top_k, 0), min_p=float(req.min_p), presence_penalty=float(req.presence_penalty),
             frequency_penalty=float(req.frequency_penalty), logit_bias=bias or None,
@@ -130,6 +136,38 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
             seed=req.choice_seed(i), stop=req.stop_list(),
             stop_token_ids=list(stop_ids), logprobs=top,
         ) for i in range(req.n)]
+
+    async def grammar_for(req, tools: list[dict]) -> str | None:
+        """The grammar that constrains this request, if any: a forced tool call (tool_choice
+        "required" or a named function) wins over response_format. Schemas the grammar engine
+        cannot compile are the client's 400, naming the parameter."""
+        choice = getattr(req, "tool_choice", None)
+        if isinstance(choice, P.NamedToolChoice) or choice == "required":
+            if not tools:
+                raise APIError(400, "tool_choice: a tool call was required but the request has no tools",
+                               param="tool_choice")
+            forced = tools
+            if isinstance(choice, P.NamedToolChoice):
+                forced = [t for t in tools if t["name"] == choice.function.name]
+                if not forced:
+                    raise APIError(400, f"tool_choice: unknown tool {choice.function.name!r}; the request's "
+                                   f"tools are {[t['name'] for t in tools]}", param="tool_choice")
+            parallel = req.parallel_tool_calls and not isinstance(choice, P.NamedToolChoice)
+            fn, args, param = grammars.tool_calls, (forced, parallel), "tools"
+        elif req.response_format is None or req.response_format.type == "text":
+            return None
+        elif req.response_format.type == "json_object":
+            fn, args, param = grammars.json_object, (), "response_format"
+        else:
+            spec = req.response_format.json_schema
+            if spec.schema_ is None:
+                raise APIError(400, "response_format.json_schema.schema is required",
+                               param="response_format.json_schema.schema")
+            fn, args, param = grammars.json_schema, (spec.schema_,), "response_format.json_schema.schema"
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except GrammarError as e:
+            raise APIError(400, f"{param}: {e}", param=param) from None
 
     def submit_all(jobs: list[tuple[list[int], SamplingParams]], param: str, n: int) -> list:
         # More sequences than the queue can ever hold is the request's fault, not the load's:
@@ -162,10 +200,16 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
         except SpudError as e:
             raise APIError(400, f"{param}: {e}", param=param) from None
 
-    async def render_messages(messages: list[P.ChatMessage], generation_prompt: bool) -> list[int]:
+    async def render_messages(messages: list[P.ChatMessage], generation_prompt: bool,
+                              tools: list[dict] | None = None) -> list[int]:
         # message contents are plain text: only the template adds control ids (tokenizer.py)
-        plain = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
-        return (await off_loop("messages", tok.render_chat, plain, generation_prompt))[0]
+        plain = []
+        for m in messages:
+            d = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if m.tool_calls:
+                d["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+            plain.append(d)
+        return (await off_loop("messages", tok.render_chat, plain, generation_prompt, tools))[0]
 
     def encode_prompts(prompt) -> list[tuple[list[int], int, str]]:
         """→ [(ids for the engine, how many BOS we prepended, the prompt's text)] per prompt.
@@ -240,11 +284,12 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
             raise APIError(400, "max_tokens=0 is only allowed with echo=true (prompt scoring)", param="max_tokens")
         check_new_tokens(req, ("max_tokens",), 1)
         prompts, generate = await off_loop("prompt", encode_prompts, req.prompt), req.max_tokens != 0
+        grammar = await grammar_for(req, []) if generate else None
         jobs = []
         for ids, _, _ in prompts:
             left = room(ids, "prompt", need=1 if generate else 0)
             if generate:
-                jobs += [(ids, p) for p in sampling(req, req.max_tokens or left, req.logprobs, [])]
+                jobs += [(ids, p) for p in sampling(req, req.max_tokens or left, req.logprobs, [], grammar)]
         # choice k = prompt k // n, sample k % n (OpenAI's order); echo is per prompt
         owner = [k // req.n for k in range(len(prompts) * req.n)]
         echo = [("", [], []) for _ in prompts]
@@ -302,11 +347,16 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
         check_new_tokens(req, ("max_completion_tokens", "max_tokens"), 4)
-        ids = await render_messages(req.messages, True)
+        # the template lists tools as the client defined them (name, description, parameters)
+        tools = [t.function.model_dump(include={"name", "description", "parameters"}, exclude_none=True)
+                 for t in req.tools or []]
+        grammar = await grammar_for(req, tools)
+        parser = None if not tools or req.tool_choice == "none" else {t["name"] for t in tools}
+        ids = await render_messages(req.messages, True, tools)
         left = room(ids, "messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
         # the chat template closes every turn with <|end|>: that is where the assistant stops
-        params = sampling(req, req.max_completion_tokens or req.max_tokens or left, top, [tok.end_id])
+        params = sampling(req, req.max_completion_tokens or req.max_tokens or left, top, [tok.end_id], grammar)
         handles = submit_all([(ids, p) for p in params], "messages", req.n)
         ctx = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.model_name}
         if req.stream:
@@ -315,13 +365,18 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
                 for k in range(req.n)]
             finished: set = set()
             body = stream_events("chat", handles, ctx, first, [0] * req.n, finished, req, len(ids), metrics,
-                           endpoint, t0, tok, top)
+                           endpoint, t0, tok, top, tool_names=parser)
             return EventStream(body, handles, finished)
         results = await collect(request, handles, metrics, endpoint, t0)
-        choices = [P.ChatChoice(index=k, message=P.ChatResponseMessage(content=joined_text(events, fin)),
-                                finish_reason=fin.reason,
-                                logprobs=P.chat_logprobs(tok, events) if top is not None else None)
-                   for k, (events, fin) in enumerate(results)]
+        choices = []
+        for k, (events, fin) in enumerate(results):
+            content, calls, reason = joined_text(events, fin), [], fin.reason
+            if parser is not None:
+                content, calls = ToolCallParser(parser).parse(content)
+                reason = "tool_calls" if calls and reason == "stop" else reason
+            message = P.ChatResponseMessage(content=content, tool_calls=calls or None)
+            choices.append(P.ChatChoice(index=k, message=message, finish_reason=reason,
+                                        logprobs=P.chat_logprobs(tok, events) if top is not None else None))
         done = sum(fin.completion_tokens for _, fin in results)
         metrics.record_request(endpoint, len(ids), done, t0)
         usage = P.Usage(prompt_tokens=len(ids), completion_tokens=done, total_tokens=len(ids) + done)

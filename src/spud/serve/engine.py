@@ -44,6 +44,7 @@ from spud.serve.engine_types import (
     SamplingParams,
     TokenEvent,
 )
+from spud.serve.structured import apply_constraints
 
 __all__ = [
     "ContextLengthError", "Engine", "Event", "FinishEvent", "QueueFullError", "RequestHandle",
@@ -298,11 +299,14 @@ class Engine:
             bp = BatchParams.build([s.params for s in rows], self.device)
             slots = torch.tensor([s.slot for s in rows], device=self.device)
             has_bias = any(self._has_bias[s.slot] for s in rows)
-            self._batch_key, self._batch = key, (bp, slots, has_bias)
-        bp, slots, has_bias = self._batch
+            constrained = any(s.params.constraint is not None for s in rows)
+            self._batch_key, self._batch = key, (bp, slots, has_bias, constrained)
+        bp, slots, has_bias, constrained = self._batch
         counts = self._counts.index_select(0, slots) if bp.any_penalty else None
         bias = self._bias.index_select(0, slots) if has_bias else None
         proc = apply_penalties(logits, counts, bias, bp)
+        if constrained:  # structured output: what the grammar forbids is -inf before sampling
+            proc = apply_constraints(proc, [s.params.constraint for s in rows])
         toks = sample_rows(proc, bp, [s.gen for s in rows])
         if bp.any_penalty:
             # Counts are only ever read for rows with penalties (and reset on admit), so a batch
@@ -324,6 +328,12 @@ class Engine:
             s.end_token = tok
             self._finish(s, "stop")
             return
+        if s.params.constraint is not None:
+            try:  # advance the grammar; only this request fails if it cannot
+                s.params.constraint.consume(tok)
+            except SpudError as e:
+                self._finish(s, "error", str(e))
+                return
         s.handle._emit(TokenEvent(tok, s.detok.push(tok), lp, top))
         if s.detok.stopped:
             self._finish(s, "stop")

@@ -216,6 +216,7 @@ def train_and_score(spec: RunSpec, data_dir: Path, corpora: list, console, val_w
     _prepare_run_dir(spec, data_dir)
     resume = latest_checkpoint(spec.run_dir) is not None
     trainer = SharedDataTrainer(spec.cfg, spec.run_dir, resume=resume, console=console)
+    load_before = os.getloadavg()[0]
     summary = trainer.run()
     if summary["interrupted"]:
         raise KeyboardInterrupt
@@ -235,6 +236,7 @@ def train_and_score(spec: RunSpec, data_dir: Path, corpora: list, console, val_w
         "flops": spec.steps * spec.tokens_per_step * spec.flops_per_token,
         **scores,
         **run_summary(spec.run_dir, spec.tokens_per_step, spec.flops_per_token),
+        "load_avg": [load_before, os.getloadavg()[0]],  # 1-minute load around training
         "run_dir": str(spec.run_dir),
         "config": spec.cfg.model_dump(mode="json"),
     }

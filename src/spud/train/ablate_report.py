@@ -34,6 +34,8 @@ def summarise(report: dict) -> list[dict]:
                 row["heldout"][name] = {"bpb": mean, "bpb_std": std}
             for key in ("wall_s", "train_s", "tokens_per_s", "step_time_ms"):
                 row[key] = _mean_std([r.get(key) for r in runs])[0]
+            loads = [x for r in runs for x in r.get("load_avg") or []]
+            row["load_avg"] = [min(loads), max(loads)] if loads else None
             rows.append(row)
     return rows
 
@@ -58,8 +60,9 @@ def markdown(report: dict) -> str:
     lines += [
         (f"{base}; seeds {', '.join(map(str, report['seeds']))}; budgets {budgets} training FLOPs. "
          "Steps = floor(budget / (FLOPs/token × tokens/step)), FLOPs/token from spud.model.flops."),
-        (f"Machine: {machine['cpus']} CPUs, load average {machine['load_start'][0]:.1f} at the start, "
-         f"{machine['load_end'][0]:.1f} at the end (wall-clock and tokens/s depend on it)."), "",
+        (f"Machine: {machine['cpus']} CPUs; load average {machine['load_start'][0]:.1f} when this report's "
+         f"command started, {machine['load_end'][0]:.1f} when it ended; the table gives each run's "
+         "during its training (wall-clock and tokens/s depend on it)."), "",
         ("Scores are final bits per byte (lower is better; the best of each column in bold), mean ± "
          "sample std over seeds: `val` on the shared validation split, the others on held-out "
          "corpora no run trained on."), "",
@@ -71,8 +74,8 @@ def markdown(report: dict) -> str:
         best_val = min((r["val_bpb"] for r in sub if r["val_bpb"] is not None), default=None)
         lines += [f"## {budget:.3g} FLOPs", "",
                   "| variant | params | FLOPs/token | steps | tokens | val bpb | "
-                  + " | ".join(f"{c} bpb" for c in corpora) + " | wall-clock | tokens/s |",
-                  "|---|---:|---:|---:|---:|---:|" + "---:|" * len(corpora) + "---:|---:|"]
+                  + " | ".join(f"{c} bpb" for c in corpora) + " | wall-clock | tokens/s | load avg |",
+                  "|---|---:|---:|---:|---:|---:|" + "---:|" * len(corpora) + "---:|---:|---:|"]
         for r in sub:
             cells = []
             for c in corpora:
@@ -80,11 +83,12 @@ def markdown(report: dict) -> str:
                 text = _fmt(h["bpb"], h["bpb_std"])
                 cells.append(f"**{text}**" if h["bpb"] is not None and h["bpb"] == best[c] else text)
             tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"
+            load = f"{r['load_avg'][0]:.1f}–{r['load_avg'][1]:.1f}" if r.get("load_avg") else "-"
             val = _fmt(r["val_bpb"], r["val_bpb_std"])
             val = f"**{val}**" if r["val_bpb"] is not None and r["val_bpb"] == best_val else val
             lines.append(f"| {r['variant']} | {r['params']:,} | {r['flops_per_token']:,} | {r['steps']:,} | "
                          f"{r['tokens']:,} | {val} | "
-                         + " | ".join(cells) + f" | {r['wall_s']:.0f} s | {tps} |")
+                         + " | ".join(cells) + f" | {r['wall_s']:.0f} s | {tps} | {load} |")
         lines.append("")
     lines += ["## Held-out corpora", "",
               "| corpus | source | documents | bytes | documents sharing a 13-gram with the training data |",
