@@ -49,9 +49,30 @@ def cmd_data_build(args) -> int:
     from spud.tokenizer import Tokenizer
     from spud.train.trainer import resolve_vocab
 
+    if args.shard:  # a bad spec fails before the config is even read
+        from spud.data.merge import parse_shard
+
+        parse_shard(args.shard)
     cfg, out = _load(args), run_dir_arg(args.out)
+    if args.shard:
+        from spud.data.merge import build_part
+
+        part = build_part(cfg, out, args.shard)
+        print(f"wrote part {part['shard'][0]}/{part['shard'][1]} to {out}/part; join all parts with "
+              f"`spud data merge PART_DIRS... --out RUN`")
+        return 0
     manifest = build_dataset(cfg, out, progress=not args.no_progress)
     save_config(resolve_vocab(cfg, Tokenizer.load(out / "tokenizer.json")), out / "config.yaml")
+    print(f"wrote {args.out}/data/manifest.json: {manifest['train_tokens']:,} train tokens, "
+          f"{manifest['val_tokens']:,} val tokens in {len(manifest['shards'])} shards")
+    return 0
+
+
+def cmd_data_merge(args) -> int:
+    from spud.data.merge import merge_parts
+
+    out = run_dir_arg(args.out)
+    manifest = merge_parts(args.parts, out, progress=not args.no_progress)
     print(f"wrote {args.out}/data/manifest.json: {manifest['train_tokens']:,} train tokens, "
           f"{manifest['val_tokens']:,} val tokens in {len(manifest['shards'])} shards")
     return 0
@@ -295,7 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("build", help="tokenize the mix into RUN/data/ (trains the tokenizer if RUN has none)")
     _config_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--shard", metavar="i/N", help="build only part i (from 0) of N into --out; "
+                   "join the parts with `spud data merge`")
     p.set_defaults(func=cmd_data_build)
+    p = data.add_parser("merge", help="join the parts of a sharded build (--shard i/N) into RUN/data/")
+    p.add_argument("parts", nargs="+", help="the part directories (each --out of a --shard build)")
+    p.add_argument("--out", required=True, help="run directory to write data/ and tokenizer.json into")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_merge)
     mx = verbs.add_parser("mix", help="learn the data mixture from proxy runs (RegMix)").add_subparsers(dest="action")
     mx.required = True
     p = mx.add_parser("search", help="train proxies on sampled mixtures, regress, search → DIR/mix.yaml")

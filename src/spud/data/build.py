@@ -105,11 +105,20 @@ def build_dataset(
     if (run_dir / "data").exists():
         log(f"rebuilding {run_dir / 'data'}: data config, inputs or tokenizer changed")
 
+    return write_dataset(cfg, run_dir, tokenizer, sources, fingerprint, progress, log)
+
+
+def write_dataset(cfg: Config, run_dir: Path, tokenizer: Tokenizer, sources: list[Source],
+                  fingerprint: str, progress: bool, log: Callable[[str], None],
+                  encoder: Tokenizer | None = None) -> dict:
+    """Mix `sources` into `run_dir/data/` (atomically) and return the manifest. `encoder` is what
+    tokenizes (the merge passes one that replays its parts' tokens); `tokenizer` is recorded."""
     t0 = time.perf_counter()
     with staged_data_dir(run_dir) as staging:
         shard_set = ShardSet(staging, cfg.data.shard_tokens, tokenizer.vocab_size)
         try:
-            reports = mix_tokens(cfg, tokenizer, shard_set, progress=progress, log=log, sources=sources)
+            reports = mix_tokens(cfg, encoder or tokenizer, shard_set, progress=progress, log=log,
+                                 sources=sources)
         finally:
             shards = shard_set.close()
         manifest = {

@@ -109,20 +109,26 @@ class Deduplicator:
 
     def check(self, text: str, source: str = "") -> str | None:
         """None if the document is new (and remember it), else "exact" or "near"."""
-        kind = None
         h = content_hash(text) if self.cfg.exact else None
+        sig = None
+        if self._lsh is not None and (h is None or h not in self._exact):
+            sig = self.signature(text)
+        return self.check_hashed(h, sig, len(text.encode("utf-8", "replace")), source)
+
+    def check_hashed(self, h: bytes | None, sig, nbytes: int, source: str = "") -> str | None:
+        """`check` for a document hashed elsewhere (a part of a sharded build): its content hash
+        (None when exact dedup is off) and MinHash signature (None when near dedup is off)."""
+        kind = None
         if h is not None and h in self._exact:
             kind = "exact"
-        sig = None
         if kind is None and self._lsh is not None:
-            sig = self.signature(text)
             for key in self._lsh.query(sig):
                 if sig.jaccard(self._sigs[key]) >= self.cfg.threshold:
                     kind = "near"
                     break
         if kind is not None:
             self.removed[(source, kind)] += 1
-            self.removed_bytes[(source, kind)] += len(text.encode("utf-8", "replace"))
+            self.removed_bytes[(source, kind)] += nbytes
             return kind
         if h is not None:
             self._exact.add(h)

@@ -65,6 +65,12 @@ def is_val_document(text: str, val_fraction: float) -> bool:
     return int.from_bytes(digest, "little") / 2**64 < val_fraction
 
 
+def _in_val(doc: Document, val_fraction: float) -> bool:
+    # A document replayed by `spud data merge` carries the split its part computed from its text.
+    known = getattr(doc, "val", None)
+    return is_val_document(doc.text, val_fraction) if known is None else known
+
+
 def limit_tokenizer_threads(workers: int) -> None:
     """data.workers → RAYON_NUM_THREADS. The Rust thread pool reads it once, at its first use, so
     this must run before any tokenizer work in the process; an explicit env var wins."""
@@ -211,7 +217,7 @@ def _mix_source(
         if first or cache is None:
             docs = source.documents()
             pairs = encoded_documents(docs, tokenizer, lambda: target - tally.taken)
-            items = ((t, is_val_document(d.text, data.val_fraction), d.progress, d.nbytes, d.where)
+            items = ((t, _in_val(d, data.val_fraction), d.progress, d.nbytes, d.where)
                      for d, t in pairs)
         else:
             items = ((t, False, p, 0, "") for t, p in cache)
