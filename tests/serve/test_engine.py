@@ -283,10 +283,13 @@ def test_submit_from_many_threads(engine, tok):
 
 def test_from_run_names_the_model_after_the_run(serve_run):
     eng = Engine.from_run(serve_run, device="cpu", max_batch=2)
-    assert eng.model_name == serve_run.name and eng.max_context == eng.model.cfg.max_seq_len
+    # the served id names the run and which of its models it is (a base run: "<run>-base")
+    assert eng.model_name == f"{serve_run.name}-base" and eng.model_kind == "base"
+    assert eng.max_context == eng.model.cfg.max_seq_len
     eng.start()
     try:
-        r = eng.submit(eng.tokenizer.encode("a", add_bos=True), greedy(max_tokens=4)).result()
-        assert r[2].reason in ("stop", "length") and r[2].prompt_tokens == 2
+        text, toks, fin = eng.submit(eng.tokenizer.encode("a", add_bos=True), greedy(max_tokens=4)).result()
+        assert fin.prompt_tokens == 2 and fin.completion_tokens == len(toks) + (fin.end_token is not None)
+        assert fin.reason == ("stop" if fin.end_token is not None else "length")
     finally:
         eng.shutdown()
