@@ -24,6 +24,18 @@ BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END]
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+# Tool use is written as plain text inside the existing turns, so that adding it needed no new
+# special tokens (every tokenizer already trained keeps working): the tool definitions close the
+# system turn, an assistant's calls follow its content, and a tool's result is a user turn
+# wrapped in TOOL_RESULT_OPEN/CLOSE (the layout Qwen2.5 and Hermes use). JSON is json.dumps'
+# (ensure_ascii=False, default separators), which is what Jinja's `tojson` writes too.
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+TOOL_RESULT_OPEN, TOOL_RESULT_CLOSE = "<tool_response>", "</tool_response>"
+TOOLS_PREAMBLE = (
+    "You can call these tools. To call one, reply with "
+    + TOOL_CALL_OPEN + '{"name": <tool name>, "arguments": <arguments as a JSON object>}' + TOOL_CALL_CLOSE
+    + ".\n<tools>\n"
+)
 
 # GPT-4-style split, except numbers: one digit per pre-token (see module docstring).
 SPLIT_PATTERN = (
@@ -157,19 +169,41 @@ class Tokenizer:
         return out
 
     def render_chat(
-        self, messages: Sequence[dict], add_generation_prompt: bool = False
+        self, messages: Sequence[dict], add_generation_prompt: bool = False,
+        tools: Sequence[dict] | None = None,
     ) -> tuple[list[int], list[int]]:
         """messages → (ids, assistant_mask). The mask is 1 on assistant content and its <|end|>
-        (what SFT trains on: the model must learn to stop), 0 elsewhere."""
+        (what SFT trains on: the model must learn to stop), 0 elsewhere.
+
+        Tool use (see TOOL_CALL_OPEN): `tools` are function definitions ({"name", "description",
+        "parameters"}), listed at the end of the system turn (one is added when the messages
+        have none); an assistant message may carry OpenAI-style `tool_calls`; a "tool" message
+        is its result. Without tools and tool messages the output is unchanged."""
+        messages = list(messages)
+        if tools:
+            listing = TOOLS_PREAMBLE + "".join(
+                json.dumps(t, ensure_ascii=False) + "\n" for t in tools) + "</tools>"
+            if messages and messages[0].get("role") == "system" and isinstance(messages[0].get("content"), str):
+                first = messages[0]["content"]
+                messages[0] = {**messages[0], "content": first + "\n\n" + listing if first else listing}
+            else:
+                messages.insert(0, {"role": "system", "content": listing})
         ids, mask = [self.bos_id], [0]
         for i, m in enumerate(messages):
             role, content = m.get("role"), m.get("content")
-            if role not in self.role_ids:
+            if role not in self.role_ids and role != "tool":
                 raise SpudError(
-                    f"message {i}: unknown role {role!r}; expected one of {sorted(self.role_ids)}"
+                    f"message {i}: unknown role {role!r}; expected one of {sorted([*self.role_ids, 'tool'])}"
                 )
+            calls = (m.get("tool_calls") or []) if role == "assistant" else []
+            if content is None and calls:
+                content = ""
             if not isinstance(content, str):
                 raise SpudError(f"message {i}: 'content' must be a string, got {type(content).__name__}")
+            if role == "tool":
+                role, content = "user", TOOL_RESULT_OPEN + content + TOOL_RESULT_CLOSE
+            if calls:
+                content += ("\n" if content else "") + "\n".join(_tool_call_text(c, i) for c in calls)
             try:  # plain text: markers typed into a message stay characters (see class doc)
                 body = self.encode(content) + [self.end_id]
             except SpudError as e:
@@ -181,6 +215,17 @@ class Tokenizer:
             ids.append(self.role_ids["assistant"])
             mask.append(0)
         return ids, mask
+
+
+def _tool_call_text(call: dict, i: int) -> str:
+    """An OpenAI tool call ({"function": {"name", "arguments"}}) as the template writes it. The
+    arguments go in as the client sent them (a JSON string, usually what this model generated)."""
+    f = call.get("function", call) if isinstance(call, dict) else None
+    if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+        raise SpudError(f"message {i}: a tool call needs function.name")
+    args = f.get("arguments", "{}")
+    args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+    return TOOL_CALL_OPEN + '{"name": ' + json.dumps(f["name"], ensure_ascii=False) + ', "arguments": ' + args + "}" + TOOL_CALL_CLOSE
 
 
 def _encodable(text) -> bool:

@@ -31,6 +31,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # besides the model's end tokens
     logprobs: int | None = None  # None: none; k >= 0: sampled token's logprob + top-k
     ignore_eos: bool = False
+    # structured output: a spud.serve.structured.Constraint (one per sequence, it holds the
+    # parser state); the engine masks what it forbids and allows end tokens only where it accepts
+    constraint: object | None = None
 
     def validate(self, vocab_size: int) -> None:
         """Raise SpudError naming the first bad field (the API maps it to a 400)."""

@@ -28,6 +28,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -151,6 +152,7 @@ class CompletionRequest(_SamplingFields):
     max_tokens: NewTokens(0, 1) | None = 16
     echo: StrictBool = False
     logprobs: Int(ge=0, le=MAX_TOP_LOGPROBS) | None = None
+    response_format: ResponseFormat | None = None
 
 
 class TextPart(_Request):
@@ -158,16 +160,79 @@ class TextPart(_Request):
     text: Text
 
 
+FunctionName = Annotated[Text, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
+class ToolCallFunction(_Request):
+    name: Text
+    arguments: Text  # JSON, as the model wrote it
+
+
+class ToolCall(_Request):
+    id: Text
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Request):
     # "developer" is what newer OpenAI clients send instead of "system".
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant turns that called tools
+    tool_call_id: Text | None = None  # tool turns: which call this is the result of
+
+    @model_validator(mode="after")
+    def _content_given(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (only an assistant message with tool_calls may omit it)")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
+
+
+class JsonSchemaFormat(_Request):
+    name: FunctionName
+    description: Text | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema' and only allowed with it")
+        return self
+
+
+class FunctionDefinition(_Request):
+    name: FunctionName
+    description: Text | None = None
+    parameters: dict | None = None
+    strict: StrictBool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: Text
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -179,6 +244,10 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: NewTokens(1, 4) | None = None
     logprobs: StrictBool = False
     top_logprobs: Int(ge=0, le=MAX_TOP_LOGPROBS) | None = None
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
 
 
 class TokenizeRequest(_Request):
@@ -280,16 +349,39 @@ class ChatChoiceLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
-class ChatResponseMessage(BaseModel):
+class ResponseFunction(BaseModel):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunction
+
+
+class _OmitNoToolCalls(BaseModel):
+    """`tool_calls` appears only when there are calls (answers without tools look as before)."""
+
+    @model_serializer(mode="wrap")
+    def _omit(self, handler):
+        out = handler(self)
+        if out.get("tool_calls", 0) is None:
+            del out["tool_calls"]
+        return out
+
+
+class ChatResponseMessage(_OmitNoToolCalls):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ResponseToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
     logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -301,16 +393,21 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
-class ChatDelta(BaseModel):
+class DeltaToolCall(ResponseToolCall):
+    index: int  # which call of the message (a streamed call arrives whole, in one chunk)
+
+
+class ChatDelta(_OmitNoToolCalls):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatCompletionChunk(BaseModel):

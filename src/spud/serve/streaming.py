@@ -146,9 +146,15 @@ def _sse(obj) -> str:
 
 
 async def stream_events(kind: str, handles, ctx: dict, first: list, offsets: list[int], finished: set, req,
-                  prompt_tokens: int, metrics: ServerMetrics, endpoint: str, t0: float, tok, top):
+                  prompt_tokens: int, metrics: ServerMetrics, endpoint: str, t0: float, tok, top,
+                  tool_names: set[str] | None = None):
     """SSE body. `first[k]` is choice k's opening chunk (chat: the role; completions: the echoed
-    prompt, or None). Completions with max_tokens=0 have no handles: the echo is the answer."""
+    prompt, or None). Completions with max_tokens=0 have no handles: the echo is the answer.
+    `tool_names`: chat with tools: text is split into content and `delta.tool_calls` (a call
+    is sent whole once its closing marker has arrived)."""
+    from spud.serve.structured import ToolCallParser
+
+    parsers = [ToolCallParser(tool_names) for _ in first] if tool_names is not None else None
     offsets = list(offsets)  # where choice k's next token starts in its text (legacy logprobs)
     for c in first:
         if c is not None:
@@ -158,7 +164,17 @@ async def stream_events(kind: str, handles, ctx: dict, first: list, offsets: lis
     def chunk(k: int, text: str, finish: str | None, events=()):
         if kind == "chat":
             lp = P.chat_logprobs(tok, events) if top is not None and events else None
+            calls = []
+            if parsers is not None:
+                before = parsers[k].calls
+                text, calls = parsers[k].push(text)
+                if finish is not None:
+                    text += parsers[k].finish()
+                calls = [P.DeltaToolCall(index=before + i, **c) for i, c in enumerate(calls)]
+                if finish == "stop" and parsers[k].calls:
+                    finish = "tool_calls"
             delta = P.ChatDelta(content=text) if text or finish is None else P.ChatDelta()
+            delta.tool_calls = calls or None
             choice = P.ChatChunkChoice(index=k, delta=delta, logprobs=lp, finish_reason=finish)
             return P.ChatCompletionChunk(choices=[choice], **ctx).model_dump(exclude={"usage"})
         lp = None
