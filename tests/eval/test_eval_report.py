@@ -105,3 +105,41 @@ def test_report_rows_name_their_model_and_old_results_say_unknown(evaluated_run,
     assert "| base | `step_0000003` | mc_arithmetic | acc |" in md
     assert "| unknown | `step_0000003` | mc_arithmetic | acc |" in md
     assert "chat model, `step_0000003` (fewshot 0, limit 5, chat prompts)" in md
+
+
+def test_report_data_section_cleaning_rates_and_mix_search(tmp_path):
+    """A real build with planted junk and duplicates: the card lists per-source bytes/documents,
+    each removal reason with its count, share of records and bytes, and the mix search's plot."""
+    import random
+
+    from spud.config import validate_config
+    from spud.data.build import build_dataset
+
+    words = ("the miller counts sacks of grain that farmers bring with carts before market opens in "
+             "town where children play near river and bakers sell bread to travellers").split()
+    rng = random.Random(0)
+    pages = [" ".join(rng.choice(words) for _ in range(90)).capitalize() + "." for _ in range(20)]
+    docs = pages + [pages[2].upper(), "too short"]  # 1 exact duplicate, 1 page under the word minimum
+    web = tmp_path / "web.jsonl"
+    web.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    cfg = validate_config({"data": {"sources": [{"name": "web", "type": "jsonl", "path": str(web),
+                                                 "clean": {"kind": "text"}}],
+                                    "total_tokens": 12000, "val_fraction": 0.0, "dedup": {"exact": True}},
+                           "tokenizer": {"vocab_size": 300, "train_bytes": 50_000}})
+    run = tmp_path / "run"
+    manifest = build_dataset(cfg, run, progress=False, log=lambda *_: None)
+    (run / "mix").mkdir()
+    (run / "mix" / "mix.json").write_text(json.dumps({
+        "targets": ["web"], "proxies": 8, "regressor": "lightgbm", "cv_spearman": 0.61,
+        "weights": {"web": 1.0}, "natural": {"web": 1.0}}))
+    (run / "mix" / "predicted_vs_actual.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 2000)
+    md = write_report(run).read_text(encoding="utf-8")
+    web_report = manifest["sources"][0]
+    records = web_report["records"]
+    assert records == 22
+    assert f"| web | duplicate:exact | 1 | {1 / records:.1%} | {len(pages[2].upper()) / 1e6:.2f} |" in md
+    assert f"| web | quality:n_words | 1 | {1 / records:.1%} | {len('too short') / 1e6:.2f} |" in md
+    assert f"| web | 1 | 100.0% | {web_report['epochs']:.4g} | 20 | {web_report['bytes'] / 1e6:.2f} |" in md
+    assert "dedup: exact;" in md and "0.61" in md
+    assert "report/mix_predicted_vs_actual.png" in images(md)
+    assert (run / "report" / "mix_predicted_vs_actual.png").is_file()

@@ -351,20 +351,10 @@ def write_report(run_dir: str | Path, samples: int = LAST_SAMPLES) -> Path:
 
     md += _eval_section(evals, out)
 
-    # ---- data mix
-    md += ["## Data mix", ""]
-    sources = (manifest or {}).get("sources") or []
-    if not manifest:
-        md += ["_No data/manifest.json in the run directory._", ""]
-    else:
-        md += _img(plot_data_mix(sources, out), "tokens per source", "The manifest lists no sources.")
-        total = sum((_num(s.get("train_tokens")) or 0) + (_num(s.get("val_tokens")) or 0) for s in sources) or 1
-        md += _table(["source", "weight", "train tokens", "val tokens", "share", "documents", "epochs"],
-                     [[s.get("name"), _fmt(s.get("weight")), _fmt(s.get("train_tokens")),
-                       _fmt(s.get("val_tokens")),
-                       f"{((_num(s.get('train_tokens')) or 0) + (_num(s.get('val_tokens')) or 0)) / total:.1%}",
-                       _fmt(s.get("documents")), _fmt(s.get("epochs"))] for s in sources])
-        md.append("")
+    # ---- data: the mix, cleaning, a mixture search (spud.eval.report_data)
+    from spud.eval.report_data import data_section
+
+    md += data_section(run, manifest, out)
 
     # ---- samples
     md += ["## Last samples", ""]
