@@ -28,7 +28,7 @@ class Person(BaseModel):
 
 
 def random_engine(run, **limits):
-    """The run's tokenizer with a randomly initialised model (fixed seed) and a longer context."""
+    """The run's tokenizer with a randomly initialised model (fixed seed) and a longer context (tool definitions alone are ~450 tokens of this 400-token vocabulary)."""
     import torch
 
     from spud.model.registry import build_model
@@ -37,7 +37,7 @@ def random_engine(run, **limits):
 
     _net, tok, cfg = load_choice(choose_model(run, "base", None), "cpu")
     torch.manual_seed(0)
-    model = build_model(cfg.model.model_copy(update={"max_seq_len": 512}))
+    model = build_model(cfg.model.model_copy(update={"max_seq_len": 1024}))
     engine = Engine(model, tok, model_name="random", **limits)
     engine.start()
     return engine
