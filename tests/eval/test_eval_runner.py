@@ -51,10 +51,11 @@ def chat_run(trained_run):
 
 def logprob_by_hand(model, ctx: list[int], cont: list[int]) -> float:
     """log p(cont | ctx) from one unbatched forward pass, summed token by token; a context that
-    does not fit in front of the continuation keeps its end (the scorer's documented rule)."""
-    ctx = ctx[-(model.cfg.max_seq_len - len(cont)):]
+    does not fit in front of the continuation keeps its end (the scorer's documented rule: the
+    last max_seq_len + 1 tokens, the final one only a target, as lm-eval's adapter does)."""
+    ctx = ctx[-(model.cfg.max_seq_len + 1 - len(cont)):]
     with torch.no_grad():
-        logp = torch.log_softmax(model(torch.tensor([ctx + cont]))[0].float(), dim=-1)
+        logp = torch.log_softmax(model(torch.tensor([(ctx + cont)[:-1]]))[0].float(), dim=-1)
     return sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
 
 

@@ -12,11 +12,11 @@ or, in Python, `import spud.eval.lm_eval_adapter` before `lm_eval.simple_evaluat
 Conventions, chosen to match how spud trains and how `spud serve` scores prompts:
 - every context starts with BOS (every training document does);
 - a context + continuation longer than the model's context is cut from the left;
-- `loglikelihood` batches requests longest first, right-padded (causal attention never looks at
-  the padding), and returns (sum of continuation log-probs, whether every continuation token was
-  the argmax);
+- `loglikelihood` goes through spud.eval.batch_scorer (the scorer `spud eval` and `spud serve`
+  use): longest first, right-padded (causal attention never looks at the padding), and returns
+  (sum of continuation log-probs, whether every continuation token was the argmax);
 - `loglikelihood_rolling` scores a whole text in disjoint windows of the model's context, each
-  conditioned on the tokens just before it (the first on BOS);
+  conditioned on the tokens just before it (the first on BOS), all texts' windows batched;
 - `generate_until` decodes one request at a time with the KV cache; greedy unless `do_sample`
   (or, without `do_sample`, a temperature > 0); stops at any `until` string (cut there), at
   `max_gen_toks`, or at an end/eos/bos token.
@@ -37,12 +37,12 @@ try:
     import lm_eval.models  # noqa: F401
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
-    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError as e:  # optional dependency: say how to get it
     raise ImportError("the lm-eval adapter needs lm-evaluation-harness: pip install 'spud[eval]' "
                       "(or pip install 'lm-eval[api]>=0.4.4,<0.5')") from e
 
 from spud.errors import SpudError
+from spud.eval import batch_scorer
 from spud.serve.sampling import generate
 
 DEFAULT_BATCH = 16
@@ -181,59 +181,23 @@ class SpudLM(TemplateLM):
                 self.cache_hook.add_partial("loglikelihood", key, r)
         return out
 
-    @torch.no_grad()
     def score_pairs(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        """(context ids, continuation ids) → (sum log-prob of the continuation, is_greedy), batched
-        longest first; ids are used as given (no BOS added)."""
-        max_len = self.max_length
-        rows = []  # (input ids, targets of the continuation positions)
-        for ctx, cont in pairs:
-            if not cont:
-                rows.append(None)
-                continue
-            seq = (ctx + cont)[-(max_len + 1):]
-            n = min(len(cont), len(seq) - 1)  # a continuation longer than the window: its tail
-            rows.append((seq[:-1], seq[len(seq) - n:]))
-        results: list[tuple[float, bool] | None] = [None] * len(pairs)
-        for i, r in enumerate(rows):
-            if r is None:
-                results[i] = (0.0, True)
-        order = sorted((i for i, r in enumerate(rows) if r is not None), key=lambda i: -len(rows[i][0]))
-        dev, pad = self.device, self._tok.pad_id
-        for start in range(0, len(order), self._batch):
-            idx = order[start:start + self._batch]
-            width = len(rows[idx[0]][0])
-            x = torch.full((len(idx), width), pad, dtype=torch.long)
-            for b, i in enumerate(idx):
-                inp = rows[i][0]
-                x[b, :len(inp)] = torch.tensor(inp, dtype=torch.long)
-            logp = torch.log_softmax(self._model(x.to(dev)).float(), dim=-1)
-            for b, i in enumerate(idx):
-                inp, tgt = rows[i]
-                n = len(tgt)
-                lp = logp[b, len(inp) - n:len(inp)]  # positions predicting the continuation
-                t = torch.tensor(tgt, dtype=torch.long, device=lp.device)
-                total = float(lp.gather(1, t[:, None]).sum())
-                greedy = bool((lp.argmax(-1) == t).all())
-                results[i] = (total, greedy)
-        return results  # type: ignore[return-value]
+        """(context ids, continuation ids) → (sum log-prob of the continuation, is_greedy), through
+        spud's batched scorer (longest first, at most batch_size rows per forward); ids are used
+        as given (no BOS added)."""
+        scores = batch_scorer.score(self._model, pairs, pad_id=self._tok.pad_id, max_rows=self._batch)
+        return [(s.logprob, s.greedy) for s in scores]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of each whole text: disjoint windows of the model's context, the first
-        conditioned on BOS, later ones on the token before them."""
-        out = []
-        for req in requests:
-            (text,) = req.args[:1]
-            ids = self.tok_encode(text)
-            if not ids:
-                out.append(0.0)
-                continue
-            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                token_list=ids, prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
-                context_len=1)]
-            total = sum(s for s, _ in self.score_pairs(windows))
+        conditioned on BOS, later ones on the tokens before them (lm-eval's rolling windows);
+        the windows of all texts are scored together in one batched pass."""
+        texts = [req.args[0] for req in requests]
+        out = batch_scorer.score_rolling(self._model, [self.tok_encode(t) for t in texts],
+                                         self.prefix_token_id, pad_id=self._tok.pad_id,
+                                         max_rows=self._batch)
+        for text, total in zip(texts, out):
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
-            out.append(total)
         return out
 
     # ------------------------------------------------------------------------- generation

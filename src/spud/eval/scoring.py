@@ -13,49 +13,19 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from spud.eval import batch_scorer
 from spud.serve.sampling import generate
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-@torch.no_grad()
 def choice_logprobs(
     model: torch.nn.Module, context: Sequence[int], continuations: Sequence[Sequence[int]],
     pad_id: int = 0,
 ) -> list[float]:
-    """Sum of log p(continuation tokens | context) for each continuation, all in one batched,
-    right-padded forward. The context is cut from the left when context + continuation would
-    not fit the model (the continuation is what is being scored, so it is kept whole)."""
-    max_len = model.cfg.max_seq_len
-    rows, spans = [], []
-    for cont in continuations:
-        cont = list(cont)[-(max_len - 1):]  # degenerate: a continuation longer than the context
-        ctx = list(context)[-(max_len - len(cont)):] if len(context) + len(cont) > max_len else list(context)
-        if not ctx:  # nothing to condition on: keep one token of context (the first is unscored)
-            ctx, cont = cont[:1], cont[1:]
-        rows.append(ctx + cont)
-        spans.append((len(ctx), len(cont)))
-    width = max(len(r) for r in rows)
-    x = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        x[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-    logits = model(x.to(_device(model))).float()
-    logp = torch.log_softmax(logits, dim=-1)
-    out = []
-    for i, (start, n) in enumerate(spans):
-        if n == 0:
-            out.append(0.0)
-            continue
-        # token at position p is predicted by the logits at p-1
-        pos = torch.arange(start - 1, start - 1 + n, device=logp.device)
-        tgt = x[i, start:start + n].to(logp.device)
-        out.append(float(logp[i, pos, tgt].sum()))
-    return out
+    """Sum of log p(continuation tokens | context) for each continuation (one request of the
+    batched scorer per continuation; see spud.eval.batch_scorer for truncation and batching).
+    To score many examples, give all their pairs to `batch_scorer.score` at once."""
+    pairs = [(context, c) for c in continuations]
+    return [s.logprob for s in batch_scorer.score(model, pairs, pad_id=pad_id)]
 
 
 def generate_text(

@@ -294,13 +294,15 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
         owner = [k // req.n for k in range(len(prompts) * req.n)]
         echo = [("", [], []) for _ in prompts]
         if req.echo:
+            scored = [[] for _ in prompts]
+            if req.logprobs is not None:  # all prompts in one batched scoring pass
+                scored = await asyncio.to_thread(engine.prompt_logprobs_many,
+                                                 [ids for ids, _, _ in prompts], req.logprobs)
             for pi, (ids, added, text) in enumerate(prompts):
-                lps = []
-                if req.logprobs is not None:
-                    lps = (await asyncio.to_thread(engine.prompt_logprobs, ids, req.logprobs))[added:]
-                    # as OpenAI: the first echoed token has no logprob (and no alternatives), also
-                    # when it was scored after the BOS we prepended
-                    lps[:1] = [(None, [])] * len(lps[:1])
+                lps = scored[pi][added:]
+                # as OpenAI: the first echoed token has no logprob (and no alternatives), also
+                # when it was scored after the BOS we prepended
+                lps[:1] = [(None, [])] * len(lps[:1])
                 echo[pi] = (text, ids[added:], lps)
         base = [len(prompts[pi][2]) for pi in owner]  # OpenAI offsets count from the prompt's start
         handles = submit_all(jobs, "prompt", req.n) if jobs else []

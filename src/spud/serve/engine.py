@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from spud.errors import SpudError
+from spud.eval import batch_scorer
 from spud.runtime import pick_device
 from spud.serve.detok import Detokenizer
 from spud.serve.engine_sampling import (
@@ -185,20 +186,24 @@ class Engine:
     def prompt_logprobs(self, prompt_ids: list[int], top_n: int = 0
                         ) -> list[tuple[float | None, list[tuple[int, float]]]]:
         """Per prompt position i: logprob of token i given tokens < i (None for the first)
-        and the top_n alternatives there (empty for the first). One forward pass."""
-        ids = [int(i) for i in prompt_ids]
-        if not ids:
-            return []
-        self._check_context(len(ids), 0)
+        and the top_n alternatives there (empty for the first)."""
+        return self.prompt_logprobs_many([prompt_ids], top_n)[0]
+
+    def prompt_logprobs_many(self, prompts: list[list[int]], top_n: int = 0
+                             ) -> list[list[tuple[float | None, list[tuple[int, float]]]]]:
+        """prompt_logprobs for several prompts, scored together by the batched scorer
+        (spud.eval.batch_scorer, the one `spud eval` uses)."""
+        prompts = [[int(i) for i in p] for p in prompts]
+        for p in prompts:
+            self._check_context(len(p), 0)
         with self._model_lock, torch.inference_mode():
-            x = torch.tensor([ids], device=self.device)
-            lp = torch.log_softmax(self.model(x)[0].float(), dim=-1)  # (T, V)
-            chosen = lp[:-1].gather(1, x[0, 1:, None]).squeeze(1).tolist()
-            tops: list[list[tuple[int, float]]] = [[] for _ in ids]
-            if top_n > 0:
-                tv, ti = torch.topk(lp[:-1], min(top_n, lp.shape[-1]), dim=-1)
-                tops = [[]] + [list(zip(i, v)) for i, v in zip(ti.tolist(), tv.tolist())]
-        return [(None, [])] + [(c, tops[i + 1]) for i, c in enumerate(chosen)]
+            scores = batch_scorer.score(self.model, [(p[:1], p[1:]) for p in prompts],
+                                        pad_id=self.tokenizer.pad_id, per_token=True, top_n=top_n)
+        out = []
+        for p, s in zip(prompts, scores):
+            tops = s.top if s.top is not None else [[] for _ in s.token_logprobs]
+            out.append(([(None, [])] if p else []) + list(zip(s.token_logprobs, tops)))
+        return out
 
     def stats(self) -> dict:
         with self._cv:
