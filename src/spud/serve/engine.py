@@ -2,9 +2,12 @@
 
 One background thread owns the model. Each iteration of its loop:
 1. drops cancelled requests (their KV slot is free again immediately);
-2. admits waiting requests while slots are free: a prefill forward writes the prompt's keys and
-   values into the request's slot of a SlotKVCache and yields its first token;
-3. runs ONE batched forward that decodes one token for every active sequence, whatever their
+2. admits waiting requests while slots are free (a slot of the SlotKVCache each);
+3. prefills: writes prompts' keys and values into their slots in chunks of at most
+   `prefill_chunk` tokens, as many as the per-step token budget leaves after the decoding rows
+   (chunked prefill: a 2,000-token prompt costs running streams a few chunk-sized pauses, not
+   one long freeze); the step that writes a prompt's last chunk yields its first token;
+4. runs ONE batched forward that decodes one token for every active sequence, whatever their
    lengths (per-row rotary positions and a per-row attention mask, see model/transformer.py).
 Finished requests leave right after the step that finished them, so a short request never waits
 for a long one and a freed slot is refilled at the next iteration.
@@ -65,6 +68,7 @@ class _Seq:
         self.detok = Detokenizer(decode, params.stop)
         self.slot = -1
         self.length = 0  # positions held in the KV slot
+        self.prefilled = 0  # prompt tokens already written to the slot (chunked prefill)
         self.last = -1  # last sampled token: the next decode step's input
         self.end_token: int | None = None  # the end id that finished it, if one did
         self.generated = 0
@@ -80,11 +84,26 @@ class _Seq:
                 self.gen.seed()
 
 
+DEFAULT_PREFILL_CHUNK = 256  # tokens per prefill forward: on CPU a few ms for small models
+
+
 class Engine:
+    """`prefill_chunk`: most prompt tokens prefilled per forward (None: a whole prompt at once);
+    `step_tokens`: per-step token budget shared by the decoding rows (one token each) and
+    prefill chunks (default prefill_chunk + max_batch); a prompt always advances by at least
+    one token per step, so prefill never starves."""
+
     def __init__(self, model, tokenizer, *, max_batch: int = 32, max_queue: int = 256,
-                 max_context: int | None = None, device=None, model_name: str = "spud") -> None:
+                 max_context: int | None = None, device=None, model_name: str = "spud",
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, step_tokens: int | None = None) -> None:
         if max_batch < 1 or max_queue < 0:
             raise SpudError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise SpudError(f"prefill_chunk must be >= 1 (or None for whole prompts), got {prefill_chunk}")
+        if step_tokens is not None and step_tokens < 1:
+            raise SpudError(f"step_tokens must be >= 1, got {step_tokens}")
+        self.prefill_chunk = prefill_chunk
+        self.step_tokens = step_tokens or ((prefill_chunk or 0) + max_batch)
         limit = model.cfg.max_seq_len
         if max_context is not None and not 1 < max_context <= limit:
             raise SpudError(f"max_context={max_context} must be in [2, model.max_seq_len={limit}]")
@@ -113,7 +132,8 @@ class Engine:
         self._batch_key: tuple | None = None
         self._batch: tuple | None = None
         self._free = list(range(max_batch))  # min-heap: low slots first keeps rows contiguous
-        self._running: list[_Seq] = []
+        self._running: list[_Seq] = []  # decoding
+        self._prefilling: deque[_Seq] = deque()  # holding a slot, prompt not fully written yet
         self._waiting: deque[_Seq] = deque()
         self._cv = threading.Condition()
         self._model_lock = threading.RLock()
@@ -149,7 +169,7 @@ class Engine:
         with self._cv:
             self._stopping = True
             if abort:
-                for s in [*self._waiting, *self._running]:
+                for s in [*self._waiting, *self._prefilling, *self._running]:
                     s.handle.cancelled = True
             self._cv.notify_all()
         if self._thread is not None:
@@ -207,7 +227,8 @@ class Engine:
 
     def stats(self) -> dict:
         with self._cv:
-            return {"running": len(self._running), "waiting": len(self._waiting), **self._stats}
+            return {"running": len(self._running) + len(self._prefilling), "waiting": len(self._waiting),
+                    **self._stats}
 
     # ----------------------------------------------------------------------- engine thread
     def _check_context(self, n_prompt: int, max_tokens: int) -> None:
@@ -229,18 +250,18 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cv:
-                    while not (self._waiting or self._running or self._stopping):
+                    while not (self._waiting or self._running or self._prefilling or self._stopping):
                         self._cv.wait()
-                    if self._stopping and not self._waiting and not self._running:
+                    if self._stopping and not (self._waiting or self._running or self._prefilling):
                         return
                 try:
                     self._step()
                 except Exception as e:  # noqa: BLE001 - last resort: the thread must not die
-                    for s in list(self._running):
+                    for s in [*self._prefilling, *self._running]:
                         self._finish(s, "error", _describe(e))
 
     def _step(self) -> None:
-        for s in [s for s in self._running if s.handle.cancelled]:
+        for s in [s for s in [*self._prefilling, *self._running] if s.handle.cancelled]:
             self._finish(s, "cancelled")
         while self._free:
             with self._cv:
@@ -251,6 +272,15 @@ class Engine:
                 self._finish(s, "cancelled")
                 continue
             self._admit(s)
+        budget = self.step_tokens - len(self._running)
+        while self._prefilling:
+            s = self._prefilling[0]
+            left = len(s.prompt) - s.prefilled
+            n = left if self.prefill_chunk is None else max(1, min(self.prefill_chunk, left, budget))
+            self._prefill(s, n)
+            budget -= n
+            if self.prefill_chunk is not None and budget <= 0:
+                break
         if self._running:
             self._decode_step()
 
@@ -258,7 +288,7 @@ class Engine:
         s.slot = heapq.heappop(self._free)
         s.handle.admitted = time.perf_counter()
         with self._cv:
-            self._running.append(s)
+            self._prefilling.append(s)
         try:
             self._counts[s.slot].zero_()
             bias = s.params.logit_bias or {}
@@ -268,10 +298,25 @@ class Engine:
                 idx = torch.tensor([int(k) for k in bias], device=self.device)
                 self._bias[s.slot, idx] = torch.tensor(
                     [float(v) for v in bias.values()], device=self.device)
+        except Exception as e:  # noqa: BLE001 - any failure ends this request, not the engine
+            self._finish(s, "error", _describe(e))
+
+    def _prefill(self, s: _Seq, n: int) -> None:
+        """Write the next n prompt tokens into s's slot; after the last chunk, s samples its
+        first token and joins the decoding rows."""
+        try:
+            a = s.prefilled
             with self._model_lock:
-                x = torch.tensor([s.prompt], device=self.device)
-                h = self.model.forward_slots(x, self._cache, [s.slot], [0])
-                logits = self.model.logits(h[:, -1]).float()
+                x = torch.tensor([s.prompt[a:a + n]], device=self.device)
+                h = self.model.forward_slots(x, self._cache, [s.slot], [a])
+                last = a + n == len(s.prompt)
+                logits = self.model.logits(h[:, -1]).float() if last else None
+            s.prefilled = a + n
+            if not last:
+                return
+            with self._cv:
+                self._prefilling.remove(s)
+                self._running.append(s)
             s.length = len(s.prompt)
             self._sample_and_emit([s], logits)
         except Exception as e:  # noqa: BLE001 - any failure ends this request, not the engine
@@ -360,6 +405,8 @@ class Engine:
         with self._cv:
             if s in self._running:
                 self._running.remove(s)
+            if s in self._prefilling:
+                self._prefilling.remove(s)
             if reason == "cancelled":
                 self._stats["cancelled_total"] += 1
         if s.slot >= 0:
