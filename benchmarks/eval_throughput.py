@@ -7,8 +7,12 @@ a local JSONL file with a task YAML whose prompt and choices are the same string
 Three ways are timed, alternating round by round so load drift on a shared machine hits all of
 them alike; the median round is reported:
 
-- native:          spud.eval.runner.eval_mc per example (one forward over that example's choices),
-                   what `spud eval` does;
+- native-before:   the scorer `spud eval` used before the batched scorer, kept here verbatim as
+                   `_per_example_logprobs`: one forward per example over its choices, full
+                   (rows, width, vocab) log-softmax;
+- native:          spud.eval.runner.eval_mc_many over all examples (spud.eval.batch_scorer:
+                   length-sorted, token-budget batches, LM head on scored positions only), what
+                   `spud eval` does now;
 - adapter:         SpudLM.loglikelihood over all (context, choice) requests at once (lm-eval's
                    request format, batched longest first, batch_size rows per forward);
 - lm-eval:         lm_eval.simple_evaluate(model=SpudLM(...)) end to end: task building from the
@@ -94,6 +98,31 @@ def write_lm_eval_task(examples, dirpath: Path, name: str) -> None:
         encoding="utf-8")
 
 
+@torch.no_grad()
+def _per_example_logprobs(model, context, continuations, pad_id=0) -> list[float]:
+    """The pre-batching native scorer (spud.eval.scoring.choice_logprobs up to d455f7a), the
+    "before" of this benchmark."""
+    max_len = model.cfg.max_seq_len
+    rows, spans = [], []
+    for cont in continuations:
+        cont = list(cont)[-(max_len - 1):]
+        ctx = list(context)[-(max_len - len(cont)):] if len(context) + len(cont) > max_len else list(context)
+        if not ctx:
+            ctx, cont = cont[:1], cont[1:]
+        rows.append(ctx + cont)
+        spans.append((len(ctx), len(cont)))
+    width = max(len(r) for r in rows)
+    x = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        x[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    logp = torch.log_softmax(model(x).float(), dim=-1)
+    out = []
+    for i, (start, n) in enumerate(spans):
+        pos = torch.arange(start - 1, start - 1 + n)
+        out.append(float(logp[i, pos, x[i, start:start + n]].sum()) if n else 0.0)
+    return out
+
+
 class _Req:
     def __init__(self, *args):
         self.args = args
@@ -110,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from spud.eval.builtin_tasks import make_task
     from spud.eval.lm_eval_adapter import SpudLM
-    from spud.eval.runner import eval_mc, render_prompt
+    from spud.eval.runner import eval_mc_many, render_prompt
     from spud.runs import load_model
 
     load_before = load_avg()
@@ -127,11 +156,17 @@ def main(argv: list[str] | None = None) -> dict:
     tm = TaskManager(include_path=str(work), include_defaults=False)
     requests = [_Req(ex.prompt, c) for ex in examples for c in ex.choices]
 
-    def native() -> float:
+    def native_before() -> float:
         ok = 0
         for ex in examples:
-            ok += eval_mc(model, tok, task, ex, render_prompt(task, ex, [], tok, False), False)["correct"]
+            ctx = render_prompt(task, ex, [], tok, False)
+            scores = _per_example_logprobs(model, ctx, [tok.encode(c) for c in ex.choices], tok.pad_id)
+            ok += max(range(len(scores)), key=scores.__getitem__) == ex.label
         return ok / n
+
+    def native() -> float:
+        ctxs = [render_prompt(task, ex, [], tok, False) for ex in examples]
+        return sum(r["correct"] for r in eval_mc_many(model, tok, task, examples, ctxs, False)) / n
 
     def adapter() -> float:
         scores = [s for s, _ in lm.loglikelihood(requests, disable_tqdm=True)]
@@ -146,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
                                       bootstrap_iters=0, verbosity="ERROR")
         return res["results"][name]["acc,none"]
 
-    methods = {"native": native, "adapter": adapter, "lm-eval": harness}
+    methods = {"native-before": native_before, "native": native, "adapter": adapter, "lm-eval": harness}
     acc = {k: f() for k, f in methods.items()}  # warm-up round (and dataset cache), untimed
     times: dict[str, list[float]] = {k: [] for k in methods}
     for _ in range(args.rounds):
@@ -161,18 +196,19 @@ def main(argv: list[str] | None = None) -> dict:
         med = statistics.median(ts)
         rows[k] = {"median_s": round(med, 4), "examples_per_s": round(n / med, 2),
                    "rounds_s": [round(t, 4) for t in ts], "acc": acc[k]}
-    base = rows["native"]["examples_per_s"]
+    base = rows["native-before"]["examples_per_s"]
     for r in rows.values():
-        r["vs_native"] = round(r["examples_per_s"] / base, 3)
+        r["vs_native_before"] = round(r["examples_per_s"] / base, 3)
 
     print(f"mc_arithmetic, {n} examples x {len(examples[0].choices)} choices, zero-shot, "
           f"{args.rounds} alternating rounds (median); model {sum(p.numel() for p in model.parameters()):,} "
           f"params, ctx {cfg.model.max_seq_len}; torch threads {torch.get_num_threads()}; "
           f"load avg before {load_before} after {load_after}")
-    print(f"{'method':<10} {'examples/s':>11} {'median s':>9} {'x native':>9} {'acc':>7}")
+    print(f"{'method':<14} {'examples/s':>11} {'median s':>9} {'x before':>9} {'acc':>7}")
     for k, r in rows.items():
-        print(f"{k:<10} {r['examples_per_s']:>11.1f} {r['median_s']:>9.3f} {r['vs_native']:>9.2f} "
+        print(f"{k:<14} {r['examples_per_s']:>11.1f} {r['median_s']:>9.3f} {r['vs_native_before']:>9.2f} "
               f"{r['acc']:>7.3f}")
+    print(f"native (batched) vs adapter: {rows['native']['examples_per_s'] / rows['adapter']['examples_per_s']:.2f}x")
 
     result = {
         "benchmark": "eval_throughput", "task": "mc_arithmetic", "examples": n,

@@ -64,6 +64,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
                    help="smoke-test sizes: nano preset, 8 tokens, 1 round, concurrency 1 2")
+    p.add_argument("--prefill-stall", action="store_true",
+                   help="only the chunked-vs-whole prefill benchmark (benchmarks/prefill_stall.py, "
+                        "whose own options follow --prefill-stall)")
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--prefill-stall" in argv:  # the rest of the command line belongs to prefill_stall
+        at = argv.index("--prefill-stall")
+        args = p.parse_args(argv[:at + 1])
+        args.prefill_stall_argv = argv[at + 1:]
+        return args
     args = p.parse_args(argv)
     if args.quick:
         given = set(argv if argv is not None else sys.argv[1:])
@@ -394,6 +404,12 @@ def targets(res: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.prefill_stall:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import prefill_stall
+
+        prefill_stall.main(args.prefill_stall_argv)
+        return 0
     try:
         import httpx  # noqa: F401
         import transformers
