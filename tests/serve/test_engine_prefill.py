@@ -98,3 +98,64 @@ def test_bad_limits_are_clear_errors(tok):
         Engine(model, tok, prefill_chunk=0)
     with pytest.raises(SpudError, match="step_tokens"):
         Engine(model, tok, step_tokens=0)
+
+
+# ------------------------------------------------------------------------------- prefix cache
+def test_prefix_cache_second_turn_reuses_blocks_with_identical_outputs(tok):
+    """Turn 2 of a chat = turn 1's prompt + its answer + a new message: with the cache its prefill
+    starts after the cached blocks, and every output equals the engine without a cache."""
+    model = make_model(tok)
+    plain = Engine(model, tok, max_batch=4, prefill_chunk=32)
+    cached = Engine(model, tok, max_batch=4, prefill_chunk=32, prefix_cache_tokens=4096, prefix_block=16)
+    for e in (plain, cached):
+        e.start()
+    try:
+        turn1 = long_prompts(4)[3][:120]
+        (a_plain,) = run_all(plain, [turn1], 10)
+        (a_cached,) = run_all(cached, [turn1], 10)
+        assert a_plain == a_cached
+        assert cached.stats()["prefix_cache_hit_tokens"] == 0
+        turn2 = turn1 + a_cached + long_prompts(2)[1]
+        # overwrite the slot turn 1 used, so turn 2 can only get its prefix from the cache
+        g = torch.Generator().manual_seed(7)
+        run_all(cached, [torch.randint(4, 290, (200,), generator=g).tolist()], 1)
+        assert cached.stats()["prefix_cache_hit_tokens"] == 0
+        calls = []
+        real = cached.model.forward_slots
+        cached.model.forward_slots = lambda x, *a, **k: calls.append(x.shape[1]) or real(x, *a, **k)
+        try:
+            (b_cached,) = run_all(cached, [turn2], 10)
+        finally:
+            del cached.model.forward_slots
+        (b_plain,) = run_all(plain, [turn2], 10)
+        assert b_cached == b_plain
+        st = cached.stats()
+        # turn 1 left 129 positions (120 prompt + 9 fed-back answer tokens): 8 full blocks
+        assert st["prefix_cache_hit_tokens"] == 128
+        assert sum(calls[:-9]) == len(turn2) - 128  # only the new part was prefilled
+        assert 0 < st["prefix_cache_hit_rate"] < 1
+        # a prompt that differs in its first token shares nothing
+        other = [turn2[0] + 1] + turn2[1:]
+        before = cached.stats()["prefix_cache_hit_tokens"]
+        run_all(cached, [other], 1)
+        assert cached.stats()["prefix_cache_hit_tokens"] == before
+    finally:
+        plain.shutdown(abort=True)
+        cached.shutdown(abort=True)
+
+
+def test_prefix_cache_evicts_beyond_its_cap_and_stays_correct(tok):
+    model = make_model(tok)
+    plain = Engine(model, tok, max_batch=4, prefill_chunk=None)
+    cached = Engine(model, tok, max_batch=4, prefill_chunk=None, prefix_cache_tokens=64, prefix_block=16)
+    for e in (plain, cached):
+        e.start()
+    try:
+        prompts = long_prompts(6)
+        for p in prompts + prompts:
+            assert run_all(cached, [p], 5) == run_all(plain, [p], 5)
+        st = cached.stats()
+        assert st["prefix_cache_blocks"] <= 4 and st["prefix_cache_evictions"] > 0
+    finally:
+        plain.shutdown(abort=True)
+        cached.shutdown(abort=True)

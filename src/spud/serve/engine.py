@@ -48,6 +48,7 @@ from spud.serve.engine_types import (
     SamplingParams,
     TokenEvent,
 )
+from spud.serve.prefix_cache import PrefixCache
 from spud.serve.structured import apply_constraints
 
 __all__ = [
@@ -72,6 +73,7 @@ class _Seq:
         self.last = -1  # last sampled token: the next decode step's input
         self.end_token: int | None = None  # the end id that finished it, if one did
         self.generated = 0
+        self.out_ids: list[int] = []  # sampled tokens (the prefix cache stores prompt + these)
         self.done = False
         self.gen: torch.Generator | None = None
         if params.temperature > 0:
@@ -91,11 +93,13 @@ class Engine:
     """`prefill_chunk`: most prompt tokens prefilled per forward (None: a whole prompt at once);
     `step_tokens`: per-step token budget shared by the decoding rows (one token each) and
     prefill chunks (default prefill_chunk + max_batch); a prompt always advances by at least
-    one token per step, so prefill never starves."""
+    one token per step, so prefill never starves. `prefix_cache_tokens` > 0 keeps up to that
+    many tokens of finished requests' KV blocks (`prefix_block` tokens each) for reuse."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 32, max_queue: int = 256,
                  max_context: int | None = None, device=None, model_name: str = "spud",
-                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, step_tokens: int | None = None) -> None:
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, step_tokens: int | None = None,
+                 prefix_cache_tokens: int = 0, prefix_block: int = 16) -> None:
         if max_batch < 1 or max_queue < 0:
             raise SpudError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
         if prefill_chunk is not None and prefill_chunk < 1:
@@ -103,6 +107,8 @@ class Engine:
         if step_tokens is not None and step_tokens < 1:
             raise SpudError(f"step_tokens must be >= 1, got {step_tokens}")
         self.prefill_chunk = prefill_chunk
+        # reuse of earlier requests' prompt/turn KV blocks (spud.serve.prefix_cache); 0 = off
+        self._prefix = PrefixCache(prefix_block, prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self.step_tokens = step_tokens or ((prefill_chunk or 0) + max_batch)
         limit = model.cfg.max_seq_len
         if max_context is not None and not 1 < max_context <= limit:
@@ -227,8 +233,11 @@ class Engine:
 
     def stats(self) -> dict:
         with self._cv:
-            return {"running": len(self._running) + len(self._prefilling), "waiting": len(self._waiting),
-                    **self._stats}
+            out = {"running": len(self._running) + len(self._prefilling), "waiting": len(self._waiting),
+                   **self._stats}
+        if self._prefix is not None:
+            out |= self._prefix.stats()
+        return out
 
     # ----------------------------------------------------------------------- engine thread
     def _check_context(self, n_prompt: int, max_tokens: int) -> None:
@@ -290,6 +299,9 @@ class Engine:
         with self._cv:
             self._prefilling.append(s)
         try:
+            if self._prefix is not None:  # start the prefill after the cached shared prefix
+                with self._model_lock:
+                    s.prefilled = self._prefix.load(s.prompt, self._cache, s.slot)
             self._counts[s.slot].zero_()
             bias = s.params.logit_bias or {}
             self._has_bias[s.slot] = bool(bias)
@@ -370,6 +382,7 @@ class Engine:
     def _emit_token(self, s: _Seq, tok: int, lp, top) -> None:
         s.generated += 1
         s.last = tok
+        s.out_ids.append(tok)
         with self._cv:
             self._stats["completion_tokens_total"] += 1
         if tok in s.end_ids:
@@ -410,6 +423,15 @@ class Engine:
             if reason == "cancelled":
                 self._stats["cancelled_total"] += 1
         if s.slot >= 0:
+            if self._prefix is not None and reason != "error":
+                # positions [0, length) hold prompt + sampled tokens (the last sampled one is
+                # never fed back); a request cut short in prefill has its written prefix
+                valid = s.length if s.length else s.prefilled
+                try:
+                    with self._model_lock:
+                        self._prefix.store((s.prompt + s.out_ids)[:valid], self._cache, s.slot)
+                except Exception:  # noqa: BLE001 - a cache failure must never keep the slot
+                    pass
             heapq.heappush(self._free, s.slot)
             s.slot = -1
         s.handle._emit(FinishEvent(reason, text, len(s.prompt), s.generated, error, s.end_token))
