@@ -127,6 +127,9 @@ def test_completions_response_format(rserver):
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object",
       "properties": {"a": {"type": "string", "format": "no-such-format"}}}}},
      "response_format.json_schema.schema"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "minLength": 5,
+                                                                      "maxLength": 2}}},
+     "response_format.json_schema.schema"),  # unsatisfiable: no answer could ever be valid
     ({"type": "json_schema"}, "response_format"),
     ({"type": "xml"}, "response_format.type"),
 ])

@@ -358,7 +358,10 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
         left = room(ids, "messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
         # the chat template closes every turn with <|end|>: that is where the assistant stops
-        params = sampling(req, req.max_completion_tokens or req.max_tokens or left, top, [tok.end_id], grammar)
+        max_new = req.max_completion_tokens or req.max_tokens or left
+        # a grammar's parser states are built per choice: off the loop, like the tokenizer work
+        params = (await asyncio.to_thread(sampling, req, max_new, top, [tok.end_id], grammar) if grammar
+                  else sampling(req, max_new, top, [tok.end_id]))
         handles = submit_all([(ids, p) for p in params], "messages", req.n)
         ctx = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.model_name}
         if req.stream:
