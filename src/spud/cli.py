@@ -179,7 +179,8 @@ def cmd_serve(args) -> int:
     from spud.serve.server import serve
 
     serve(args.run, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-          max_queue=args.max_queue, checkpoint=args.checkpoint, device=args.device, model=args.model)
+          max_queue=args.max_queue, checkpoint=args.checkpoint, device=args.device, model=args.model,
+          prefill_chunk=args.prefill_chunk or None, prefix_cache_tokens=args.prefix_cache_tokens)
     return 0
 
 
@@ -412,6 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' (default: $SPUD_API_KEY)")
     p.add_argument("--max-batch", type=int, default=32, help="max sequences decoded together")
     p.add_argument("--max-queue", type=int, default=256, help="max waiting requests (then 429)")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens prefilled per step between decode steps (0 = whole prompts)")
+    p.add_argument("--prefix-cache-tokens", type=int, default=0,
+                   help="keep up to N tokens of earlier requests' KV blocks for reuse by prompts "
+                        "with the same prefix (0 = off)")
     p.add_argument("--checkpoint", default=None, help="step number or directory name (default: latest)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     _model_arg(p, "which model to serve (default: chat if RUN has one from spud sft, else base)")

@@ -98,6 +98,9 @@ def test_bad_limits_are_clear_errors(tok):
         Engine(model, tok, prefill_chunk=0)
     with pytest.raises(SpudError, match="step_tokens"):
         Engine(model, tok, step_tokens=0)
+    for bad in (-5, 3):
+        with pytest.raises(SpudError, match="prefix_cache_tokens"):
+            Engine(model, tok, prefix_cache_tokens=bad)
 
 
 # ------------------------------------------------------------------------------- prefix cache

@@ -106,6 +106,9 @@ class Engine:
             raise SpudError(f"prefill_chunk must be >= 1 (or None for whole prompts), got {prefill_chunk}")
         if step_tokens is not None and step_tokens < 1:
             raise SpudError(f"step_tokens must be >= 1, got {step_tokens}")
+        if prefix_cache_tokens and not (prefix_block >= 1 and prefix_cache_tokens >= prefix_block):
+            raise SpudError(f"prefix_cache_tokens ({prefix_cache_tokens}) must be 0 (off) or at least "
+                            f"one block of prefix_block={prefix_block} tokens")
         self.prefill_chunk = prefill_chunk
         # reuse of earlier requests' prompt/turn KV blocks (spud.serve.prefix_cache); 0 = off
         self._prefix = PrefixCache(prefix_block, prefix_cache_tokens) if prefix_cache_tokens > 0 else None

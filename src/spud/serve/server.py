@@ -74,13 +74,14 @@ def _banner(engine, host: str, port: int, api_key: str | None) -> str:
 
 
 def serve(run_dir: str, host: str, port: int, api_key: str | None, max_batch: int, max_queue: int,
-          checkpoint: str | None, device: str, model: str | None = None) -> None:
+          checkpoint: str | None, device: str, model: str | None = None, **engine_options) -> None:
     """Blocking: serve until SIGINT/SIGTERM, then drain and stop the engine. `model`: "base",
-    "chat", or None for the chat model when RUN has one, else the base model."""
+    "chat", or None for the chat model when RUN has one, else the base model. `engine_options`:
+    further Engine settings (prefill_chunk, prefix_cache_tokens)."""
     from spud.serve.engine import Engine
 
     engine = Engine.from_run(run_dir, checkpoint=checkpoint, device=device, model=model,
-                             max_batch=max_batch, max_queue=max_queue)
+                             max_batch=max_batch, max_queue=max_queue, **engine_options)
     engine.start()
     try:
         server = build_server(engine, host, port, api_key)
