@@ -6,7 +6,11 @@ Each round: `--streams` short requests decode continuously; once they run, `--lo
 of the running streams while the long prompts are in the engine (first arrival to last first
 token), their p50 / p99 / max, and the long prompts' time to first token.
 
-    python benchmarks/prefill_stall.py [--long-tokens 2000] [--chunk 256] [--rounds 3]
+With --prefix: time to first token of the second turn of a long chat (turn 1 = `--long-tokens`
+prompt + 16 answer tokens, turn 2 adds 32 tokens), an engine with the prefix cache vs one
+without, alternating rounds on fresh conversations.
+
+    python benchmarks/prefill_stall.py [--long-tokens 2000] [--chunk 256] [--rounds 3] [--prefix]
     python benchmarks/serve_throughput.py --prefill-stall   (the same, from the serve benchmark)
 """
 
@@ -39,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gap", type=float, default=0.3, help="seconds between long arrivals")
     p.add_argument("--chunk", type=int, default=256, help="prefill_chunk of the chunked engine")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--prefix", action="store_true", help="prefix-cache second-turn TTFT instead")
     p.add_argument("--out", default="benchmarks/results/prefill_stall.json")
     return p.parse_args(argv)
 
@@ -89,6 +94,42 @@ def one_round(engine: Engine, args, seed: int) -> tuple[list[float], list[float]
     return gaps, ttft
 
 
+def prefix_ttft(args, model, tok) -> dict:
+    cold = Engine(model, tok, max_batch=2, prefill_chunk=args.chunk)
+    warm = Engine(model, tok, max_batch=2, prefill_chunk=args.chunk, prefix_cache_tokens=4 * args.long_tokens)
+    ttft: dict[str, list[float]] = {"no cache": [], "prefix cache": []}
+    same = True
+    for e in (cold, warm):
+        e.start()
+    try:
+        for r in range(args.rounds):
+            g = torch.Generator().manual_seed(100 + r)
+            turn1 = torch.randint(4, args.vocab, (args.long_tokens,), generator=g).tolist()
+            extra = torch.randint(4, args.vocab, (32,), generator=g).tolist()
+            outs = []
+            for name, e in (("no cache", cold), ("prefix cache", warm)):
+                p = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+                answer = [ev.token_id for ev in e.submit(turn1, p).result()[1]]
+                t0 = time.perf_counter()
+                h = e.submit(turn1 + answer + extra, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+                first = next(iter(h))
+                ttft[name].append(time.perf_counter() - t0)
+                outs.append([first.token_id] + [ev.token_id for ev in h.result()[1]])
+            same &= outs[0] == outs[1]
+        stats = warm.stats()
+    finally:
+        cold.shutdown(abort=True)
+        warm.shutdown(abort=True)
+    res = {"benchmark": "prefix_ttft", "args": vars(args), "identical_outputs": same,
+           "cache_hit_rate": stats["prefix_cache_hit_rate"], "results": {}}
+    print(f"second-turn TTFT, turn 1 = {args.long_tokens} + 16 tokens, turn 2 adds 32; {args.rounds} rounds; "
+          f"outputs identical: {same}; hit rate {stats['prefix_cache_hit_rate']:.2f}")
+    for k, v in ttft.items():
+        res["results"][k] = {"ttft_s_median": statistics.median(v), "rounds_s": v}
+        print(f"{k:<14} TTFT median {1e3 * statistics.median(v):8.1f} ms")
+    return res
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(0)
@@ -96,6 +137,15 @@ def main(argv=None) -> dict:
     model = build_model(ModelConfig(d_model=args.d_model, n_layers=args.layers, n_heads=4, n_kv_heads=2,
                                     vocab_size=args.vocab, max_seq_len=max_len)).eval()
     tok = SimpleNamespace(end_id=1, eos_id=2, bos_id=3, pad_id=0, decode=lambda ids, **k: "")
+    if args.prefix:
+        load_before = list(os.getloadavg())
+        res = prefix_ttft(args, model, tok)
+        res |= {"load_avg_before": load_before, "load_avg_after": list(os.getloadavg())}
+        print(f"load avg {load_before} -> {res['load_avg_after']}")
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+        return res
     engines = {"whole": Engine(model, tok, max_batch=args.streams + args.long, prefill_chunk=None),
                f"chunked-{args.chunk}": Engine(model, tok, max_batch=args.streams + args.long,
                                                prefill_chunk=args.chunk)}
