@@ -225,7 +225,8 @@ def _tool_call_text(call: dict, i: int) -> str:
         raise SpudError(f"message {i}: a tool call needs function.name")
     args = f.get("arguments", "{}")
     args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
-    return TOOL_CALL_OPEN + '{"name": ' + json.dumps(f["name"], ensure_ascii=False) + ', "arguments": ' + args + "}" + TOOL_CALL_CLOSE
+    name = json.dumps(f["name"], ensure_ascii=False)
+    return TOOL_CALL_OPEN + '{"name": ' + name + ', "arguments": ' + args + "}" + TOOL_CALL_CLOSE
 
 
 def _encodable(text) -> bool:

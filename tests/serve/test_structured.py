@@ -28,7 +28,8 @@ class Person(BaseModel):
 
 
 def random_engine(run, **limits):
-    """The run's tokenizer with a randomly initialised model (fixed seed) and a longer context (tool definitions alone are ~450 tokens of this 400-token vocabulary)."""
+    """The run's tokenizer with a randomly initialised model (fixed seed) and a longer context
+    (tool definitions alone are ~450 tokens of this 400-token vocabulary)."""
     import torch
 
     from spud.model.registry import build_model
