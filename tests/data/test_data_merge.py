@@ -151,3 +151,24 @@ def test_merge_refuses_mismatched_parts(tmp_path, tokenizer_file):
     with pytest.raises(SpudError, match="different tokenizers"):
         merge_parts([p0, p1], tmp_path / "run", log=quiet)
     assert not (tmp_path / "run" / "data").exists()
+
+
+def test_documents_read_in_pieces_merge_exactly(tmp_path, run_dir, tokenizer_file):
+    """A file longer than 1 MiB is read in pieces (one judged document, several token runs); with
+    cleaning on, the rules judge it (and drop all its pieces) exactly as a single build does."""
+    books = tmp_path / "books"
+    books.mkdir()
+    for k in range(4):
+        lines = [page(1000 * k + i, 12) for i in range(20000 if k == 1 else 40)]
+        (books / f"b{k}.txt").write_text("\n".join(lines) + "\n")
+    assert (books / "b1.txt").stat().st_size > 1 << 20
+    cfg = make_cfg([{"name": "books", "type": "text", "path": str(books)},
+                    {"name": "clean_books", "type": "text", "path": str(books), "clean": {"kind": "text"},
+                     "weight": 0.02}],
+                   val_fraction=0.1, total_tokens=1_200_000, shard_tokens=400_000)
+    build_dataset(cfg, run_dir, progress=False, log=quiet)
+    merge_parts(sharded(cfg, tmp_path, tokenizer_file), tmp_path / "merged", progress=False, log=quiet)
+    manifest = same_dataset(run_dir, tmp_path / "merged")
+    books_report, clean_report = manifest["sources"]
+    assert books_report["split_documents"] == 1 and books_report["epochs"] > 1
+    assert clean_report["skipped"] == {"quality:n_words": 1}  # the long book, all its pieces
