@@ -154,21 +154,28 @@ def test_merge_refuses_mismatched_parts(tmp_path, tokenizer_file):
 
 
 def test_documents_read_in_pieces_merge_exactly(tmp_path, run_dir, tokenizer_file):
-    """A file longer than 1 MiB is read in pieces (one judged document, several token runs); with
-    cleaning on, the rules judge it (and drop all its pieces) exactly as a single build does."""
-    books = tmp_path / "books"
-    books.mkdir()
-    for k in range(4):
-        lines = [page(1000 * k + i, 12) for i in range(20000 if k == 1 else 40)]
-        (books / f"b{k}.txt").write_text("\n".join(lines) + "\n")
+    """A file longer than 1 MiB is read in pieces (one judged document, several token runs): its
+    copy in another part is dropped as a duplicate with all its pieces, and a long document the
+    rules drop goes with all its pieces, exactly as in a single build."""
+    def write_books(d, seed, long_at):
+        d.mkdir()
+        for k in range(4):
+            lines = [page(seed + 1000 * k + i, 12) for i in range(20000 if k == long_at else 40)]
+            (d / f"b{k}.txt").write_text("\n".join(lines) + "\n")
+
+    books, notes = tmp_path / "books", tmp_path / "notes"
+    write_books(books, 0, long_at=1)
+    shutil.copy(books / "b1.txt", books / "b4.txt")  # file 4 → another part than file 1 (of 3)
+    write_books(notes, 50_000, long_at=2)
     assert (books / "b1.txt").stat().st_size > 1 << 20
     cfg = make_cfg([{"name": "books", "type": "text", "path": str(books)},
-                    {"name": "clean_books", "type": "text", "path": str(books), "clean": {"kind": "text"},
+                    {"name": "notes", "type": "text", "path": str(notes), "clean": {"kind": "text"},
                      "weight": 0.02}],
-                   val_fraction=0.1, total_tokens=1_200_000, shard_tokens=400_000)
+                   dedup={"exact": True}, val_fraction=0.1, total_tokens=1_200_000, shard_tokens=400_000)
     build_dataset(cfg, run_dir, progress=False, log=quiet)
     merge_parts(sharded(cfg, tmp_path, tokenizer_file), tmp_path / "merged", progress=False, log=quiet)
     manifest = same_dataset(run_dir, tmp_path / "merged")
-    books_report, clean_report = manifest["sources"]
+    books_report, notes_report = manifest["sources"]
     assert books_report["split_documents"] == 1 and books_report["epochs"] > 1
-    assert clean_report["skipped"] == {"quality:n_words": 1}  # the long book, all its pieces
+    assert books_report["skipped"] == {"duplicate:exact": 1}
+    assert notes_report["skipped"] == {"quality:n_words": 1}  # the long one, all its pieces
