@@ -17,7 +17,8 @@ round times, in alternation so drifting machine load hits all equally:
 second; the median round is reported.
 Both sides use the same Rust thread count (`--threads`, default 2 = the target machine).
 
-`--minhash` also times rensa's and datasketch's MinHash on the same documents' shingles (the
+`--minhash` (needs `pip install datasketch`, not a spud dependency) also times rensa's and
+datasketch's MinHash on the same documents' shingles (the
 shingles are computed once, outside the timers; datasketch gets them pre-encoded as bytes, which
 it needs), 128 permutations each, alternating rounds. rensa's `update` only buffers: the signature
 is computed at the first `digest()`/`jaccard()`, so the timer includes a `digest()` call (timing
