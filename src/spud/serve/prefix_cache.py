@@ -20,7 +20,8 @@ import torch
 class PrefixCache:
     def __init__(self, block: int, max_tokens: int) -> None:
         if block < 1 or max_tokens < block:
-            raise ValueError(f"prefix cache needs block >= 1 and max_tokens >= block, got {block}, {max_tokens}")
+            raise ValueError(f"prefix cache needs block >= 1 and max_tokens >= block, "
+                             f"got {block}, {max_tokens}")
         self.block = block
         self.max_blocks = max_tokens // block
         self._blocks: OrderedDict[bytes, tuple[list[torch.Tensor], list[torch.Tensor]]] = OrderedDict()
@@ -63,7 +64,8 @@ class PrefixCache:
                 self._blocks.move_to_end(key)
                 continue
             a, b = i * self.block, (i + 1) * self.block
-            self._blocks[key] = ([k[slot, a:b].clone() for k in cache.k], [v[slot, a:b].clone() for v in cache.v])
+            self._blocks[key] = ([k[slot, a:b].clone() for k in cache.k],
+                                 [v[slot, a:b].clone() for v in cache.v])
             while len(self._blocks) > self.max_blocks:
                 self._blocks.popitem(last=False)
                 self.evictions += 1
