@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import difflib
 import os
-import types
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
@@ -26,124 +23,19 @@ from pydantic import (
     model_validator,
 )
 
+from spud.config_base import StrictModel
+from spud.config_sections import (  # noqa: F401 - re-exported: spud.config is the one import
+    CleanConfig,
+    DataConfig,
+    DedupSettings,
+    DPOConfig,
+    RLConfig,
+    SFTConfig,
+    SourceConfig,
+    TokenizerConfig,
+)
 from spud.errors import SpudError
 from spud.model.presets import PRESETS
-
-
-def _scalar_kinds(ann: Any) -> set[Any]:
-    """The plain types a field annotation accepts: `int | None` → {int, NoneType}."""
-    if typing.get_origin(ann) in (typing.Union, types.UnionType):
-        return set().union(*(_scalar_kinds(a) for a in typing.get_args(ann)))
-    return {ann}
-
-
-def _strict_scalar(value: Any, kinds: set[Any]) -> None:
-    """Pydantic's lax mode turns `true` into 1 and `64.0` into 64; a config value of the wrong
-    kind is almost always a mistake (a shifted YAML line, a misread override), so refuse it."""
-    if int in kinds and bool not in kinds:
-        if isinstance(value, bool):
-            raise ValueError(f"{str(value).lower()} is a boolean, not an integer")
-        if isinstance(value, float) and float not in kinds:
-            hint = f"; write {int(value)}" if value.is_integer() else ""
-            raise ValueError(f"{value!r} is a float, not an integer{hint}")
-    if float in kinds and bool not in kinds and isinstance(value, bool):
-        raise ValueError(f"{str(value).lower()} is a boolean, not a number")
-    if bool in kinds and int not in kinds and isinstance(value, (int, float, str)) and not isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a boolean; write true or false")
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_silent_coercion(cls, value: Any, info: ValidationInfo) -> Any:
-        field = cls.model_fields.get(info.field_name or "")
-        if field is None:
-            return value
-        ann = field.annotation
-        if typing.get_origin(ann) is list and isinstance(value, list):  # e.g. list[int]
-            kinds = _scalar_kinds(typing.get_args(ann)[0]) if typing.get_args(ann) else set()
-            for item in value:
-                _strict_scalar(item, kinds)
-            return value
-        _strict_scalar(value, _scalar_kinds(ann))
-        return value
-
-
-# ----------------------------------------------------------------------------------------- data
-class CleanConfig(StrictModel):
-    """Heuristic quality rules for one source (spud.data.clean): `kind` picks the default rule set,
-    `rules` switches rules off/on or sets their bounds: {mean_word_length: {min: 3, max: 10},
-    bullet_lines: false}."""
-
-    kind: Literal["none", "text", "code"] = Field("none", description="none (off), text (Gopher/C4/"
-                                                  "FineWeb rules) or code (StarCoder rules).")
-    rules: dict[str, Any] = Field(default_factory=dict, description="Per-rule overrides by name.")
-
-
-class DedupSettings(StrictModel):
-    """Exact and MinHash near-duplicate removal across all sources (spud.data.dedup)."""
-
-    exact: bool = Field(False, description="Drop documents whose normalised text was seen before.")
-    near: bool = Field(False, description="Drop near-duplicates (MinHash + LSH, rensa).")
-    threshold: float = Field(0.8, gt=0, le=1, description="Estimated Jaccard similarity of a near-duplicate.")
-    ngram: int = Field(5, ge=1, description="Words per shingle.")
-    num_perm: int = Field(128, ge=2, description="MinHash permutations.")
-    bands: int | None = Field(None, ge=1, description="LSH bands; None = fitted to the threshold.")
-    seed: int = 0
-
-
-class SourceConfig(StrictModel):
-    """One source of documents in the mix."""
-
-    name: str = Field(description="Label used in the manifest and per-source metrics.")
-    type: Literal["text", "jsonl", "parquet", "builtin", "hf"] = Field(
-        description="text: .txt/.md files; jsonl/parquet: a named text field; builtin: offline "
-        "generators; hf: a Hugging Face dataset (needs network)."
-    )
-    path: str | None = Field(None, description="File or directory (text, jsonl, parquet).")
-    field: str = Field("text", description="jsonl field / parquet column holding the text.")
-    split: Literal["file", "blank_lines"] = Field(
-        "file", description="text sources: one document per file, or split on blank lines."
-    )
-    builtin: str | None = Field(
-        None, description="builtin generator: stdlib_docs, stdlib_code, arithmetic, reasoning."
-    )
-    weight: float = Field(1.0, gt=0, description="Relative share of the mix's tokens.")
-    max_documents: int | None = Field(None, gt=0, description="Read at most this many documents.")
-    hf_name: str | None = None
-    hf_config: str | None = None
-    hf_split: str = "train"
-    clean: CleanConfig = Field(default_factory=CleanConfig, description="Quality rules for this source.")
-
-    @model_validator(mode="after")
-    def _check_kind(self) -> SourceConfig:
-        if self.type in ("text", "jsonl", "parquet") and not self.path:
-            raise ValueError(f"source {self.name!r} of type {self.type} needs a 'path'")
-        if self.type == "builtin" and not self.builtin:
-            raise ValueError(f"source {self.name!r} of type builtin needs a 'builtin' name")
-        if self.type == "hf" and not self.hf_name:
-            raise ValueError(f"source {self.name!r} of type hf needs 'hf_name'")
-        return self
-
-
-class DataConfig(StrictModel):
-    sources: list[SourceConfig] = Field(default_factory=list)
-    total_tokens: int = Field(2_000_000, gt=0, description="Tokens in the mix (train + val).")
-    val_fraction: float = Field(0.02, ge=0, lt=0.5, description="Share of documents held out; 0 = no validation.")
-    shard_tokens: int = Field(10_000_000, gt=0, description="Tokens per shard file.")
-    max_bad_fraction: float = Field(
-        0.05, ge=0, le=1, description="Error out when more than this share of records is bad."
-    )
-    workers: int = Field(0, ge=0, description="Tokenizer worker threads; 0 = all cores.")
-    dedup: DedupSettings = Field(default_factory=DedupSettings, description="Duplicate removal.")
-
-
-class TokenizerConfig(StrictModel):
-    vocab_size: int = Field(4096, ge=300, le=1_000_000)
-    train_bytes: int = Field(10_000_000, gt=0, description="Bytes of the mix sampled to train BPE.")
-    min_frequency: int = Field(2, ge=1)
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -336,87 +228,6 @@ class TrainConfig(StrictModel):
     debug_nan_at_step: list[int] = Field(
         default_factory=list, description="Testing aid: poison the loss at these steps (once each)."
     )
-
-
-# ------------------------------------------------------------------------------------------ sft
-class SFTConfig(StrictModel):
-    """Supervised fine-tuning into a chat model (`spud sft`). Its schedule and batch settings are
-    copied into `train` of the chat run, so the pretraining loop runs SFT unchanged."""
-
-    data: list[str] = Field(
-        default_factory=list,
-        description="Chat files as 'path.jsonl[:weight]' (OpenAI messages per line); 'builtin' = "
-        "the generated chat data.",
-    )
-    base_run: str | None = Field(None, description="Run directory the chat model starts from (set by spud sft).")
-    base_checkpoint: str | None = Field(None, description="Checkpoint of base_run loaded at step 0 (set by spud sft).")
-    max_steps: int = Field(300, gt=0)
-    lr: float | None = Field(None, gt=0, description="None = lr_ratio × the base run's train.lr.")
-    lr_ratio: float = Field(0.3, gt=0, le=10, description="SFT peak LR as a share of pretraining's.")
-    warmup_steps: int = Field(10, ge=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    micro_batch_size: int = Field(16, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    val_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of conversations held out (by hash).")
-    max_bad_fraction: float = Field(0.05, ge=0, le=1, description="Error out above this share of bad lines.")
-    builtin_conversations: int = Field(20000, gt=0, description="Conversations generated for 'builtin'.")
-    eval_every: int = Field(50, gt=0)
-    eval_batches: int = Field(8, gt=0)
-    checkpoint_every: int = Field(100, gt=0)
-    sample_prompts: list[str] = Field(
-        default_factory=lambda: ["What is 12 plus 7?", "Who are you?"],
-        description="User messages answered in chat format at the end of SFT (logged as samples).",
-    )
-
-
-class RLConfig(StrictModel):
-    """On-policy RL from verifiable rewards (`spud rl`; see spud.posttrain.rl for the method)."""
-
-    tasks: list[str] = Field(default_factory=lambda: ["arithmetic"],
-                             description="Built-in tasks (arithmetic, program) or problem .jsonl files.")
-    source: Literal["chat", "base"] = Field("chat", description="Which model of the run RL starts from.")
-    base_run: str | None = Field(None, description="Run RL started from (set by spud rl).")
-    base_checkpoint: str | None = Field(None, description="Checkpoint loaded at step 0 (set by spud rl).")
-    steps: int = Field(40, gt=0, description="Optimizer steps; each one is a fresh batch of rollouts.")
-    prompts_per_step: int = Field(16, gt=0)
-    group: int = Field(8, gt=1, description="Completions sampled per prompt (the GRPO group).")
-    max_tokens: int = Field(64, gt=0, description="Longest completion sampled.")
-    temperature: float = Field(1.0, gt=0)
-    lr: float = Field(3e-4, gt=0)
-    warmup_steps: int = Field(3, ge=0)
-    advantage: Literal["drgrpo", "grpo"] = Field(
-        "drgrpo", description="drgrpo: reward minus group mean; grpo: also divided by the group std.")
-    clip_low: float = Field(0.2, gt=0, lt=1)
-    clip_high: float = Field(0.28, gt=0, description="Upper ratio clip (DAPO clip-higher).")
-    ppo_epochs: int = Field(1, gt=0, description="Gradient passes over each batch of rollouts.")
-    kl: float = Field(0.0, ge=0, description="KL penalty to the starting model (k3 estimator); 0 = off.")
-    format_weight: float = Field(0.1, ge=0, le=1, description="Reward bonus for a well-placed answer.")
-    micro_batch_size: int = Field(32, gt=0, description="Sequences per forward in the update.")
-    grad_clip: float = Field(1.0, gt=0)
-    train_problems: int = Field(4000, gt=0, description="Problems generated per built-in task.")
-    heldout_problems: int = Field(200, gt=0, description="Held-out problems per built-in task.")
-    eval_every: int = Field(10, gt=0, description="Held-out greedy pass@1 every this many steps.")
-    checkpoint_every: int = Field(20, gt=0)
-    keep_checkpoints: int = Field(2, gt=0)
-    verifier_timeout_s: float = Field(5.0, gt=0)
-
-
-class DPOConfig(StrictModel):
-    """Direct preference optimisation (`spud dpo`; see spud.posttrain.dpo)."""
-
-    data: list[str] = Field(default_factory=list, description="Preference .jsonl files, or 'verifier:TASK'.")
-    source: Literal["chat", "base", "rl"] = Field("chat", description="Which model of the run DPO starts from.")
-    base_run: str | None = None
-    base_checkpoint: str | None = None
-    beta: float = Field(0.1, gt=0, description="Strength of the implicit KL to the reference model.")
-    lr: float = Field(1e-4, gt=0)
-    epochs: int = Field(2, gt=0)
-    batch_size: int = Field(16, gt=0)
-    pairs_per_task: int = Field(256, gt=0, description="Pairs sampled for each 'verifier:TASK' entry.")
-    samples_per_prompt: int = Field(8, gt=1, description="Completions sampled to find a right and a wrong one.")
-    max_tokens: int = Field(64, gt=0)
-    max_bad_fraction: float = Field(0.05, ge=0, le=1)
 
 
 class Config(StrictModel):
