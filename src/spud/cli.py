@@ -43,73 +43,6 @@ def _load(args):
 
 
 # ------------------------------------------------------------------------------------- verbs
-def cmd_data_build(args) -> int:
-    from spud.config import save_config
-    from spud.data.build import build_dataset
-    from spud.tokenizer import Tokenizer
-    from spud.train.trainer import resolve_vocab
-
-    if args.shard:  # a bad spec fails before the config is even read
-        from spud.data.merge import parse_shard
-
-        parse_shard(args.shard)
-    cfg, out = _load(args), run_dir_arg(args.out)
-    if args.shard:
-        from spud.data.merge import build_part
-
-        part = build_part(cfg, out, args.shard)
-        print(f"wrote part {part['shard'][0]}/{part['shard'][1]} to {out}/part; join all parts with "
-              f"`spud data merge PART_DIRS... --out RUN`")
-        return 0
-    manifest = build_dataset(cfg, out, progress=not args.no_progress)
-    save_config(resolve_vocab(cfg, Tokenizer.load(out / "tokenizer.json")), out / "config.yaml")
-    print(f"wrote {args.out}/data/manifest.json: {manifest['train_tokens']:,} train tokens, "
-          f"{manifest['val_tokens']:,} val tokens in {len(manifest['shards'])} shards")
-    return 0
-
-
-def cmd_data_merge(args) -> int:
-    from spud.data.merge import merge_parts
-
-    out = run_dir_arg(args.out)
-    manifest = merge_parts(args.parts, out, progress=not args.no_progress)
-    print(f"wrote {args.out}/data/manifest.json: {manifest['train_tokens']:,} train tokens, "
-          f"{manifest['val_tokens']:,} val tokens in {len(manifest['shards'])} shards")
-    return 0
-
-
-def cmd_data_inspect(args) -> int:
-    from spud.data.inspect import inspect_cmd
-
-    inspect_cmd(args.run, rule=args.rule, n=args.n)
-    return 0
-
-
-def cmd_tokenizer_train(args) -> int:
-    from spud.data.build import validate_sources
-    from spud.data.mix import sample_texts_for_tokenizer
-    from spud.tokenizer import train_tokenizer
-
-    cfg = _load(args)
-    validate_sources(cfg)
-    out = run_dir_arg(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer(sample_texts_for_tokenizer(cfg), cfg.tokenizer)
-    tok.save(out / "tokenizer.json")
-    print(f"wrote {out / 'tokenizer.json'}: {tok.vocab_size} tokens, sha256 {tok.sha256()[:12]}")
-    return 0
-
-
-def cmd_tokenizer_encode(args) -> int:
-    from spud.tokenizer import Tokenizer
-
-    tok = Tokenizer.load(Path(args.run) / "tokenizer.json")
-    ids = tok.encode(args.text)
-    print(" ".join(str(i) for i in ids))
-    print(" | ".join(repr(tok.decode([i])) for i in ids))
-    return 0
-
-
 def cmd_train(args) -> int:
     from spud.config import load_config
     from spud.train.trainer import Trainer
@@ -138,34 +71,6 @@ def cmd_train(args) -> int:
         print(f"val bpb {val[0]['bpb']:.3f} (step {val[0]['step']}) → {val[-1]['bpb']:.3f} (step {val[-1]['step']})")
     print(f"run directory: {out}")
     return 130 if summary["interrupted"] else 0
-
-
-def cmd_sft(args) -> int:
-    from spud.posttrain.sft import sft_cmd
-
-    summary = sft_cmd(args.run, data=args.data, out=args.out, overrides=args.overrides or [], resume=args.resume)
-    return 130 if summary.get("interrupted") else 0
-
-
-def cmd_rl(args) -> int:
-    from spud.posttrain.rl import rl_cmd
-
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    overrides = list(args.overrides or [])
-    for flag, key in ((args.steps, "rl.steps"), (args.group, "rl.group")):
-        if flag is not None:
-            overrides.append(f"{key}={flag}")
-    summary = rl_cmd(args.run, source=args.source, tasks=tasks, out=args.out, overrides=overrides,
-                     resume=args.resume)
-    return 130 if summary.get("interrupted") else 0
-
-
-def cmd_dpo(args) -> int:
-    from spud.posttrain.dpo import dpo_cmd
-
-    summary = dpo_cmd(args.run, source=args.source, data=args.data, out=args.out,
-                      overrides=args.overrides or [])
-    return 130 if summary.get("interrupted") else 0
 
 
 def cmd_sample(args) -> int:
@@ -228,18 +133,6 @@ def cmd_fit(args) -> int:
     from spud.plan.fit import fit_cmd
 
     fit_cmd(args.ladder, out=args.out, bootstrap=args.bootstrap)
-    return 0
-
-
-def cmd_mix_search(args) -> int:
-    from spud.data.mixsearch import run_search
-    from spud.plan.ladder import parse_tokens
-
-    flops = parse_tokens(args.proxy_flops)[0] if args.proxy_flops else None
-    targets = [t.strip() for t in args.target.split(",") if t.strip()]
-    res = run_search(resolve_recipe(args.config), targets, args.proxies, float(flops), run_dir_arg(args.out),
-                     overrides=args.overrides, seed=args.seed)
-    print(f"searched mix: {res['weights']} (CV Spearman {res['cv_spearman']:.3f}) → {args.out}/mix.yaml")
     return 0
 
 
@@ -312,46 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
     verbs.required = True
 
-    data = verbs.add_parser("data", help="build the data mix into token shards").add_subparsers(dest="action")
-    data.required = True
-    p = data.add_parser("build", help="tokenize the mix into RUN/data/ (trains the tokenizer if RUN has none)")
-    _config_args(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--shard", metavar="i/N", help="build only part i (from 0) of N into --out; "
-                   "join the parts with `spud data merge`")
-    p.set_defaults(func=cmd_data_build)
-    p = data.add_parser("merge", help="join the parts of a sharded build (--shard i/N) into RUN/data/")
-    p.add_argument("parts", nargs="+", help="the part directories (each --out of a --shard build)")
-    p.add_argument("--out", required=True, help="run directory to write data/ and tokenizer.json into")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_data_merge)
-    mx = verbs.add_parser("mix", help="learn the data mixture from proxy runs (RegMix)").add_subparsers(dest="action")
-    mx.required = True
-    p = mx.add_parser("search", help="train proxies on sampled mixtures, regress, search → DIR/mix.yaml")
-    p.add_argument("config", help="YAML recipe (its sources are the mixture's components)")
-    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
-    p.add_argument("--target", required=True, help="source name(s) whose validation bpb to minimise, comma-separated")
-    p.add_argument("--proxies", type=int, default=64, help="proxy runs (default 64)")
-    p.add_argument("--proxy-flops", required=True, help="training FLOPs per proxy, e.g. 2e12")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output directory (resumable)")
-    p.set_defaults(func=cmd_mix_search)
-    p = data.add_parser("inspect", help="show documents the cleaning rules and dedup dropped (and kept ones)")
-    p.add_argument("run", help="run directory with a built data/")
-    p.add_argument("--rule", default=None, help="only this reason, e.g. mean_word_length or duplicate:near")
-    p.add_argument("--n", type=int, default=5, help="documents per reason (default 5)")
-    p.set_defaults(func=cmd_data_inspect)
+    from spud import cli_data, cli_posttrain  # noqa: PLC0415 - they import helpers from here
 
-    tk = verbs.add_parser("tokenizer", help="train or inspect the BPE tokenizer").add_subparsers(dest="action")
-    tk.required = True
-    p = tk.add_parser("train", help="train byte-level BPE on a sample of the mix → RUN/tokenizer.json")
-    _config_args(p)
-    p.set_defaults(func=cmd_tokenizer_train)
-    p = tk.add_parser("encode", help="show how RUN's tokenizer splits TEXT")
-    p.add_argument("run")
-    p.add_argument("text")
-    p.set_defaults(func=cmd_tokenizer_encode)
-
+    cli_data.register(verbs)
     p = verbs.add_parser("train", help="pretrain a model (builds data and tokenizer first if needed)")
     p.add_argument("config", nargs="?", help="YAML recipe or built-in name; optional with --resume")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
@@ -359,38 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     p.set_defaults(func=cmd_train)
 
-    p = verbs.add_parser("sft", help="supervised fine-tuning of a pretrained run into a chat model (RUN/chat)")
-    p.add_argument("run", help="pretrained run directory")
-    p.add_argument("overrides", nargs="*", help="config overrides, e.g. sft.max_steps=600 sft.lr_ratio=0.5")
-    p.add_argument("--data", action="extend", nargs="+", default=None,
-                   help="chat JSONL files as PATH[:WEIGHT], or 'builtin' (default: builtin)")
-    p.add_argument("--out", default=None, help="output run directory (default RUN/chat)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted SFT run")
-    p.set_defaults(func=cmd_sft)
-
-    p = verbs.add_parser("rl", help="reinforcement learning from verifiable rewards (GRPO family) → RUN/rl")
-    p.add_argument("run", help="run directory (with a chat model, or --from base)")
-    p.add_argument("overrides", nargs="*", help="config overrides, e.g. rl.lr=1e-4 rl.kl=0.02")
-    p.add_argument("--from", dest="source", choices=["chat", "base"], default="chat",
-                   help="which model of RUN to start from (default: chat)")
-    p.add_argument("--tasks", default=None,
-                   help="comma-separated: arithmetic, program, or problem .jsonl files (default: arithmetic)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (rl.steps)")
-    p.add_argument("--group", type=int, default=None, help="completions per prompt (rl.group)")
-    p.add_argument("--out", default=None, help="output run directory (default RUN/rl)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted RL run exactly")
-    p.set_defaults(func=cmd_rl)
-
-    p = verbs.add_parser("dpo", help="direct preference optimisation from preference pairs → RUN/dpo")
-    p.add_argument("run", help="run directory")
-    p.add_argument("overrides", nargs="*", help="config overrides, e.g. dpo.beta=0.2 dpo.epochs=3")
-    p.add_argument("--data", action="extend", nargs="+", default=None,
-                   help="preference .jsonl files ({prompt|messages, chosen, rejected} per line) "
-                        "and/or verifier:TASK (pairs sampled and judged by the RL verifiers)")
-    p.add_argument("--from", dest="source", choices=["chat", "base", "rl"], default="chat",
-                   help="which model of RUN to start from (default: chat)")
-    p.add_argument("--out", default=None, help="output run directory (default RUN/dpo)")
-    p.set_defaults(func=cmd_dpo)
+    cli_posttrain.register(verbs)
 
     p = verbs.add_parser("sample", help="stream text from a trained run")
     p.add_argument("run", help="run directory")
