@@ -80,7 +80,9 @@ def test_slot_decoding_equals_full_forward(tok, kw):
             for i, row in enumerate(model.logits(h)):
                 got[i].append(row)
         for s, g in zip(seqs, got):
-            torch.testing.assert_close(torch.cat(g), model(s[None])[0], atol=1e-5, rtol=0)
+            # 3e-5: a one-row decode and a whole-sequence forward sum in different orders, and the
+            # order also follows the thread count earlier tests leave set (seen: 1.05e-5 apart)
+            torch.testing.assert_close(torch.cat(g), model(s[None])[0], atol=3e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------- batching
