@@ -2,7 +2,7 @@
 
 
 from spud.config import ModelConfig
-from spud.plan.memory import (
+from spud.model.memory import (
     activation_bytes,
     kv_cache_bytes,
     suggest_parallelism,

@@ -29,7 +29,7 @@ import numpy as np
 from spud.config import ModelConfig
 from spud.model.flops import flops_per_token, param_counts
 from spud.plan.fit import ScalingLaw
-from spud.plan.memory import USABLE_FRACTION, kv_cache_bytes
+from spud.model.memory import USABLE_FRACTION, kv_cache_bytes
 from spud.plan.profiles import HardwareProfile
 
 SECONDS_PER_DAY = 86400.0

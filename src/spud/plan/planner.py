@@ -28,7 +28,7 @@ from spud.plan.allocate import (
     serving_estimate,
 )
 from spud.plan.fit import CHINCHILLA, ScalingLaw, predict_interval
-from spud.plan.memory import suggest_parallelism
+from spud.model.memory import suggest_parallelism
 from spud.plan.profiles import HardwareProfile, get_profile
 
 # Muennighoff et al. 2023 ("Scaling Data-Constrained Language Models"): up to ~4 epochs of

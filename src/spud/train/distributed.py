@@ -216,8 +216,8 @@ def clip_grad_norm(env: DistEnv, model: nn.Module, max_norm: float) -> float:
 # ------------------------------------------------------------------------------- memory
 def memory_plan(cfg, env: DistEnv, device: torch.device, micro_batch: int, seq_len: int) -> tuple[str, str | None]:
     """(one-line per-rank estimate, refusal message or None). Refuses only on CUDA, where the
-    device's memory is known; the estimate follows spud.plan.memory's conventions."""
-    from spud.plan.memory import USABLE_FRACTION, training_memory
+    device's memory is known; the estimate follows spud.model.memory's conventions."""
+    from spud.model.memory import USABLE_FRACTION, training_memory
 
     t = cfg.train
     precision = "bf16" if device.type == "cuda" else "fp32"
