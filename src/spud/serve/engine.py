@@ -23,7 +23,6 @@ import heapq
 import itertools
 import threading
 import time
-import traceback
 from collections import deque
 from pathlib import Path
 
@@ -32,13 +31,14 @@ import torch
 from spud.errors import SpudError
 from spud.eval import batch_scorer
 from spud.runtime import pick_device
-from spud.serve.detok import Detokenizer
 from spud.serve.engine_sampling import (
     BatchParams,
     apply_penalties,
     sample_rows,
     token_logprobs,
 )
+from spud.serve.engine_seq import Seq as _Seq
+from spud.serve.engine_seq import describe as _describe
 from spud.serve.engine_types import (
     ContextLengthError,
     Event,
@@ -55,35 +55,6 @@ __all__ = [
     "ContextLengthError", "Engine", "Event", "FinishEvent", "QueueFullError", "RequestHandle",
     "SamplingParams", "TokenEvent",
 ]
-
-
-class _Seq:
-    """Engine-thread state of one request."""
-
-    def __init__(self, handle: RequestHandle, prompt: list[int], params: SamplingParams,
-                 end_ids: set[int], decode) -> None:
-        self.handle = handle
-        self.prompt = prompt
-        self.params = params
-        self.end_ids = end_ids
-        self.detok = Detokenizer(decode, params.stop)
-        self.slot = -1
-        self.length = 0  # positions held in the KV slot
-        self.prefilled = 0  # prompt tokens already written to the slot (chunked prefill)
-        self.last = -1  # last sampled token: the next decode step's input
-        self.end_token: int | None = None  # the end id that finished it, if one did
-        self.generated = 0
-        self.out_ids: list[int] = []  # sampled tokens (the prefix cache stores prompt + these)
-        self.done = False
-        self.gen: torch.Generator | None = None
-        if params.temperature > 0:
-            # CPU generator whatever the device: the draws (one per token) are tiny, and a seed
-            # then gives the same uniforms on every machine.
-            self.gen = torch.Generator()
-            if params.seed is not None:
-                self.gen.manual_seed(int(params.seed))
-            else:
-                self.gen.seed()
 
 
 DEFAULT_PREFILL_CHUNK = 256  # tokens per prefill forward: on CPU a few ms for small models
@@ -439,11 +410,3 @@ class Engine:
             s.slot = -1
         s.handle._emit(FinishEvent(reason, text, len(s.prompt), s.generated, error, s.end_token))
 
-
-def _describe(e: BaseException) -> str:
-    if isinstance(e, SpudError):
-        return str(e)
-    # Not user input: name the exception and where it came from, for the server log / client.
-    tb = traceback.extract_tb(e.__traceback__)
-    where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
-    return f"{type(e).__name__}: {e}{where}"
