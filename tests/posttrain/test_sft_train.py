@@ -24,6 +24,11 @@ def test_sft_starts_from_the_base_checkpoint_not_random_init(base_run):
     cfg = sft_config(base_run, ["builtin"], out, SFT_OVERRIDES, resume=False)
     assert cfg.sft.base_checkpoint.endswith("step_0000007")
     assert cfg.train.lr == pytest.approx(0.3 * 0.002)  # default: 0.3 × the base run's LR
+    base_muon_lr = json.loads((base_run / "checkpoints" / "step_0000007" / "state.json").read_text())[
+        "config"]["train"]["muon_lr"]
+    assert cfg.train.muon_lr == pytest.approx(0.3 * base_muon_lr)  # Muon's matrices too
+    explicit = sft_config(base_run, ["builtin"], out, [*SFT_OVERRIDES, "sft.lr=0.001"], resume=False)
+    assert explicit.train.muon_lr == pytest.approx(0.5 * base_muon_lr)  # sft.lr / base lr = 0.5
     assert cfg.train.max_steps == 8 and cfg.train.warmup_steps == 10 and cfg.train.schedule == "cosine"
     trainer = SFTTrainer(cfg, out)
     base = load_file(base_run / "checkpoints" / "step_0000007" / "model.safetensors")

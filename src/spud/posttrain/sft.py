@@ -186,7 +186,7 @@ def sft_config(run: str | Path, data: list[str] | None, out: str | Path, overrid
         tree["sft"] = saved_sft
     if overrides:
         tree = _merge(tree, parse_overrides(overrides), "")
-    base_lr = validate_config(tree, f"{base_ckpt}/state.json").train.lr  # before train is replaced
+    base_train = validate_config(tree, f"{base_ckpt}/state.json").train  # before train is replaced
     tree.setdefault("sft", {})
     if data:
         tree["sft"]["data"] = list(data)
@@ -196,8 +196,13 @@ def sft_config(run: str | Path, data: list[str] | None, out: str | Path, overrid
     tree["sft"]["base_checkpoint"] = str(base_ckpt.resolve())
     cfg = validate_config(tree, f"spud sft {run}")
     s = cfg.sft
+    # Every optimizer group moves by the same share of its pretraining LR: with Muon the matrices'
+    # LR (muon_lr) is a separate number, and fine-tuning at pretraining's full Muon LR would undo
+    # the base model rather than adapt it.
+    ratio = s.lr / base_train.lr if s.lr else s.lr_ratio
     train = cfg.train.model_copy(update={
-        "max_steps": s.max_steps, "lr": s.lr or s.lr_ratio * base_lr, "warmup_steps": s.warmup_steps,
+        "max_steps": s.max_steps, "lr": ratio * base_train.lr, "muon_lr": ratio * base_train.muon_lr,
+        "warmup_steps": s.warmup_steps,
         "min_lr_ratio": s.min_lr_ratio, "schedule": s.schedule, "micro_batch_size": s.micro_batch_size,
         "tokens_per_step": None, "weight_decay": s.weight_decay, "eval_every": s.eval_every,
         "eval_batches": s.eval_batches, "checkpoint_every": s.checkpoint_every, "sample_every": 0,
