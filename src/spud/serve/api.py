@@ -16,6 +16,7 @@ as plain text (tokenizer.py): only the chat template adds control tokens.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from pathlib import Path
@@ -27,6 +28,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spud.errors import SpudError
+from spud.serve import images
 from spud.serve import protocol as P
 from spud.serve.boundary import Guard, http_error, openapi_document, server_error, validation_error
 from spud.serve.engine import ContextLengthError, QueueFullError, SamplingParams
@@ -67,9 +69,12 @@ GENERATION_ERRORS = _errors(400, 404, 413, 429, 503)
 
 
 # ------------------------------------------------------------------------------- the app
-def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_000) -> FastAPI:
+def create_app(engine, api_key: str | None = None, max_body_bytes: int | None = None) -> FastAPI:
     """The engine must already be started (serve() or the caller does that); the app only uses
-    submit / prompt_logprobs / stats and never owns the engine's lifetime."""
+    submit / prompt_logprobs / stats and never owns the engine's lifetime. The body limit is
+    1 MB, or images.VISION_BODY_BYTES when the model takes images."""
+    if max_body_bytes is None:
+        max_body_bytes = images.VISION_BODY_BYTES if images.vision_of(engine) else 1_000_000
     app = FastAPI(title="Spud OpenAI-compatible API", version="1")
     metrics = ServerMetrics(engine)
     app.state.engine, app.state.metrics, app.state.draining = engine, metrics, False
@@ -80,7 +85,8 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
     app.add_exception_handler(Exception, server_error)
     tok, started = engine.tokenizer, int(time.time())
     vocab = getattr(engine, "vocab_size", tok.vocab_size)  # the model's (maybe padded) vocabulary
-    app.openapi = lambda: openapi_document(app, engine.model_name, vocab, engine.max_context)
+    app.openapi = lambda: images.openapi_images(
+        openapi_document(app, engine.model_name, vocab, engine.max_context), engine)
     ends = getattr(engine, "end_ids", None) or {tok.end_id, tok.eos_id}
     grammars = GrammarCompiler(tok, vocab, sorted(ends))
 
@@ -169,7 +175,7 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
         except GrammarError as e:
             raise APIError(400, f"{param}: {e}", param=param) from None
 
-    def submit_all(jobs: list[tuple[list[int], SamplingParams]], param: str, n: int) -> list:
+    def submit_all(jobs: list[tuple[list[int], SamplingParams]], param: str, n: int, pics=None) -> list:
         # More sequences than the queue can ever hold is the request's fault, not the load's:
         # retrying a 429 would never help, so say what to change.
         if len(jobs) > engine.max_queue:
@@ -179,7 +185,7 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
         handles = []
         try:
             for ids, params in jobs:
-                handles.append(engine.submit(ids, params))
+                handles.append(engine.submit(ids, params, **({"images": pics} if pics else {})))
         except BaseException as e:
             for h in handles:  # all or nothing: never leave some of the choices running
                 h.cancel()
@@ -201,15 +207,22 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
             raise APIError(400, f"{param}: {e}", param=param) from None
 
     async def render_messages(messages: list[P.ChatMessage], generation_prompt: bool,
-                              tools: list[dict] | None = None) -> list[int]:
-        # message contents are plain text: only the template adds control ids (tokenizer.py)
+                              tools: list[dict] | None = None) -> tuple[list[int], object | None]:
+        """→ (ids, the request's decoded images for the engine, or None). Message text is plain
+        text: only the template adds control ids (tokenizer.py); images become placeholder ids."""
+        refs = images.find_images(messages)
+        images.check_request(refs, engine)
         plain = []
         for m in messages:
-            d = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            d = {"role": "system" if m.role == "developer" else m.role, "content": images.template_content(m)}
             if m.tool_calls:
                 d["tool_calls"] = [c.model_dump() for c in m.tool_calls]
             plain.append(d)
-        return (await off_loop("messages", tok.render_chat, plain, generation_prompt, tools))[0]
+        render = tok.render_chat
+        if refs:
+            render = functools.partial(render, image_tokens=images.vision_of(engine).tokens_per_image)
+        ids = (await off_loop("messages", render, plain, generation_prompt, tools))[0]
+        return ids, (await asyncio.to_thread(images.load_images, refs, engine) if refs else None)
 
     def encode_prompts(prompt) -> list[tuple[list[int], int, str]]:
         """→ [(ids for the engine, how many BOS we prepended, the prompt's text)] per prompt.
@@ -263,7 +276,7 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
         if req.prompt is not None:
             ids = await off_loop("prompt", tok.encode, req.prompt, req.add_special_tokens)
         else:
-            ids = await render_messages(req.messages, req.add_special_tokens)
+            ids, _ = await render_messages(req.messages, req.add_special_tokens)
         # a 1 MB prompt is ~10^5-10^6 ids: serialise them off the loop too
         body = await asyncio.to_thread(lambda: P.TokenizeResponse(
             tokens=ids, count=len(ids), max_model_len=engine.max_context).model_dump_json())
@@ -354,7 +367,7 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
                  for t in req.tools or []]
         grammar = await grammar_for(req, tools)
         parser = None if not tools or req.tool_choice == "none" else {t["name"] for t in tools}
-        ids = await render_messages(req.messages, True, tools)
+        ids, pics = await render_messages(req.messages, True, tools)
         left = room(ids, "messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
         # the chat template closes every turn with <|end|>: that is where the assistant stops
@@ -362,7 +375,7 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int = 1_000_0
         # a grammar's parser states are built per choice: off the loop, like the tokenizer work
         params = (await asyncio.to_thread(sampling, req, max_new, top, [tok.end_id], grammar) if grammar
                   else sampling(req, max_new, top, [tok.end_id]))
-        handles = submit_all([(ids, p) for p in params], "messages", req.n)
+        handles = submit_all([(ids, p) for p in params], "messages", req.n, pics)
         ctx = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.model_name}
         if req.stream:
             first = [P.ChatCompletionChunk(choices=[P.ChatChunkChoice(

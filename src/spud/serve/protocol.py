@@ -160,6 +160,22 @@ class TextPart(_Request):
     text: Text
 
 
+IMAGE_URL = "x-spud-image-url"  # serve/images.py checks the URL; its limits fill this marker
+
+
+class ImageURL(_Request):
+    url: Annotated[Text, Field(json_schema_extra={IMAGE_URL: True})]
+    detail: Literal["auto", "low", "high"] = "auto"  # accepted; the model has one input size
+
+
+class ImagePart(_Request):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 FunctionName = Annotated[Text, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
 
 
@@ -177,7 +193,7 @@ class ToolCall(_Request):
 class ChatMessage(_Request):
     # "developer" is what newer OpenAI clients send instead of "system".
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Text | list[TextPart] | None = None
+    content: Text | list[ContentPart] | None = None
     name: Text | None = None
     tool_calls: list[ToolCall] | None = None  # assistant turns that called tools
     tool_call_id: Text | None = None  # tool turns: which call this is the result of
@@ -193,7 +209,7 @@ class ChatMessage(_Request):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join(p.text for p in self.content if p.type == "text")
 
 
 class JsonSchemaFormat(_Request):
