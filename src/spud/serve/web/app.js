@@ -20,7 +20,9 @@
     prompt: $("prompt"), send: $("send"), stop: $("stop"), newChat: $("new-chat"),
     list: $("conversations"), system: $("system"), temperature: $("temperature"),
     maxTokens: $("max-tokens"), apiKey: $("api-key"), modelName: $("model-name"),
+    attach: $("attach"), attachInput: $("attach-input"), attachments: $("attachments"),
   };
+  const images = window.spudImages; // images.js: attach / paste / drop, thumbnails, content parts
 
   // ------------------------------------------------------------------------------ storage
   function loadJSON(key, fallback) {
@@ -177,6 +179,7 @@
       }
     } else {
       body.textContent = msg.content;
+      if (msg.images) images.show(body, msg.images);
     }
   }
 
@@ -334,22 +337,25 @@
 
   async function send() {
     const text = el.prompt.value.trim();
-    if (!text || controller) return;
+    if ((!text && !images.count()) || controller) return;
     hideBanner();
     let conv = currentConv();
     if (!conv) {
-      conv = { id: newId(), title: text.replace(/\s+/g, " ").slice(0, 60), messages: [], updated: Date.now() };
+      const title = text.replace(/\s+/g, " ").slice(0, 60) || "Image";
+      conv = { id: newId(), title: title, messages: [], updated: Date.now() };
       convs.push(conv);
       currentId = conv.id;
     }
-    const history = conv.messages
-      .filter((m) => (m.role === "user" || m.role === "assistant") && m.content)
-      .map((m) => ({ role: m.role, content: m.content }));
-    history.push({ role: "user", content: text });
+    const sent = { role: "user", content: text };
+    const pics = images.take();
+    if (pics.length) sent.images = pics;
+    const history = conv.messages.concat([sent])
+      .filter((m) => (m.role === "user" || m.role === "assistant") && (m.content || m.images))
+      .map((m) => ({ role: m.role, content: images.content(m) }));
     const settings = readSettings();
     if (settings.system.trim()) history.unshift({ role: "system", content: settings.system });
 
-    conv.messages.push({ role: "user", content: text });
+    conv.messages.push(sent);
     const reply = { role: "assistant", content: "" };
     conv.messages.push(reply);
     conv.updated = Date.now();
@@ -438,6 +444,9 @@
   });
   document.getElementById("settings-form").addEventListener("submit", (ev) => ev.preventDefault());
   el.stop.addEventListener("click", stopGeneration);
+  images.init({
+    button: el.attach, input: el.attachInput, box: el.attachments, dropZone: $("main"), onError: showBanner,
+  });
   el.newChat.addEventListener("click", newChat);
   for (const input of [el.system, el.temperature, el.maxTokens, el.apiKey]) {
     input.addEventListener("input", saveSettings);
