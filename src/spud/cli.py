@@ -85,7 +85,9 @@ def cmd_serve(args) -> int:
 
     serve(args.run, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
           max_queue=args.max_queue, checkpoint=args.checkpoint, device=args.device, model=args.model,
-          prefill_chunk=args.prefill_chunk or None, prefix_cache_tokens=args.prefix_cache_tokens)
+          prefill_chunk=args.prefill_chunk or None, prefix_cache_tokens=args.prefix_cache_tokens,
+          speculate=args.speculate if args.speculate is not None else (4 if args.draft else 0),
+          draft=args.draft, draft_model_kind=args.draft_model, request_timeout=args.request_timeout)
     return 0
 
 
@@ -246,6 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="step number or directory name (default: latest)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     _model_arg(p, "which model to serve (default: chat if RUN has one from spud sft, else base)")
+    p.add_argument("--speculate", type=int, default=None, metavar="K",
+                   help="speculative decoding: draft K tokens per step, verified in one forward "
+                        "(prompt lookup, or --draft's model; default 0 = off, 4 with --draft)")
+    p.add_argument("--draft", default=None, metavar="RUN2",
+                   help="draft model for speculative decoding: a smaller run with the same tokenizer")
+    p.add_argument("--draft-model", default=None, choices=["base", "chat"],
+                   help="which model of RUN2 drafts (default: chat if RUN2 has one, else base)")
+    p.add_argument("--request-timeout", type=float, default=None, metavar="S",
+                   help="fail a request still unfinished S seconds after it arrived (408; default: none)")
     p.set_defaults(func=cmd_serve)
 
     p = verbs.add_parser("chat", help="chat in the terminal with a run (local) or a server (--url)")

@@ -65,7 +65,7 @@ def _sse(chunk: str) -> dict:
         "type": "object", "required": ["data"], "properties": {"data": data}}}}}}
 
 
-GENERATION_ERRORS = _errors(400, 404, 413, 429, 503)
+GENERATION_ERRORS = _errors(400, 404, 408, 413, 429, 503)  # 408: --request-timeout
 
 
 # ------------------------------------------------------------------------------- the app

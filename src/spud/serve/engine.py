@@ -49,7 +49,9 @@ from spud.serve.engine_types import (
     TokenEvent,
 )
 from spud.serve.prefix_cache import PrefixCache
+from spud.serve.speculative import load_draft, make_speculator
 from spud.serve.structured import apply_constraints
+from spud.serve.timeouts import expire_overdue
 
 __all__ = [
     "ContextLengthError", "Engine", "Event", "FinishEvent", "QueueFullError", "RequestHandle",
@@ -70,7 +72,8 @@ class Engine:
     def __init__(self, model, tokenizer, *, max_batch: int = 32, max_queue: int = 256,
                  max_context: int | None = None, device=None, model_name: str = "spud",
                  prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, step_tokens: int | None = None,
-                 prefix_cache_tokens: int = 0, prefix_block: int = 16) -> None:
+                 prefix_cache_tokens: int = 0, prefix_block: int = 16, speculate: int = 0,
+                 draft_model=None, request_timeout: float | None = None) -> None:
         if max_batch < 1 or max_queue < 0:
             raise SpudError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
         if prefill_chunk is not None and prefill_chunk < 1:
@@ -84,6 +87,9 @@ class Engine:
         # reuse of earlier requests' prompt/turn KV blocks (spud.serve.prefix_cache); 0 = off
         self._prefix = PrefixCache(prefix_block, prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self.step_tokens = step_tokens or ((prefill_chunk or 0) + max_batch)
+        if request_timeout is not None and not request_timeout > 0:
+            raise SpudError(f"request_timeout must be > 0 seconds (or None), got {request_timeout}")
+        self.request_timeout = request_timeout  # seconds from submit; see serve/timeouts.py
         limit = model.cfg.max_seq_len
         if max_context is not None and not 1 < max_context <= limit:
             raise SpudError(f"max_context={max_context} must be in [2, model.max_seq_len={limit}]")
@@ -104,6 +110,10 @@ class Engine:
         self.end_ids = {i for i in (tokenizer.end_id, tokenizer.eos_id, tokenizer.bos_id)
                         if i is not None}
         self._cache = model.new_slot_cache(max_batch, self.max_context, self.device, w.dtype)
+        # speculative decoding (spud.serve.speculative): None = plain one-token decode steps
+        self._spec = make_speculator(speculate, draft_model, n_slots=max_batch,
+                                     max_context=self.max_context, device=self.device,
+                                     vocab_size=self.vocab_size)
         # Per-slot generated-token counts (penalties) and dense logit biases, reset on admit.
         self._counts = torch.zeros(max_batch, self.vocab_size, device=self.device)
         self._bias = torch.zeros(max_batch, self.vocab_size, device=self.device)
@@ -132,6 +142,9 @@ class Engine:
 
         choice = choose_model(run_dir, model or default_serving_model(run_dir), checkpoint)
         net, tok, _cfg = load_choice(choice, device)
+        draft_run, draft_kind = limits.pop("draft", None), limits.pop("draft_model_kind", None)
+        if draft_run is not None:  # refused here, at start-up, if the tokenizers differ
+            limits["draft_model"] = load_draft(draft_run, draft_kind, device, tok)
         limits.setdefault("model_name", f"{Path(run_dir).resolve().name}-{choice.model}")
         engine = cls(net, tok, **limits)
         engine.model_kind, engine.checkpoint = choice.model, str(choice.checkpoint)
@@ -211,6 +224,8 @@ class Engine:
                    **self._stats}
         if self._prefix is not None:
             out |= self._prefix.stats()
+        if self._spec is not None:
+            out |= self._spec.stats()
         return out
 
     # ----------------------------------------------------------------------- engine thread
@@ -244,6 +259,8 @@ class Engine:
                         self._finish(s, "error", _describe(e))
 
     def _step(self) -> None:
+        if self.request_timeout is not None:
+            expire_overdue(self)
         for s in [s for s in [*self._prefilling, *self._running] if s.handle.cancelled]:
             self._finish(s, "cancelled")
         while self._free:
@@ -265,7 +282,10 @@ class Engine:
             if self.prefill_chunk is not None and budget <= 0:
                 break
         if self._running:
-            self._decode_step()
+            if self._spec is not None:
+                self._spec.decode_step(self)
+            else:
+                self._decode_step()
 
     def _admit(self, s: _Seq) -> None:
         s.slot = heapq.heappop(self._free)

@@ -54,6 +54,8 @@ def _check_finish(fin) -> None:
         raise APIError(500, f"generation failed: {fin.error}", type="server_error")
     if fin.reason == "cancelled":
         raise APIError(503, "request cancelled: the server is shutting down", code="cancelled")
+    if fin.reason == "timeout":  # the server's --request-timeout (serve/timeouts.py)
+        raise APIError(408, fin.error or "request timed out", type="timeout_error", code="request_timeout")
 
 
 async def _merge(handles: list, metrics: ServerMetrics, endpoint: str, t0: float):
@@ -197,7 +199,11 @@ async def stream_events(kind: str, handles, ctx: dict, first: list, offsets: lis
             if ev.reason in ("stop", "length"):  # the engine releases held-back text at the end
                 yield _sse(chunk(k, ev.text, ev.reason))
             else:  # headers are long gone: report in-band, as OpenAI does for mid-stream errors
-                err = APIError(500 if ev.reason == "error" else 503, ev.error or f"request {ev.reason}")
+                try:
+                    _check_finish(ev)
+                    err = APIError(503, ev.error or f"request {ev.reason}")
+                except APIError as e:  # the same status, type and code as without streaming
+                    err = e
                 yield _sse(err.body())
         metrics.record_request(endpoint, prompt_tokens, done_tokens, t0)
         if req.stream_options and req.stream_options.include_usage:
