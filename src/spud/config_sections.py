@@ -1,11 +1,12 @@
 """Config sections of the data and post-training stages (data mix, cleaning, tokenizer, SFT, RL,
-DPO). spud.config assembles them with the model and training sections into `Config`."""
+DPO), and the model's vision sub-section. spud.config assembles them with the model and training
+sections into `Config`."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from spud.config_base import StrictModel
 
@@ -147,6 +148,17 @@ class RLConfig(StrictModel):
     checkpoint_every: int = Field(20, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     verifier_timeout_s: float = Field(5.0, gt=0)
+    dynamic_sampling: bool = Field(
+        True, description="DAPO dynamic sampling: groups whose rewards are all equal are dropped and "
+        "more prompts drawn until the step has prompts_per_step groups with signal (or max_sample_rounds).")
+    max_sample_rounds: int = Field(3, ge=1, description="Rollout rounds per step with dynamic sampling.")
+    min_level: int = Field(1, ge=1, description="Easiest problem level drawn (built-in arithmetic: 1 one "
+                           "operation, 2 word problem, 3 word problem with number words and distractors).")
+    max_level: int | None = Field(None, ge=1, description="Hardest level drawn; None = the hardest there is.")
+    curriculum_steps: int = Field(0, ge=0, description="Steps over which the hardest level drawn rises "
+                                  "linearly from min_level to max_level; 0 = every level from the start.")
+    eval_split: Literal["heldout", "dev"] = Field(
+        "heldout", description="Split of the periodic pass@1: heldout (test) or dev (to choose settings on).")
 
 
 class DPOConfig(StrictModel):
@@ -164,3 +176,66 @@ class DPOConfig(StrictModel):
     samples_per_prompt: int = Field(8, gt=1, description="Completions sampled to find a right and a wrong one.")
     max_tokens: int = Field(64, gt=0)
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
+
+
+# --------------------------------------------------------------------------------------- vision
+class VisionConfig(StrictModel):
+    """The image path of a vision-language model (`model.vision`; spud.model.vision). None (the
+    default) is a text-only model. An image is resized to image_size², cut into patch_size²
+    patches, encoded, merged pixel_shuffle² patches per token and projected into d_model: it
+    occupies `tokens_per_image` <|image|> positions of the sequence."""
+
+    encoder: str = Field(
+        "vit", description="Image encoder from the model registry: vit (a ViT trained from scratch) "
+        "or hf (a pretrained SigLIP/CLIP vision encoder from a local Hugging Face directory, hf_path).")
+    hf_path: str | None = Field(None, description="Local directory of the HF vision encoder (encoder=hf).")
+    hf_layer: int = Field(-1, description="HF encoder hidden state used (-1 last, -2 penultimate as LLaVA).")
+    image_size: int = Field(32, gt=0, description="Square side in pixels every image is resized to.")
+    patch_size: int = Field(4, gt=0, description="Square patch side in pixels (encoder=hf: the model's).")
+    vit_dim: int = Field(128, gt=0, description="Width of the from-scratch ViT.")
+    vit_layers: int = Field(4, gt=0, description="Transformer blocks of the from-scratch ViT.")
+    vit_heads: int = Field(4, gt=0, description="Attention heads of the from-scratch ViT.")
+    pixel_shuffle: int = Field(2, gt=0, description="k: each k×k patches become one token (1 = off).")
+    projector: Literal["mlp"] = Field("mlp", description="Encoder → d_model: a two-layer GELU MLP.")
+    image_token_id: int | None = Field(
+        None, ge=0, description="Id of <|image|> in the run's tokenizer (set by spud.model.vision.add_vision).")
+    image_mean: list[float] | None = Field(
+        None, description="Per-channel mean after scaling to [0, 1]; None = 0.5 (vit) or the HF "
+        "directory's preprocessor_config.json (hf).")
+    image_std: list[float] | None = Field(None, description="Per-channel std; None as image_mean.")
+
+    @field_validator("encoder")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        from spud.model.registry import unknown_message  # imports torch: only for a VLM config
+
+        msg = unknown_message("vision.encoder", v)
+        if msg:
+            raise ValueError(msg)
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> VisionConfig:
+        if self.encoder == "hf" and not self.hf_path:
+            raise ValueError("encoder='hf' needs hf_path: a local Hugging Face directory holding a "
+                             "SigLIP/CLIP vision model")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size={self.image_size} is not a multiple of "
+                             f"patch_size={self.patch_size}")
+        side = self.image_size // self.patch_size
+        if side % self.pixel_shuffle:
+            raise ValueError(f"pixel_shuffle={self.pixel_shuffle} must divide the {side}×{side} patch "
+                             f"grid (image_size / patch_size)")
+        if self.encoder == "vit" and self.vit_dim % self.vit_heads:
+            raise ValueError(f"vit_dim={self.vit_dim} is not divisible by vit_heads={self.vit_heads}")
+        for name in ("image_mean", "image_std"):
+            v = getattr(self, name)
+            if v is not None and (len(v) != 3 or (name == "image_std" and min(v) <= 0)):
+                raise ValueError(f"{name}={v} must be 3 numbers (R, G, B)"
+                                 + (", all positive" if name == "image_std" else ""))
+        return self
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Sequence positions one image takes: patches after the pixel shuffle."""
+        return (self.image_size // self.patch_size // self.pixel_shuffle) ** 2

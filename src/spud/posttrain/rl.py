@@ -2,8 +2,10 @@
 
 One step:
 1. **Rollouts.** `rl.prompts_per_step` problems are drawn (a pure function of seed and step, so a
-   resumed run draws the same ones), and `rl.group` completions of each are sampled through the
-   serving engine's continuous batching — the same generation path as serve and eval.
+   resumed run draws the same ones) from the levels the curriculum allows, and `rl.group`
+   completions of each are sampled through the serving engine's continuous batching — the same
+   generation path as serve and eval. With dynamic sampling (DAPO), groups whose rewards are all
+   equal are replaced by fresh ones (spud.posttrain.rl_sampling).
 2. **Rewards.** Each completion is judged by its problem's verifier (spud.posttrain.verifiers):
    1 if correct, plus `rl.format_weight` if the answer sits where it belongs. A verifier that
    crashes or times out gives 0 and is counted (`verifier_errors`), never raised.
@@ -25,8 +27,6 @@ and rollouts depend only on (seed, step) and the weights. Ctrl-C saves a checkpo
 
 from __future__ import annotations
 
-import hashlib
-import random
 import shutil
 import time
 from pathlib import Path
@@ -36,7 +36,9 @@ import torch
 from spud.config import Config, _merge, parse_overrides, save_config, validate_config
 from spud.errors import SpudError
 from spud.model.registry import build_model
+from spud.posttrain.rl_sampling import collect, level_cap, level_range, problem_stream, seed_of
 from spud.posttrain.rl_tasks import Problem, load_tasks
+from spud.runtime import set_threads
 from spud.posttrain.verifiers import verify
 from spud.tokenizer import Tokenizer
 from spud.train import checkpoint as ckpt_io
@@ -44,9 +46,7 @@ from spud.train.faults import graceful_stop
 from spud.train.metrics import MetricsLog, truncate_after
 
 
-def _seed(*parts) -> int:
-    """A 56-bit seed from any parts: the same parts give the same draws on every machine."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:7], "big")
+_seed = seed_of  # (dpo and older callers)
 
 
 def generate_many(model, tok: Tokenizer, prompts: list[list[int]], max_tokens: int, temperature: float,
@@ -91,7 +91,7 @@ def evaluate(model, tok: Tokenizer, problems: list[Problem], samples: int = 1, t
         return {"n": 0}
     limit = model.cfg.max_seq_len - max_tokens
     prompts = [prompt_ids(tok, p, limit) for p in problems for _ in range(samples)]
-    seeds = [_seed(seed, "eval", i) for i in range(len(prompts))] if temperature > 0 else None
+    seeds = [seed_of(seed, "eval", i) for i in range(len(prompts))] if temperature > 0 else None
     outs = generate_many(model, tok, prompts, max_tokens, temperature, seeds)
     correct = []
     for i, p in enumerate(problems):
@@ -146,6 +146,7 @@ class RLRun:
             if (src / name).is_file():
                 shutil.copyfile(src / name, out / name)
         self.tok = Tokenizer.load(out / "tokenizer.json")
+        set_threads(cfg.train.threads)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model)
         ckpt_io.load_weights(Path(r.base_checkpoint), self.model, "cpu")
@@ -155,7 +156,8 @@ class RLRun:
             self.ref.load_state_dict(self.model.state_dict())
             self.ref.requires_grad_(False)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=r.lr, betas=(0.9, 0.99), weight_decay=0.0)
-        train, heldout, self.task_summary = load_tasks(r.tasks, r.train_problems, r.heldout_problems, cfg.seed)
+        train, heldout, self.task_summary = load_tasks(r.tasks, r.train_problems, r.heldout_problems, cfg.seed,
+                                                       r.eval_split)
         # A prompt that leaves no room for the answer is skipped and counted, never cut: a question
         # missing its beginning would teach the model to answer a different question.
         limit = cfg.model.max_seq_len - r.max_tokens
@@ -170,6 +172,7 @@ class RLRun:
         if not self.train_set:
             raise SpudError(f"no RL training problem fits the model's context ({limit} prompt tokens "
                             f"after rl.max_tokens={r.max_tokens})")
+        self.levels = level_range(self.train_set, r.min_level, r.max_level)
         self.step = 0
         latest = ckpt_io.latest_checkpoint(out) if resume else None
         if latest is not None:
@@ -187,24 +190,26 @@ class RLRun:
     # ----------------------------------------------------------------------------- one step
     def rollout(self) -> tuple[list, list[float], dict]:
         r = self.cfg.rl
-        rng = random.Random(_seed(self.cfg.seed, "rl-prompts", self.step))
-        problems = rng.sample(self.train_set, min(r.prompts_per_step, len(self.train_set)))
+        lo, hi = self.levels
+        cap = level_cap(lo, hi, r.curriculum_steps, self.step)
+        draw = problem_stream(self.train_set, lo, cap, self.cfg.seed, self.step)
         limit = self.model.cfg.max_seq_len - r.max_tokens
-        prompts = [prompt_ids(self.tok, p, limit) for p in problems for _ in range(r.group)]
-        seeds = [_seed(self.cfg.seed, "rl-sample", self.step, i) for i in range(len(prompts))]
-        outs = generate_many(self.model, self.tok, prompts, r.max_tokens, r.temperature, seeds)
-        rewards, correct, errors = [], 0, 0
-        for i, (ids, text) in enumerate(outs):
-            p = problems[i // r.group]
-            v = verify(p.verifier, text, p.reference, p.tests, r.verifier_timeout_s)
-            rewards.append(float(v.correct) + r.format_weight * float(v.formatted))
-            correct += v.correct
-            errors += v.error is not None
-        rows = [(prompts[i], ids) for i, (ids, _) in enumerate(outs)]
-        stats = {"reward": sum(rewards) / len(rewards), "accuracy": correct / len(outs),
-                 "response_length": sum(len(ids) for ids, _ in outs) / len(outs),
-                 "verifier_errors": errors}
-        return rows, rewards, stats
+
+        def sample(problems: list[Problem], round_: int):
+            prompts = [prompt_ids(self.tok, p, limit) for p in problems for _ in range(r.group)]
+            seeds = [seed_of(self.cfg.seed, "rl-sample", self.step, round_, i) for i in range(len(prompts))]
+            outs = generate_many(self.model, self.tok, prompts, r.max_tokens, r.temperature, seeds)
+            rewards, ok, errors = [], [], 0
+            for i, (_, text) in enumerate(outs):
+                p = problems[i // r.group]
+                v = verify(p.verifier, text, p.reference, p.tests, r.verifier_timeout_s)
+                rewards.append(float(v.correct) + r.format_weight * float(v.formatted))
+                ok.append(bool(v.correct))
+                errors += v.error is not None
+            return [(prompts[i], ids) for i, (ids, _) in enumerate(outs)], rewards, ok, errors
+
+        got = collect(draw, sample, r.prompts_per_step, r.group, r.dynamic_sampling, r.max_sample_rounds)
+        return got.rows, got.rewards, {**got.stats, "level_cap": cap}
 
     def update(self, rows, adv: list[float]) -> dict:
         r = self.cfg.rl
@@ -214,10 +219,13 @@ class RLRun:
         pad = self.tok.pad_id
         chunks = [keep[i:i + r.micro_batch_size] for i in range(0, len(keep), r.micro_batch_size)]
         batches = []
+        # With one pass the sampling policy is the current one: its log-probs are the live ones
+        # detached (ratio exactly 1), so the extra forward that reuse of rollouts needs is skipped.
+        reuse = r.ppo_epochs > 1
         with torch.no_grad():
             for ch in chunks:
                 x, y = _batch([rows[i] for i in ch], pad)
-                old, _ = token_logprobs(self.model, x, y)
+                old = token_logprobs(self.model, x, y)[0] if reuse else None
                 ref = token_logprobs(self.ref, x, y)[0] if self.ref is not None else None
                 batches.append((x, y, torch.tensor([adv[i] for i in ch]).unsqueeze(1), old, ref))
         n_tokens = sum(int((y >= 0).sum()) for _, y, _, _, _ in batches)
@@ -230,7 +238,7 @@ class RLRun:
             for x, y, a, old, ref in batches:
                 mask = (y >= 0).float()
                 logp, entropy = token_logprobs(self.model, x, y)
-                ratio = torch.exp(logp - old)
+                ratio = torch.exp(logp - (old if reuse else logp.detach()))
                 surr = torch.minimum(ratio * a, ratio.clamp(1 - r.clip_low, 1 + r.clip_high) * a)
                 per_token = -surr
                 if ref is not None:
@@ -266,8 +274,8 @@ class RLRun:
         start_eval = None
         if self.step == 0:
             start_eval = self.heldout_pass1()
-            self.log.write("rl_eval", 0, **start_eval)
-            self.console.print(f"held-out pass@1 before RL: {start_eval.get('pass@1', float('nan')):.3f} "
+            self.log.write("rl_eval", 0, split=r.eval_split, **start_eval)
+            self.console.print(f"{r.eval_split} pass@1 before RL: {start_eval.get('pass@1', float('nan')):.3f} "
                                f"({start_eval['n']} problems)")
         interrupted = False
         with graceful_stop() as stop:
@@ -284,11 +292,12 @@ class RLRun:
                     f"rl step {self.step}/{r.steps} reward {rec['reward']:.3f} acc {rec['accuracy']:.3f} "
                     f"len {rec['response_length']:.1f} "
                     + (f"ent {upd['entropy']:.3f} " if upd["entropy"] is not None else "(no signal) ")
+                    + f"groups {rec['groups_kept']}/{rec['groups_sampled']} "
                     + f"rollout {t1 - t0:.1f}s update {t2 - t1:.1f}s")
                 if self.step % r.eval_every == 0 or self.step == r.steps:
                     ev = self.heldout_pass1()
-                    self.log.write("rl_eval", self.step, **ev)
-                    self.console.print(f"  held-out pass@1 {ev.get('pass@1', float('nan')):.3f}")
+                    self.log.write("rl_eval", self.step, split=r.eval_split, **ev)
+                    self.console.print(f"  {r.eval_split} pass@1 {ev.get('pass@1', float('nan')):.3f}")
                 if self.step % r.checkpoint_every == 0 or self.step == r.steps or stop["stop"]:
                     self.save()
                 if stop["stop"]:
@@ -350,7 +359,7 @@ def rl_cmd(run: str, source: str = "chat", tasks: list[str] | None = None, out: 
     out_dir = Path(out) if out else Path(run) / "rl"
     cfg = rl_config(run, source, tasks, out_dir, overrides or [], resume)
     runner = RLRun(cfg, out_dir, console, resume)
-    console.print(f"rl: {len(runner.train_set):,} train / {len(runner.heldout):,} held-out problems from "
+    console.print(f"rl: {len(runner.train_set):,} train / {len(runner.heldout):,} {cfg.rl.eval_split} problems from "
                   f"{', '.join(cfg.rl.tasks)} · {cfg.rl.prompts_per_step}×{cfg.rl.group} rollouts/step · "
                   f"from {cfg.rl.base_checkpoint}")
     summary = runner.run()

@@ -7,7 +7,9 @@ memorised training facts, gets no credit on the held-out split.
 
 - `arithmetic`: multi-step word problems ("3 boxes of 12 eggs and 7 loose eggs") and 2-digit
   sums/differences, in training wordings with training facts; held out: the demo's `multi_step`
-  split (eval-only story wordings, each with a held-out fact).
+  split (eval-only story wordings, each with a held-out fact). Training problems come in three
+  difficulty levels (`ARITH_LEVELS`), so a run can start where the model already earns reward
+  (`rl.difficulty`, `rl.curriculum_steps`; see spud.posttrain.rl_sampling).
 - `program`: "what does this short Python program print" for small straight-line programs, loops
   and branches; program shapes, question wordings and operand tuples are each partitioned by hash.
   The reference output is what the program really prints (run at generation time; the generator's
@@ -16,8 +18,12 @@ memorised training facts, gets no credit on the held-out split.
 A user task is a JSONL file, one problem per line:
   {"prompt": "...", "verifier": "numeric", "reference": "42"}
   {"messages": [{"role": "user", "content": "..."}], "verifier": "code", "reference": "", "tests": "assert f(1) == 2"}
-with an optional "split": "train" | "heldout" (default train). Bad lines are skipped and counted
-with file:line; a file with no usable line is an error.
+with an optional "split": "train" | "heldout" | "dev" (default train) and an optional "level" (an
+integer difficulty ≥ 1 for `rl.difficulty`; problems without one are always drawn). Bad lines are
+skipped and counted with file:line; a file with no usable line is an error.
+
+Two evaluation splits: `heldout` (the test split, reported) and `dev` (the same distribution, no
+question in common with `heldout`), for choosing settings without tuning on the reported numbers.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from spud.errors import SpudError
 from spud.posttrain.verifiers import KINDS
 
 BUILTIN = ("arithmetic", "program")
+EVAL_SPLITS = ("heldout", "dev")
+DEV_SEED_OFFSET = 1_000_003  # dev draws use another seed (and drop any test question)
 
 
 @dataclass
@@ -47,16 +55,27 @@ class Problem:
     key: str = ""          # wording id + operands: what makes two problems the same problem
     facts: tuple = field(default_factory=tuple)
     program: str | None = None  # for "what does it print" problems: the program itself
+    level: int | None = None    # difficulty (1 = easiest); None = not graded, drawn at every level
 
 
 # --------------------------------------------------------------------------------- arithmetic
+ARITH_LEVELS = {
+    1: "one operation: a 2-digit sum or difference (answered with column steps)",
+    2: "two-step word problem, numbers in digits, no distractor sentence",
+    3: "two-step word problem with numbers in words (25 %) and distractor sentences (50 %)",
+}
+
+
 def _arith_train(rng: random.Random) -> Problem | None:
-    if rng.random() < 0.6:
-        s = templates.story(rng, held_out=False, words=0.1, distract=0.2)
+    # Levels in equal shares: the pool is the same whatever rl.difficulty selects from it.
+    level = rng.randint(1, 3)
+    if level > 1:
+        s = templates.story(rng, held_out=False, words=0.25 if level == 3 else 0.0,
+                            distract=0.5 if level == 3 else 0.0)
         if any_held_out(s.facts):
             return None
         return Problem([{"role": "user", "content": s.question}], "numeric", str(s.answer),
-                       key=f"{s.template}|{sorted(s.facts)}", facts=tuple(sorted(s.facts)))
+                       key=f"{s.template}|{sorted(s.facts)}", facts=tuple(sorted(s.facts)), level=level)
     op = rng.choice("+-")
     a, b = rng.randint(10, 99), rng.randint(10, 99)
     if op == "-":
@@ -66,15 +85,20 @@ def _arith_train(rng: random.Random) -> Problem | None:
     tid, q = templates.ask(rng, op, a, b, held_out=False, words=0.1, distract=0.2)
     c = a + b if op == "+" else a - b
     return Problem([{"role": "user", "content": q}], "numeric", str(c), key=f"{tid}|{op}{a},{b}",
-                   facts=(canonical(op, a, b),))
+                   facts=(canonical(op, a, b),), level=1)
 
 
-def _arith_heldout(n: int, seed: int) -> list[Problem]:
+def _arith_heldout(n: int, seed: int, dev: bool = False) -> list[Problem]:
     from spud.posttrain.chat_eval import eval_items  # noqa: PLC0415 - the demo's own split
 
+    items = eval_items("multi_step", n, seed)
+    if dev:  # another draw of the same distribution, minus every question of the test split
+        test = {it.question for it in items}
+        items = [it for it in eval_items("multi_step", 2 * n, seed + DEV_SEED_OFFSET)
+                 if it.question not in test][:n]
     return [Problem([{"role": "user", "content": it.question}], "numeric", str(it.answer),
                     key=f"{it.template}|{it.facts}", facts=it.facts)
-            for it in eval_items("multi_step", n, seed)]
+            for it in items]
 
 
 # ------------------------------------------------------------------------------------ program
@@ -145,11 +169,16 @@ def _draw(make, n: int, seed: str) -> list[Problem]:
 
 
 def builtin_problems(name: str, split: str, n: int, seed: int) -> list[Problem]:
+    """`split`: train, heldout (test) or dev (held out like the test split, disjoint from it)."""
     if name == "arithmetic":
-        if split == "heldout":
-            return _arith_heldout(n, seed)
+        if split in EVAL_SPLITS:
+            return _arith_heldout(n, seed, dev=split == "dev")
         return _draw(_arith_train, n, f"spud-rl/arithmetic/{seed}")
     if name == "program":
+        if split == "dev":
+            test = {p.messages[0]["content"] for p in builtin_problems(name, "heldout", n, seed)}
+            more = _draw(lambda r: _program_problem(r, True), 2 * n, f"spud-rl/program/dev/{seed}")
+            return [p for p in more if p.messages[0]["content"] not in test][:n]
         return _draw(lambda r: _program_problem(r, split == "heldout"), n, f"spud-rl/program/{split}/{seed}")
     raise SpudError(f"unknown built-in RL task {name!r}; built-in tasks: {', '.join(BUILTIN)} "
                     "(or a .jsonl file of problems)")
@@ -160,7 +189,7 @@ def load_problem_file(path: str | Path, max_bad_fraction: float = 0.05) -> tuple
     path = Path(path)
     if not path.is_file():
         raise SpudError(f"RL task file not found: {path}")
-    out: dict[str, list[Problem]] = {"train": [], "heldout": []}
+    out: dict[str, list[Problem]] = {"train": [], "heldout": [], "dev": []}
     skipped, lines = [], 0
     with open(path, encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
@@ -187,46 +216,52 @@ def load_problem_file(path: str | Path, max_bad_fraction: float = 0.05) -> tuple
                     raise ValueError("missing 'reference'")
                 split = rec.get("split", "train")
                 if split not in out:
-                    raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
+                    raise ValueError(f"split must be 'train', 'heldout' or 'dev', not {split!r}")
+                level = rec.get("level")
+                if level is not None and (not isinstance(level, int) or isinstance(level, bool) or level < 1):
+                    raise ValueError(f"'level' must be an integer >= 1, not {level!r}")
                 tests = rec.get("tests")
                 if kind == "code" and not isinstance(tests, str):
                     raise ValueError("a 'code' problem needs a 'tests' string")
-                out[split].append(Problem(msgs, kind, str(rec["reference"]), tests, key=f"{path.name}:{lineno}"))
+                out[split].append(Problem(msgs, kind, str(rec["reference"]), tests, key=f"{path.name}:{lineno}",
+                                         level=level))
             except ValueError as e:  # json.JSONDecodeError is a ValueError
                 skipped.append(f"{path}:{lineno}: {e}")
     bad = sum(1 for s in skipped if not s.endswith("blank line"))
-    if not out["train"] and not out["heldout"]:
+    if not any(out.values()):
         raise SpudError(f"{path}: no usable problem in {lines} lines; first problems: {skipped[:3]}")
     if lines and bad / lines > max_bad_fraction:
         raise SpudError(f"{path}: {bad} of {lines} lines are bad (limit {max_bad_fraction:.0%}); "
                         f"first: {skipped[:3]}")
-    return out, {"file": str(path), "train": len(out["train"]), "heldout": len(out["heldout"]),
-                 "skipped": skipped}
+    return out, {"file": str(path), **{k: len(v) for k, v in out.items()}, "skipped": skipped}
 
 
-def load_tasks(tasks: list[str], n_train: int, n_heldout: int, seed: int) -> tuple[list[Problem], list[Problem], list[dict]]:
-    """→ (train problems, held-out problems, per-task summaries). Train problems that also appear
-    in the held-out set (same prompt text) are dropped: held out means held out."""
+def load_tasks(tasks: list[str], n_train: int, n_heldout: int, seed: int,
+               eval_split: str = "heldout") -> tuple[list[Problem], list[Problem], list[dict]]:
+    """→ (train problems, evaluation problems of `eval_split` — heldout (test) or dev —, per-task
+    summaries). Train problems that also appear in the held-out or dev set (same prompt text) are
+    dropped: held out means held out."""
     if not tasks:
         raise SpudError("no RL tasks given (e.g. --tasks arithmetic or --tasks problems.jsonl)")
-    train, heldout, summaries = [], [], []
+    if eval_split not in EVAL_SPLITS:
+        raise SpudError(f"unknown evaluation split {eval_split!r}: use one of {', '.join(EVAL_SPLITS)}")
+    train, evals, held_prompts, summaries = [], [], set(), []
     for t in tasks:
         if t in BUILTIN:
-            tr = builtin_problems(t, "train", n_train, seed)
-            ho = builtin_problems(t, "heldout", n_heldout, seed)
-            summaries.append({"task": t, "train": len(tr), "heldout": len(ho)})
+            parts = {s: builtin_problems(t, s, n_train if s == "train" else n_heldout, seed)
+                     for s in ("train", *EVAL_SPLITS)}
+            summaries.append({"task": t, **{s: len(v) for s, v in parts.items()}})
         elif t.endswith(".jsonl"):
             parts, summary = load_problem_file(t)
-            tr, ho = parts["train"], parts["heldout"]
             summaries.append({"task": t, **summary})
         else:
             raise SpudError(f"unknown RL task {t!r}: use one of {', '.join(BUILTIN)} or a .jsonl file")
-        train += tr
-        heldout += ho
-    held_prompts = {json.dumps(p.messages) for p in heldout}
+        train += parts["train"]
+        evals += parts[eval_split]
+        held_prompts |= {json.dumps(p.messages) for s in EVAL_SPLITS for p in parts[s]}
     overlap = [p for p in train if json.dumps(p.messages) in held_prompts]
     train = [p for p in train if json.dumps(p.messages) not in held_prompts]
     summaries.append({"train_heldout_overlap_dropped": len(overlap)})
     if not train:
         raise SpudError(f"the RL tasks {', '.join(tasks)} have no training problems")
-    return train, heldout, summaries
+    return train, evals, summaries

@@ -1,0 +1,135 @@
+"""Which problems a `spud rl` step rolls out, and which groups it keeps: curriculum and DAPO's
+dynamic sampling.
+
+Sparse rewards are the problem both solve. A group of G completions whose rewards are all equal
+(all wrong, or all right) has zero group-relative advantage: it costs a rollout and teaches
+nothing. At the start of RL on a small model most groups are all wrong.
+
+- **Difficulty range and curriculum.** Problems may carry a level (built-in arithmetic: 1 one
+  operation, 2 plain word problem, 3 word problem with number words and distractors; a user's
+  JSONL may set "level"). A step draws only levels in [rl.min_level, cap], the cap rising
+  linearly from rl.min_level to rl.max_level over rl.curriculum_steps steps (0 = every level from
+  the start), each allowed level in an equal share — so a run can start where the model already
+  earns some reward and move on to the problems it is judged on. Ungraded problems (level None)
+  are drawn at every step.
+- **Dynamic sampling** (Yu et al. 2025, DAPO §3.2). Groups whose rewards are all equal are
+  dropped and more prompts are drawn and rolled out, until the step holds rl.prompts_per_step
+  groups with signal or rl.max_sample_rounds rounds have run; extra groups are trimmed. Later
+  rounds draw more prompts when few groups survived (the expected number needed, up to 4×), so a
+  step rarely needs many small rounds. Groups with equal rewards are counted in every step's
+  metrics (`groups_equal_all_wrong`, `groups_equal_all_right`, `groups_dropped` when dynamic
+  sampling is on), and every sampled completion in `rollouts`.
+
+Everything is a pure function of (seed, step, weights): a resumed run draws the same problems and
+the same samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from spud.errors import SpudError
+from spud.posttrain.rl_tasks import Problem
+
+
+def seed_of(*parts) -> int:
+    """A 56-bit seed from any parts: the same parts give the same draws on every machine."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:7], "big")
+
+
+def level_range(problems: list[Problem], min_level: int, max_level: int | None) -> tuple[int, int]:
+    """The [lowest, highest] level a run draws from; errors name the fields to change."""
+    graded = sorted({p.level for p in problems if p.level is not None})
+    hi = max_level if max_level is not None else (graded[-1] if graded else min_level)
+    if min_level > hi:
+        raise SpudError(f"rl.min_level={min_level} is above rl.max_level={hi}; lower rl.min_level")
+    if not any(p.level is None or min_level <= p.level <= hi for p in problems):
+        raise SpudError(f"no RL training problem has a level in [rl.min_level={min_level}, "
+                        f"rl.max_level={hi}]; the tasks' levels are {graded}")
+    return min_level, hi
+
+
+def level_cap(lo: int, hi: int, curriculum_steps: int, step: int) -> int:
+    """The hardest level step `step` (0-based) may draw: lo at step 0, hi from `curriculum_steps`
+    on, in equal stages between."""
+    if curriculum_steps <= 0 or hi == lo:
+        return hi
+    return min(hi, lo + math.floor((hi - lo + 1) * step / curriculum_steps))
+
+
+def problem_stream(problems: list[Problem], lo: int, cap: int, seed: int, step: int) -> Iterator[Problem]:
+    """Problems for one step, without repetition: each draw picks an allowed level (equal shares;
+    ungraded problems form a share of their own) and then a problem of that level."""
+    rng = random.Random(seed_of(seed, "rl-prompts", step))
+    pools: dict = {}
+    for p in problems:
+        if p.level is None or lo <= p.level <= cap:
+            pools.setdefault(p.level, []).append(p)
+    ranked = sorted(pools.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))  # a fixed order
+    order = {lv: rng.sample(ps, len(ps)) for lv, ps in ranked}
+    while order:
+        lv = rng.choice(list(order))
+        yield order[lv].pop()
+        if not order[lv]:
+            del order[lv]
+
+
+@dataclass
+class StepRollouts:
+    """The groups a step trains on, plus what it cost to find them."""
+    rows: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (prompt, completion) ids
+    rewards: list[float] = field(default_factory=list)
+    levels: list[int | None] = field(default_factory=list)  # one per kept group
+    stats: dict = field(default_factory=dict)
+
+
+def collect(draw: Iterator[Problem], rollout: Callable[[list[Problem], int], tuple[list, list[float], list[bool], int]],
+            groups: int, group_size: int, dynamic: bool, max_rounds: int) -> StepRollouts:
+    """Roll out `groups` problems; with `dynamic`, replace groups with equal rewards by fresh ones.
+
+    `rollout(problems, round)` → (rows, rewards, correct flags, verifier errors) for
+    `group_size` completions of each problem, in problem order."""
+    out = StepRollouts()
+    sampled = kept_seen = all_wrong = all_right = errors = correct = 0
+    reward_sum = length_sum = 0.0
+    rounds = 0
+    need = groups
+    while need > 0 and rounds < (max_rounds if dynamic else 1):
+        # Ask for what is missing, scaled up by the share of groups that survived so far.
+        survive = kept_seen / sampled if sampled else 1.0
+        ask = need if rounds == 0 else min(4 * groups, math.ceil(need / max(survive, 0.25)))
+        problems = [p for _, p in zip(range(ask), draw)]
+        if not problems:
+            break
+        rows, rewards, ok, errs = rollout(problems, rounds)
+        rounds += 1
+        errors += errs
+        correct += sum(ok)
+        reward_sum += sum(rewards)
+        length_sum += sum(len(c) for _, c in rows)
+        for g, p in enumerate(problems):
+            sl = slice(g * group_size, (g + 1) * group_size)
+            r, hits = rewards[sl], ok[sl]
+            sampled += 1
+            if max(r) == min(r):  # no signal: counted with or without dynamic sampling
+                all_right += any(hits)
+                all_wrong += not any(hits)
+                if dynamic:
+                    continue
+            kept_seen += 1
+            if need > 0:
+                out.rows += rows[sl]
+                out.rewards += r
+                out.levels.append(p.level)
+                need -= 1
+    n = sampled * group_size
+    out.stats = {"reward": reward_sum / max(n, 1), "accuracy": correct / max(n, 1),
+                 "response_length": length_sum / max(n, 1), "verifier_errors": errors,
+                 "rollouts": n, "groups_sampled": sampled, "groups_kept": len(out.levels),
+                 "groups_equal_all_wrong": all_wrong, "groups_equal_all_right": all_right,
+                 "groups_dropped": (all_wrong + all_right) if dynamic else 0, "sample_rounds": rounds}
+    return out

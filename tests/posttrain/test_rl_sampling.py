@@ -1,0 +1,132 @@
+"""spud rl: DAPO dynamic sampling, difficulty levels and curriculum, the dev split."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from spud.errors import SpudError
+from spud.posttrain import rl_tasks
+from spud.posttrain.rl import rl_cmd
+from spud.posttrain.rl_sampling import collect, level_cap, level_range, problem_stream
+from spud.posttrain.rl_tasks import Problem
+from spud.train.metrics import read_metrics
+
+FAST = ["rl.max_tokens=3", "rl.prompts_per_step=4", "rl.group=8", "rl.eval_every=100",
+        "rl.heldout_problems=4", "train.threads=1"]
+
+
+def problem(i: int, kind: str, level: int | None = None) -> Problem:
+    return Problem([{"role": "user", "content": f"q{i}"}], "numeric", kind, key=str(i), level=level)
+
+
+def fake_rollout(group: int):
+    """Rewards fixed by the problem: 'right' all 1, 'wrong' all 0, 'mixed' half and half."""
+    calls = []
+
+    def rollout(problems, round_):
+        calls.append((round_, [p.key for p in problems]))
+        ok = []
+        for p in problems:
+            ok += {"right": [True] * group, "wrong": [False] * group,
+                   "mixed": [j % 2 == 0 for j in range(group)]}[p.reference]
+        rows = [([1], [2, 3]) for _ in ok]
+        return rows, [float(x) for x in ok], ok, 0
+    return rollout, calls
+
+
+def test_dynamic_sampling_drops_equal_groups_and_refills():
+    kinds = ["wrong", "wrong", "right", "mixed"] * 20  # one group in four has signal
+    problems = [problem(i, k) for i, k in enumerate(kinds)]
+    rollout, calls = fake_rollout(4)
+    got = collect(iter(problems), rollout, groups=6, group_size=4, dynamic=True, max_rounds=5)
+    s = got.stats
+    assert s["groups_kept"] == 6 and len(got.rows) == len(got.rewards) == 24
+    for g in range(6):  # every kept group has signal
+        r = got.rewards[g * 4:(g + 1) * 4]
+        assert max(r) > min(r)
+    assert s["sample_rounds"] == len(calls) >= 2
+    assert calls[0][1] == ["0", "1", "2", "3", "4", "5"]  # round 0 asks for exactly the batch
+    assert len(calls[1][1]) > 5  # later rounds ask for more: few groups survived
+    assert s["groups_sampled"] == sum(len(k) for _, k in calls)
+    assert s["groups_dropped"] == s["groups_equal_all_wrong"] + s["groups_equal_all_right"]
+    seen = Counter(kinds[int(k)] for _, keys in calls for k in keys)
+    assert (s["groups_equal_all_wrong"], s["groups_equal_all_right"]) == (seen["wrong"], seen["right"])
+    assert s["rollouts"] == 4 * s["groups_sampled"]
+    # a round cap leaves the step short rather than sampling forever
+    rollout, calls = fake_rollout(4)
+    short = collect(iter(problems), rollout, groups=6, group_size=4, dynamic=True, max_rounds=1)
+    assert short.stats["groups_kept"] == 1 and short.stats["sample_rounds"] == 1
+    # off: one round, every group kept (equal ones carry zero advantage), still counted
+    rollout, calls = fake_rollout(4)
+    off = collect(iter(problems), rollout, groups=6, group_size=4, dynamic=False, max_rounds=5)
+    assert off.stats["groups_kept"] == 6 and off.stats["sample_rounds"] == 1
+    assert off.stats["groups_dropped"] == 0 and off.stats["groups_equal_all_wrong"] == 4
+
+
+def test_curriculum_cap_and_level_mix():
+    assert [level_cap(1, 3, 30, s) for s in (0, 9, 10, 19, 20, 29, 30, 99)] == [1, 1, 2, 2, 3, 3, 3, 3]
+    assert level_cap(1, 3, 0, 0) == 3 and level_cap(2, 2, 10, 0) == 2
+    pool = [problem(i, "x", level=1 + i % 3) for i in range(300)] + [problem(300 + i, "x") for i in range(30)]
+    drawn = list(problem_stream(pool, 1, 2, seed=0, step=5))
+    assert {p.level for p in drawn} == {1, 2, None}  # level 3 is above the cap; ungraded always in
+    assert len(drawn) == len({p.key for p in drawn}) == 100 + 100 + 30  # no repeats, all allowed
+    first = Counter(p.level for p in drawn[:60])
+    assert min(first.values()) >= 12  # equal shares per level, not per problem
+    again = [p.key for p in problem_stream(pool, 1, 2, seed=0, step=5)]
+    assert again == [p.key for p in drawn]  # a pure function of (seed, step): resume draws the same
+    assert again != [p.key for p in problem_stream(pool, 1, 2, seed=0, step=6)]
+
+
+def test_level_range_errors_name_the_fields():
+    pool = [problem(i, "x", level=1 + i % 3) for i in range(9)]
+    assert level_range(pool, 1, None) == (1, 3) and level_range(pool, 2, 2) == (2, 2)
+    with pytest.raises(SpudError, match=r"rl.min_level=3 is above rl.max_level=2"):
+        level_range(pool, 3, 2)
+    with pytest.raises(SpudError, match=r"no RL training problem has a level in \[rl.min_level=4"):
+        level_range(pool, 4, 5)
+
+
+def test_arithmetic_levels_and_dev_split():
+    train = rl_tasks.builtin_problems("arithmetic", "train", 600, 0)
+    levels = Counter(p.level for p in train)
+    assert set(levels) == {1, 2, 3} and min(levels.values()) > 150
+    assert all(len(p.facts) == 1 for p in train if p.level == 1)
+    assert all(len(p.facts) == 2 for p in train if p.level > 1)
+    plain = [p for p in train if p.level == 2]
+    assert all("+" not in p.key.split("|")[0] for p in plain)  # no distractor sentence at level 2
+    assert sum("+" in p.key.split("|")[0] for p in train if p.level == 3) > 50
+    for name in rl_tasks.BUILTIN:
+        test = rl_tasks.builtin_problems(name, "heldout", 60, 0)
+        dev = rl_tasks.builtin_problems(name, "dev", 60, 0)
+        assert len(dev) == 60
+        text = lambda ps: {p.messages[0]["content"] for p in ps}  # noqa: E731
+        assert not text(dev) & text(test)
+        wording = lambda ps: {p.key.split("|")[0].split("+")[0] for p in ps}  # noqa: E731
+        assert not wording(dev) & wording(rl_tasks.builtin_problems(name, "train", 300, 0))
+    assert all(rl_tasks.any_held_out(p.facts) for p in rl_tasks.builtin_problems("arithmetic", "dev", 60, 0))
+
+
+def test_rl_run_logs_dynamic_sampling_and_curriculum(base_run, tmp_path):
+    task = tmp_path / "levels.jsonl"
+    with open(task, "w") as f:
+        for i in range(30):
+            f.write(json.dumps({"prompt": f"Easy {i}: say seven.", "reference": "7", "level": 1}) + "\n")
+            f.write(json.dumps({"prompt": f"Hard {i}: say seven.", "reference": "7", "level": 2}) + "\n")
+        f.write(json.dumps({"prompt": "Dev: say seven.", "reference": "7", "split": "dev"}) + "\n")
+        f.write(json.dumps({"prompt": "Bad level.", "reference": "7", "level": 0}) + "\n")
+    from rich.console import Console
+
+    out = rl_cmd(str(base_run), source="base", tasks=[str(task)], console=Console(quiet=True),
+                 overrides=FAST + ["rl.steps=4", "rl.curriculum_steps=2", "rl.max_sample_rounds=2",
+                                   "rl.eval_split=dev", "rl.eval_every=4"])
+    assert any("'level' must be an integer >= 1" in s for t in out["tasks"] for s in t.get("skipped", []))
+    rows = read_metrics(tmp_path / "base" / "rl" / "metrics.jsonl")
+    steps = [r for r in rows if r["kind"] == "rl"]
+    assert [r["level_cap"] for r in steps] == [1, 2, 2, 2]
+    for r in steps:
+        assert r["groups_kept"] <= 4 and r["groups_sampled"] >= 4 and 1 <= r["sample_rounds"] <= 2
+        assert r["rollouts"] == 8 * r["groups_sampled"]
+        assert r["groups_dropped"] == r["groups_equal_all_wrong"] + r["groups_equal_all_right"]
+    evals = [r for r in rows if r["kind"] == "rl_eval"]
+    assert evals and all(r["split"] == "dev" and r["n"] == 1 for r in evals)
