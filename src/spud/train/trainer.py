@@ -128,6 +128,7 @@ class Trainer:
         self.model = build_model(cfg.model)
         if self.resume_from is None:
             self.init_weights(self.model)
+        self.set_trainable(self.model)  # before the optimizer: frozen weights get no state
         self.model.to(self.device)
         if t.activation_checkpointing:
             distributed.apply_activation_checkpointing(self.model)
@@ -189,6 +190,15 @@ class Trainer:
     def val_available(self) -> bool:
         return self.manifest["val_tokens"] > 0
 
+    def set_trainable(self, model: torch.nn.Module) -> None:
+        """Which weights this run trains (all of them; spud vlm's align stage freezes the
+        language model). Called on every start, resumed or not, before the optimizer is built."""
+
+    def batch_inputs(self, batch: tuple) -> dict:
+        """Model inputs a batch carries beside (x, y), as forward() keywords: none for token
+        batches; spud vlm's batches add the images of their <|image|> positions."""
+        return {}
+
     def init_weights(self, model: torch.nn.Module) -> None:
         """Weights of a fresh run (not a resume): the model's own random init for pretraining, or
         those of train.init_from (continued pretraining, e.g. of a `spud import hf` model)."""
@@ -208,10 +218,12 @@ class Trainer:
         self.model.eval()
         total_loss, total_tokens, total_bytes = 0.0, 0, 0.0
         for _ in range(n):
-            x, y = (v.to(self.device) for v in loader.next_batch())
+            batch = loader.next_batch()
+            x, y = (v.to(self.device) for v in batch[:2])
+            extra = self.batch_inputs(batch)
             with autocast(self.device):
-                if self.dist.parallel == "fsdp":  # through __call__, so FSDP gathers the weights
-                    losses = self.model(x, y, return_per_token_loss=True).float()
+                if self.dist.parallel == "fsdp" or extra:  # through __call__: FSDP gathers the weights
+                    losses = self.model(x, y, return_per_token_loss=True, **extra).float()
                 else:
                     losses = self.model.per_token_loss(x, y).float()
             valid = y >= 0  # -1 = no target (e.g. a prompt position in post-training)
@@ -292,10 +304,12 @@ class Trainer:
         loss_sum = 0.0
         poison = self.step + 1 in self._poison
         for i in range(self.accum):
-            x, y = (v.to(self.device, non_blocking=True) for v in self.train_loader.next_batch())
+            batch = self.train_loader.next_batch()
+            x, y = (v.to(self.device, non_blocking=True) for v in batch[:2])
+            extra = self.batch_inputs(batch)
             with distributed.sync_context(self.dist, self.step_model, self.model, i == self.accum - 1):
                 with autocast(self.device):
-                    loss = self.step_model(x, y)
+                    loss = self.step_model(x, y, **extra)
                 if poison:
                     loss = loss * float("nan")
                 (loss / self.accum).backward()
