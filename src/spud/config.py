@@ -33,6 +33,7 @@ from spud.config_sections import (  # noqa: F401 - re-exported: spud.config is t
     SFTConfig,
     SourceConfig,
     TokenizerConfig,
+    VisionConfig,
 )
 from spud.errors import SpudError
 from spud.model.presets import PRESETS
@@ -76,6 +77,7 @@ class ModelConfig(StrictModel):
     moe_aux_loss: float = Field(0.01, ge=0, description="Weight of the MoE load-balancing loss.")
     mtp_depth: int = Field(0, ge=0, description="Multi-token prediction heads (training only): extra tokens ahead.")
     mtp_weight: float = Field(0.3, ge=0, description="Weight of the multi-token prediction loss.")
+    vision: VisionConfig | None = Field(None, description="Image encoder + projector (a VLM); None = text only.")
 
     @field_validator("plugins")
     @classmethod

@@ -24,6 +24,11 @@ BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END]
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+# The image placeholder of vision-language runs: not in SPECIAL_TOKENS (a text tokenizer's ids
+# stay as they are); `with_image_token` appends it, so every existing id keeps its meaning. An
+# image in a chat renders as `image_tokens` consecutive IMAGE ids (spud.model.vision).
+IMAGE = "<|image|>"
+IMAGE_PART_TYPES = ("image", "image_url")
 # Tool use is written as plain text inside the existing turns, so that adding it needed no new
 # special tokens (every tokenizer already trained keeps working): the tool definitions close the
 # system turn, an assistant's calls follow its content, and a tool's result is a user turn
@@ -80,6 +85,18 @@ class Tokenizer:
         self.end_id = tok.token_to_id(END)
         self.role_ids = {r: tok.token_to_id(t) for r, t in ROLE_TOKENS.items()}
         self.special_ids = {tok.token_to_id(t) for t in SPECIAL_TOKENS}
+        self.image_id: int | None = tok.token_to_id(IMAGE)  # None: a text-only tokenizer
+        if self.image_id is not None:
+            self.special_ids.add(self.image_id)
+
+    def with_image_token(self) -> Tokenizer:
+        """This tokenizer with the <|image|> placeholder appended (a new object; `self` when it
+        already has one). Ids of existing tokens are unchanged; image_id is the old vocab_size."""
+        if self.image_id is not None:
+            return self
+        tok = HFTokenizer.from_str(self._tok.to_str())
+        tok.add_special_tokens([IMAGE])
+        return Tokenizer(tok)
 
     # ------------------------------------------------------------------ load / save / identity
     @classmethod
@@ -102,7 +119,8 @@ class Tokenizer:
         hf_cfg = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
-            "additional_special_tokens": [SYSTEM, USER, ASSISTANT, END],
+            "additional_special_tokens": [SYSTEM, USER, ASSISTANT, END]
+                                         + ([IMAGE] if self.image_id is not None else []),
             "chat_template": CHAT_TEMPLATE,
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1_000_000_000,
@@ -170,7 +188,7 @@ class Tokenizer:
 
     def render_chat(
         self, messages: Sequence[dict], add_generation_prompt: bool = False,
-        tools: Sequence[dict] | None = None,
+        tools: Sequence[dict] | None = None, image_tokens: int | None = None,
     ) -> tuple[list[int], list[int]]:
         """messages → (ids, assistant_mask). The mask is 1 on assistant content and its <|end|>
         (what SFT trains on: the model must learn to stop), 0 elsewhere.
@@ -178,7 +196,12 @@ class Tokenizer:
         Tool use (see TOOL_CALL_OPEN): `tools` are function definitions ({"name", "description",
         "parameters"}), listed at the end of the system turn (one is added when the messages
         have none); an assistant message may carry OpenAI-style `tool_calls`; a "tool" message
-        is its result. Without tools and tool messages the output is unchanged."""
+        is its result. Without tools and tool messages the output is unchanged.
+
+        Images: a message's content may be a list of OpenAI-style parts, {"type": "text",
+        "text": ...} and {"type": "image"} / {"type": "image_url", ...}; each image renders as
+        `image_tokens` <|image|> ids (the model's tokens_per_image; mask 0), in the order
+        `chat_images` lists them. Text parts are joined (no separator) between images."""
         messages = list(messages)
         if tools:
             listing = TOOLS_PREAMBLE + "".join(
@@ -198,14 +221,15 @@ class Tokenizer:
             calls = (m.get("tool_calls") or []) if role == "assistant" else []
             if content is None and calls:
                 content = ""
-            if not isinstance(content, str):
-                raise SpudError(f"message {i}: 'content' must be a string, got {type(content).__name__}")
+            # segments: text runs, and None for each image
+            segments = [content] if isinstance(content, str) else _segments(content, i)
             if role == "tool":
-                role, content = "user", TOOL_RESULT_OPEN + content + TOOL_RESULT_CLOSE
+                role, segments = "user", [TOOL_RESULT_OPEN, *segments, TOOL_RESULT_CLOSE]
             if calls:
-                content += ("\n" if content else "") + "\n".join(_tool_call_text(c, i) for c in calls)
+                text = "\n".join(_tool_call_text(c, i) for c in calls)
+                segments += [("\n" if any(segments) else "") + text]
             try:  # plain text: markers typed into a message stay characters (see class doc)
-                body = self.encode(content) + [self.end_id]
+                body = self._encode_segments(segments, image_tokens) + [self.end_id]
             except SpudError as e:
                 raise SpudError(f"message {i}: {e}") from None
             flag = 1 if role == "assistant" else 0
@@ -215,6 +239,52 @@ class Tokenizer:
             ids.append(self.role_ids["assistant"])
             mask.append(0)
         return ids, mask
+
+
+    def _encode_segments(self, segments: list[str | None], image_tokens: int | None) -> list[int]:
+        """Text runs (adjacent ones joined) encoded as plain text; each None → image ids."""
+        runs: list[str | None] = []
+        for seg in segments:
+            if seg is not None and runs and runs[-1] is not None:
+                runs[-1] += seg
+            else:
+                runs.append(seg)
+        if None in runs:
+            if self.image_id is None:
+                raise SpudError(f"an image part needs the {IMAGE} token, which this tokenizer lacks "
+                                "(a text-only run; `spud vlm` adds it)")
+            if not image_tokens or image_tokens < 1:
+                raise SpudError("an image part needs image_tokens (the model's "
+                                "model.vision.tokens_per_image)")
+        ids: list[int] = []
+        for run in runs:
+            ids += [self.image_id] * image_tokens if run is None else self.encode(run)
+        return ids
+
+
+def _segments(content, i: int) -> list[str | None]:
+    """A list of content parts → text strings and None (an image); clear errors otherwise."""
+    if not isinstance(content, list):
+        raise SpudError(f"message {i}: 'content' must be a string or a list of parts, got "
+                        f"{type(content).__name__}")
+    out: list[str | None] = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            out.append(part["text"])
+        elif kind in IMAGE_PART_TYPES:
+            out.append(None)
+        else:
+            raise SpudError(f"message {i}: content part {j} must be {{'type': 'text', 'text': str}} "
+                            f"or an image ({' / '.join(IMAGE_PART_TYPES)}), got {part!r:.80}")
+    return out
+
+
+def chat_images(messages: Sequence[dict]) -> list[dict]:
+    """The image parts of `messages`, in the order render_chat places their placeholders (so
+    image k's embeddings fill the k-th run of image_tokens <|image|> ids)."""
+    return [p for m in messages if isinstance(m.get("content"), list)
+            for p in m["content"] if isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES]
 
 
 def _tool_call_text(call: dict, i: int) -> str:

@@ -8,6 +8,8 @@ A new architecture is one file under `spud/model/blocks/` (or a plugin module na
   stream x (B, T, d_model), plus `value_embed=` when `model.value_embeds` feeds its layer.
 - `@register_mlp("name")` makes an MLP class available as `model.mlp: name`, built as
   `MLP(d_model, hidden)`.
+- `@register_vision_encoder("name")` makes an image encoder available as
+  `model.vision.encoder: name`, built as `Encoder(vision_cfg, meta)` (spud.model.vision).
 
 Parameter and FLOP counts (flops.py) are measured from the built module, and config validation
 and `spud info` list the choices from here, so neither needs a table entry.
@@ -30,7 +32,8 @@ if TYPE_CHECKING:
 
 BLOCKS: dict[str, type[nn.Module]] = {}
 MLPS: dict[str, type[nn.Module]] = {}
-_KINDS = {"block": BLOCKS, "mlp": MLPS}
+VISION_ENCODERS: dict[str, type[nn.Module]] = {}
+_KINDS = {"block": BLOCKS, "mlp": MLPS, "vision.encoder": VISION_ENCODERS}
 
 C = TypeVar("C", bound=type[nn.Module])
 
@@ -57,11 +60,18 @@ def register_mlp(name: str) -> Callable[[C], C]:
     return _register("mlp", name)
 
 
+def register_vision_encoder(name: str) -> Callable[[C], C]:
+    """Class decorator: make an image encoder available as `model.vision.encoder: <name>`."""
+    return _register("vision.encoder", name)
+
+
 def _builtins() -> None:
     # Imported on first lookup, not at module import: the built-in modules themselves import
     # this one for the decorators.
     import spud.model.blocks  # noqa: F401
     import spud.model.mlp  # noqa: F401
+    import spud.model.vision  # noqa: F401
+    import spud.model.vision_hf  # noqa: F401
 
 
 def load_plugins(modules: list[str]) -> None:
@@ -81,7 +91,7 @@ def load_plugins(modules: list[str]) -> None:
 
 
 def choices(kind: str) -> dict[str, type[nn.Module]]:
-    """Registered entries of a kind ('block' or 'mlp'), name → class."""
+    """Registered entries of a kind ('block', 'mlp' or 'vision.encoder'), name → class."""
     _builtins()
     return dict(_KINDS[kind])
 
@@ -109,6 +119,10 @@ def get_block(name: str) -> type[nn.Module]:
 
 def get_mlp(name: str) -> type[nn.Module]:
     return _get("mlp", name)
+
+
+def get_vision_encoder(name: str) -> type[nn.Module]:
+    return _get("vision.encoder", name)
 
 
 def build_model(cfg: ModelConfig) -> Transformer:

@@ -95,21 +95,40 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             # Share the Parameter itself so optimizers and state_dict see one tensor.
             self.lm_head.weight = self.embed.weight
+        if cfg.vision is not None:  # a VLM (vision.py); a text model has no trace of it
+            from spud.model.vision import VisionTower
+
+            self.vision = VisionTower(cfg, meta=self.embed.weight.is_meta)
         self._stats: dict[str, tuple[torch.Tensor, int]] = {}
 
     # ------------------------------------------------------------------------------ forward
-    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
+                      image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, d_model): everything except the LM head."""
-        return self.norm(self._trunk(idx, kv_cache))
+        return self.norm(self._trunk(idx, kv_cache, image_embeds))
 
-    def _trunk(self, idx: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
-        """The residual stream after the last block (before the final norm)."""
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, S, S) from vision.load_image → (N, tokens_per_image, d_model)."""
+        if self.cfg.vision is None:
+            raise SpudError("this model has no vision tower (model.vision is not set): it reads "
+                            "text only; add one with spud.model.vision.add_vision (spud vlm)")
+        return self.vision(pixels)
+
+    def _trunk(self, idx: torch.Tensor, kv_cache: KVCache | None,
+               image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """The residual stream after the last block (before the final norm). image_embeds
+        (M, d_model) replace the embeddings of the M <|image|> ids in idx (vision.py)."""
         if idx.dim() != 2:
             raise SpudError(f"expected token ids of shape (batch, time), got {tuple(idx.shape)}")
         b, t = idx.shape
         if kv_cache is not None:
             kv_cache.check(b, t)
         x = self.embed(idx)
+        if image_embeds is not None:
+            from spud.model.vision import merge_image_embeds
+
+            image_id = self.cfg.vision.image_token_id if self.cfg.vision is not None else None
+            x = merge_image_embeds(x, idx, image_embeds, image_id)
         if self.drop is not None:
             x = self.drop(x)
         x0, skips, n = x, [], len(self.blocks)
@@ -144,6 +163,8 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         return_per_token_loss: bool = False,
+        image_embeds: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) without targets; with targets the mean cross-entropy (scalar), or
         the (B, T) per-token loss when return_per_token_loss (ignored positions → 0).
@@ -151,8 +172,14 @@ class Transformer(nn.Module):
         Targets equal to -1 are ignored (padding / document masking). In training mode the
         scalar is the training objective: the cross-entropy plus the enabled auxiliary losses
         (MoE balancing, multi-token prediction); `train_stats` reports the parts.
+        Images: image_embeds (M, d_model) for the M <|image|> ids of idx, or images (N, 3, S, S),
+        encoded here (encode_images) and placed the same way.
         """
-        x = self._trunk(idx, kv_cache)
+        if images is not None:
+            if image_embeds is not None:
+                raise SpudError("pass images or image_embeds, not both")
+            image_embeds = self.encode_images(images)
+        x = self._trunk(idx, kv_cache, image_embeds)
         h = self.norm(x)
         if targets is None:
             return self.logits(h)
@@ -226,9 +253,10 @@ class Transformer(nn.Module):
         self._stats = {}
         return out
 
-    def per_token_loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def per_token_loss(self, idx: torch.Tensor, targets: torch.Tensor,
+                       image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) float32 cross-entropy in nats per target token (0 where target == -1)."""
-        return self.forward(idx, targets, return_per_token_loss=True)
+        return self.forward(idx, targets, return_per_token_loss=True, image_embeds=image_embeds)
 
     # ------------------------------------------------------------------------------ helpers
     def new_kv_cache(
@@ -266,13 +294,14 @@ class Transformer(nn.Module):
         )
 
     def forward_slots(
-        self, idx: torch.Tensor, cache: SlotKVCache, slots: list[int], starts: list[int]
+        self, idx: torch.Tensor, cache: SlotKVCache, slots: list[int], starts: list[int],
+        image_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states (B, T, d) for idx (B, T): row i continues the sequence in
         cache slot slots[i], whose first starts[i] positions are already cached. The LM head is
         left to the caller, which usually needs only the last position's logits."""
         cache.bind(slots, starts, idx.shape[1])
-        return self.hidden_states(idx, cache)
+        return self.hidden_states(idx, cache, image_embeds)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters; non_embedding leaves out the vocabulary-sized lookup tables (every
