@@ -49,6 +49,7 @@ from spud.serve.engine_types import (
     TokenEvent,
 )
 from spud.serve.prefix_cache import PrefixCache
+from spud.serve.prompt_images import cache_ids, chunk_inputs
 from spud.serve.speculative import load_draft, make_speculator
 from spud.serve.structured import apply_constraints
 from spud.serve.timeouts import expire_overdue
@@ -171,7 +172,9 @@ class Engine:
             while self._waiting:
                 self._finish(self._waiting.popleft(), "cancelled")
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, images=None) -> RequestHandle:
+        """`images`: a spud.serve.prompt_images.PromptImages for a prompt with image placeholders
+        (one object may be shared by the n choices of a request: it encodes its images once)."""
         prompt = [int(i) for i in prompt_ids]
         if not prompt:
             raise SpudError("the prompt is empty; give at least one token")
@@ -179,6 +182,8 @@ class Engine:
             raise SpudError(f"prompt token ids must be in [0, {self.vocab_size})")
         params.validate(self.vocab_size)
         self._check_context(len(prompt), params.max_tokens)
+        if images is not None:
+            images.check(prompt)
         with self._cv:
             if self._stopping:
                 raise SpudError("the engine is shutting down; not accepting requests")
@@ -190,7 +195,9 @@ class Engine:
             handle = RequestHandle(f"req-{next(self._ids)}", len(prompt), self._wake)
             ends = set() if params.ignore_eos else set(self.end_ids)
             ends |= {int(i) for i in params.stop_token_ids}
-            self._waiting.append(_Seq(handle, prompt, params, ends, self._decode))
+            seq = _Seq(handle, prompt, params, ends, self._decode)
+            seq.images = images
+            self._waiting.append(seq)
             self._stats["requests_total"] += 1
             self._stats["prompt_tokens_total"] += len(prompt)
             self._cv.notify_all()
@@ -295,7 +302,10 @@ class Engine:
         try:
             if self._prefix is not None:  # start the prefill after the cached shared prefix
                 with self._model_lock:
-                    s.prefilled = self._prefix.load(s.prompt, self._cache, s.slot)
+                    s.prefilled = self._prefix.load(cache_ids(s, s.prompt), self._cache, s.slot)
+            if s.images is not None:  # the image encoder runs once per request, here
+                with self._model_lock:
+                    s.images.embeds(self.model)
             self._counts[s.slot].zero_()
             bias = s.params.logit_bias or {}
             self._has_bias[s.slot] = bool(bias)
@@ -314,7 +324,8 @@ class Engine:
             a = s.prefilled
             with self._model_lock:
                 x = torch.tensor([s.prompt[a:a + n]], device=self.device)
-                h = self.model.forward_slots(x, self._cache, [s.slot], [a])
+                h = self.model.forward_slots(x, self._cache, [s.slot], [a],
+                                             **chunk_inputs(s, self.model, a, n))
                 last = a + n == len(s.prompt)
                 logits = self.model.logits(h[:, -1]).float() if last else None
             s.prefilled = a + n
@@ -423,7 +434,8 @@ class Engine:
                 valid = s.length if s.length else s.prefilled
                 try:
                     with self._model_lock:
-                        self._prefix.store((s.prompt + s.out_ids)[:valid], self._cache, s.slot)
+                        self._prefix.store(cache_ids(s, (s.prompt + s.out_ids)[:valid]),
+                                           self._cache, s.slot)
                 except Exception:  # noqa: BLE001 - a cache failure must never keep the slot
                     pass
             heapq.heappush(self._free, s.slot)

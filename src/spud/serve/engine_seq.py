@@ -33,6 +33,7 @@ class Seq:
         self.end_token: int | None = None  # the end id that finished it, if one did
         self.generated = 0
         self.out_ids: list[int] = []  # sampled tokens (the prefix cache stores prompt + these)
+        self.images = None  # a PromptImages (spud.serve.prompt_images) when the prompt has images
         self.done = False
         self.gen: torch.Generator | None = None
         if params.temperature > 0:

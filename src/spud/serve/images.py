@@ -28,11 +28,12 @@ import re
 from dataclasses import dataclass
 
 from spud.errors import SpudError
+from spud.model import vision as model_vision
 from spud.serve.streaming import APIError
 
 MAX_IMAGES = 16  # per request: each costs an encoder forward and tokens_per_image of context
-MAX_IMAGE_BYTES = 20 * 2**20  # per image, decoded (OpenAI's limit)
-MAX_IMAGE_PIXELS = 2**25  # per image (32 megapixels, e.g. 8192 x 4096): bounds decode memory
+# per image: the limits of THE image loader (spud.model.vision), which training data meets too
+MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS = model_vision.MAX_IMAGE_BYTES, model_vision.MAX_IMAGE_PIXELS
 VISION_BODY_BYTES = 50 * 2**20  # request body limit of a server whose model takes images
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # Pillow's names
 MEDIA_TYPES = ("png", "jpeg", "jpg", "webp", "gif")  # image/<type> in the data URL
@@ -156,7 +157,7 @@ def decode_image(ref: ImageRef):
     w, h = image.size
     if w * h > MAX_IMAGE_PIXELS:
         raise _bad(ref, f"the image is {w}x{h} = {w * h} pixels; at most {MAX_IMAGE_PIXELS} pixels are "
-                   "accepted (e.g. 8192x4096); downscale it", code="image_too_large")
+                   "accepted; downscale it", code="image_too_large")
     if w < 1 or h < 1:
         raise _bad(ref, f"the image is {w}x{h} pixels: it has no pixels", code="invalid_image")
     try:  # truncated / corrupt data only shows when the pixels are decompressed
@@ -173,13 +174,11 @@ def load_pixels(refs: list[ImageRef], vision):
     decoded image is held at once."""
     import torch
 
-    from spud.model.vision import load_image
-
     out = []
     for ref in refs:
         image = decode_image(ref)
         try:
-            out.append(load_image(image, vision))
+            out.append(model_vision.load_image(image, vision))
         except SpudError as e:
             raise _bad(ref, str(e), code="invalid_image") from None
         finally:
