@@ -138,3 +138,62 @@ def test_big_images_are_downscaled_before_sending(ui, stub):
     assert url.startswith("data:image/jpeg;base64,")
     sent = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
     assert sent.size == (1536, 512)
+
+
+# ------------------------------------------------------------------------ the real servers
+@pytest.fixture(scope="module")
+def vision_live(serve_run):
+    from tests.serve.conftest import LiveServer
+    from tests.serve.tiny_vlm import vlm_engine
+
+    srv = LiveServer(vlm_engine(serve_run, max_batch=2))
+    yield srv
+    srv.stop()
+
+
+def test_page_sends_an_image_to_a_real_vision_model(browser, vision_live):  # noqa: F811
+    from tests.serve.tiny_vlm import picture
+
+    ui = Page(browser, vision_live.url)
+    try:
+        page = ui.page
+        page.wait_for_function("name => document.getElementById('model-name').textContent === name",
+                               arg=vision_live.engine.model_name)
+        statuses = []
+        page.on("response", lambda r: statuses.append(r.status) if "/v1/chat/completions" in r.url else None)
+        page.click("#settings summary")
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", "6")
+        before = vision_live.engine.stats()["prompt_tokens_total"]
+        attach(ui, ("circle.png", "image/png", picture("circle")))
+        page.wait_for_selector("#attachments .thumb img")
+        ui.send("what is this?")
+        ui.wait_idle()
+        assert statuses == [200] and page.locator(".msg.error").count() == 0
+        assert page.locator(".msg.user .gallery img").count() == 1
+        assert page.locator(".msg.assistant").count() == 1
+        # the engine saw the image's placeholders in the prompt
+        tok = vision_live.engine.tokenizer
+        with_image = tok.render_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                      "text": "what is this?"}]}], True, image_tokens=4)[0]
+        assert vision_live.engine.stats()["prompt_tokens_total"] - before == len(with_image)
+        assert ui.dialogs == [] and ui.errors == []
+    finally:
+        ui.close()
+
+
+def test_page_shows_why_a_text_only_model_refuses_an_image(browser, live):  # noqa: F811
+    ui = Page(browser, live.url)
+    try:
+        page = ui.page
+        page.wait_for_function("document.getElementById('model-name').textContent !== ''")
+        attach(ui, ("red.png", "image/png", png()))
+        page.wait_for_selector("#attachments .thumb img")
+        ui.send("what is this?")
+        page.wait_for_selector(".msg.error")
+        ui.wait_idle()
+        err = page.inner_text(".msg.error .body")
+        assert err.startswith("HTTP 400") and "is text-only and cannot read images" in err
+        assert ui.errors == []
+    finally:
+        ui.close()
