@@ -10,7 +10,7 @@ from rich.table import Table
 
 from spud.config import ModelConfig
 from spud.errors import SpudError
-from spud.model.flops import flops_per_token, param_counts
+from spud.model.flops import flops_per_token, image_flops, param_counts
 from spud.model.presets import PRESETS
 from spud.ui import make_console
 
@@ -78,6 +78,17 @@ def show_info(run: str | None, preset: str | None, vocab: int, seq_len: int | No
         console.print(options_table())
 
 
+def vision_line(model: ModelConfig, params: int) -> str:
+    """One line on the vision tower: shape, tokens per image, parameters, FLOPs per image."""
+    v = model.vision
+    enc = (f"ViT {v.vit_layers}×{v.vit_dim}d" if v.encoder == "vit" else f"{v.encoder} {v.hf_path}")
+    fl = image_flops(model)
+    return (f"vision: {enc}, {v.image_size}px images in {v.patch_size}px patches → "
+            f"{v.tokens_per_image} tokens/image (pixel shuffle {v.pixel_shuffle}), {_fmt(params)} "
+            f"params, {_fmt(fl['forward'])} FLOPs/image forward, {_fmt(fl['training'])} training "
+            f"({_fmt(fl['training_frozen_encoder'])} with the encoder frozen)")
+
+
 def show_run(run: Path, console: Console) -> None:
     from spud.data.shards import load_manifest
     from spud.runs import load_run_config
@@ -92,8 +103,11 @@ def show_run(run: Path, console: Console) -> None:
         console.print(f"model: {cfg.model.d_model}d × {cfg.model.n_layers} layers, "
                       f"{_fmt(counts['total'])} params, {_fmt(fl['training'])} train FLOPs/token")
         opts = {"block": cfg.model.block, "mlp": cfg.model.mlp, **cfg.model.arch_options()}
+        opts.pop("vision", None)
         console.print("architecture: " + ", ".join(f"{k}={v}" for k, v in opts.items()),
                       markup=False, highlight=False)
+        if cfg.model.vision is not None:
+            console.print(vision_line(cfg.model, counts["vision"]), markup=False, highlight=False)
     if (run / "data" / "manifest.json").is_file():
         m = load_manifest(run)  # a corrupt manifest is a clear SpudError, not a traceback
         table = Table(title=f"data mix ({m['train_tokens']:,} train / {m['val_tokens']:,} val tokens)")

@@ -25,6 +25,10 @@ FLOP convention ("model FLOPs", as in the PaLM MFU definition):
   includes multi-token-prediction heads. Flash-attention backward additionally recomputes QKᵀ;
   being rematerialisation, not model work, that is not counted.
 - The LM head (2·d·V per token) is counted, tied or not.
+- A vision tower (model.vision) runs once per image, not per token: `image_flops` counts it
+  (encoder and projector, same conventions; the encoder's attention over all its patches).
+  Image placeholders are ordinary positions of the language model's sequence, so the per-token
+  counts above already cover them.
 """
 
 from __future__ import annotations
@@ -63,11 +67,12 @@ def _numel(params) -> int:
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
-    """{'total', 'embedding', 'non_embedding'}; equals Transformer(cfg).num_params().
+    """{'total', 'embedding', 'non_embedding', 'vision'}; equals Transformer(cfg).num_params().
 
-    'embedding' counts the vocabulary-sized tables: every nn.Embedding (token and value
-    embeddings), plus the LM head when it is not tied (a tied head is the same tensor, counted
-    once).
+    'embedding' counts the vocabulary-sized tables: every nn.Embedding of the language model
+    (token and value embeddings), plus the LM head when it is not tied (a tied head is the same
+    tensor, counted once). 'vision' is the vision tower (encoder + projector; 0 for a text
+    model), part of 'total' and 'non_embedding'.
     """
     _vocab(cfg)
     return dict(_param_counts(cfg.model_dump_json()))
@@ -125,10 +130,38 @@ def _param_counts(key: str) -> tuple[tuple[str, int], ...]:
     shell = _numel(p for p in model.parameters() if id(p) not in in_blocks)
     per_block = {id(b): _numel(b.parameters()) for b in built}
     total = shell + sum(per_block[id(b)] for b in model.blocks._modules.values())
-    embedding = _numel(m.weight for m in model.modules() if isinstance(m, nn.Embedding))
+    embedding = _numel(m.weight for name, m in model.named_modules()
+                       if isinstance(m, nn.Embedding) and not name.startswith("vision."))
     if not cfg.tie_embeddings:
         embedding += model.lm_head.weight.numel()
-    return (("total", total), ("embedding", embedding), ("non_embedding", total - embedding))
+    vision = _numel(model.vision.parameters()) if cfg.vision is not None else 0
+    return (("total", total), ("embedding", embedding), ("non_embedding", total - embedding),
+            ("vision", vision))
+
+
+def vision_shape(cfg: ModelConfig) -> dict[str, int]:
+    """The vision encoder's sizes as built (an HF encoder's come from its directory): tokens
+    (patches, plus CLIP's CLS), width, layers (those kept), heads, mlp_hidden."""
+    enc = _meta_model(cfg.model_dump_json()).vision.encoder
+    return {"tokens": enc.n_tokens + (getattr(enc, "family", "") == "clip"), "width": enc.width,
+            "layers": enc.n_layers, "heads": enc.heads, "mlp_hidden": enc.mlp_hidden}
+
+
+def image_flops(cfg: ModelConfig) -> dict[str, int]:
+    """Matmul FLOPs per image of the vision tower: {'encoder', 'projector', 'forward',
+    'training' (everything trained: 3 × forward, less the patch embedding's input gradient,
+    which pixels never need), 'training_frozen_encoder' (the encoder's forward only, the
+    projector trained: 3 × its forward less its first layer's input gradient)}; all 0 for a
+    text-only model. tests/model/test_vision*.py check them against FlopCounterMode."""
+    keys = ("encoder", "projector", "forward", "training", "training_frozen_encoder")
+    if cfg.vision is None:
+        return dict.fromkeys(keys, 0)
+    _vocab(cfg)
+    p = _meta_model(cfg.model_dump_json()).vision.flops_per_image()
+    fwd = p["encoder"] + p["projector"]
+    return {"encoder": p["encoder"], "projector": p["projector"], "forward": fwd,
+            "training": 3 * fwd - p["patch_embed"],
+            "training_frozen_encoder": p["encoder"] + 3 * p["projector"] - p["projector_in"]}
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, int]:

@@ -30,6 +30,14 @@ survives the forward, p·s·b·h per layer, plus one block's full activations du
 
 KV cache for serving: n_layers · 2 (K and V) · n_kv_heads · head_dim · bytes · tokens.
 
+Vision tower (model.vision), per image, counted the same way over its t encoder tokens of width
+w (heads a, MLP hidden f, L layers) and the projector's tokens_per_image outputs of width d:
+    encoder:   L·(p·t·(8w + 2f) + 4·t·a) + p·t·(3·patch² + w)   (a GELU-MLP pre-norm block per
+               layer; the patch embedding's input and the final norm's)
+    projector: p·tokens_per_image·(k²·w + 2d)                    (fc1 input, fc1 output, GELU)
+With a frozen encoder only the projector's activations are kept. Its weights are in the parameter
+count (param_counts 'vision'), so model state and serving weights include them.
+
 These are estimates: allocator fragmentation, CUDA context (~0.5-1 GiB) and temporary buffers
 are not modelled, so `fits` keeps a safety margin.
 """
@@ -114,6 +122,23 @@ def activation_bytes(
     return cfg.n_layers * layer + head
 
 
+def vision_activation_bytes(cfg: ModelConfig, images: int, precision: str = "bf16",
+                            train_encoder: bool = True) -> float:
+    """Activations the vision tower keeps for backward for `images` images (module doc); 0 for a
+    text-only model."""
+    if cfg.vision is None or images == 0:
+        return 0.0
+    from spud.model.flops import vision_shape
+
+    p, v = _bytes(precision), cfg.vision
+    sh = vision_shape(cfg)
+    t, w = sh["tokens"], sh["width"]
+    projector = p * v.tokens_per_image * (v.pixel_shuffle**2 * w + 2 * cfg.d_model)
+    encoder = sh["layers"] * (p * t * (8 * w + 2 * sh["mlp_hidden"]) + 4 * t * sh["heads"])
+    encoder += p * t * (3 * v.patch_size**2 + w)
+    return images * (projector + (encoder if train_encoder else 0))
+
+
 def kv_cache_bytes(cfg: ModelConfig, tokens: float, precision: str = "bf16") -> float:
     """KV cache for `tokens` cached positions (summed over all sequences in the batch)."""
     return cfg.n_layers * 2 * cfg.kv_heads * cfg.dim_head * _bytes(precision) * tokens
@@ -126,10 +151,13 @@ def training_memory(
     precision: str = "bf16",
     fsdp: int = 1,
     checkpointing: bool = False,
+    images: int = 0,
 ) -> MemoryEstimate:
-    """Per-device memory to train `cfg` with AdamW (module doc conventions)."""
+    """Per-device memory to train `cfg` with AdamW (module doc conventions); `images` per
+    micro-batch add the vision tower's activations."""
     state = model_state_bytes(param_counts(cfg)["total"], precision, fsdp)
     act = activation_bytes(cfg, micro_batch, seq_len, precision, checkpointing)
+    act += vision_activation_bytes(cfg, images, precision)
     return MemoryEstimate(**state, activations=act)
 
 

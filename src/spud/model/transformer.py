@@ -308,8 +308,9 @@ class Transformer(nn.Module):
         nn.Embedding: the token embedding and any value embeddings) and the LM head when untied,
         the convention of scaling-law parameter counts."""
         n = sum(p.numel() for p in self.parameters())  # parameters() already dedups ties
-        if non_embedding:
-            n -= sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
+        if non_embedding:  # the language model's tables (a vision encoder's are not vocabulary)
+            n -= sum(m.weight.numel() for name, m in self.named_modules()
+                     if isinstance(m, nn.Embedding) and not name.startswith("vision."))
             if not self.cfg.tie_embeddings:
                 n -= self.lm_head.weight.numel()
         return n

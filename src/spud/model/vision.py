@@ -141,12 +141,12 @@ class ViTAttention(nn.Module):
 class ViTBlock(nn.Module):
     """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)), with spud's RMSNorm and GELU MLP."""
 
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, hidden: int) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(dim)
         self.attn = ViTAttention(dim, heads)
         self.mlp_norm = RMSNorm(dim)
-        self.mlp = GELU(dim, 4 * dim)
+        self.mlp = GELU(dim, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x))
@@ -162,10 +162,12 @@ class ViTEncoder(nn.Module):
         super().__init__()
         self.patch = cfg.patch_size
         self.n_tokens = (cfg.image_size // cfg.patch_size) ** 2
-        self.width = cfg.vit_dim
+        self.width, self.n_layers, self.heads = cfg.vit_dim, cfg.vit_layers, cfg.vit_heads
+        self.mlp_hidden = 4 * cfg.vit_dim
         self.patch_embed = linear(3 * self.patch**2, cfg.vit_dim)
         self.pos_embed = nn.Parameter(torch.empty(self.n_tokens, cfg.vit_dim))
-        self.blocks = nn.ModuleList(ViTBlock(cfg.vit_dim, cfg.vit_heads) for _ in range(cfg.vit_layers))
+        self.blocks = nn.ModuleList(ViTBlock(cfg.vit_dim, cfg.vit_heads, self.mlp_hidden)
+                                    for _ in range(cfg.vit_layers))
         self.norm = RMSNorm(cfg.vit_dim)
         init_weights(self, 0.02, cfg.vit_layers)
         nn.init.normal_(self.pos_embed, std=0.02)
@@ -174,10 +176,11 @@ class ViTEncoder(nn.Module):
     def default_stats(cfg: VisionConfig) -> tuple[list[float], list[float]]:
         return [0.5] * 3, [0.5] * 3
 
-    def flops_per_image(self) -> int:
+    def flops_per_image(self) -> tuple[float, float]:
+        """(all matmul FLOPs of one image, those of the patch embedding alone)."""
         n = self.n_tokens
-        blocks = sum(_module_flops(b, n) for b in self.blocks)
-        return n * (2 * self.patch_embed.weight.numel() + blocks)
+        patch = n * 2 * self.patch_embed.weight.numel()
+        return patch + n * sum(_module_flops(b, n) for b in self.blocks), patch
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         n, c, h, w = pixels.shape
@@ -240,8 +243,13 @@ class VisionTower(nn.Module):
         return 0
 
     def flops_per_image(self) -> dict[str, int]:
-        proj = self.cfg.tokens_per_image * _module_flops(self.projector, 1)
-        return {"encoder": round(self.encoder.flops_per_image()), "projector": round(proj)}
+        """Forward matmul FLOPs of one image: encoder, projector, and the two matmuls whose input
+        needs no gradient in training (patch embedding: pixels; fc1: a frozen encoder's output)."""
+        t = self.cfg.tokens_per_image
+        encoder, patch = self.encoder.flops_per_image()
+        out = {"encoder": encoder, "projector": t * _module_flops(self.projector, 1),
+               "patch_embed": patch, "projector_in": t * 2 * self.projector.fc1.weight.numel()}
+        return {k: round(v) for k, v in out.items()}
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         s = self.cfg.image_size

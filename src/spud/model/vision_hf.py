@@ -78,6 +78,20 @@ def _model_class(family: str):
     return transformers.CLIPVisionModel, transformers.CLIPVisionConfig
 
 
+def _load_weights(model_cls, path: Path) -> nn.Module:
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a per-tensor bar for a few ms of loading is noise
+    try:
+        return model_cls.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise SpudError(f"{path}: cannot load the vision weights ({e})") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 @register_vision_encoder("hf")
 class HFVisionEncoder(nn.Module):
     """A SigLIP or CLIP vision transformer; yields its patch states (CLIP's CLS state dropped)."""
@@ -101,11 +115,7 @@ class HFVisionEncoder(nn.Module):
         if meta:  # flops.py counts on the meta device: shapes only, no file reads
             model = model_cls(hf_cfg)
         else:
-            try:
-                model = model_cls.from_pretrained(str(path), local_files_only=True)
-            except (OSError, ValueError) as e:
-                raise SpudError(f"{path}: cannot load the vision weights ({e})") from None
-            model = model.float()
+            model = _load_weights(model_cls, path).float()
         core = getattr(model, "vision_model", model)  # transformers 4.x nests it, 5.x does not
         del core.encoder.layers[keep:]
         self.family = family
@@ -121,6 +131,7 @@ class HFVisionEncoder(nn.Module):
         self.width = hf_cfg.hidden_size
         self.n_tokens = (hf_cfg.image_size // hf_cfg.patch_size) ** 2
         self.n_layers = keep
+        self.heads, self.mlp_hidden = hf_cfg.num_attention_heads, hf_cfg.intermediate_size
 
     @staticmethod
     def default_stats(cfg: VisionConfig) -> tuple[list[float], list[float]]:
@@ -136,17 +147,18 @@ class HFVisionEncoder(nn.Module):
             mean, std = raw.get("image_mean", mean), raw.get("image_std", std)
         return list(mean), list(std)
 
-    def flops_per_image(self) -> float:
-        """Matmul FLOPs of one image (flops.py convention): the patch convolution, every Linear
-        once per token, QKᵀ and AV over all tokens per layer."""
+    def flops_per_image(self) -> tuple[float, float]:
+        """(matmul FLOPs of one image, those of the patch convolution alone), flops.py
+        convention: the convolution once per patch, every Linear once per token, QKᵀ and AV
+        over all tokens in every layer."""
         t = self.n_tokens + (self.family == "clip")  # CLIP adds a CLS token
-        total = 0.0
+        patch = linears = 0.0
         for m in self.core.modules():
             if isinstance(m, nn.Conv2d):
-                total += 2 * m.weight.numel() * self.n_tokens
+                patch += 2 * m.weight.numel() * self.n_tokens
             elif isinstance(m, nn.Linear):
-                total += 2 * m.weight.numel() * t
-        return total + self.n_layers * 4 * t * t * self.width
+                linears += 2 * m.weight.numel() * t
+        return patch + linears + self.n_layers * 4 * t * t * self.width, patch
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         h = self.core.embeddings(pixels)
