@@ -221,3 +221,10 @@ def test_engine_api_whole_prompt_prefill_and_speculation(serve_run, reference, l
             engine.submit(ids, SamplingParams(max_tokens=1), images=PromptImages(pics.pixels[:1], pics.image_id, 4))
     finally:
         engine.shutdown(True)
+
+
+def test_startup_banner_says_images_are_taken(vserver, live):
+    from spud.serve.server import _banner
+
+    assert f"each image is {TOKENS_PER_IMAGE} prompt tokens" in _banner(vserver.engine, "127.0.0.1", 8000, None)
+    assert "images:" not in _banner(live.engine, "127.0.0.1", 8000, None)

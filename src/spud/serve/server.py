@@ -64,6 +64,12 @@ def _banner(engine, host: str, port: int, api_key: str | None) -> str:
             # how people first poke at it), but the replies are continuations, not answers
             which += ("  note:  a base (pretrained) model, not fine-tuned for chat: "
                       "/v1/completions continues text; /v1/chat/completions only continues the chat template\n")
+    from spud.serve.images import vision_of
+
+    vision = vision_of(engine)
+    if vision is not None:
+        which += (f"  images: chat messages take image_url parts (base64 data: URLs); each image is "
+                  f"{vision.tokens_per_image} prompt tokens\n")
     return (
         f"Serving model {engine.model_name!r} (context {engine.max_context} tokens) at {url}/v1\n"
         f"{which}"
