@@ -109,7 +109,7 @@ def parse_data_url(ref: ImageRef) -> str:
     """→ the base64 payload of a data URL the server accepts; an APIError saying what is wrong
     otherwise. Nothing is decoded here."""
     url = ref.url
-    scheme = url.split(":", 1)[0].lower() if ":" in url[:16] else ""
+    scheme = url[:16].split(":", 1)[0].lower() if ":" in url[:16] else ""  # (never copy the payload)
     if scheme in ("http", "https"):
         raise _bad(ref, "remote image URLs are not supported: this server is offline and fetches nothing; "
                    "send the image inline as a data URL (data:image/png;base64,<base64 bytes>)")
