@@ -266,8 +266,9 @@ def test_slot_cache_prefill_with_images_equals_full_forward(vlm):
 
 
 # --------------------------------------------------------------------------- add_vision
-def test_add_vision_keeps_text_behaviour_and_grows_the_vocab(tiny):
-    text = Transformer(tiny()).eval()  # vocab 256
+@pytest.mark.parametrize("kw", [{}, dict(tie_embeddings=False, value_embeds=1)])
+def test_add_vision_keeps_text_behaviour_and_grows_the_vocab(tiny, kw):
+    text = Transformer(tiny(**kw)).eval()  # vocab 256
     vision = VisionConfig(**{**VISION, "image_token_id": None})
     vlm = add_vision(text, vision, image_id=256).eval()
     assert vlm.cfg.vocab_size == 320 and vlm.cfg.vision.image_token_id == 256
@@ -281,3 +282,28 @@ def test_add_vision_keeps_text_behaviour_and_grows_the_vocab(tiny):
     # the config round-trips through JSON (checkpoints store it) and rebuilds the same model
     again = Transformer(ModelConfig.model_validate_json(vlm.cfg.model_dump_json()))
     again.load_state_dict(vlm.state_dict())
+
+
+def test_vlm_checkpoint_roundtrip_in_the_one_format(vlm, tiny, tmp_path):
+    """VLM weights live in the same model.safetensors under `vision.`; a text model built from a
+    config without model.vision refuses them with a clear error."""
+    from spud.train.checkpoint import load_weights, save_checkpoint
+
+    model = vlm()
+    ckpt = save_checkpoint(tmp_path, 5, model, None, {}, None, keep=1)
+    again = Transformer(model.cfg)
+    load_weights(ckpt, again)
+    idx, px = _prompt(1), torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(idx, images=px), model(idx, images=px))
+    with pytest.raises(SpudError, match="unexpected.*vision"):
+        load_weights(ckpt, Transformer(tiny()))
+
+
+def test_bf16_autocast_forward_and_backward(vlm):
+    model = vlm().train()
+    idx = _prompt(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(idx, idx.roll(-1, 1), images=torch.randn(2, 3, 16, 16))
+    loss.backward()
+    assert torch.isfinite(loss) and model.vision.encoder.patch_embed.weight.grad is not None
