@@ -31,6 +31,18 @@ def cmd_dpo(args) -> int:
     return 130 if summary.get("interrupted") else 0
 
 
+def cmd_vlm(args) -> int:
+    from spud.posttrain.vlm import vlm_cmd
+
+    overrides = list(args.overrides or [])
+    for flag, key in ((args.align_steps, "vlm.align_steps"), (args.steps, "vlm.steps")):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    summary = vlm_cmd(args.run, source=args.source, data=args.data, out=args.out, overrides=overrides,
+                      resume=args.resume)
+    return 130 if summary.get("interrupted") else 0
+
+
 def register(verbs) -> None:
     p = verbs.add_parser("sft", help="supervised fine-tuning of a pretrained run into a chat model (RUN/chat)")
     p.add_argument("run", help="pretrained run directory")
@@ -64,3 +76,18 @@ def register(verbs) -> None:
                    help="which model of RUN to start from (default: chat)")
     p.add_argument("--out", default=None, help="output run directory (default RUN/dpo)")
     p.set_defaults(func=cmd_dpo)
+
+    p = verbs.add_parser("vlm", help="add vision: an image encoder, align then multimodal SFT → RUN/vlm")
+    p.add_argument("run", help="run directory (with a chat model, or --from base/rl/dpo)")
+    p.add_argument("overrides", nargs="*",
+                   help="config overrides, e.g. vlm.text_weight=0.5 model.vision.vit_layers=2")
+    p.add_argument("--from", dest="source", choices=["chat", "base", "rl", "dpo"], default=None,
+                   help="which model of RUN gets the vision tower (default: chat)")
+    p.add_argument("--data", action="extend", nargs="+", default=None,
+                   help="image chat files as PATH[:WEIGHT] (.jsonl with image parts, .parquet with image "
+                        "bytes) and/or 'builtin' (default: builtin)")
+    p.add_argument("--align-steps", type=int, default=None, help="steps of the align stage (vlm.align_steps)")
+    p.add_argument("--steps", type=int, default=None, help="steps of the multimodal SFT stage (vlm.steps)")
+    p.add_argument("--out", default=None, help="output run directory (default RUN/vlm)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted spud vlm exactly")
+    p.set_defaults(func=cmd_vlm)

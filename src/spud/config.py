@@ -34,6 +34,7 @@ from spud.config_sections import (  # noqa: F401 - re-exported: spud.config is t
     SourceConfig,
     TokenizerConfig,
     VisionConfig,
+    VLMConfig,
 )
 from spud.errors import SpudError
 from spud.model.presets import PRESETS
@@ -241,6 +242,7 @@ class Config(StrictModel):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
+    vlm: VLMConfig = Field(default_factory=VLMConfig)
 
     @property
     def seq_len(self) -> int:

@@ -178,6 +178,40 @@ class DPOConfig(StrictModel):
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
 
 
+# ------------------------------------------------------------------------------------------ vlm
+class VLMConfig(StrictModel):
+    """The vision stages `spud vlm` adds to a run (spud.posttrain.vlm): align (the new vision
+    tower learns to caption while the language model is frozen), then multimodal SFT of the whole
+    model on image questions mixed with the text SFT data."""
+
+    source: Literal["chat", "base", "rl", "dpo"] = Field("chat", description="Which model of the run to start from.")
+    base_run: str | None = Field(None, description="Run the VLM starts from (set by spud vlm).")
+    base_checkpoint: str | None = Field(None, description="Checkpoint loaded at step 0 (set by spud vlm).")
+    data: list[str] = Field(default_factory=lambda: ["builtin"], description=(
+        "Image chat data as 'path[:weight]' (.jsonl with image parts naming local files, or .parquet "
+        "with image bytes); 'builtin' = the generated pictures (spud.data.images)."))
+    text_data: list[str] = Field(default_factory=lambda: ["builtin"], description=(
+        "Text chat data mixed into the SFT stage (spud sft's --data format); [] = none."))
+    text_weight: float = Field(1.0, ge=0, description="Share of text conversations in the SFT stage, "
+                               "relative to the image data's total weight of 1.")
+    builtin_images: int = Field(12000, gt=0, description="Pictures generated for 'builtin'.")
+    val_images: int = Field(256, ge=0, description="Extra training-split pictures for the validation loss.")
+    align_steps: int = Field(150, gt=0, description="Steps of the align stage.")
+    align_lr: float = Field(2e-3, gt=0)
+    align_encoder: bool | None = Field(None, description="Train the encoder in the align stage (None: "
+                                       "yes for the from-scratch vit, no for a pretrained hf encoder).")
+    steps: int = Field(500, gt=0, description="Steps of the multimodal SFT stage.")
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    micro_batch_size: int = Field(16, gt=0)
+    val_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of user conversations held out (by hash).")
+    max_bad_fraction: float = Field(0.05, ge=0, le=1, description="Error out above this share of bad records.")
+    eval_every: int = Field(100, gt=0)
+    eval_batches: int = Field(4, gt=0)
+    checkpoint_every: int = Field(100, gt=0)
+
+
 # --------------------------------------------------------------------------------------- vision
 class VisionConfig(StrictModel):
     """The image path of a vision-language model (`model.vision`; spud.model.vision). None (the

@@ -8,7 +8,7 @@ e.g. "rl": "rl"; every --model flag and spud.runs.choose_model follow this mappi
 
 from __future__ import annotations
 
-MODEL_DIRS: dict[str, str] = {"base": "", "chat": "chat", "rl": "rl", "dpo": "dpo"}
+MODEL_DIRS: dict[str, str] = {"base": "", "chat": "chat", "rl": "rl", "dpo": "dpo", "vlm": "vlm"}
 MODELS: tuple[str, ...] = tuple(MODEL_DIRS)
 # Models fine-tuned on the chat template (their prompts are chat-rendered); "base" continues text.
-CHAT_MODELS: tuple[str, ...] = ("chat", "rl", "dpo")
+CHAT_MODELS: tuple[str, ...] = ("chat", "rl", "dpo", "vlm")  # vlm: a chat model that also reads images

@@ -55,7 +55,9 @@ class ModelChoice:
 def _model_kind(cfg: Config) -> str:
     """What a checkpoint *is*, from its own config: each post-training stage records the checkpoint
     it started from (an RL model started from a chat model keeps the sft section too)."""
-    if cfg.dpo.base_checkpoint:  # the last stage a checkpoint went through names it
+    if cfg.vlm.base_checkpoint:  # the last stage a checkpoint went through names it
+        return "vlm"  # (spud vlm starts from a text model, so it is always the last)
+    if cfg.dpo.base_checkpoint:
         return "dpo"
     if cfg.rl.base_checkpoint:
         return "rl"
@@ -99,7 +101,8 @@ def choose_model(run_dir: str | Path, model: str = "base", checkpoint: str | int
         else:
             how = {"chat": f"; make one with: spud sft {run}",
                    "rl": f"; make one with: spud rl {run}",
-                   "dpo": f"; make one with: spud dpo {run}"}.get(model, "")
+                   "dpo": f"; make one with: spud dpo {run}",
+                   "vlm": f"; make one with: spud vlm {run}"}.get(model, "")
             raise SpudError(f"{run} has no {model} model ({where} holds no complete checkpoint){how}")
     ckpt = ckpt_io.resolve_checkpoint(where, checkpoint)
     state = ckpt_io.read_state(ckpt)

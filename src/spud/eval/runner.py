@@ -31,7 +31,7 @@ from rich.progress import (
 from rich.table import Table
 
 from spud.errors import SpudError
-from spud.eval import batch_scorer, decontam, math_norm, sandbox, scoring
+from spud.eval import batch_scorer, decontam, math_norm, sandbox, scoring, vqa
 from spud.eval.intrinsic import intrinsic_metrics
 from spud.eval.tasks import Example, Task, load_tasks
 from spud.model_kinds import CHAT_MODELS
@@ -223,9 +223,11 @@ def run_eval(
     if decontam_tokens is not None and decontam_tokens < 0:
         raise SpudError(f"--decontam-tokens must be >= 0 (0 = skip the check), got {decontam_tokens}")
     console = console or make_console()
-    task_list = load_tasks(tasks, seed)  # before the model: a bad spec fails fast
+    vqa_specs, tasks = vqa.split_specs(tasks)  # picture questions: spud.eval.vqa runs them
+    task_list = load_tasks(tasks, seed) if tasks else []  # before the model: a bad spec fails fast
     choice = choose_model(run_dir, model, checkpoint)
-    check_prompt_format(choice, chat, force)
+    if task_list:  # the vqa tasks always use the chat template: the only way to show a picture
+        check_prompt_format(choice, chat, force)
     console.print(f"evaluating the {choice.describe()}")
     net, tok, cfg = load_choice(choice, device)
     for t in task_list:
@@ -269,11 +271,14 @@ def run_eval(
                 bar.advance(job)
             results["tasks"][task.name] = task_metrics(task, rows, time.monotonic() - start, seed)
             _write_jsonl(out_dir / f"{_safe(task.name)}.jsonl", rows)
+    if vqa_specs:
+        with console.status("vqa: answering questions about the held-out pictures"):
+            results["tasks"].update(vqa.run_vqa(net, tok, cfg, vqa_specs, limit, seed, out_dir, console))
 
     centred = [r["centered"] for r in results["tasks"].values()]
     results["aggregate"] = {"centered_mean": sum(centred) / len(centred), "tasks": len(centred),
                             "method": "mean over tasks of (value - baseline) / (1 - baseline)"}
-    if decontam_tokens != 0:  # held out means held out: scan what this model trained on
+    if decontam_tokens != 0 and task_list:  # held out means held out: scan what this model trained on
         with console.status("decontamination: scanning the training data for the eval examples"):
             report = decontam.check(decontam.task_probes(task_list), choice.run, max_tokens=decontam_tokens)
         for name, rates in report.pop("tasks").items():

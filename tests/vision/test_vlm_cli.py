@@ -1,0 +1,101 @@
+"""`spud vlm RUN` on a tiny run with a chat model: the stages, the checkpoint they leave, exact
+resume, bad input, and `spud eval RUN --model vlm --tasks vqa`."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spud.errors import SpudError
+from spud.posttrain.vlm import vlm_cmd
+from spud.runs import choose_model, load_model
+from spud.train.metrics import read_metrics
+from vision_helpers import VLM_OVERRIDES
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "spud", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def weights(run, step):
+    return load_file(run / "checkpoints" / f"step_{step:07d}" / "model.safetensors")
+
+
+def losses(run):
+    return [r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+
+
+def test_spud_vlm_adds_a_vision_tower_and_leaves_a_servable_vlm(chat_run):
+    r = run_cli("vlm", str(chat_run), *VLM_OVERRIDES)
+    assert r.returncode == 0, r.stderr
+    choice = choose_model(chat_run, "vlm")
+    assert choice.run == chat_run / "vlm" and choice.step == 4
+    model, tok, cfg, _ = load_model(chat_run, model="vlm", device="cpu")
+    assert cfg.model.vision is not None and tok.image_id == cfg.model.vision.image_token_id
+    assert model.embed.weight.shape[0] == cfg.model.vocab_size > tok.image_id
+    assert json.loads((chat_run / "vlm" / "vlm_data.json").read_text())["sources"][1]["source"] == "builtin"
+
+    chat = weights(chat_run / "chat", 5)
+    align = weights(chat_run / "vlm" / "align", 3)
+    final = weights(chat_run / "vlm", 4)
+    lm_keys = [k for k in chat]
+    assert lm_keys and all(not k.startswith("vision.") for k in lm_keys)
+    for k in lm_keys:  # the align stage trained the vision tower only
+        rows = chat[k].shape[0]
+        assert torch.equal(align[k][:rows], chat[k]), k
+    assert any(k.startswith("vision.encoder.") for k in align)
+    assert any(not torch.equal(final[k][:chat[k].shape[0]], chat[k]) for k in lm_keys)  # SFT trains the LM too
+
+    r = run_cli("eval", str(chat_run), "--model", "vlm", "--tasks", "vqa", "--limit", "2", "--decontam-tokens", "0")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((chat_run / "eval" / "vlm-step_0000004" / "results.json").read_text())
+    assert {"vqa/number", "vqa/count", "vqa/bar"} <= set(res["tasks"])
+    number = res["tasks"]["vqa/number"]
+    assert number["n"] == 2 and number["metric"] == "exact_match"
+    assert number["image_overlap"]["checked"] and number["image_overlap"]["overlap"] == 0
+    rows = [json.loads(line) for line in (chat_run / "eval" / "vlm-step_0000004" / "vqa_number.jsonl").open()]
+    assert len(rows) == 2 and all(r["target"].isdigit() for r in rows)
+
+
+def test_vqa_on_a_model_without_eyes_is_a_clear_error(chat_run):
+    r = run_cli("eval", str(chat_run), "--model", "chat", "--tasks", "vqa", "--limit", "1", "--decontam-tokens", "0")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "spud vlm" in r.stderr + r.stdout
+
+
+def test_resumed_vlm_reproduces_the_uninterrupted_run_exactly(chat_run, tmp_path):
+    straight = vlm_cmd(str(chat_run), out=str(tmp_path / "straight"), overrides=VLM_OVERRIDES)
+    broken = tmp_path / "broken"
+    vlm_cmd(str(chat_run), out=str(broken), overrides=VLM_OVERRIDES)
+    shutil.rmtree(broken / "checkpoints" / "step_0000004")  # as if it died right after step 2's save
+    align_metrics = (broken / "align" / "metrics.jsonl").read_text()
+    with pytest.raises(SpudError, match="--resume"):
+        vlm_cmd(str(chat_run), out=str(broken), overrides=VLM_OVERRIDES)
+    summary = vlm_cmd(str(chat_run), out=str(broken), resume=True)  # settings come from the saved config
+    assert "align" not in summary["stages"]  # finished: not run again
+    assert (broken / "align" / "metrics.jsonl").read_text() == align_metrics
+    assert summary["stages"]["sft"]["step"] == straight["stages"]["sft"]["step"] == 4
+    assert losses(broken) == losses(tmp_path / "straight")
+    a, b = weights(tmp_path / "straight", 4), weights(broken, 4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_image_data_fails_before_training_with_file_and_line(chat_run, tmp_path):
+    data = tmp_path / "pics.jsonl"
+    data.write_text(json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "image", "path": "missing.png"}, {"type": "text", "text": "What?"}]},
+        {"role": "assistant", "content": "A cat."}]}) + "\n")
+    r = run_cli("vlm", str(chat_run), "--data", str(data), *VLM_OVERRIDES)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert f"{data}:1" in r.stderr and "not found" in r.stderr
+    assert not (chat_run / "vlm" / "align" / "checkpoints").exists()  # nothing trained on bad input
+
+
+def test_vlm_needs_a_chat_model(chat_run):
+    shutil.rmtree(chat_run / "chat")
+    r = run_cli("vlm", str(chat_run), *VLM_OVERRIDES)
+    assert r.returncode != 0 and "spud sft" in r.stderr
