@@ -129,6 +129,22 @@ def test_load_image_errors_name_the_source(tmp_path):
         load_image(123, cfg)
 
 
+def _png_claiming(width: int, height: int) -> bytes:
+    """A 1×1 PNG whose header claims width × height (a decompression bomb's shape)."""
+    import struct
+    import zlib
+
+    data = _png(Image.new("RGB", (1, 1)))
+    ihdr = b"IHDR" + struct.pack(">II", width, height) + data[24:29]
+    return data[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + data[33:]
+
+
+@pytest.mark.parametrize("side", [8000, 20000])  # over spud's 40 Mpx; over PIL's own bomb limit
+def test_load_image_refuses_huge_headers_before_decoding(side):
+    with pytest.raises(SpudError, match="pixel"):
+        load_image(_png_claiming(side, side), VisionConfig(image_size=8))
+
+
 # ------------------------------------------------------------------------------ the tower
 def test_text_only_model_is_unchanged(tiny):
     """No vision config → no vision module, and exactly the weight names of a text model."""
@@ -145,6 +161,13 @@ def test_text_only_model_is_unchanged(tiny):
         model.encode_images(torch.zeros(1, 3, 16, 16))
     with pytest.raises(SpudError, match="image_token_id is not set"):
         model(torch.zeros(1, 4, dtype=torch.long), image_embeds=torch.zeros(0, 64))
+    # the tower is built after the language model's init: same seed, same language weights
+    torch.manual_seed(3)
+    text = Transformer(tiny()).state_dict()
+    torch.manual_seed(3)
+    vlm = Transformer(tiny(vision=VISION)).state_dict()
+    for k, v in text.items():
+        assert torch.equal(vlm[k], v), k
 
 
 def test_encode_images_shape_and_weights_under_vision_prefix(vlm):

@@ -77,6 +77,9 @@ def load_image(
             raise SpudError(f"{name}: {len(data):,} bytes, over the {max_bytes:,}-byte image limit")
         try:
             img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError:  # PIL's own check of the header's pixel count
+            raise SpudError(f"{name}: the image's pixel count is over the limit of "
+                            f"{max_pixels:,} pixels; resize it first") from None
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise SpudError(f"{name}: not a readable image ({e}); send PNG, JPEG, WebP, GIF or BMP") from None
         if img.format not in IMAGE_FORMATS:
