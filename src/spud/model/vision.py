@@ -284,6 +284,12 @@ def merge_image_embeds(x: torch.Tensor, idx: torch.Tensor, embeds: torch.Tensor,
     return x.index_put((mask,), embeds.to(x.dtype))
 
 
+def vlm_vocab_size(vocab_size: int, image_id: int) -> int:
+    """The vocabulary a VLM needs: unchanged when image_id fits, else the next multiple of 64
+    above it (the padding the trainer gives a tokenizer's vocabulary)."""
+    return vocab_size if image_id < vocab_size else (image_id + 1 + 63) // 64 * 64
+
+
 def add_vision(model: Transformer, vision: VisionConfig, image_id: int) -> Transformer:
     """A text model + a fresh vision tower: a new Transformer whose config has `model.vision`
     (with image_token_id = image_id) and whose language-model weights are the given model's.
@@ -292,8 +298,7 @@ def add_vision(model: Transformer, vision: VisionConfig, image_id: int) -> Trans
     from spud.model.transformer import Transformer
 
     old = model.cfg
-    vocab = old.vocab_size if image_id < old.vocab_size else (image_id + 1 + 63) // 64 * 64
-    cfg = old.model_copy(update={"vocab_size": vocab,
+    cfg = old.model_copy(update={"vocab_size": vlm_vocab_size(old.vocab_size, image_id),
                                  "vision": vision.model_copy(update={"image_token_id": image_id})})
     w = model.embed.weight
     new = Transformer(cfg).to(device=w.device, dtype=w.dtype)
