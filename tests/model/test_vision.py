@@ -323,6 +323,12 @@ def test_vlm_checkpoint_roundtrip_in_the_one_format(vlm, tiny, tmp_path):
         load_weights(ckpt, Transformer(tiny()))
 
 
+def test_bf16_model_takes_fp32_pixels(vlm):
+    model = vlm().to(torch.bfloat16)
+    out = model.encode_images(load_image(Image.new("RGB", (20, 20), (9, 99, 199)), model.cfg.vision)[None])
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 4, 64)
+
+
 def test_bf16_autocast_forward_and_backward(vlm):
     model = vlm().train()
     idx = _prompt(2)

@@ -259,8 +259,8 @@ class VisionTower(nn.Module):
         if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, s, s):
             raise SpudError(f"images must be a (N, 3, {s}, {s}) tensor (model.vision.image_size={s}; "
                             f"load them with spud.model.vision.load_image), got {tuple(pixels.shape)}")
-        w = self.projector.fc1.weight
-        x = self.encoder(pixels.to(w.device))
+        w = self.projector.fc1.weight  # load_image gives fp32 CPU pixels; a model may be bf16 / GPU
+        x = self.encoder(pixels.to(device=w.device, dtype=w.dtype))
         return self.projector(pixel_shuffle(x, self.cfg.pixel_shuffle).to(w.dtype))
 
 

@@ -67,6 +67,23 @@ def _read_config(path: str) -> tuple[str, dict]:
     return family, vision
 
 
+@lru_cache(maxsize=16)
+def _stats(path: str) -> tuple[list[float], list[float]]:
+    """(mean, std) of the directory's image processor (read once: load_image runs per image)."""
+    family, _ = _read_config(path)
+    mean, std = _FAMILY_STATS[family]
+    pre = Path(path) / "preprocessor_config.json"
+    if pre.is_file():
+        try:
+            raw = json.loads(pre.read_text())
+        except ValueError as e:
+            raise SpudError(f"{pre}: not valid JSON ({e})") from None
+        mean, std = raw.get("image_mean", mean), raw.get("image_std", std)
+    if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == 3):
+        raise SpudError(f"{pre}: image_mean and image_std must be lists of 3 numbers")
+    return list(mean), list(std)
+
+
 def _model_class(family: str):
     try:
         import transformers
@@ -135,17 +152,7 @@ class HFVisionEncoder(nn.Module):
 
     @staticmethod
     def default_stats(cfg: VisionConfig) -> tuple[list[float], list[float]]:
-        path = _local_dir(cfg)
-        family, _ = _read_config(str(path))
-        mean, std = _FAMILY_STATS[family]
-        pre = path / "preprocessor_config.json"
-        if pre.is_file():
-            try:
-                raw = json.loads(pre.read_text())
-            except ValueError as e:
-                raise SpudError(f"{pre}: not valid JSON ({e})") from None
-            mean, std = raw.get("image_mean", mean), raw.get("image_std", std)
-        return list(mean), list(std)
+        return _stats(str(_local_dir(cfg)))
 
     def flops_per_image(self) -> tuple[float, float]:
         """(matmul FLOPs of one image, those of the patch convolution alone), flops.py
