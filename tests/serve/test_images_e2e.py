@@ -228,3 +228,38 @@ def test_startup_banner_says_images_are_taken(vserver, live):
 
     assert f"each image is {TOKENS_PER_IMAGE} prompt tokens" in _banner(vserver.engine, "127.0.0.1", 8000, None)
     assert "images:" not in _banner(live.engine, "127.0.0.1", 8000, None)
+
+
+def test_serve_model_vlm_loads_the_runs_vision_model(serve_run, tmp_path, reference, capsys):
+    """`spud serve RUN --model vlm`: the run's VLM (RUN/vlm, what `spud vlm` leaves) is served
+    and reads images; without one, the CLI says how to make it."""
+    import shutil
+
+    from spud.cli import main
+    from tests.serve.tiny_vlm import save_vlm_run
+
+    run = tmp_path / "run"
+    shutil.copytree(serve_run, run)
+    assert main(["serve", str(run), "--model", "vlm", "--device", "cpu"]) == 2
+    assert f"spud vlm {run}" in capsys.readouterr().err
+    model, tok = make_vlm(run)
+    save_vlm_run(run, model, tok)
+    srv = LiveServer(vlm_engine_from_run(run))
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        (card,) = client.models.list().data
+        assert card.id == "run-vlm" and card.model_extra["spud_model"] == "vlm"
+        ids, out, _first, _ = reference([picture("circle")], QUESTION, 6)
+        r = ask(client, card.id, [picture("circle")], max_tokens=6)
+        assert r.choices[0].message.content == reference.tok.decode(out, skip_special=True)
+        assert r.usage.prompt_tokens == len(ids)
+    finally:
+        srv.stop()
+
+
+def vlm_engine_from_run(run):
+    from spud.serve.engine import Engine
+
+    engine = Engine.from_run(run, device="cpu", model="vlm", max_batch=2)
+    engine.start()
+    return engine

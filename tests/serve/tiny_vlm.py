@@ -69,3 +69,24 @@ def image_message(text: str, *pngs: bytes) -> dict:
     """A user message with the images first, then the text (the order the vision stages train on)."""
     parts = [{"type": "image_url", "image_url": {"url": data_url(p)}} for p in pngs]
     return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
+
+
+def save_vlm_run(run, model, tok):
+    """Write model + tokenizer as RUN/vlm, the directory `spud vlm RUN` leaves (a checkpoint whose
+    config has the vision tower and names the checkpoint it started from)."""
+    from spud.config import validate_config
+    from spud.train import checkpoint as ckpt_io
+
+    base = ckpt_io.latest_checkpoint(run)
+    tree = validate_config(ckpt_io.read_state(base)["config"]).model_dump(mode="json")
+    tree["model"] = model.cfg.model_dump(mode="json")
+    tree["vlm"].update(base_run=str(run), base_checkpoint=str(base))
+    cfg = validate_config(tree)
+    out = run / "vlm"
+    out.mkdir(exist_ok=True)
+    tok.save(out / "tokenizer.json")
+    state = {"tokens_seen": 0, "loader": {}, "config": cfg.model_dump(mode="json"),
+             "tokenizer_sha256": tok.sha256(), "val": None}
+    ckpt_io.save_checkpoint(out, 2, model, None, state, None, keep=1)
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    return out
