@@ -67,8 +67,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-stall", action="store_true",
                    help="only the chunked-vs-whole prefill benchmark (benchmarks/prefill_stall.py, "
                         "whose own options follow --prefill-stall)")
+    p.add_argument("--speculation", action="store_true",
+                   help="only speculative decoding on vs off (benchmarks/speculation.py RUN "
+                        "[--draft RUN2], whose own arguments follow --speculation)")
     if argv is None:
         argv = sys.argv[1:]
+    if "--speculation" in argv:  # the rest of the command line belongs to speculation.py
+        at = argv.index("--speculation")
+        args = p.parse_args(argv[:at + 1])
+        args.speculation_argv = argv[at + 1:]
+        return args
     if "--prefill-stall" in argv:  # the rest of the command line belongs to prefill_stall
         at = argv.index("--prefill-stall")
         args = p.parse_args(argv[:at + 1])
@@ -410,6 +418,11 @@ def main(argv: list[str] | None = None) -> int:
 
         prefill_stall.main(args.prefill_stall_argv)
         return 0
+    if args.speculation:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import speculation
+
+        return speculation.main(args.speculation_argv)
     try:
         import httpx  # noqa: F401
         import transformers
