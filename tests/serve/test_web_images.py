@@ -126,7 +126,7 @@ def test_non_images_are_refused_in_the_page(ui):
 def test_big_images_are_downscaled_before_sending(ui, stub):
     page = ui.page
     rng = random.Random(0)  # noise: a PNG that does not compress below the 1 MiB kept as is
-    noise = Image.frombytes("RGB", (1800, 600), rng.randbytes(1800 * 600 * 3))
+    noise = Image.frombytes("RGB", (1600, 300), rng.randbytes(1600 * 300 * 3))
     buf = io.BytesIO()
     noise.save(buf, format="PNG")
     assert len(buf.getvalue()) > 2**20
@@ -137,7 +137,7 @@ def test_big_images_are_downscaled_before_sending(ui, stub):
     url = last_body(stub)["messages"][0]["content"][0]["image_url"]["url"]
     assert url.startswith("data:image/jpeg;base64,")
     sent = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
-    assert sent.size == (1536, 512)
+    assert sent.size == (1536, 288)
 
 
 # ------------------------------------------------------------------------ the real servers
