@@ -1,54 +1,76 @@
 """Held-out gains of post-training: base vs SFT (chat) vs RL vs DPO on the RL tasks' held-out split.
 
     python benchmarks/rl_gain.py runs/demo [--tasks arithmetic] [--problems 200] [--samples 16]
+    python benchmarks/rl_gain.py runs/demo --split dev --extra lr1e-4=runs/demo/rl_lr1e-4 --samples 0
 
-For every model the run has (RUN, RUN/chat, RUN/rl, RUN/dpo), reports greedy pass@1 and, from
-`--samples` completions at temperature 1, unbiased pass@k for k = 1, 2, 4, 8, 16 on the same
-held-out problems (eval-only wordings and facts: see spud.posttrain.rl_tasks). All models answer
-through the chat template, so the base model is at a format disadvantage: its row shows what
-post-training added, not its knowledge. Prints a table and writes benchmarks/results/rl_gain.json.
+For every model the run has (RUN, RUN/chat, RUN/rl, RUN/dpo) and every `--extra LABEL=DIR` (an
+RL or DPO output directory made with --out), reports greedy pass@1 and, from `--samples`
+completions at temperature 1, unbiased pass@k for k = 1, 2, 4, 8, 16 on the same problems.
+`--split heldout` (default) is the test split: eval-only wordings and facts (see
+spud.posttrain.rl_tasks); `--split dev` is drawn the same way with no question in common with it,
+for choosing settings without tuning on the reported numbers. All models answer through the chat
+template, so the base model is at a format disadvantage: its row shows what post-training added,
+not its knowledge. Prints a table and writes JSON (default benchmarks/results/rl_gain.json).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
+import torch
+
 from spud.posttrain.rl import evaluate
 from spud.posttrain.rl_tasks import load_tasks
-from spud.runs import has_model, load_model
+from spud.runs import default_serving_model, has_model, load_model
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run")
     ap.add_argument("--tasks", default="arithmetic")
+    ap.add_argument("--split", choices=["heldout", "dev"], default="heldout")
     ap.add_argument("--problems", type=int, default=200)
-    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=16, help="sampled completions per problem (0 = greedy only)")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--models", default="base,chat,rl,dpo", help="models of RUN to evaluate, if it has them")
+    ap.add_argument("--extra", action="append", default=[], metavar="LABEL=DIR",
+                    help="also evaluate the model in DIR (an RL/DPO output made with --out)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--out", default="benchmarks/results/rl_gain.json")
     args = ap.parse_args()
-    _, heldout, _ = load_tasks(args.tasks.split(","), 1, args.problems, 0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _, problems, _ = load_tasks(args.tasks.split(","), 1, args.problems, 0, args.split)
+    todo = [(kind, args.run, kind) for kind in args.models.split(",") if has_model(args.run, kind)]
+    for spec in args.extra:
+        label, _, path = spec.partition("=")
+        todo.append((label, path, default_serving_model(path)))
     rows = []
-    for kind in ("base", "chat", "rl", "dpo"):
-        if not has_model(args.run, kind):
-            continue
-        model, tok, _, ckpt = load_model(args.run, model=kind, device="cpu")
+    for label, run, kind in todo:
+        model, tok, _, ckpt = load_model(run, model=kind, device="cpu")
         t0 = time.perf_counter()
-        greedy = evaluate(model, tok, heldout, 1, 0.0, args.max_tokens)
-        sampled = evaluate(model, tok, heldout, args.samples, 1.0, args.max_tokens, seed=1)
-        rows.append({"model": kind, "checkpoint": str(ckpt), "greedy_pass@1": greedy["pass@1"],
-                     **{f"sampled_{k}": v for k, v in sampled.items() if k.startswith("pass@")},
-                     "n": greedy["n"], "samples": args.samples, "seconds": round(time.perf_counter() - t0, 1)})
-        print(json.dumps(rows[-1]))
+        greedy = evaluate(model, tok, problems, 1, 0.0, args.max_tokens)
+        row = {"model": label, "checkpoint": str(ckpt), "split": args.split, "greedy_pass@1": greedy["pass@1"],
+               "n": greedy["n"], "samples": args.samples}
+        if args.samples:
+            sampled = evaluate(model, tok, problems, args.samples, 1.0, args.max_tokens, seed=1)
+            row.update({f"sampled_{k}": v for k, v in sampled.items() if k.startswith("pass@")})
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     keys = ["greedy_pass@1"] + [k for k in rows[0] if k.startswith("sampled_")]
-    print("\n| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
+    print(f"\n{args.split} split, {rows[0]['n']} problems, {args.samples} samples at temperature 1 "
+          f"(load {os.getloadavg()[0]:.1f})")
+    print("| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
     for r in rows:
         print(f"| {r['model']} | " + " | ".join(f"{100 * r[k]:.1f} %" for k in keys) + " |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"run": args.run, "tasks": args.tasks, "rows": rows}, indent=2))
+    Path(args.out).write_text(json.dumps({"run": args.run, "tasks": args.tasks, "split": args.split,
+                                          "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -31,8 +31,12 @@ def test_quick_demo_end_to_end(tmp_path):
                      r"\(13-gram or arithmetic fact\); scanned [\d,]+ pretraining tokens \+ 2,000 SFT "
                      r"conversations", r.stdout), r.stdout[-3000:]
     assert f"spud chat {out}" in r.stdout and f"spud serve {out}" in r.stdout
-    # running the demo again continues the finished run instead of failing or overwriting it
-    again = subprocess.run([sys.executable, "-m", "spud", "demo", "--quick", "--out", str(out)],
+    # running the demo again continues the finished run instead of failing or overwriting it;
+    # with --rl it adds the RL stage (RUN/rl, reporting held-out pass@1 before and after)
+    again = subprocess.run([sys.executable, "-m", "spud", "demo", "--quick", "--rl", "--out", str(out)],
                            capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "validation bits/byte" in again.stdout
+    assert again.returncode == 0 and "validation bits/byte" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
     assert "decontamination: 0 of 60 eval examples" in again.stdout
+    assert re.search(r"rl held-out pass@1 \(greedy, 8 multi-step problems in eval-only wordings\): "
+                     r"[\d.]+% at step 0 → [\d.]+% at step 2", again.stdout), again.stdout[-2000:]
+    assert list((out / "rl" / "checkpoints").glob("step_0000002")) and f"spud serve {out} --model rl" in again.stdout

@@ -165,7 +165,7 @@ def cmd_report(args) -> int:
 def cmd_demo(args) -> int:
     from spud.demo import run_demo
 
-    run_demo(run_dir_arg(args.out), quick=args.quick)
+    run_demo(run_dir_arg(args.out), quick=args.quick, rl=args.rl)
     return 0
 
 
@@ -367,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("demo", help="the whole pipeline on the built-in data, on CPU")
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a < 2 minute version")
+    p.add_argument("--rl", action="store_true", help="add a short RL stage after SFT (RUN/rl)")
     p.set_defaults(func=cmd_demo)
 
     p = verbs.add_parser("info", help="facts about a run, or a model preset's size and FLOPs")

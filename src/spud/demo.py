@@ -4,7 +4,8 @@ data → tokenizer → pretraining → samples → SFT on the built-in chat data
 chat eval (exact match on five held-out splits, spud.posttrain.chat_eval: the chat model next to
 the base model given the same questions as plain text) with its decontamination check against
 the run's shards and SFT data, then a summary of where everything went. `--quick` shrinks data, model and steps to finish in under 2 minutes (used by the test
-suite).
+suite). `--rl` adds a short RL stage after SFT (spud.posttrain.rl_demo; off by default: the demo
+with it does not fit in 10 minutes on two CPU cores).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ SFT_QUICK_OVERRIDES = ["sft.max_steps=30", "sft.lr_ratio=1.0", "sft.eval_every=1
 EVAL_QUESTIONS, EVAL_QUESTIONS_QUICK = 100, 12  # per split (five splits)
 
 
-def run_demo(out: Path, quick: bool = False, console: Console | None = None) -> dict:
+def run_demo(out: Path, quick: bool = False, console: Console | None = None, rl: bool = False) -> dict:
     from spud.train.checkpoint import latest_checkpoint
     from spud.train.trainer import Trainer
 
@@ -76,8 +77,14 @@ def run_demo(out: Path, quick: bool = False, console: Console | None = None) -> 
         console.print(f"demo stopped after pretraining step {summary['step']}; run it again to continue")
         return summary
     summary["sft"], summary["chat_eval"] = run_sft_stage(out, quick, console)
+    if rl and not summary["sft"].get("interrupted"):
+        from spud.posttrain.rl_demo import run_rl_stage
+
+        summary["rl"] = run_rl_stage(out, quick, console)
     console.rule("[bold]next")
     console.print(f"chat model:     {out}/chat/  (spud serve and spud chat use it by default)")
+    if rl:
+        console.print(f"rl model:       {out}/rl/  (spud serve {out} --model rl)")
     console.print(f"chat:           spud chat {out}")
     console.print(f"serve:          spud serve {out}   (OpenAI-compatible API + chat page)")
     console.print(f"sample more:    spud sample {out} --prompt 'The ' --max-tokens 100")
