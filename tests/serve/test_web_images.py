@@ -193,6 +193,16 @@ def test_page_shows_why_a_text_only_model_refuses_an_image(browser, live):  # no
         ui.wait_idle()
         err = page.inner_text(".msg.error .body")
         assert err.startswith("HTTP 400") and "is text-only and cannot read images" in err
+        # the refused image is shown dimmed and never sent again: the chat goes on in text
+        assert "refused" in page.get_attribute(".msg.user .gallery", "class")
+        bodies = []
+        page.on("request", lambda r: bodies.append(r.post_data_json) if "/v1/chat/completions" in r.url else None)
+        page.click("#settings summary")
+        page.fill("#max-tokens", "3")
+        ui.send("then just text")
+        ui.wait_idle()
+        assert page.locator(".msg.assistant").count() == 1 and page.locator(".msg.error").count() == 1
+        assert [m["content"] for m in bodies[-1]["messages"]] == ["what is this?", "then just text"]
         assert ui.errors == []
     finally:
         ui.close()

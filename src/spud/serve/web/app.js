@@ -179,7 +179,7 @@
       }
     } else {
       body.textContent = msg.content;
-      if (msg.images) images.show(body, msg.images);
+      if (msg.images) images.show(body, msg.images, msg.imagesRefused);
     }
   }
 
@@ -264,7 +264,8 @@
   }
 
   // --------------------------------------------------------------------------------- API
-  async function errorMessage(resp) {
+  // `info`, when given, receives the error's OpenAI `code`.
+  async function errorMessage(resp, info) {
     let text = "";
     try {
       text = await resp.text();
@@ -272,6 +273,7 @@
     let detail = "";
     try {
       const j = JSON.parse(text);
+      if (info && j && j.error) info.code = j.error.code;
       if (j && j.error && typeof j.error.message === "string") detail = j.error.message;
       else if (j && typeof j.error === "string") detail = j.error;
       else if (j && typeof j.detail === "string") detail = j.detail;
@@ -350,7 +352,7 @@
     const pics = images.take();
     if (pics.length) sent.images = pics;
     const history = conv.messages.concat([sent])
-      .filter((m) => (m.role === "user" || m.role === "assistant") && (m.content || m.images))
+      .filter((m) => (m.role === "user" || m.role === "assistant") && images.content(m))
       .map((m) => ({ role: m.role, content: images.content(m) }));
     const settings = readSettings();
     if (settings.system.trim()) history.unshift({ role: "system", content: settings.system });
@@ -379,7 +381,13 @@
           ...(settings.max_tokens == null ? {} : { max_tokens: settings.max_tokens }),
         }),
       });
-      if (!resp.ok) throw new StreamError(await errorMessage(resp));
+      if (!resp.ok) {
+        const info = {};
+        const err = new StreamError(await errorMessage(resp, info));
+        // a refused image must not be sent again with every later message of this chat
+        if (sent.images && images.refused(info.code)) sent.imagesRefused = true;
+        throw err;
+      }
       if (!resp.body) throw new StreamError("The server's reply has no body to stream.");
       const state = await readStream(resp, (piece) => {
         const follow = nearBottom();

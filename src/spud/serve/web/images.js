@@ -13,6 +13,9 @@ window.spudImages = (function () {
   const MAX_IMAGES = 16; // per request, as the server allows
   const KEEP_BYTES = 1 << 20;
   const MAX_SIDE = 1536;
+  // the server's error codes for an image it will not take (serve/images.py)
+  const REFUSALS = ["images_not_supported", "invalid_image_url", "invalid_image", "invalid_image_format",
+    "image_too_large", "too_many_images"];
   let pending = []; // data URLs waiting in the composer
   let box = null; // the composer's thumbnail strip
   let onError = () => {};
@@ -99,12 +102,13 @@ window.spudImages = (function () {
     onChange();
   }
 
-  // The images of a stored message, shown above its text.
-  function show(body, urls) {
+  // The images of a stored message, shown above its text (dimmed when the server refused them).
+  function show(body, urls, refused) {
     const good = (urls || []).filter(isImageURL);
     if (!good.length) return;
     const gallery = document.createElement("div");
-    gallery.className = "gallery";
+    gallery.className = "gallery" + (refused ? " refused" : "");
+    if (refused) gallery.title = "Not sent: the server refused these images";
     for (const url of good) {
       const img = document.createElement("img");
       img.src = url;
@@ -116,7 +120,7 @@ window.spudImages = (function () {
 
   // A stored message → its API content: the string as before, or image parts then the text.
   function content(msg) {
-    const urls = (msg.images || []).filter(isImageURL);
+    const urls = msg.imagesRefused ? [] : (msg.images || []).filter(isImageURL);
     if (!urls.length) return msg.content;
     const parts = urls.map((url) => ({ type: "image_url", image_url: { url: url } }));
     if (msg.content) parts.push({ type: "text", text: msg.content });
@@ -157,5 +161,7 @@ window.spudImages = (function () {
     renderPending();
   }
 
-  return { init, add, take, show, content, count: () => pending.length };
+  return {
+    init, add, take, show, content, count: () => pending.length, refused: (code) => REFUSALS.includes(code),
+  };
 })();
