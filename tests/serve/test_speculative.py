@@ -79,11 +79,16 @@ def noisy_copy(model, scale=0.02):
 def test_greedy_outputs_identical_to_plain(tok, target, drafter, max_batch):
     ps = prompts()
     want, _ = run(Engine(target, tok, max_batch=max_batch), ps)
-    got, stats = run(Engine(target, tok, max_batch=max_batch, **DRAFTERS[drafter](tok, target)), ps)
+    eng = Engine(target, tok, max_batch=max_batch, **DRAFTERS[drafter](tok, target))
+    if drafter == "draft-same":
+        eng._spec.drafter.confidence = 0.0  # always draft k tokens: all must be kept
+    got, stats = run(eng, ps)
     assert got == want
     assert stats["spec_draft_tokens_total"] > 0
     if drafter != "draft-small":
         assert stats["spec_accepted_tokens_total"] > 0
+    if drafter == "draft-small":  # drafts always rejected: the row's draft length drops to 1
+        assert stats["spec_draft_tokens_total"] < 1.5 * stats["completion_tokens_total"]
     if drafter == "draft-noisy":
         assert 0.1 < stats["spec_acceptance_rate"] < 0.95, stats
     if drafter == "draft-same":  # the draft cache's catch-up and rollback are right

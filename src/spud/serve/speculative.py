@@ -44,10 +44,11 @@ DRAFT_PREFILL_CHUNK = 256
 class _RowState:
     """Per-request drafter state, kept on the engine's Seq (`s.spec`), so it dies with it."""
 
-    __slots__ = ("draft_len", "index", "indexed")
+    __slots__ = ("draft_len", "index", "indexed", "k")
 
     def __init__(self) -> None:
         self.draft_len = 0  # positions of this slot that the draft model's cache holds
+        self.k: int | None = None  # the draft model's current draft length for this row
         self.index: dict[tuple[int, ...], int] = {}  # n-gram -> where its latest continuation starts
         self.indexed = 0  # tokens of the history already added to `index`
 
@@ -89,20 +90,28 @@ class NgramDrafter:
                 return h[at:at + k]
         return []
 
-    def rollback(self, s, valid: int) -> None:
-        pass  # the index holds only accepted tokens
+    def rollback(self, s, valid: int, accepted: int, drafted: int) -> None:
+        pass  # the index holds only accepted tokens; drafts cost nothing, so k stays
 
     def stats(self) -> dict:
         return {}
 
 
 class ModelDrafter:
-    """Greedy drafts from a small model sharing the target's tokenizer (see load_draft)."""
+    """Greedy drafts from a small model sharing the target's tokenizer (see load_draft).
+
+    Each drafted token costs a draft forward, so drafting adapts per row: a row's draft
+    length grows by 2 after a step whose drafts were all kept and shrinks by 1 otherwise (down to
+    1, the schedule of Hugging Face's assisted generation), and a draft stops early where the
+    draft model's own probability of its token is below `confidence`."""
 
     name = "draft"
+    confidence = 0.4
 
-    def __init__(self, model, n_slots: int, max_context: int, device, vocab_limit: int) -> None:
+    def __init__(self, model, n_slots: int, max_context: int, device, vocab_limit: int,
+                 k: int) -> None:
         self.model = model.to(device).eval()
+        self.k = k
         self.max_len = min(max_context, model.cfg.max_seq_len)
         w = model.embed.weight
         self.cache = model.new_slot_cache(n_slots, self.max_len, w.device, w.dtype)
@@ -112,6 +121,7 @@ class ModelDrafter:
 
     def propose(self, rows: list, ks: list[int]) -> list[list[int]]:
         out: list[list[int]] = [[] for _ in rows]
+        ks = [min(k, _state(s).k) if _state(s).k is not None else k for s, k in zip(rows, ks)]
         kmax = max(ks, default=0)
         live = [i for i, (s, k) in enumerate(zip(rows, ks))
                 if k > 0 and s.length + kmax + 1 <= self.max_len]
@@ -135,19 +145,20 @@ class ModelDrafter:
                                      [_state(rows[i]).draft_len for i in live])
         self.forwards += 1
         last = torch.tensor([len(f) - 1 for f in feeds], device=self.device)
-        nxt = self.model.logits(h[torch.arange(len(live), device=self.device), last]).argmax(-1).tolist()
+        nxt, sure = self._pick(h[torch.arange(len(live), device=self.device), last])
         for i, f, tok in zip(live, feeds, nxt):
             _state(rows[i]).draft_len += len(f)
             out[i].append(tok)
         for j in range(1, kmax):
-            live = [i for i in live if ks[i] > j and out[i][-1] < self.vocab_limit]
+            live = [i for i, ok in zip(live, sure) if ok and ks[i] > j and out[i][-1] < self.vocab_limit]
             if not live:
                 break
             x = torch.tensor([[out[i][-1]] for i in live], device=self.device)
             h = self.model.forward_slots(x, self.cache, [rows[i].slot for i in live],
                                          [_state(rows[i]).draft_len for i in live])
             self.forwards += 1
-            for i, tok in zip(live, self.model.logits(h[:, -1]).argmax(-1).tolist()):
+            nxt, sure = self._pick(h[:, -1])
+            for i, tok in zip(live, nxt):
                 _state(rows[i]).draft_len += 1
                 out[i].append(tok)
         for i, d in enumerate(out):
@@ -156,9 +167,18 @@ class ModelDrafter:
                 del d[bad[0]:]
         return out
 
-    def rollback(self, s, valid: int) -> None:
+    def _pick(self, h: torch.Tensor) -> tuple[list[int], list[bool]]:
+        """Greedy draft tokens of hidden states (B, d), and whether the draft is confident
+        enough in each to go on drafting after it."""
+        probs = self.model.logits(h).float().softmax(-1)
+        p, tok = probs.max(-1)
+        return tok.tolist(), (p >= self.confidence).tolist()
+
+    def rollback(self, s, valid: int, accepted: int, drafted: int) -> None:
         st = _state(s)
         st.draft_len = min(st.draft_len, valid)
+        k = st.k if st.k is not None else drafted
+        st.k = min(self.k, k + 2) if accepted == drafted else max(1, k - 1)
 
     def stats(self) -> dict:
         return {"spec_draft_forwards_total": self.forwards}
@@ -255,7 +275,7 @@ class Speculator:
                 self.emitted += 1
                 if s.done:
                     break
-            self.drafter.rollback(s, start + 1 + n_acc)
+            self.drafter.rollback(s, start + 1 + n_acc, n_acc, len(d))
 
     def stats(self) -> dict:
         return {
@@ -315,5 +335,5 @@ def make_speculator(k: int, draft_model, *, n_slots: int, max_context: int, devi
             raise SpudError("a draft model needs speculate >= 1 (tokens drafted per step)")
         return None
     drafter = (NgramDrafter() if draft_model is None
-               else ModelDrafter(draft_model, n_slots, max_context, device, vocab_size))
+               else ModelDrafter(draft_model, n_slots, max_context, device, vocab_size, k))
     return Speculator(k, drafter)
