@@ -60,7 +60,7 @@ class ModelConfig(StrictModel):
     mlp_hidden: int | None = Field(None, gt=0, description="None = the MLP's default: 8/3·d (swiglu) or 4·d.")
     norm_eps: float = Field(1e-5, gt=0)
     rope_theta: float = Field(10000.0, gt=0)
-    qk_norm: bool = Field(False, description="RMSNorm on each head's queries and keys (bounded attention logits).")
+    qk_norm: bool = Field(True, description="RMSNorm on each head's queries and keys (bounded attention logits).")
     logit_softcap: float | None = Field(None, gt=0, description="cap·tanh(logits/cap) on the LM head (Gemma 2).")
     tie_embeddings: bool = Field(True, description="The LM head shares the token embedding matrix.")
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -177,6 +177,7 @@ class ModelConfig(StrictModel):
 
 
 # ---------------------------------------------------------------------------------------- train
+ADAMW_DEFAULT_LR = 3e-3  # train.lr when train.optimizer is adamw and no lr is given
 class TrainConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     seq_len: int | None = Field(None, gt=0, description="None = model.max_seq_len.")
@@ -185,7 +186,9 @@ class TrainConfig(StrictModel):
         None, gt=0, description="Target tokens per optimizer step (gradient accumulation)."
     )
     max_steps: int = Field(200, gt=0)
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(
+        0.01, gt=0, description="Peak LR of the AdamW groups. Default: 0.01 with muon (AdamW then "
+        "trains only embeddings, head and gains), 3e-3 with adamw (every weight).")
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(20, ge=0)
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
@@ -196,7 +199,7 @@ class TrainConfig(StrictModel):
     eps: float = Field(1e-8, gt=0)
     # Optimizer (src/spud/train/optim.py). With muon, the blocks' weight matrices take Muon;
     # embeddings, LM head, norms and other scalars take AdamW at train.lr (embed_lr / head_lr).
-    optimizer: Literal["adamw", "muon"] = Field("adamw", description="adamw | muon (matrices in blocks).")
+    optimizer: Literal["adamw", "muon"] = Field("muon", description="adamw | muon (matrices in blocks).")
     muon_lr: float = Field(0.02, gt=0, description="Muon peak LR (spectral: × sqrt(max(1, out/in))).")
     muon_momentum: float = Field(0.95, ge=0, lt=1, description="Muon Nesterov momentum after warm-up.")
     muon_momentum_start: float = Field(0.85, ge=0, lt=1, description="Muon momentum at step 0.")
@@ -231,6 +234,15 @@ class TrainConfig(StrictModel):
     debug_nan_at_step: list[int] = Field(
         default_factory=list, description="Testing aid: poison the loss at these steps (once each)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_lr_follows_optimizer(cls, data: Any) -> Any:
+        # The measured defaults (docs/recipe.md): with Muon, AdamW trains only the embeddings,
+        # head and gains, which want a higher LR than AdamW training every matrix does.
+        if isinstance(data, dict) and "lr" not in data and data.get("optimizer") == "adamw":
+            data = {**data, "lr": ADAMW_DEFAULT_LR}
+        return data
 
 
 class Config(StrictModel):

@@ -91,7 +91,7 @@ def test_cli_export_and_help(run_factory, tmp_path, capsys):
     assert main(["export", "hf", str(run), str(tmp_path / "out"), "--base", "--checkpoint", "5",
                  "--dtype", "bf16", "--max-shard-size", "0.05"]) == 0
     text = capsys.readouterr().out
-    assert "LlamaForCausalLM" in text and "base model" in text and "bf16" in text
+    assert "Qwen3ForCausalLM" in text and "base model" in text and "bf16" in text  # the default recipe (QK-norm)
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
     with pytest.raises(SystemExit):
         main(["export", "hf", str(run), str(tmp_path / "o2"), "--base", "--chat"])
@@ -117,7 +117,7 @@ def test_sharded_dcp_checkpoint_exports_like_a_single_file_one(run_factory, tmp_
     export_hf(run, tmp_path / "sharded", checkpoint=9)
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
         assert (tmp_path / "single" / name).read_bytes() == (tmp_path / "sharded" / name).read_bytes(), name
-    assert _json.loads((tmp_path / "sharded" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert _json.loads((tmp_path / "sharded" / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
 
 
 @pytest.mark.parametrize("verb", [["export", "hf"], ["export", "gguf"], ["import", "hf"]])

@@ -31,7 +31,7 @@ def as_torch(t) -> torch.Tensor:
     return torch.from_numpy(np.array(t.data, dtype=np.float32)).reshape([int(d) for d in reversed(t.shape)])
 
 
-@pytest.mark.parametrize("kw,arch", [({"n_kv_heads": 2, "tie_embeddings": False}, "llama"),
+@pytest.mark.parametrize("kw,arch", [({"n_kv_heads": 2, "tie_embeddings": False, "qk_norm": False}, "llama"),
                                      ({"qk_norm": True, "head_dim": 32}, "qwen3")])
 def test_f32_file_has_llama_cpp_names_shapes_and_metadata(run_factory, tmp_path, kw, arch):
     run = run_factory(**kw)

@@ -22,12 +22,12 @@ PROMPTS = ["What is 12 plus 7?", "The quick brown fox jumps over the lazy dog.",
 # Every exportable combination of the options that change the architecture or the weight layout:
 # MLP type × QK-norm × tied head, with GQA, explicit head_dim, RoPE theta and norm eps varied.
 COMBOS = [
-    ({}, "LlamaForCausalLM"),
-    ({"n_kv_heads": 2, "tie_embeddings": False, "rope_theta": 500.0, "norm_eps": 1e-6}, "LlamaForCausalLM"),
+    ({"qk_norm": False}, "LlamaForCausalLM"),  # qk_norm is on by default: Llama is the opt-out
+    ({"qk_norm": False, "n_kv_heads": 2, "tie_embeddings": False, "rope_theta": 500.0, "norm_eps": 1e-6}, "LlamaForCausalLM"),
     ({"qk_norm": True}, "Qwen3ForCausalLM"),
     ({"qk_norm": True, "n_kv_heads": 1, "tie_embeddings": False, "head_dim": 32}, "Qwen3ForCausalLM"),
-    ({"mlp": "relu2"}, "ArceeForCausalLM"),
-    ({"mlp": "gelu", "tie_embeddings": False, "n_kv_heads": 2, "rope_theta": 1e6}, "ArceeForCausalLM"),
+    ({"mlp": "relu2", "qk_norm": False}, "ArceeForCausalLM"),
+    ({"mlp": "gelu", "qk_norm": False, "tie_embeddings": False, "n_kv_heads": 2, "rope_theta": 1e6}, "ArceeForCausalLM"),
     ({"mlp": "relu2", "qk_norm": True, "n_kv_heads": 2, "tie_embeddings": False}, "ApertusForCausalLM"),
     ({"mlp": "gelu", "qk_norm": True, "head_dim": 8, "mlp_hidden": 96}, "ApertusForCausalLM"),
 ]
@@ -90,7 +90,7 @@ def test_an_option_without_a_mapping_is_refused_by_default():
     class Future(ModelConfig):
         sliding_window: int | None = None
 
-    assert pick_arch(Future(vocab_size=64)).model_type == "llama"
+    assert pick_arch(Future(vocab_size=64)).model_type == "qwen3"  # the defaults: SwiGLU + QK-norm
     with pytest.raises(SpudError, match=r"model.sliding_window=128 .*closest exportable: model.sliding_window=None"):
         pick_arch(Future(vocab_size=64, sliding_window=128))
 
