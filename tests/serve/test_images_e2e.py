@@ -263,3 +263,21 @@ def vlm_engine_from_run(run):
     engine = Engine.from_run(run, device="cpu", model="vlm", max_batch=2)
     engine.start()
     return engine
+
+
+def test_a_vision_server_takes_bodies_over_the_text_limit(vclient, vserver, live):
+    """A 1.9 MB photo-sized image: over a text server's 1 MB body limit (413 there), taken here."""
+    import io
+
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(3)
+    arr = torch.randint(0, 256, (800, 800, 3), generator=g, dtype=torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB").save(buf, format="PNG")
+    assert len(buf.getvalue()) > 10**6
+    body = {"model": vserver.engine.model_name, "max_tokens": 1,
+            "messages": [image_message(QUESTION, buf.getvalue())]}
+    assert httpx.post(vserver.url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+    r = httpx.post(live.url + "/v1/chat/completions", json={**body, "model": live.engine.model_name}, timeout=60)
+    assert r.status_code == 413
