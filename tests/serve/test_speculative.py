@@ -103,6 +103,7 @@ def test_draft_cache_holds_only_accepted_tokens(tok, target):
     draft = noisy_copy(target)
     p = prompts()[1]
     eng = Engine(target, tok, max_batch=1, speculate=4, draft_model=draft)
+    eng._spec.drafter.confidence = 0.0  # draft on even when unsure: some drafts get rejected
     (ids, _, _), = run(eng, [p], max_tokens=40)[0]
     assert 0 < eng._spec.accepted < eng._spec.drafted  # some drafts were rejected
     seq = p + ids

@@ -68,7 +68,10 @@ class Engine:
     `step_tokens`: per-step token budget shared by the decoding rows (one token each) and
     prefill chunks (default prefill_chunk + max_batch); a prompt always advances by at least
     one token per step, so prefill never starves. `prefix_cache_tokens` > 0 keeps up to that
-    many tokens of finished requests' KV blocks (`prefix_block` tokens each) for reuse."""
+    many tokens of finished requests' KV blocks (`prefix_block` tokens each) for reuse.
+    `speculate` > 0 drafts that many tokens per step (prompt lookup, or `draft_model`: a smaller
+    model with the same tokenizer) and verifies them in one forward (serve/speculative.py);
+    `request_timeout` ends requests older than that many seconds (serve/timeouts.py)."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 32, max_queue: int = 256,
                  max_context: int | None = None, device=None, model_name: str = "spud",
