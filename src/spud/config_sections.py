@@ -182,8 +182,8 @@ class DPOConfig(StrictModel):
 # ------------------------------------------------------------------------------------------ vlm
 class VLMConfig(StrictModel):
     """The vision stages `spud vlm` adds to a run (spud.posttrain.vlm): align (the new vision
-    tower learns to caption while the language model is frozen), then multimodal SFT of the whole
-    model on image questions mixed with the text SFT data."""
+    tower learns to answer questions about pictures while the language model is frozen), then
+    multimodal SFT of the whole model on pictures mixed with the text SFT data."""
 
     source: Literal["chat", "base", "rl", "dpo"] = Field("chat", description="Which model of the run to start from.")
     base_run: str | None = Field(None, description="Run the VLM starts from (set by spud vlm).")
@@ -196,13 +196,17 @@ class VLMConfig(StrictModel):
     text_weight: float = Field(1.0, ge=0, description="Share of text conversations in the SFT stage, "
                                "relative to the image data's total weight of 1.")
     builtin_images: int = Field(12000, gt=0, description="Pictures generated for 'builtin'.")
+    builtin_kinds: list[Literal["number", "word", "count", "locate", "bar", "arithmetic"]] = Field(
+        default_factory=lambda: ["number", "word", "count", "locate", "bar", "arithmetic"],
+        description="Kinds of built-in picture, drawn in turn (repeat one to draw it more often).")
     val_images: int = Field(256, ge=0, description="Extra training-split pictures for the validation loss.")
     align_steps: int = Field(150, gt=0, description="Steps of the align stage.")
-    align_lr: float = Field(2e-3, gt=0)
+    align_lr: float = Field(3e-3, gt=0, description="Peak LR of the vision tower in the align stage.")
     align_encoder: bool | None = Field(None, description="Train the encoder in the align stage (None: "
                                        "yes for the from-scratch vit, no for a pretrained hf encoder).")
     steps: int = Field(500, gt=0, description="Steps of the multimodal SFT stage.")
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(5e-4, gt=0, description="Peak LR of the language model in the SFT stage.")
+    vision_lr: float = Field(3e-3, gt=0, description="Peak LR of the vision tower in the SFT stage.")
     warmup_steps: int = Field(10, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     micro_batch_size: int = Field(16, gt=0)

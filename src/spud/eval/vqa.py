@@ -125,8 +125,9 @@ def training_overlap(cfg, eval_items: list[VQAItem]) -> dict:
     if v is None or not v.base_checkpoint or "builtin" not in [s.split(":")[0] for s in v.data]:
         return {"checked": False, "reason": "the model did not train on the built-in pictures"}
     size = cfg.model.vision.image_size
-    train = images.generate(v.builtin_images, cfg.seed, held_out=False, size=size)
-    train += images.generate(v.val_images, cfg.seed + 1, held_out=False, size=size)
+    kinds = tuple(v.builtin_kinds)
+    train = images.generate(v.builtin_images, cfg.seed, held_out=False, size=size, kinds=kinds)
+    train += images.generate(v.val_images, cfg.seed + 1, held_out=False, size=size, kinds=kinds)
     seen = {images.image_hash(s.image) for s in train}
     hits = sum(images.image_hash(it.image) in seen for it in eval_items)
     return {"checked": True, "training_images": len(seen), "eval_images": len(eval_items), "overlap": hits}

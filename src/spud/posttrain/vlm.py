@@ -44,6 +44,27 @@ class VLMTrainer(Trainer):
     def __init__(self, cfg: Config, run_dir, stage: str, init_checkpoint: Path, **kw):
         self.stage, self.init_checkpoint = stage, Path(init_checkpoint)
         super().__init__(cfg, run_dir, **kw)
+        if stage == "sft":
+            self._vision_lr_groups(cfg.vlm.vision_lr / self.cfg.train.lr)
+
+    def _vision_lr_groups(self, ratio: float) -> None:
+        """The new vision tower learns at vlm.vision_lr, the pretrained language model at vlm.lr
+        (nanoVLM's split: a fresh projector needs a far larger step than weights that already
+        work). Each optimizer group is split in two before the first step (and before a resumed
+        run loads its optimizer state, so the layout matches the saved one)."""
+        vision = {id(p) for n, p in self.model.named_parameters() if n.startswith("vision.")}
+        for group in list(self.optimizer.param_groups):
+            mine = [p for p in group["params"] if id(p) in vision]
+            if not mine:
+                continue
+            rest = [p for p in group["params"] if id(p) not in vision]
+            settings = {k: v for k, v in group.items() if k != "params"}
+            settings["lr_ratio"] = group.get("lr_ratio", 1.0) * ratio
+            if rest:
+                group["params"] = rest
+                self.optimizer.add_param_group({**settings, "params": mine})
+            else:
+                group.update(settings)
 
     # --------------------------------------------------------------------------- data
     def prepare_data(self, cfg: Config) -> Tokenizer:
@@ -64,7 +85,8 @@ class VLMTrainer(Trainer):
             path, weight = vlm_data.parse_data_spec(spec)
             if path == "builtin":
                 sources.append(vlm_data.builtin_source(tok, self.stage, v.builtin_images, cfg.seed,
-                                                       vision.image_size, tpi, weight, limit=limit))
+                                                       vision.image_size, tpi, weight, limit=limit,
+                                                       kinds=tuple(v.builtin_kinds)))
             elif self.stage == "sft":  # user files are question-answer chats, not captions
                 sources.append(vlm_data.load_image_source(spec, tok, vision, limit, v.val_fraction,
                                                           v.max_bad_fraction))
@@ -72,7 +94,7 @@ class VLMTrainer(Trainer):
             raise SpudError("the align stage needs the built-in pictures (vlm.data has no 'builtin'); "
                             "skip it with vlm.align_steps=0")
         val = list(vlm_data.builtin_source(tok, self.stage, v.val_images, cfg.seed + 1, vision.image_size,
-                                           tpi, limit=limit).train) if v.val_images else []
+                                           tpi, limit=limit, kinds=tuple(v.builtin_kinds)).train) if v.val_images else []
         val += [c for s in sources for c in s.val]
         if self.stage == "sft" and v.text_data and v.text_weight > 0:
             image_weight = sum(s.weight for s in sources)
@@ -236,8 +258,8 @@ def vlm_cmd(run: str, source: str | None = None, data: list[str] | None = None, 
     if start is None:
         trainer = VLMTrainer(stage_config(cfg, "align"), align_dir, "align", base_ckpt,
                              resume=resume, console=console)
-        trainer.console.print(f"vlm align: {trainer.data_summary['train_conversations']:,} captioned "
-                              f"pictures · language model frozen · from {base_ckpt}")
+        trainer.console.print(f"vlm align: {trainer.data_summary['train_conversations']:,} "
+                              f"picture conversations · language model frozen · from {base_ckpt}")
         result = trainer.run()
         summary["stages"]["align"] = result
         if result.get("interrupted"):

@@ -29,7 +29,7 @@ from spud.posttrain.chat_data import BadLines, ChatSource, Conversation, is_val,
 from spud.posttrain.sft import PackedChatLoader, to_xy
 from spud.tokenizer import Tokenizer
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
+CAPTION_EVERY = 4  # SFT: one picture conversation in 4 also asks for its caption
 
 
 @dataclass
@@ -54,27 +54,32 @@ def render(tok: Tokenizer, messages: list[dict], tokens_per_image: int, images: 
 
 # ---------------------------------------------------------------------------------- built in
 def builtin_messages(sample: builtin_images.Sample, stage: str, rng_index: int) -> list[dict]:
-    """align: the picture and a request for a description → the caption. sft: the picture with
-    the sample's first question, then its other questions as follow-up turns (one encoder pass
-    then supervises several answers)."""
-    if stage == "align":
-        wording = builtin_images.wordings("caption", False)
-        q = wording[rng_index % len(wording)][1]
-        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]},
-                {"role": "assistant", "content": sample.caption}]
+    """The picture with the sample's first question, then its other questions as follow-up turns
+    (one encoder pass supervises several short answers). In the SFT stage every CAPTION_EVERY-th
+    conversation also asks for a description (the caption), so "Describe the image." works.
+
+    The align stage asks the same short questions, not for captions as LLaVA does: a frozen
+    language model of demo size has never written sentences like the captions, so their template
+    words dominate the loss (measured: align loss stuck near 6 nats over 150 steps) and the
+    tower learns a generic soft prompt instead of what is in the picture."""
     msgs: list[dict] = []
     for i, (_, q, a) in enumerate(sample.qa):
         content = [{"type": "image"}, {"type": "text", "text": q}] if i == 0 else q
         msgs += [{"role": "user", "content": content}, {"role": "assistant", "content": a}]
+    if stage == "sft" and rng_index % CAPTION_EVERY == 0:
+        wording = builtin_images.wordings("caption", False)
+        msgs += [{"role": "user", "content": wording[rng_index // CAPTION_EVERY % len(wording)][1]},
+                 {"role": "assistant", "content": sample.caption}]
     return msgs
 
 
 def builtin_source(tok: Tokenizer, stage: str, n: int, seed: int, size: int, tokens_per_image: int,
-                   weight: float = 1.0, fonts: tuple[str, ...] | None = None, limit: int | None = None) -> ChatSource:
+                   weight: float = 1.0, fonts: tuple[str, ...] | None = None, limit: int | None = None,
+                   kinds: tuple[str, ...] = builtin_images.KINDS) -> ChatSource:
     """The generated pictures of the training split (spud.data.images) as one chat source. No
     val part of its own: the held-out pictures are the eval's (spud.eval.vqa). A conversation
     longer than `limit` tokens keeps fewer follow-up questions."""
-    samples = builtin_images.generate(n, seed, held_out=False, size=size, fonts=fonts)
+    samples = builtin_images.generate(n, seed, held_out=False, size=size, fonts=fonts, kinds=tuple(kinds))
     src = ChatSource("builtin-images", weight)
     truncated = 0
     for i, s in enumerate(samples):
