@@ -58,6 +58,9 @@ def options_table() -> Table:
         if name in ("block", "mlp"):
             text = "\n".join(f"{k}: {(cls.__doc__ or '').strip().splitlines()[0]}"
                               for k, cls in sorted(choices(name).items()))
+        if name == "vision":  # its encoder types, from the registry (docs/architecture.md)
+            text += "".join(f"\nvision.encoder={k}: {(cls.__doc__ or '').strip().splitlines()[0]}"
+                            for k, cls in sorted(choices("vision.encoder").items()))
         table.add_row(name, repr(f.default), escape(text))
     return table
 

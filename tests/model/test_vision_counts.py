@@ -119,3 +119,13 @@ def test_info_shows_the_vision_tower(tmp_path):
     text = console.export_text()
     assert "vision: ViT 4×128d, 32px images in 4px patches → 16 tokens/image (pixel shuffle 2)" in text
     assert "FLOPs/image forward" in text and "vision=" not in text
+
+
+def test_info_lists_the_vision_encoders():
+    from spud.info import options_table
+
+    console = Console(record=True, width=300)
+    console.print(options_table())
+    text = console.export_text()
+    assert "vision.encoder=vit: A ViT trained from scratch" in text
+    assert "vision.encoder=hf: A pretrained SigLIP or CLIP" in text

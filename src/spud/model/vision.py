@@ -158,7 +158,9 @@ class ViTBlock(nn.Module):
 
 @register_vision_encoder("vit")
 class ViTEncoder(nn.Module):
-    """Patch embedding (a Linear on flattened patch_size² RGB patches, the same map as a strided
+    """A ViT trained from scratch (vit_dim, vit_layers, vit_heads).
+
+    Patch embedding (a Linear on flattened patch_size² RGB patches, the same map as a strided
     convolution) + learned position embeddings + vit_layers pre-norm blocks + a final norm."""
 
     def __init__(self, cfg: VisionConfig, meta: bool = False) -> None:

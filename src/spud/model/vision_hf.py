@@ -111,7 +111,9 @@ def _load_weights(model_cls, path: Path) -> nn.Module:
 
 @register_vision_encoder("hf")
 class HFVisionEncoder(nn.Module):
-    """A SigLIP or CLIP vision transformer; yields its patch states (CLIP's CLS state dropped)."""
+    """A pretrained SigLIP or CLIP vision transformer from a local Hugging Face directory (hf_path).
+
+    Yields its patch states (CLIP's CLS state dropped)."""
 
     def __init__(self, cfg: VisionConfig, meta: bool = False) -> None:
         super().__init__()
