@@ -197,6 +197,23 @@ def test_acceptance_rule_keeps_the_target_distribution():
         if second.sum():
             assert torch.allclose(second / second.sum(), p[1], atol=0.05)
         assert first[3] == 0  # a zero-probability token is never emitted
+    # a draft drawn from a distribution q (the draft model's): min(1, p/q) acceptance
+    q = torch.tensor([0.1, 0.6, 0.0, 0.3])
+    first = torch.zeros(4)
+    for _ in range(n):
+        d = int(torch.multinomial(q, 1, generator=g))
+        first[_accept_sampled(p, [d], g, [q])[0]] += 1
+    assert torch.allclose(first / n, p[0], atol=0.025), first / n
+
+
+def test_sampled_drafts_from_the_same_model_are_all_kept(tok, target):
+    """The draft model samples from q under the row's settings; with q == p (the target drafts
+    for itself) min(1, p/q) = 1: nearly every draft is kept (a point-mass rule would keep only
+    p(d) of them)."""
+    eng = Engine(target, tok, max_batch=8, speculate=4, draft_model=target)
+    eng._spec.drafter.confidence = 0.0
+    _, stats = run(eng, prompts(), temperature=0.9, top_p=0.95, seed=3, max_tokens=20)
+    assert stats["spec_acceptance_rate"] > 0.95, stats
 
 
 def test_sampling_with_speculation_is_seeded_and_valid(tok, target):

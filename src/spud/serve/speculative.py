@@ -15,11 +15,12 @@ to real positions). Position j's logits are exactly those plain decoding would c
 accepting d1..dj, so:
 - greedy rows keep d_{j+1} while it equals argmax at j, then emit the target's argmax at the
   first mismatch (or after the last draft): the tokens are identical to plain greedy decoding;
-- sampling rows use the speculative-sampling rule with the drafter's proposal as a point mass
-  (both drafters propose deterministically): keep d with probability p_j(d) (p = the row's
-  temperature/top-k/top-p/min-p distribution); on rejection draw from p_j with d removed and
-  renormalised; after k accepted drafts draw the bonus token from p_k. Each emitted token is
-  thereby distributed exactly as p (not the same draws as plain sampling, the same law).
+- sampling rows use the speculative-sampling rule: keep d with probability min(1, p_j(d)/q_j(d))
+  (p = the row's temperature/top-k/top-p/min-p distribution, q = the one d was drawn from: the
+  draft model's under the same settings, or the point mass on d for prompt lookup); on rejection
+  draw from max(0, p_j - q_j) renormalised; after k accepted drafts draw the bonus token from
+  p_k. Each emitted token is thereby distributed exactly as p (not the same draws as plain
+  sampling, the same law).
 Rejected positions need no KV rollback work: the sequence's length simply does not advance over
 them, the per-row mask hides keys past it and the next forward overwrites them.
 
@@ -44,11 +45,12 @@ DRAFT_PREFILL_CHUNK = 256
 class _RowState:
     """Per-request drafter state, kept on the engine's Seq (`s.spec`), so it dies with it."""
 
-    __slots__ = ("draft_len", "index", "indexed", "k")
+    __slots__ = ("draft_len", "index", "indexed", "k", "q")
 
     def __init__(self) -> None:
         self.draft_len = 0  # positions of this slot that the draft model's cache holds
         self.k: int | None = None  # the draft model's current draft length for this row
+        self.q: list[torch.Tensor] | None = None  # the draft's distributions (sampled rows)
         self.index: dict[tuple[int, ...], int] = {}  # n-gram -> where its latest continuation starts
         self.indexed = 0  # tokens of the history already added to `index`
 
@@ -121,6 +123,8 @@ class ModelDrafter:
 
     def propose(self, rows: list, ks: list[int]) -> list[list[int]]:
         out: list[list[int]] = [[] for _ in rows]
+        for s in rows:
+            _state(s).q = None
         ks = [min(k, _state(s).k) if _state(s).k is not None else k for s, k in zip(rows, ks)]
         kmax = max(ks, default=0)
         live = [i for i, (s, k) in enumerate(zip(rows, ks))
@@ -145,7 +149,8 @@ class ModelDrafter:
                                      [_state(rows[i]).draft_len for i in live])
         self.forwards += 1
         last = torch.tensor([len(f) - 1 for f in feeds], device=self.device)
-        nxt, sure = self._pick(h[torch.arange(len(live), device=self.device), last])
+        nxt, sure = self._pick(h[torch.arange(len(live), device=self.device), last],
+                               [rows[i] for i in live])
         for i, f, tok in zip(live, feeds, nxt):
             _state(rows[i]).draft_len += len(f)
             out[i].append(tok)
@@ -157,7 +162,7 @@ class ModelDrafter:
             h = self.model.forward_slots(x, self.cache, [rows[i].slot for i in live],
                                          [_state(rows[i]).draft_len for i in live])
             self.forwards += 1
-            nxt, sure = self._pick(h[:, -1])
+            nxt, sure = self._pick(h[:, -1], [rows[i] for i in live])
             for i, tok in zip(live, nxt):
                 _state(rows[i]).draft_len += 1
                 out[i].append(tok)
@@ -167,12 +172,27 @@ class ModelDrafter:
                 del d[bad[0]:]
         return out
 
-    def _pick(self, h: torch.Tensor) -> tuple[list[int], list[bool]]:
-        """Greedy draft tokens of hidden states (B, d), and whether the draft is confident
-        enough in each to go on drafting after it."""
-        probs = self.model.logits(h).float().softmax(-1)
-        p, tok = probs.max(-1)
-        return tok.tolist(), (p >= self.confidence).tolist()
+    def _pick(self, h: torch.Tensor, rows: list) -> tuple[list[int], list[bool]]:
+        """Draft tokens of hidden states (B, d) and whether the draft is confident enough in
+        each to go on drafting after it. Greedy rows take the draft's argmax; sampled rows draw
+        from the draft's distribution q under the row's own temperature/top-k/top-p/min-p (with
+        the row's generator) and keep q for the acceptance test (Speculator._verify)."""
+        logits = self.model.logits(h).float()
+        p, tok = logits.softmax(-1).max(-1)
+        toks, sure = tok.tolist(), (p >= self.confidence).tolist()
+        sampled = [i for i, s in enumerate(rows) if s.params.temperature > 0]
+        if sampled:
+            bp = BatchParams.build([rows[i].params for i in sampled], logits.device)
+            q = filter_rows(logits[sampled], bp).softmax(-1)
+            v = self.vocab_limit  # the target's vocabulary: q lives on the same ids as p
+            if q.shape[-1] != v:
+                q = torch.nn.functional.pad(q[:, :v], (0, max(0, v - q.shape[-1])))
+            for j, i in enumerate(sampled):
+                st = _state(rows[i])
+                toks[i] = _draw(q[j], rows[i].gen)
+                sure[i] = float(q[j, toks[i]]) >= self.confidence
+                st.q = (st.q or []) + [q[j]]
+        return toks, sure
 
     def rollback(self, s, valid: int, accepted: int, drafted: int) -> None:
         st = _state(s)
@@ -255,7 +275,7 @@ class Speculator:
             probs = filter_rows(proc.reshape(b * t, v), flat).softmax(-1).reshape(b, t, v)
         for r, (s, d) in enumerate(zip(rows, drafts)):
             if s.params.temperature > 0:
-                toks = _accept_sampled(probs[r], d, s.gen)
+                toks = _accept_sampled(probs[r], d, s.gen, _state(s).q)
             else:
                 n = 0
                 while n < len(d) and d[n] == greedy[r][n]:
@@ -289,16 +309,25 @@ class Speculator:
         }
 
 
-def _accept_sampled(p: torch.Tensor, draft: list[int], gen: torch.Generator) -> list[int]:
-    """Speculative sampling with a point-mass proposal: p (T, V) is the target's distribution
-    at each verified position. → accepted drafts + one token drawn by the target."""
+def _accept_sampled(p: torch.Tensor, draft: list[int], gen: torch.Generator,
+                    q: list[torch.Tensor] | None = None) -> list[int]:
+    """Speculative sampling: p (T, V) is the target's distribution at each verified position,
+    q[j] the distribution draft j was drawn from (None: a deterministic proposal, q = the point
+    mass on d). Keep d with probability min(1, p(d)/q(d)); on rejection draw from
+    max(0, p - q) renormalised. → accepted drafts + one token drawn by the target."""
     out = []
     for j, d in enumerate(draft):
-        if float(torch.rand((), generator=gen)) < float(p[j, d]):
+        qd = 1.0 if q is None else float(q[j][d])
+        if float(torch.rand((), generator=gen)) * qd < float(p[j, d]):
             out.append(d)
             continue
-        residual = p[j].clone()
-        residual[d] = 0  # max(0, p - q) with q the point mass on d
+        if q is None:
+            residual = p[j].clone()
+            residual[d] = 0  # max(0, p - q) with q the point mass on d
+        else:
+            residual = (p[j] - q[j]).clamp(min=0)
+        if float(residual.sum()) <= 0:  # p == q up to rounding: nothing left to correct
+            residual = p[j]
         return out + [_draw(residual, gen)]
     return out + [_draw(p[len(draft)], gen)]
 
