@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from spud.errors import SpudError
-from spud.serve.engine_sampling import BatchParams, apply_penalties, filter_rows, token_logprobs
+from spud.serve.engine_sampling import BatchParams, filter_rows, token_logprobs
 
 NGRAM_MAX, NGRAM_MIN = 3, 1
 DRAFT_PREFILL_CHUNK = 256
@@ -263,14 +263,13 @@ class Speculator:
 
     def _verify(self, eng, rows: list, logits: torch.Tensor, drafts: list[list[int]]) -> None:
         b, t, v = logits.shape
-        bp = BatchParams.build([s.params for s in rows], eng.device)
-        bias = None
+        proc = logits  # (B, T, V); penalised rows are never speculated, so only the bias applies
         if any(eng._has_bias[s.slot] for s in rows):
-            bias = eng._bias.index_select(0, torch.tensor([s.slot for s in rows], device=eng.device))
-        proc = apply_penalties(logits, None, None if bias is None else bias[:, None, :], bp)  # (B, T, V)
+            proc = logits + eng._bias.index_select(
+                0, torch.tensor([s.slot for s in rows], device=eng.device))[:, None, :]
         greedy = proc.argmax(-1).tolist()  # (B, T)
         probs = None
-        if not bp.all_greedy:  # every position of a row shares the row's parameters
+        if any(s.params.temperature > 0 for s in rows):  # a row's positions share its params
             flat = BatchParams.build([s.params for s in rows for _ in range(t)], eng.device)
             probs = filter_rows(proc.reshape(b * t, v), flat).softmax(-1).reshape(b, t, v)
         for r, (s, d) in enumerate(zip(rows, drafts)):
@@ -285,9 +284,10 @@ class Speculator:
             self.drafted += len(d)
             self.row_steps += 1
             self.accepted += n_acc
-            want = [s.params.logprobs] * len(toks)
-            idx = torch.tensor(toks, device=eng.device)
-            lps, tops = token_logprobs(proc[r, :len(toks)], idx, want)
+            lps, tops = [None] * len(toks), [None] * len(toks)
+            if s.params.logprobs is not None:
+                lps, tops = token_logprobs(proc[r, :len(toks)], torch.tensor(toks, device=eng.device),
+                                           [s.params.logprobs] * len(toks))
             start = s.length
             for j, (tok, lp, top) in enumerate(zip(toks, lps, tops)):
                 s.length = start + j + 1
