@@ -138,13 +138,14 @@ def test_stop_strings_and_max_tokens_ending_mid_draft(tok, target, drafter):
 
 
 def test_end_of_context_and_mixed_rows(tok, target):
-    """Rows near the context end, rows with penalties or logprobs, all in one batch."""
+    """Rows near the context end, rows with penalties, logprobs or a logit bias, in one batch."""
     ps = prompts()
     jobs = [(ps[0], {"frequency_penalty": 0.5}), (ps[1], {"logprobs": 2}), (ps[6], {}),
-            (ps[3], {"max_tokens": 56})]  # 200 + 56 = max_context: the cache ends mid-draft
+            (ps[3], {"max_tokens": 56}),  # 200 + 56 = max_context: the cache ends mid-draft
+            (ps[2], {"logit_bias": {11: 3.0, 12: 2.0}, "logprobs": 1})]
     outs = []
     for kw in ({}, {"speculate": 4}, {"speculate": 4, "draft_model": target}):
-        eng = Engine(target, tok, max_batch=4, **kw)
+        eng = Engine(target, tok, max_batch=5, **kw)
         eng.start()
         hs = [eng.submit(p, SamplingParams(temperature=0, ignore_eos=True, **{"max_tokens": 30, **o}))
               for p, o in jobs]
