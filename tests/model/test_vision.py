@@ -100,6 +100,24 @@ def test_load_image_transparency_on_white_grey_and_palette():
     assert jpeg[1].mean() > 0.9
 
 
+def test_load_image_applies_exif_orientation():
+    """A phone photo stored sideways with an orientation tag is seen upright."""
+    cfg = VisionConfig(image_size=8, pixel_shuffle=1)
+    img = Image.new("RGB", (16, 8), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 8, 8))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    x = load_image(_jpeg_with_exif(img, exif), cfg)
+    # upright, the white half is on top
+    assert x[:, :3].mean() > 0.8 and x[:, -3:].mean() < -0.8
+
+
+def _jpeg_with_exif(img: Image.Image, exif) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif.tobytes())
+    return buf.getvalue()
+
+
 def test_load_image_custom_normalisation():
     cfg = VisionConfig(image_size=8, image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0])
     x = load_image(Image.new("RGB", (4, 4), (255, 0, 255)), cfg)
@@ -127,6 +145,9 @@ def test_load_image_errors_name_the_source(tmp_path):
         load_image(_png(Image.new("RGB", (8, 8)), "TIFF"), cfg)
     with pytest.raises(SpudError, match="expected bytes"):
         load_image(123, cfg)
+    with pytest.raises(SpudError) as err:  # a data URL passed as a path: a short message
+        load_image("data:image/png;base64," + "A" * 100_000, cfg)
+    assert len(str(err.value)) < 300
 
 
 def _png_claiming(width: int, height: int) -> bytes:

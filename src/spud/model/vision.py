@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
 from spud.errors import SpudError
@@ -50,25 +50,30 @@ def load_image(
     """An image file / encoded bytes / PIL image → (3, image_size, image_size) float32, normalised.
 
     Transparent pixels are composited on white (rendered text on a transparent background stays
-    readable); animated images give their first frame; the image is squashed to a square, which
-    keeps every pixel (no crop) at the cost of the aspect ratio. Unreadable, oversized or
-    unsupported input raises SpudError naming the source."""
+    readable); animated images give their first frame; a photo's EXIF orientation is applied;
+    the image is squashed to a square, which keeps every pixel (no crop) at the cost of the
+    aspect ratio. Unreadable, oversized or unsupported input raises SpudError naming the source."""
     name = "image"
     if isinstance(source, Image.Image):
         img = source
     else:
         if isinstance(source, (str, Path)):
-            name = str(source)
+            name = str(source) if len(str(source)) <= 200 else str(source)[:200] + "…"
             if name.startswith(("http://", "https://")):
                 raise SpudError(f"{name}: remote images cannot be fetched (spud runs offline); "
                                 "download the file and pass its local path")
             path = Path(source)
-            if not path.is_file():
+            try:
+                size = path.stat().st_size if path.is_file() else None
+                if size is not None and size <= max_bytes:
+                    data = path.read_bytes()
+            except OSError as e:  # unreadable, or a name too long to be a path
+                raise SpudError(f"{name}: cannot read the image file ({e.strerror})") from None
+            if size is None:
                 raise SpudError(f"{name}: image file not found")
-            if path.stat().st_size > max_bytes:
-                raise SpudError(f"{name}: {path.stat().st_size:,} bytes, over the "
-                                f"{max_bytes:,}-byte image limit; shrink or recompress it")
-            data = path.read_bytes()
+            if size > max_bytes:
+                raise SpudError(f"{name}: {size:,} bytes, over the {max_bytes:,}-byte image limit; "
+                                "shrink or recompress it")
         elif isinstance(source, (bytes, bytearray, memoryview)):
             data = bytes(source)
         else:
@@ -92,7 +97,7 @@ def load_image(
     try:
         img.seek(0)  # first frame of an animation (a no-op for still images)
         img.load()
-        img = _to_rgb(img)
+        img = _to_rgb(ImageOps.exif_transpose(img))
         img = img.resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC)
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise SpudError(f"{name}: the image data is damaged ({e})") from None
