@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=200)
     ap.add_argument("--samples", type=int, default=16, help="sampled completions per problem (0 = greedy only)")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--models", default="base,chat,rl,dpo", help="models of RUN to evaluate, if it has them")
+    ap.add_argument("--models", default="base,chat,rl,dpo", help="models of RUN to evaluate, if it has them ('' = none)")
     ap.add_argument("--extra", action="append", default=[], metavar="LABEL=DIR",
                     help="also evaluate the model in DIR (an RL/DPO output made with --out)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -45,7 +45,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     _, problems, _ = load_tasks(args.tasks.split(","), 1, args.problems, 0, args.split)
-    todo = [(kind, args.run, kind) for kind in args.models.split(",") if has_model(args.run, kind)]
+    kinds = [k for k in args.models.split(",") if k]  # --models '' evaluates only the --extra ones
+    todo = [(kind, args.run, kind) for kind in kinds if has_model(args.run, kind)]
     for spec in args.extra:
         label, _, path = spec.partition("=")
         todo.append((label, path, default_serving_model(path)))
