@@ -228,6 +228,25 @@ def test_sampling_with_speculation_is_seeded_and_valid(tok, target):
     assert all(len(ids) == 20 for ids, _, _ in a[0])
 
 
+def test_drafter_failure_falls_back_to_plain_decoding(tok, target):
+    ps = prompts()
+    want, _ = run(Engine(target, tok, max_batch=8), ps)
+    eng = Engine(target, tok, max_batch=8, speculate=3, draft_model=noisy_copy(target))
+    real, calls = eng._spec.drafter.propose, []
+
+    def flaky(rows, ks):  # every third step the drafter fails, after writing its cache
+        calls.append(1)
+        out = real(rows, ks)
+        if len(calls) % 3 == 0:
+            raise RuntimeError("draft failed")
+        return out
+
+    eng._spec.drafter.propose = flaky
+    got, stats = run(eng, ps)
+    assert got == want
+    assert "draft failed" in eng._spec.last_error and stats["spec_accepted_tokens_total"] > 0
+
+
 def test_bad_settings_are_clear_errors(tok, target):
     with pytest.raises(SpudError, match="speculate must be >= 1"):
         Engine(target, tok, speculate=-1)

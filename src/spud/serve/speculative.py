@@ -100,7 +100,8 @@ class NgramDrafter:
 
 
 class ModelDrafter:
-    """Greedy drafts from a small model sharing the target's tokenizer (see load_draft).
+    """Drafts from a small model sharing the target's tokenizer (see load_draft): its argmax
+    for greedy rows, a draw from its distribution for sampled rows (see _pick).
 
     Each drafted token costs a draft forward, so drafting adapts per row: a row's draft
     length grows by 2 after a step whose drafts were all kept and shrinks by 1 otherwise (down to
@@ -197,8 +198,9 @@ class ModelDrafter:
     def rollback(self, s, valid: int, accepted: int, drafted: int) -> None:
         st = _state(s)
         st.draft_len = min(st.draft_len, valid)
-        k = st.k if st.k is not None else drafted
-        st.k = min(self.k, k + 2) if accepted == drafted else max(1, k - 1)
+        if drafted:  # nothing drafted (a failed step): the schedule stays
+            k = st.k if st.k is not None else drafted
+            st.k = min(self.k, k + 2) if accepted == drafted else max(1, k - 1)
 
     def stats(self) -> dict:
         return {"spec_draft_forwards_total": self.forwards}
@@ -235,6 +237,8 @@ class Speculator:
             from spud.serve.engine_seq import describe
             drafts = [[] for _ in rows]
             self.last_error = describe(e)
+            for s in rows:  # whatever the drafter wrote past the kept tokens is not valid
+                self.drafter.rollback(s, s.length, 0, 0)
         if not any(drafts):
             eng._decode_step()
             return
