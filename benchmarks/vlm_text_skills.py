@@ -20,6 +20,7 @@ def main() -> None:
     ap.add_argument("run")
     ap.add_argument("--n", type=int, default=100, help="questions per split")
     ap.add_argument("--splits", default="operands,templates,three_digit,multi_step")
+    ap.add_argument("--models", default="chat,vlm", help="which models of RUN to evaluate")
     ap.add_argument("--out", default="vlm_text_skills.json")
     args = ap.parse_args()
     splits = [s for s in args.splits.split(",") if s]
@@ -28,17 +29,17 @@ def main() -> None:
         ap.error(f"unknown splits {unknown}; choose from {', '.join(SPLITS)}")
     items = [it for s in splits for it in eval_items(s, args.n)]
     result: dict = {"run": args.run, "n": args.n, "models": {}}
-    for kind in ("chat", "vlm"):
+    kinds = [k for k in args.models.split(",") if k]
+    for kind in kinds:
         model, tok, _, ckpt = load_model(args.run, model=kind, device="cpu")
         t0 = time.time()
         acc = split_accuracy(model, tok, items, chat=True)
         result["models"][kind] = {"checkpoint": str(ckpt), "seconds": round(time.time() - t0, 1),
                                   "splits": {s: acc[s]["accuracy"] for s in splits}}
     print(f"exact match, {args.n} held-out questions per split (greedy, chat template)")
-    print(f"  {'split':<13} {'chat':>6} {'vlm':>6}")
+    print(f"  {'split':<13}" + "".join(f" {k:>6}" for k in kinds))
     for s in splits:
-        c, v = (result["models"][k]["splits"][s] for k in ("chat", "vlm"))
-        print(f"  {s:<13} {c:>6.1%} {v:>6.1%}")
+        print(f"  {s:<13}" + "".join(f" {result['models'][k]['splits'][s]:>6.1%}" for k in kinds))
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {args.out}")
