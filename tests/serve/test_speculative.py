@@ -280,3 +280,28 @@ def test_served_with_draft_run_same_answers_and_metrics(serve_run, start_server,
     metrics = httpx.get(f"{srv.url}/metrics", timeout=30).text
     rate = [ln for ln in metrics.splitlines() if ln.startswith("spud_engine_spec_acceptance_rate ")]
     assert rate and float(rate[0].split()[1]) == 1.0  # the run drafts for itself
+
+
+def test_speculation_benchmark_runs(serve_run, tmp_path):
+    """benchmarks/speculation.py end to end on a tiny run drafting for itself: every contender
+    reports, outputs are identical to plain decoding, the self-draft keeps every greedy draft."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).parents[2] / "benchmarks" / "speculation.py"
+    spec = importlib.util.spec_from_file_location("speculation_bench", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "spec.json"
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main([str(serve_run), "--draft", str(serve_run), "--batch", "2", "--max-tokens", "6",
+                           "--prompt-tokens", "12", "--rounds", "1", "--workloads", "copy",
+                           "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["contender"] for r in rows] == ["plain", "ngram-k4", "draft-k4"]
+    assert all(r["identical_to_plain"] and r["tokens_per_s"] > 0 for r in rows)
+    assert rows[2]["acceptance"] == 1.0
