@@ -142,6 +142,10 @@ class ModelConfig(StrictModel):
                 f"value_embeds={self.value_embeds} needs n_layers >= {2 * self.value_embeds} "
                 "(each table feeds one of the first and one of the last layers)"
             )
+        image_id = self.vision.image_token_id if self.vision is not None else None
+        if image_id is not None and self.vocab_size is not None and image_id >= self.vocab_size:
+            raise ValueError(f"vision.image_token_id={image_id} is outside the vocabulary "
+                             f"(vocab_size={self.vocab_size}); use spud.model.vision.add_vision")
         return self
 
     def window_at(self, layer: int) -> int | None:

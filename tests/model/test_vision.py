@@ -57,6 +57,11 @@ def test_config_errors_name_the_field(bad, field):
         VisionConfig(**bad)
 
 
+def test_image_token_id_must_be_in_the_vocabulary(tiny):
+    with pytest.raises(ValueError, match="image_token_id=256 is outside the vocabulary"):
+        tiny(vision={**VISION, "image_token_id": 256})
+
+
 def test_config_from_yaml_overrides_names_the_key(tmp_path):
     cfg = load_config(None, ["model.vision.image_size=48", "model.vision.patch_size=8"])
     assert cfg.model.vision.tokens_per_image == 9
