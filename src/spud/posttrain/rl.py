@@ -38,8 +38,8 @@ from spud.errors import SpudError
 from spud.model.registry import build_model
 from spud.posttrain.rl_sampling import collect, level_cap, level_range, problem_stream, seed_of
 from spud.posttrain.rl_tasks import Problem, load_tasks
-from spud.runtime import set_threads
 from spud.posttrain.verifiers import verify
+from spud.runtime import set_threads
 from spud.tokenizer import Tokenizer
 from spud.train import checkpoint as ckpt_io
 from spud.train.faults import graceful_stop
