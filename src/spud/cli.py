@@ -247,13 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "with the same prefix (0 = off)")
     p.add_argument("--checkpoint", default=None, help="step number or directory name (default: latest)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    from spud.model_kinds import MODELS
+
     _model_arg(p, "which model to serve (default: chat if RUN has one from spud sft, else base)")
     p.add_argument("--speculate", type=int, default=None, metavar="K",
                    help="speculative decoding: draft K tokens per step, verified in one forward "
                         "(prompt lookup, or --draft's model; default 0 = off, 4 with --draft)")
     p.add_argument("--draft", default=None, metavar="RUN2",
                    help="draft model for speculative decoding: a smaller run with the same tokenizer")
-    p.add_argument("--draft-model", default=None, choices=["base", "chat"],
+    p.add_argument("--draft-model", default=None, choices=[m for m in MODELS if m != "vlm"],
                    help="which model of RUN2 drafts (default: chat if RUN2 has one, else base)")
     p.add_argument("--request-timeout", type=float, default=None, metavar="S",
                    help="fail a request still unfinished S seconds after it arrived (408; default: none)")

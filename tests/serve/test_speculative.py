@@ -248,7 +248,7 @@ def test_drafter_failure_falls_back_to_plain_decoding(tok, target):
 
 
 def test_bad_settings_are_clear_errors(tok, target):
-    with pytest.raises(SpudError, match="speculate must be >= 1"):
+    with pytest.raises(SpudError, match=r"speculate must be 0 \(off\) or >= 1"):
         Engine(target, tok, speculate=-1)
     with pytest.raises(SpudError, match="draft model needs speculate"):
         Engine(target, tok, draft_model=target)

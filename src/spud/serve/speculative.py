@@ -211,7 +211,7 @@ class Speculator:
 
     def __init__(self, k: int, drafter) -> None:
         if k < 1:
-            raise SpudError(f"speculate must be >= 1 drafted tokens per step, got {k}")
+            raise SpudError(f"speculate must be 0 (off) or >= 1 drafted tokens per step, got {k}")
         self.k = k
         self.drafter = drafter
         self.steps = 0
