@@ -51,8 +51,8 @@ def _local_dir(cfg: VisionConfig) -> Path:
 
 
 @lru_cache(maxsize=16)
-def _read_config(path: str) -> tuple[str, dict]:
-    """(family, vision config dict) of an HF directory: 'siglip' or 'clip'."""
+def _family(path: str) -> str:
+    """The model family of an HF directory: 'siglip' or 'clip' (else a clear error)."""
     file = Path(path) / "config.json"
     try:
         raw = json.loads(file.read_text())
@@ -63,14 +63,13 @@ def _read_config(path: str) -> tuple[str, dict]:
     if family not in _FAMILY_STATS:
         raise SpudError(f"{file}: model_type {kind!r} is not a SigLIP or CLIP model; spud loads "
                         "siglip, siglip_vision_model, clip and clip_vision_model")
-    vision = raw.get("vision_config", {}) if kind == family else raw
-    return family, vision
+    return family
 
 
 @lru_cache(maxsize=16)
 def _stats(path: str) -> tuple[list[float], list[float]]:
     """(mean, std) of the directory's image processor (read once: load_image runs per image)."""
-    family, _ = _read_config(path)
+    family = _family(path)
     mean, std = _FAMILY_STATS[family]
     pre = Path(path) / "preprocessor_config.json"
     if pre.is_file():
@@ -118,7 +117,7 @@ class HFVisionEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig, meta: bool = False) -> None:
         super().__init__()
         path = _local_dir(cfg)
-        family, raw = _read_config(str(path))
+        family = _family(str(path))
         model_cls, config_cls = _model_class(family)
         hf_cfg = config_cls.from_pretrained(str(path), local_files_only=True)
         for field in ("image_size", "patch_size"):
