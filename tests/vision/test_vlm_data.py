@@ -93,7 +93,8 @@ def test_parquet_with_image_bytes(tmp_path, tok):
 
 def test_packed_batches_carry_one_picture_per_placeholder_run(tok):
     pics = vlm_data.builtin_source(tok, "sft", 12, 0, 16, VISION.tokens_per_image, fonts=("default",))
-    text_ids, text_mask = tok.render_chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
+    text_ids, text_mask = tok.render_chat([{"role": "user", "content": "hi"},
+                                           {"role": "assistant", "content": "hello"}])
     text = ChatSource("text", 1.0, [Conversation(text_ids, text_mask, "t:1")] * 6)
     loader = vlm_data.ImageChatLoader([pics, text], None, batch_size=3, seq_len=127, seed=0, pad_id=tok.pad_id,
                                       vision_cfg=VISION)

@@ -58,7 +58,8 @@ QUESTIONS: dict[str, list[tuple[str, str]]] = {
                ("n5", "Which number is written here?"), ("n6", "What is the number in this image?"),
                ("n7", "Tell me the number shown."), ("n8", "What number is this?")],
     "word": [("w1", "What word is written?"), ("w2", "Which word is shown?"), ("w3", "Read the word in the image."),
-             ("w4", "What does the image say?"), ("w5", "What word do you see?"), ("w6", "Which word is in the picture?")],
+             ("w4", "What does the image say?"), ("w5", "What word do you see?"),
+             ("w6", "Which word is in the picture?")],
     "count": [("c1", "How many shapes are there?"), ("c2", "How many {shapes} are there?"),
               ("c3", "Count the {shapes}."), ("c4", "How many shapes do you see?"),
               ("c5", "How many {shapes} are in the image?"), ("c6", "Count the shapes in the picture."),
@@ -69,14 +70,16 @@ QUESTIONS: dict[str, list[tuple[str, str]]] = {
                ("k4", "What is the colour of the drawing?"), ("k5", "Which color do you see?")],
     "locate": [("l1", "Where is the {colour} {shape}?"), ("l2", "Where is the {shape}?"),
                ("l3", "In which part of the image is the {colour} {shape}?"), ("l4", "Where is the {shape} placed?"),
-               ("l5", "Which corner is the {shape} in, or is it in the middle?"), ("l6", "Locate the {colour} {shape}.")],
+               ("l5", "Which corner is the {shape} in, or is it in the middle?"),
+               ("l6", "Locate the {colour} {shape}.")],
     "bar": [("b1", "Which bar is the {most}?"), ("b2", "What colour is the {most} bar?"),
             ("b3", "Which colour has the {most} bar?"), ("b4", "In the chart, which bar is {most}?"),
             ("b5", "Which bar in the chart is the {most}?"), ("b6", "Name the colour of the {most} bar.")],
     "arithmetic": [("a1", "What is the answer?"), ("a2", "Solve the problem in the image."),
                    ("a3", "What does the problem in the picture equal?"), ("a4", "Work out what is written."),
                    ("a5", "What is the result?"), ("a6", "Compute what the image shows.")],
-    "caption": [("d1", "Describe the image."), ("d2", "What is in this picture?"), ("d3", "Describe this picture briefly."),
+    "caption": [("d1", "Describe the image."), ("d2", "What is in this picture?"),
+                ("d3", "Describe this picture briefly."),
                 ("d4", "What does the image show?"), ("d5", "Give a short description of the image.")],
 }
 
@@ -248,7 +251,8 @@ _REGION_CELLS = {"top left": (0, 0), "top right": (2, 0), "bottom left": (0, 2),
 def _locate(rng, size, fonts, held_out) -> Sample:
     (shape, colour, region), fact = _draw_fact(
         rng, "locate", held_out,
-        lambda: (rng.choice(list(SHAPES)), rng.choice(["red", "green", "blue", "orange", "purple"]), rng.choice(REGIONS)))
+        lambda: (rng.choice(list(SHAPES)), rng.choice(["red", "green", "blue", "orange", "purple"]),
+                 rng.choice(REGIONS)))
     bg_name, im, draw = _canvas(rng, size, light_only=True)
     cell = size // 3
     cx, cy = _REGION_CELLS[region]

@@ -93,8 +93,10 @@ class VLMTrainer(Trainer):
         if not sources:
             raise SpudError("the align stage needs the built-in pictures (vlm.data has no 'builtin'); "
                             "skip it with vlm.align_steps=0")
-        val = list(vlm_data.builtin_source(tok, self.stage, v.val_images, cfg.seed + 1, vision.image_size,
-                                           tpi, limit=limit, kinds=tuple(v.builtin_kinds)).train) if v.val_images else []
+        val = []
+        if v.val_images:  # more training-split pictures (never the eval's) for the validation loss
+            val = list(vlm_data.builtin_source(tok, self.stage, v.val_images, cfg.seed + 1, vision.image_size,
+                                               tpi, limit=limit, kinds=tuple(v.builtin_kinds)).train)
         val += [c for s in sources for c in s.val]
         if self.stage == "sft" and v.text_data and v.text_weight > 0:
             image_weight = sum(s.weight for s in sources)
