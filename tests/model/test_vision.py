@@ -360,3 +360,17 @@ def test_bf16_autocast_forward_and_backward(vlm):
         loss = model(idx, idx.roll(-1, 1), images=torch.randn(2, 3, 16, 16))
     loss.backward()
     assert torch.isfinite(loss) and model.vision.encoder.patch_embed.weight.grad is not None
+
+
+def test_slot_batch_of_rows_takes_image_rows_in_row_major_order(vlm):
+    """One forward_slots call over two rows with images in both: E holds row 0's image rows,
+    then row 1's (row-major), and each row equals its own full forward."""
+    model = vlm()
+    a, b = _prompt(1), _prompt(1)  # same length: 3 + 4 + 3
+    ea, eb = (model.encode_images(torch.randn(1, 3, 16, 16)).reshape(-1, 64).detach() for _ in range(2))
+    with torch.no_grad():
+        full_a, full_b = model.hidden_states(a, image_embeds=ea), model.hidden_states(b, image_embeds=eb)
+        cache = model.new_slot_cache(2)
+        h = model.forward_slots(torch.cat([a, b]), cache, [1, 0], [0, 0], image_embeds=torch.cat([ea, eb]))
+    torch.testing.assert_close(h[0:1], full_a, atol=1e-5, rtol=0)
+    torch.testing.assert_close(h[1:2], full_b, atol=1e-5, rtol=0)
