@@ -91,3 +91,20 @@ def test_image_part_errors(text_tok, tok):
         tok.render_chat([{"role": "user", "content": [{"type": "text", "text": 5}]}])
     with pytest.raises(SpudError, match="string or a list of parts"):
         tok.render_chat([{"role": "user", "content": 5}])
+
+
+def test_images_in_an_assistant_turn_are_never_targets(tok):
+    msgs = [{"role": "user", "content": "Draw it"},
+            {"role": "assistant", "content": [{"type": "text", "text": "Here:"}, {"type": "image"}]}]
+    ids, mask = tok.render_chat(msgs, image_tokens=2)
+    assert ids.count(tok.image_id) == 2
+    assert [m for i, m in zip(ids, mask) if i == tok.image_id] == [0, 0]
+    assert sum(mask) == len(tok.encode("Here:")) + 1  # the text and <|end|> are trained on
+
+
+def test_tools_join_a_system_turn_given_as_parts(tok):
+    tools = [{"name": "add", "description": "adds", "parameters": {}}]
+    as_str = tok.render_chat([{"role": "system", "content": "Be brief."}], tools=tools)
+    as_parts = tok.render_chat([{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}],
+                               tools=tools)
+    assert as_parts == as_str and as_str[0].count(tok.role_ids["system"]) == 1

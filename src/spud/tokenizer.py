@@ -206,9 +206,11 @@ class Tokenizer:
         if tools:
             listing = TOOLS_PREAMBLE + "".join(
                 json.dumps(t, ensure_ascii=False) + "\n" for t in tools) + "</tools>"
-            if messages and messages[0].get("role") == "system" and isinstance(messages[0].get("content"), str):
-                first = messages[0]["content"]
+            first = messages[0].get("content") if messages and messages[0].get("role") == "system" else None
+            if isinstance(first, str):
                 messages[0] = {**messages[0], "content": first + "\n\n" + listing if first else listing}
+            elif isinstance(first, list):  # content parts: the listing is one more text part
+                messages[0] = {**messages[0], "content": [*first, {"type": "text", "text": "\n\n" + listing}]}
             else:
                 messages.insert(0, {"role": "system", "content": listing})
         ids, mask = [self.bos_id], [0]
@@ -234,7 +236,8 @@ class Tokenizer:
                 raise SpudError(f"message {i}: {e}") from None
             flag = 1 if role == "assistant" else 0
             ids += [self.role_ids[role], *body]
-            mask += [0] + [flag] * len(body)
+            # image placeholders are inputs, never targets (only templates make the image id)
+            mask += [0] + [0 if t == self.image_id else flag for t in body]
         if add_generation_prompt:
             ids.append(self.role_ids["assistant"])
             mask.append(0)
