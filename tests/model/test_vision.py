@@ -374,3 +374,29 @@ def test_slot_batch_of_rows_takes_image_rows_in_row_major_order(vlm):
         h = model.forward_slots(torch.cat([a, b]), cache, [1, 0], [0, 0], image_embeds=torch.cat([ea, eb]))
     torch.testing.assert_close(h[0:1], full_a, atol=1e-5, rtol=0)
     torch.testing.assert_close(h[1:2], full_b, atol=1e-5, rtol=0)
+
+
+def test_ddp_wrap_of_a_vlm_survives_text_only_batches(vlm):
+    """spud vlm mixes text-only batches in: the tower then gets no gradient, which plain DDP
+    rejects at the next step; the wrap lets DDP find the unused parameters (one process, gloo)."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    from spud.train.distributed import DistEnv, wrap
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model = wrap(vlm().train(), DistEnv(parallel="ddp"), torch.device("cpu"), False)
+        idx = _prompt(1)
+        model(idx, idx, images=torch.randn(1, 3, 16, 16)).backward()
+        for _ in range(2):  # text only, twice: the second step is where DDP would raise
+            text = torch.randint(0, 200, (2, 12))
+            model(text, text).backward()
+    finally:
+        dist.destroy_process_group()

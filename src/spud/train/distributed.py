@@ -133,7 +133,11 @@ def wrap(model: nn.Module, env: DistEnv, device: torch.device, mixed_precision: 
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [device.index] if device.type == "cuda" else None
-        return DDP(model, device_ids=ids)
+        # A VLM's vision tower gets no gradient from a text-only batch (spud vlm mixes them in),
+        # which plain DDP reports as an error; finding unused parameters costs a graph walk per
+        # step, so only VLMs pay it.
+        unused = getattr(getattr(model, "cfg", None), "vision", None) is not None
+        return DDP(model, device_ids=ids, find_unused_parameters=unused)
     if env.parallel == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
