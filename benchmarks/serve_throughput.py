@@ -1,13 +1,14 @@
 """Serving throughput: spud's engine vs Hugging Face generate() at batch 1, then HTTP load.
 
-Part 1, batch-1 decode. A random-init spud model of a Llama-expressible preset and a
-LlamaForCausalLM holding the *identical* weights (hf_llama_config + to_hf_llama_state_dict) each
+Part 1, batch-1 decode. A random-init spud model of a preset (the default recipe) and its
+transformers twin holding the *identical* weights (spud.export.peer.hf_twin: the class `spud
+export hf` writes, e.g. Qwen3ForCausalLM for the default QK-norm recipe) each
 generate the same number of greedy tokens from the same prompt, with the same torch thread
 count, in one process. Three contenders, alternating order round by round (a shared, noisy
 machine then hits all of them alike); the median round is reported:
 - spud_engine: Engine.submit() on a running engine (continuous-batching path, one request);
 - spud_generate: spud.serve.sampling.generate (the plain KV-cache loop, for reference);
-- hf_generate: LlamaForCausalLM.generate(do_sample=False, use_cache=True, min_new_tokens=N).
+- hf_generate: the twin's generate(do_sample=False, use_cache=True, min_new_tokens=N).
 Time to first token (prefill + first sample) is measured apart from the decode rate, which is
 (N - 1) tokens / (time of token N - time of token 1).
 
@@ -39,7 +40,7 @@ import torch
 
 from spud.config import ModelConfig, TokenizerConfig
 from spud.model.registry import build_model
-from spud.model.transformer import hf_llama_config, to_hf_llama_state_dict
+from spud.export.peer import hf_twin
 from spud.hardware import cpu_name
 from spud.serve.engine import Engine, SamplingParams, TokenEvent
 from spud.serve.sampling import generate
@@ -48,7 +49,7 @@ from spud.tokenizer import train_tokenizer
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="micro", help="a Llama-expressible model preset")
+    p.add_argument("--preset", default="micro", help="a model preset (with the default recipe; any `spud export hf`-expressible one)")
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--max-tokens", type=int, default=128, help="generated tokens per request")
     p.add_argument("--prompt-tokens", type=int, default=32)
@@ -116,17 +117,13 @@ def make_tokenizer(vocab: int, seed: int):
 
 
 def make_models(args: argparse.Namespace, tok):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     cfg = ModelConfig(preset=args.preset, vocab_size=tok.vocab_size)
     need = args.prompt_tokens + args.max_tokens
     if need > cfg.max_seq_len:
         cfg = ModelConfig(preset=args.preset, vocab_size=tok.vocab_size, max_seq_len=need)
     torch.manual_seed(args.seed)
     spud = build_model(cfg).eval()
-    hf_cfg = LlamaConfig(**hf_llama_config(cfg), attn_implementation="sdpa", use_cache=True)
-    peer = LlamaForCausalLM(hf_cfg).eval()
-    peer.load_state_dict(to_hf_llama_state_dict(spud))
+    peer = hf_twin(spud, attn_implementation="sdpa", use_cache=True)
     x = torch.randint(0, cfg.vocab_size, (1, args.prompt_tokens))
     with torch.no_grad():  # identical weights ⇒ identical function; check before timing
         max_diff = (spud(x) - peer(input_ids=x).logits).abs().max().item()

@@ -1,7 +1,8 @@
-"""Training-step throughput of spud's Transformer vs Hugging Face LlamaForCausalLM.
+"""Training-step throughput of spud's Transformer vs its Hugging Face twin.
 
-For each preset (architectures Llama can express: swiglu, RMSNorm, RoPE, MHA/GQA, tied or not)
-both models get identical dimensions *and identical weights* (via to_hf_llama_state_dict), the
+For each preset (with the default recipe; the twin is the transformers class `spud export hf`
+writes for it, e.g. Qwen3ForCausalLM with QK-norm) both models get identical dimensions *and
+identical weights* (spud.export.peer.hf_twin), the
 same batch, sequence length, thread count and optimizer (AdamW), and run in the same process.
 Timing alternates between the two models round by round, so drift in machine load (thermal,
 neighbours on a shared VM) hits both equally; the median round is reported.
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from spud.config import ModelConfig
 from spud.model.flops import flops_per_token, param_counts
 from spud.model.registry import build_model
-from spud.model.transformer import hf_llama_config, to_hf_llama_state_dict
+from spud.export.peer import hf_twin
 from spud.hardware import cpu_name, peak_flops
 
 
@@ -83,14 +84,10 @@ def timed_round(step, model, opt, x, y, steps: int) -> float:
 
 
 def bench_preset(name: str, args: argparse.Namespace, peak: float) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     cfg = ModelConfig(preset=name, vocab_size=args.vocab, max_seq_len=max(args.seq, 256))
     torch.manual_seed(args.seed)
     spud = build_model(cfg).train()
-    hf_cfg = LlamaConfig(**hf_llama_config(cfg), attn_implementation="sdpa", use_cache=False)
-    peer = LlamaForCausalLM(hf_cfg).train()
-    peer.load_state_dict(to_hf_llama_state_dict(spud))
+    peer = hf_twin(spud, attn_implementation="sdpa", use_cache=False).train()
 
     x = torch.randint(0, args.vocab, (args.batch, args.seq))
     y = torch.randint(0, args.vocab, (args.batch, args.seq))
@@ -98,7 +95,7 @@ def bench_preset(name: str, args: argparse.Namespace, peak: float) -> dict:
         max_diff = (spud(x) - peer(input_ids=x).logits).abs().max().item()
 
     runs = {"spud": (spud_step, spud, make_optimizer(spud)),
-            "hf_llama": (hf_step, peer, make_optimizer(peer))}
+            "hf": (hf_step, peer, make_optimizer(peer))}
     for step, model, opt in runs.values():
         timed_round(step, model, opt, x, y, args.warmup)
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -122,7 +119,7 @@ def bench_preset(name: str, args: argparse.Namespace, peak: float) -> dict:
         med = statistics.median(tps)
         result[key] = {"tokens_per_s_rounds": tps, "tokens_per_s": med,
                        "mfu": med * train_flops / peak}
-    result["ratio"] = result["spud"]["tokens_per_s"] / result["hf_llama"]["tokens_per_s"]
+    result["ratio"] = result["spud"]["tokens_per_s"] / result["hf"]["tokens_per_s"]
     return result
 
 
@@ -130,7 +127,7 @@ def print_table(results: list[dict], header: str) -> None:
     cols = ["preset", "params", "spud tok/s", "spud MFU", "HF tok/s", "HF MFU", "spud/HF"]
     rows = [[r["preset"], f"{r['params']['total'] / 1e6:.2f}M",
              f"{r['spud']['tokens_per_s']:,.0f}", f"{r['spud']['mfu']:.1%}",
-             f"{r['hf_llama']['tokens_per_s']:,.0f}", f"{r['hf_llama']['mfu']:.1%}",
+             f"{r['hf']['tokens_per_s']:,.0f}", f"{r['hf']['mfu']:.1%}",
              f"{r['ratio']:.2f}x"] for r in results]
     try:
         from rich.console import Console

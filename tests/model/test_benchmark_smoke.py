@@ -21,4 +21,4 @@ def test_train_throughput_smoke(tmp_path, monkeypatch):
     assert mod.main(argv) == 0
     (res,) = json.loads(out.read_text())["results"]
     assert res["preset"] == "nano" and res["ratio"] > 0 and res["max_abs_logit_diff"] < 1e-4
-    assert len(res["spud"]["tokens_per_s_rounds"]) == 2 and res["hf_llama"]["mfu"] > 0
+    assert len(res["spud"]["tokens_per_s_rounds"]) == 2 and res["hf"]["mfu"] > 0

@@ -127,12 +127,15 @@ def test_counts_match_module_and_flop_counter(tiny, name):
 
 def test_default_weight_names_unchanged_and_options_only_add(tiny):
     """Checkpoints and the HF export rely on the default's names; options add, never rename."""
-    base = set(build_model(tiny(n_layers=1)).state_dict())
-    assert base == {
+    llama = {
         "embed.weight", "norm.weight", "lm_head.weight", "blocks.0.attn_norm.weight",
         "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight", "blocks.0.mlp_norm.weight",
         "blocks.0.mlp.gate_up.weight", "blocks.0.mlp.down.weight",
     }
+    assert set(build_model(tiny(n_layers=1, qk_norm=False)).state_dict()) == llama
+    # the default (QK-norm on) adds exactly the two per-head gains
+    assert set(build_model(tiny(n_layers=1)).state_dict()) == llama | {
+        "blocks.0.attn.q_norm.weight", "blocks.0.attn.k_norm.weight"}
     base3 = set(build_model(tiny(n_layers=3)).state_dict())
     added = {
         "x0_mix": {"resid_lambdas", "x0_lambdas"},

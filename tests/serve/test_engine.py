@@ -156,11 +156,12 @@ def test_end_tokens_and_ignore_eos(engine, tok):
 # ---------------------------------------------------------------------------- sampling knobs
 def test_penalties_bias_and_filters_have_effect(engine, tok):
     p = prompts(tok, 1)[0]
-    base = ids(engine.submit(p, greedy(max_tokens=20)).result())
-    assert len(set(base)) < 20  # it repeats itself somewhere...
+    long = ids(engine.submit(p, greedy(max_tokens=80)).result())
+    assert len(set(long)) < 80  # it repeats itself somewhere...
     for kw in (dict(presence_penalty=100.0), dict(frequency_penalty=100.0)):
-        out = ids(engine.submit(p, greedy(max_tokens=20, **kw)).result())
-        assert len(set(out)) == 20  # ...and a huge penalty forbids any repeat
+        out = ids(engine.submit(p, greedy(max_tokens=80, **kw)).result())
+        assert len(set(out)) == 80  # ...and a huge penalty forbids any repeat
+    base = long[:20]
     forced = ids(engine.submit(p, greedy(max_tokens=4, logit_bias={42: 100.0})).result())
     assert forced == [42] * 4
     banned = ids(engine.submit(p, greedy(max_tokens=20, logit_bias={base[0]: -100.0})).result())
