@@ -2,8 +2,8 @@
 
 Design notes (CPU fp32 eager throughput drives most choices):
 - Projections are fused: one Linear for q/k/v and one for the SwiGLU gate/up pair. Fewer, larger
-  matmuls run closer to BLAS peak, and the split afterwards is a free view. `to_hf_llama_state_dict`
-  (transformer.py) splits them back so weights stay interchangeable with Hugging Face Llama.
+  matmuls run closer to BLAS peak, and the split afterwards is a free view. The export
+  (spud.export.arch.to_hf) splits them back so weights stay interchangeable with Hugging Face.
 - Rotary uses the half-rotation ("rotate_half") convention of HF Llama for the same reason, and is
   applied to q and k in a single call because they sit next to each other in the fused output.
 - No biases anywhere, and no `.contiguous()` calls: SDPA's CPU/GPU kernels accept the strided

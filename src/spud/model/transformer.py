@@ -22,7 +22,7 @@ from spud.model.moe import MoE
 from spud.model.mtp import MTPHead, mtp_inputs
 from spud.model.registry import get_block
 
-__all__ = ["KVCache", "SlotKVCache", "Transformer", "hf_llama_config", "to_hf_llama_state_dict"]
+__all__ = ["KVCache", "SlotKVCache", "Transformer"]
 
 IGNORE_INDEX = -1
 
@@ -314,75 +314,3 @@ class Transformer(nn.Module):
             if not self.cfg.tie_embeddings:
                 n -= self.lm_head.weight.numel()
         return n
-
-
-# ----------------------------------------------------------------------- Hugging Face export
-def hf_llama_config(cfg: ModelConfig) -> dict[str, Any]:
-    """Keyword arguments for transformers.LlamaConfig describing the same network as `cfg`."""
-    _check_llama_compatible(cfg)
-    return dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.hidden,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.kv_heads,
-        head_dim=cfg.dim_head,
-        rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta,
-        max_position_embeddings=cfg.max_seq_len,
-        tie_word_embeddings=cfg.tie_embeddings,
-        hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
-        initializer_range=cfg.init_std,
-    )
-
-
-def _check_llama_compatible(cfg: ModelConfig) -> None:
-    problems = []
-    if cfg.block != "llama":
-        problems.append(f"block={cfg.block!r} (needs 'llama')")
-    if cfg.mlp != "swiglu":
-        problems.append(f"mlp={cfg.mlp!r} (needs 'swiglu')")
-    if cfg.qk_norm:
-        problems.append("qk_norm=true (Llama has no QK-norm)")
-    if cfg.logit_softcap is not None:
-        problems.append("logit_softcap is set (Llama has no soft-cap)")
-    # zero_init_residual only changes the init; MTP heads never run at inference (left out).
-    inference_only = {"zero_init_residual", "mtp_depth", "mtp_weight"}
-    problems += [f"{k}={v!r} (not in Llama)" for k, v in cfg.arch_options().items()
-                 if k not in inference_only]
-    if problems:
-        raise SpudError(
-            "model is not expressible as a Hugging Face Llama: " + "; ".join(problems)
-        )
-
-
-def to_hf_llama_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """The model's weights under LlamaForCausalLM's names, fused projections split back.
-
-    Tensors are views of the model's parameters (detached, no copies); `load_state_dict` on the
-    HF model copies them. Both sides use the half-rotation rotary convention, so no permutation
-    of q/k rows is needed.
-    """
-    cfg = model.cfg
-    _check_llama_compatible(cfg)
-    h, hkv, hd, f = cfg.n_heads, cfg.kv_heads, cfg.dim_head, cfg.hidden
-    sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": model.embed.weight.detach()}
-    for i, blk in enumerate(model.blocks):
-        p = f"model.layers.{i}."
-        qkv = blk.attn.qkv.weight.detach()
-        gate_up = blk.mlp.gate_up.weight.detach()
-        sd[p + "input_layernorm.weight"] = blk.attn_norm.weight.detach()
-        sd[p + "self_attn.q_proj.weight"] = qkv[: h * hd]
-        sd[p + "self_attn.k_proj.weight"] = qkv[h * hd : (h + hkv) * hd]
-        sd[p + "self_attn.v_proj.weight"] = qkv[(h + hkv) * hd :]
-        sd[p + "self_attn.o_proj.weight"] = blk.attn.proj.weight.detach()
-        sd[p + "post_attention_layernorm.weight"] = blk.mlp_norm.weight.detach()
-        sd[p + "mlp.gate_proj.weight"] = gate_up[:f]
-        sd[p + "mlp.up_proj.weight"] = gate_up[f:]
-        sd[p + "mlp.down_proj.weight"] = blk.mlp.down.weight.detach()
-    sd["model.norm.weight"] = model.norm.weight.detach()
-    sd["lm_head.weight"] = model.lm_head.weight.detach()
-    return sd
