@@ -199,7 +199,7 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_cfg, fresh_run, tmp_pa
 def test_resume_with_another_optimizer_is_refused(tiny_cfg, fresh_run):
     Trainer(muon_cfg(tiny_cfg, max_steps=4), fresh_run).run()
     cfg = tiny_cfg.model_copy(deep=True)
-    cfg.train.max_steps = 8
+    cfg.train.max_steps, cfg.train.optimizer = 8, "adamw"
     with pytest.raises(SpudError, match="train.optimizer=muon"):
         Trainer(cfg, fresh_run, resume=True)
 
