@@ -56,12 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def candidate_variant(path: str, baseline_cfg):
-    """The candidate as an ablation variant over the baseline: its whole model and train sections."""
+def candidate_variant(path: str, baseline_cfg, overrides: list[str]):
+    """The candidate as an ablation variant over the baseline: its whole model and train sections,
+    with the same --set overrides the baseline gets (else e.g. train.threads would apply to one)."""
     from spud.config import load_config
     from spud.train.ablate_variants import Variant
 
-    cand = load_config(path)
+    cand = load_config(path, overrides)
     notes = [f"candidate's {s} section differs from the baseline's and is ignored (same data for both)"
              for s in ("data", "tokenizer") if getattr(cand, s) != getattr(baseline_cfg, s)]
     train = cand.train.model_dump(mode="json")
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[yellow]{GNU_STANDARDS} not found (apt-get install gnu-standards): "
                           "scoring on stdlib_prose only")
     base_cfg = load_config(args.baseline, args.set)
-    cand, notes = candidate_variant(args.candidate, base_cfg)
+    cand, notes = candidate_variant(args.candidate, base_cfg, args.set)
     for n in notes:
         console.print(f"[yellow]{n}")
     started = time.time()

@@ -282,3 +282,21 @@ def test_help(capsys):
     assert e.value.code == 0 and "usage: spud ablate" in out
     for flag in ("--vary", "--variants", "--flops", "--seeds", "--heldout", "--out"):
         assert flag in out
+
+
+def test_benchmark_set_overrides_reach_the_candidate_too():
+    """--set must apply to both recipes: the candidate's whole train section would otherwise
+    replace e.g. train.threads=1 given for the baseline."""
+    import importlib.util
+
+    from spud.config import load_config
+
+    script = Path(__file__).parents[2] / "benchmarks" / "recipe_efficiency.py"
+    spec = importlib.util.spec_from_file_location("recipe_efficiency", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    configs = Path(__file__).parents[2] / "configs"
+    base = load_config(configs / "baseline.yaml", ["train.threads=1"])
+    variant, _ = bench.candidate_variant(str(configs / "demo.yaml"), base, ["train.threads=1"])
+    assert variant.overrides["train"]["threads"] == 1
+    assert variant.overrides["train"]["optimizer"] == "muon" and variant.overrides["model"]["qk_norm"] is True
