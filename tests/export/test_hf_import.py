@@ -168,7 +168,7 @@ def test_continued_pretraining_starts_from_the_imported_weights(tmp_path):
     recipe = yaml.safe_load((imported / "config.yaml").read_text())
     recipe["data"] = {"total_tokens": 20000, "val_fraction": 0.05, "sources": [
         {"name": "arith", "type": "builtin", "builtin": "arithmetic"}]}
-    recipe["train"] = {"max_steps": 1, "lr": 1e-12, "warmup_steps": 0, "micro_batch_size": 2,
+    recipe["train"] = {"max_steps": 1, "lr": 1e-12, "muon_lr": 1e-12, "warmup_steps": 0, "micro_batch_size": 2,
                        "seq_len": 32, "eval_every": 1, "eval_batches": 1, "checkpoint_every": 1,
                        "sample_prompts": [], "init_from": str(imported)}
     cfg_path = tmp_path / "continue.yaml"
