@@ -300,3 +300,23 @@ def test_benchmark_set_overrides_reach_the_candidate_too():
     variant, _ = bench.candidate_variant(str(configs / "demo.yaml"), base, ["train.threads=1"])
     assert variant.overrides["train"]["threads"] == 1
     assert variant.overrides["train"]["optimizer"] == "muon" and variant.overrides["model"]["qk_norm"] is True
+
+
+def test_heldout_bpb_benchmark_rescores_a_run_as_the_ablation_did(ablation, tmp_path):
+    """benchmarks/heldout_bpb.py scores any run's checkpoint with the ablation's scorer: on an
+    ablation run's final checkpoint it must reproduce the figures the ablation recorded."""
+    import importlib.util
+
+    out, docs = ablation
+    script = Path(__file__).parents[2] / "benchmarks" / "heldout_bpb.py"
+    spec = importlib.util.spec_from_file_location("heldout_bpb", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run = _run_dir(out, "relu2")
+    recorded = json.loads((run / "ablation_run.json").read_text())
+    res = tmp_path / "hb.json"
+    assert bench.main([str(run), "--heldout", f"docs={docs}", "--heldout-tokens", "3000",
+                       "--out", str(res)]) == 0
+    (row,) = json.loads(res.read_text())["rows"]
+    assert row["val_bpb"] == pytest.approx(recorded["val_bpb"], abs=1e-9)
+    assert row["docs_bpb"] == pytest.approx(recorded["heldout"]["docs"]["bpb"], abs=1e-9)
