@@ -94,7 +94,9 @@ class PackedChatLoader:
             self._cached = (epoch, *pack(convs, self.window, self.pad_id))
         return self._cached[1], self._cached[2]
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _next_rows(self) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """This rank's packed rows for the next step (the epoch's arrays and the row indices),
+        advancing the position; subclasses that carry more per row (images) index with them."""
         tokens, trained = self._epoch(self.epoch)
         n = len(tokens)
         per_epoch = max(1, n // self.global_batch)
@@ -103,6 +105,10 @@ class PackedChatLoader:
         self.batch += 1
         if self.batch >= per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
+        return tokens, trained, idx
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, trained, idx = self._next_rows()
         return to_xy(tokens[idx], trained[idx])
 
     def state_dict(self) -> dict:

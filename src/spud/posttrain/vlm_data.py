@@ -299,15 +299,8 @@ class ImageChatLoader(PackedChatLoader):
     def next_batch(self):
         from spud.model.vision import load_image
 
-        tokens, trained = self._epoch(self.epoch)
-        row_images = self._cached[3]
-        n = len(tokens)
-        per_epoch = max(1, n // self.global_batch)
-        first = self.batch * self.global_batch + self.rank * self.batch_size
-        idx = [(first + j) % n for j in range(self.batch_size)]
-        self.batch += 1
-        if self.batch >= per_epoch:
-            self.epoch, self.batch = self.epoch + 1, 0
+        tokens, trained, idx = self._next_rows()
+        row_images = self._cached[3]  # the epoch _next_rows just read
         x, y = to_xy(tokens[idx], trained[idx])
         imgs = [img for i in idx for img in row_images[i]]
         side = self.vision_cfg.image_size
