@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import (
@@ -33,6 +33,7 @@ from spud.config_sections import (  # noqa: F401 - re-exported: spud.config is t
     SFTConfig,
     SourceConfig,
     TokenizerConfig,
+    TrainConfig,
     VisionConfig,
     VLMConfig,
 )
@@ -178,75 +179,6 @@ class ModelConfig(StrictModel):
 
         default = getattr(get_mlp(self.mlp), "default_hidden", None)
         return default(self.d_model) if default else 4 * self.d_model
-
-
-# ---------------------------------------------------------------------------------------- train
-ADAMW_DEFAULT_LR = 3e-3  # train.lr when train.optimizer is adamw and no lr is given
-class TrainConfig(StrictModel):
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    seq_len: int | None = Field(None, gt=0, description="None = model.max_seq_len.")
-    micro_batch_size: int = Field(8, gt=0, description="Sequences per forward pass.")
-    tokens_per_step: int | None = Field(
-        None, gt=0, description="Target tokens per optimizer step (gradient accumulation)."
-    )
-    max_steps: int = Field(200, gt=0)
-    lr: float = Field(
-        0.01, gt=0, description="Peak LR of the AdamW groups. Default: 0.01 with muon (AdamW then "
-        "trains only embeddings, head and gains), 3e-3 with adamw (every weight).")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_steps: int = Field(20, ge=0)
-    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of steps decaying.")
-    weight_decay: float = Field(0.1, ge=0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
-    eps: float = Field(1e-8, gt=0)
-    # Optimizer (src/spud/train/optim.py). With muon, the blocks' weight matrices take Muon;
-    # embeddings, LM head, norms and other scalars take AdamW at train.lr (embed_lr / head_lr).
-    optimizer: Literal["adamw", "muon"] = Field("muon", description="adamw | muon (matrices in blocks).")
-    muon_lr: float = Field(0.02, gt=0, description="Muon peak LR (spectral: × sqrt(max(1, out/in))).")
-    muon_momentum: float = Field(0.95, ge=0, lt=1, description="Muon Nesterov momentum after warm-up.")
-    muon_momentum_start: float = Field(0.85, ge=0, lt=1, description="Muon momentum at step 0.")
-    muon_momentum_warmup_steps: int = Field(300, ge=0, description="Steps from start to full momentum.")
-    muon_ns_steps: int = Field(5, ge=1, le=12, description="Polar Express orthogonalisation iterations.")
-    muon_weight_decay: float = Field(0.0, ge=0, description="Decoupled decay of Muon matrices (× LR).")
-    embed_lr: float | None = Field(None, gt=0, description="AdamW LR of embeddings; None = train.lr.")
-    head_lr: float | None = Field(None, gt=0, description="AdamW LR of an untied LM head; None = train.lr.")
-    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping.")
-    eval_every: int = Field(50, gt=0)
-    eval_batches: int = Field(8, gt=0)
-    sample_every: int = Field(0, ge=0, description="0 = only at the end.")
-    sample_prompts: list[str] = Field(default_factory=lambda: ["The "])
-    sample_tokens: int = Field(48, gt=0)
-    checkpoint_every: int = Field(100, gt=0)
-    keep_checkpoints: int = Field(3, gt=0)
-    init_from: str | None = Field(
-        None, description="Start from these weights (a run or checkpoint directory, e.g. from `spud "
-        "import hf`): continued pretraining with a fresh optimizer; the model config must match.")
-    compile: bool = False
-    log_every: int = Field(1, gt=0)
-    threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = all cores.")
-    # Scale-out and fault tolerance (README, "Scale-out").
-    parallel: Literal["none", "ddp", "fsdp"] = Field(
-        "none", description="Data parallelism under torchrun: ddp replicates, fsdp shards (FSDP2)."
-    )
-    dist_timeout_s: float = Field(300.0, gt=0, description="Timeout of every collective (s).")
-    activation_checkpointing: bool = Field(False, description="Recompute each block in backward.")
-    mixed_precision: bool = Field(True, description="CUDA+fsdp: bf16 params, fp32 grad reduce.")
-    max_bad_steps: int = Field(5, gt=0, description="Consecutive non-finite steps → rollback.")
-    rollback_lr_factor: float = Field(1.0, gt=0, le=1, description="LR multiplier per rollback.")
-    debug_nan_at_step: list[int] = Field(
-        default_factory=list, description="Testing aid: poison the loss at these steps (once each)."
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_lr_follows_optimizer(cls, data: Any) -> Any:
-        # The measured defaults (docs/recipe.md): with Muon, AdamW trains only the embeddings,
-        # head and gains, which want a higher LR than AdamW training every matrix does.
-        if isinstance(data, dict) and "lr" not in data and data.get("optimizer") == "adamw":
-            data = {**data, "lr": ADAMW_DEFAULT_LR}
-        return data
 
 
 class Config(StrictModel):

@@ -23,12 +23,8 @@ def hf_twin(model: torch.nn.Module, **config_overrides: Any) -> torch.nn.Module:
     cfg = model.cfg
     arch = pick_arch(cfg)
     fields = hf_config(cfg, {})
-    attn = config_overrides.pop("attn_implementation", None)
-    config_cls = transformers.AutoConfig.for_model(arch.model_type).__class__
-    fields.pop("architectures")
-    hf_cfg = config_cls(**{**fields, **config_overrides})
-    if attn is not None:
-        hf_cfg._attn_implementation = attn
+    del fields["architectures"], fields["model_type"]
+    hf_cfg = transformers.AutoConfig.for_model(arch.model_type, **{**fields, **config_overrides})
     peer = getattr(transformers, arch.hf_class)(hf_cfg)
     missing, unexpected = peer.load_state_dict(to_hf(model.state_dict(), cfg), strict=False)
     # a tied head is stored once (transformers re-ties it); anything else missing is a mapping bug
