@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from spud.errors import SpudError
 from spud.serve import images
 from spud.serve import protocol as P
+from spud.serve import protocol_responses as R
 from spud.serve.boundary import Guard, http_error, openapi_document, server_error, validation_error
 from spud.serve.engine import ContextLengthError, QueueFullError, SamplingParams
 from spud.serve.metrics import ServerMetrics
@@ -48,7 +49,7 @@ WEB_DIR = Path(__file__).parent / "web"
 def _errors(*codes: int) -> dict:
     """OpenAPI `responses` for the error statuses a route really returns (all OpenAI-shaped).
     401 only happens when the server has an API key, 500 only on a bug; both can happen anywhere."""
-    return {c: {"model": P.ErrorResponse} for c in sorted({*codes, 401, 500})}
+    return {c: {"model": R.ErrorResponse} for c in sorted({*codes, 401, 500})}
 
 
 
@@ -90,8 +91,8 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int | None = 
     ends = getattr(engine, "end_ids", None) or {tok.end_id, tok.eos_id}
     grammars = GrammarCompiler(tok, vocab, sorted(ends))
 
-    def card() -> P.ModelCard:
-        return P.ModelCard(id=engine.model_name, created=started, max_model_len=engine.max_context,
+    def card() -> R.ModelCard:
+        return R.ModelCard(id=engine.model_name, created=started, max_model_len=engine.max_context,
                            spud_model=getattr(engine, "model_kind", None),
                            checkpoint=getattr(engine, "checkpoint", None))
 
@@ -259,17 +260,17 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int | None = 
         body, content_type = metrics.render(request.headers.get("accept"))
         return Response(body, media_type=content_type)
 
-    @app.get("/v1/models", response_model=P.ModelList, responses=_errors())
+    @app.get("/v1/models", response_model=R.ModelList, responses=_errors())
     async def list_models():
-        return P.ModelList(data=[card()])
+        return R.ModelList(data=[card()])
 
-    @app.get("/v1/models/{model_id}", response_model=P.ModelCard, responses=_errors(404))
+    @app.get("/v1/models/{model_id}", response_model=R.ModelCard, responses=_errors(404))
     async def get_model(model_id: str):
         if model_id != engine.model_name:
             check_ready(model_id)
         return card()
 
-    @app.post("/tokenize", response_model=P.TokenizeResponse, responses=_errors(400, 404, 413))
+    @app.post("/tokenize", response_model=R.TokenizeResponse, responses=_errors(400, 404, 413))
     async def tokenize(req: P.TokenizeRequest):
         """Exactly the ids the generation endpoints would use: text is always plain text."""
         check_model(req.model)
@@ -278,17 +279,17 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int | None = 
         else:
             ids, _ = await render_messages(req.messages, req.add_special_tokens)
         # a 1 MB prompt is ~10^5-10^6 ids: serialise them off the loop too
-        body = await asyncio.to_thread(lambda: P.TokenizeResponse(
+        body = await asyncio.to_thread(lambda: R.TokenizeResponse(
             tokens=ids, count=len(ids), max_model_len=engine.max_context).model_dump_json())
         return Response(body, media_type="application/json")
 
-    @app.post("/detokenize", response_model=P.DetokenizeResponse, responses=_errors(400, 404, 413))
+    @app.post("/detokenize", response_model=R.DetokenizeResponse, responses=_errors(400, 404, 413))
     async def detokenize(req: P.DetokenizeRequest):
         check_model(req.model)
         check_ids(req.tokens, "tokens")
-        return P.DetokenizeResponse(prompt=await off_loop("tokens", tok.decode, req.tokens))
+        return R.DetokenizeResponse(prompt=await off_loop("tokens", tok.decode, req.tokens))
 
-    @app.post("/v1/completions", response_model=P.CompletionResponse,
+    @app.post("/v1/completions", response_model=R.CompletionResponse,
               responses={**GENERATION_ERRORS, **_sse("CompletionResponse")})
     async def completions(req: P.CompletionRequest, request: Request):
         t0, endpoint = time.perf_counter(), "/v1/completions"
@@ -326,10 +327,10 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int | None = 
             _, ids, lps = echo[pi]
             if req.logprobs is None or not req.echo:
                 return None
-            return P.legacy_logprobs(tok, ids, lps, 0)
+            return R.legacy_logprobs(tok, ids, lps, 0)
 
         if req.stream:
-            first = [P.CompletionResponse(choices=[P.CompletionChoice(
+            first = [R.CompletionResponse(choices=[R.CompletionChoice(
                 index=k, text=echo[pi][0], logprobs=echo_lp(pi))], **ctx) if req.echo else None
                 for k, pi in enumerate(owner)]
             finished: set = set()
@@ -343,18 +344,18 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int | None = 
             done += fin.completion_tokens if fin else 0
             lp = echo_lp(pi)
             if req.logprobs is not None and events:
-                gen = P.legacy_logprobs(tok, [e.token_id for e in events], P.event_logprobs(events), base[k])
-                lp = gen if lp is None else P.CompletionLogprobs(
-                    **{f: getattr(lp, f) + getattr(gen, f) for f in P.CompletionLogprobs.model_fields})
+                gen = R.legacy_logprobs(tok, [e.token_id for e in events], R.event_logprobs(events), base[k])
+                lp = gen if lp is None else R.CompletionLogprobs(
+                    **{f: getattr(lp, f) + getattr(gen, f) for f in R.CompletionLogprobs.model_fields})
             elif req.logprobs is not None and lp is None:
-                lp = P.CompletionLogprobs()
-            choices.append(P.CompletionChoice(index=k, text=echo[pi][0] + joined_text(events, fin),
+                lp = R.CompletionLogprobs()
+            choices.append(R.CompletionChoice(index=k, text=echo[pi][0] + joined_text(events, fin),
                                               logprobs=lp, finish_reason=fin.reason if fin else "length"))
         metrics.record_request(endpoint, prompt_tokens, done, t0)
-        usage = P.Usage(prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done)
-        return P.CompletionResponse(choices=choices, usage=usage, **ctx)
+        usage = R.Usage(prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done)
+        return R.CompletionResponse(choices=choices, usage=usage, **ctx)
 
-    @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse,
+    @app.post("/v1/chat/completions", response_model=R.ChatCompletionResponse,
               responses={**GENERATION_ERRORS, **_sse("ChatCompletionChunk")})
     async def chat_completions(req: P.ChatCompletionRequest, request: Request):
         t0, endpoint = time.perf_counter(), "/v1/chat/completions"
@@ -378,8 +379,8 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int | None = 
         handles = submit_all([(ids, p) for p in params], "messages", req.n, pics)
         ctx = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.model_name}
         if req.stream:
-            first = [P.ChatCompletionChunk(choices=[P.ChatChunkChoice(
-                index=k, delta=P.ChatDelta(role="assistant", content=""))], **ctx).model_dump(exclude={"usage"})
+            first = [R.ChatCompletionChunk(choices=[R.ChatChunkChoice(
+                index=k, delta=R.ChatDelta(role="assistant", content=""))], **ctx).model_dump(exclude={"usage"})
                 for k in range(req.n)]
             finished: set = set()
             body = stream_events("chat", handles, ctx, first, [0] * req.n, finished, req, len(ids), metrics,
@@ -392,12 +393,12 @@ def create_app(engine, api_key: str | None = None, max_body_bytes: int | None = 
             if parser is not None:
                 content, calls = ToolCallParser(parser).parse(content)
                 reason = "tool_calls" if calls and reason == "stop" else reason
-            message = P.ChatResponseMessage(content=content, tool_calls=calls or None)
-            choices.append(P.ChatChoice(index=k, message=message, finish_reason=reason,
-                                        logprobs=P.chat_logprobs(tok, events) if top is not None else None))
+            message = R.ChatResponseMessage(content=content, tool_calls=calls or None)
+            choices.append(R.ChatChoice(index=k, message=message, finish_reason=reason,
+                                        logprobs=R.chat_logprobs(tok, events) if top is not None else None))
         done = sum(fin.completion_tokens for _, fin in results)
         metrics.record_request(endpoint, len(ids), done, t0)
-        usage = P.Usage(prompt_tokens=len(ids), completion_tokens=done, total_tokens=len(ids) + done)
-        return P.ChatCompletionResponse(choices=choices, usage=usage, **ctx)
+        usage = R.Usage(prompt_tokens=len(ids), completion_tokens=done, total_tokens=len(ids) + done)
+        return R.ChatCompletionResponse(choices=choices, usage=usage, **ctx)
 
     return app

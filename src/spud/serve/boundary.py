@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spud.serve import protocol as P
+from spud.serve import protocol_responses as R
 from spud.serve.metrics import ServerMetrics
 from spud.serve.streaming import APIError
 
@@ -171,7 +172,7 @@ def openapi_document(app: FastAPI, model_name: str, vocab_size: int, context: in
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)
         # streamed chunks are no route's response_model, but the event-stream docs refer to them
-        chunk = P.ChatCompletionChunk.model_json_schema(ref_template="#/components/schemas/{model}",
+        chunk = R.ChatCompletionChunk.model_json_schema(ref_template="#/components/schemas/{model}",
                                                         mode="serialization")
         for name, schema in [*chunk.pop("$defs", {}).items(), ("ChatCompletionChunk", chunk)]:
             schemas.setdefault(name, schema)

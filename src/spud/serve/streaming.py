@@ -14,7 +14,7 @@ import json
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from spud.serve import protocol as P
+from spud.serve import protocol_responses as R
 from spud.serve.metrics import ServerMetrics, TokenTimer
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -31,7 +31,7 @@ class APIError(Exception):
         self.headers = headers
 
     def body(self) -> dict:
-        return P.ErrorResponse(error=P.ErrorDetail(
+        return R.ErrorResponse(error=R.ErrorDetail(
             message=self.message, type=self.type, param=self.param, code=self.code)).model_dump()
 
     def response(self, headers: dict | None = None) -> JSONResponse:
@@ -165,26 +165,26 @@ async def stream_events(kind: str, handles, ctx: dict, first: list, offsets: lis
 
     def chunk(k: int, text: str, finish: str | None, events=()):
         if kind == "chat":
-            lp = P.chat_logprobs(tok, events) if top is not None and events else None
+            lp = R.chat_logprobs(tok, events) if top is not None and events else None
             calls = []
             if parsers is not None:
                 before = parsers[k].calls
                 text, calls = parsers[k].push(text)
                 if finish is not None:
                     text += parsers[k].finish()
-                calls = [P.DeltaToolCall(index=before + i, **c) for i, c in enumerate(calls)]
+                calls = [R.DeltaToolCall(index=before + i, **c) for i, c in enumerate(calls)]
                 if finish == "stop" and parsers[k].calls:
                     finish = "tool_calls"
-            delta = P.ChatDelta(content=text) if text or finish is None else P.ChatDelta()
+            delta = R.ChatDelta(content=text) if text or finish is None else R.ChatDelta()
             delta.tool_calls = calls or None
-            choice = P.ChatChunkChoice(index=k, delta=delta, logprobs=lp, finish_reason=finish)
-            return P.ChatCompletionChunk(choices=[choice], **ctx).model_dump(exclude={"usage"})
+            choice = R.ChatChunkChoice(index=k, delta=delta, logprobs=lp, finish_reason=finish)
+            return R.ChatCompletionChunk(choices=[choice], **ctx).model_dump(exclude={"usage"})
         lp = None
         if top is not None and events:
-            lp = P.legacy_logprobs(tok, [e.token_id for e in events], P.event_logprobs(events), offsets[k])
+            lp = R.legacy_logprobs(tok, [e.token_id for e in events], R.event_logprobs(events), offsets[k])
             offsets[k] += sum(len(s) for s in lp.tokens)
-        choice = P.CompletionChoice(index=k, text=text, logprobs=lp, finish_reason=finish)
-        return P.CompletionResponse(choices=[choice], **ctx).model_dump(exclude={"usage"})
+        choice = R.CompletionChoice(index=k, text=text, logprobs=lp, finish_reason=finish)
+        return R.CompletionResponse(choices=[choice], **ctx).model_dump(exclude={"usage"})
 
     try:
         if not handles:
@@ -207,7 +207,7 @@ async def stream_events(kind: str, handles, ctx: dict, first: list, offsets: lis
                 yield _sse(err.body())
         metrics.record_request(endpoint, prompt_tokens, done_tokens, t0)
         if req.stream_options and req.stream_options.include_usage:
-            usage = P.Usage(prompt_tokens=prompt_tokens, completion_tokens=done_tokens,
+            usage = R.Usage(prompt_tokens=prompt_tokens, completion_tokens=done_tokens,
                             total_tokens=prompt_tokens + done_tokens)
             obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
             yield _sse({**ctx, "object": obj, "choices": [], "usage": usage.model_dump()})
