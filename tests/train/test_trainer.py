@@ -123,3 +123,22 @@ def test_training_without_validation_split(tiny_cfg, tmp_path):
     cfg.train.max_steps = 4
     summary = Trainer(cfg, tmp_path / "noval").run()
     assert summary["step"] == 4 and summary["val"] == []
+
+
+def test_cpu_peak_measured_under_load_is_raised_so_mfu_stays_at_most_one(tiny_cfg, fresh_run, tmp_path,
+                                                                          monkeypatch):
+    # A peak cached while other jobs held the cores (here absurdly low) must not give MFU > 100 %:
+    # the first step that beats it proves it wrong, and the cache is raised for later runs too.
+    from spud import hardware
+
+    monkeypatch.setenv("SPUD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("SPUD_PEAK_FLOPS", raising=False)
+    key = f"{hardware.cpu_name()}|threads={torch.get_num_threads()}|float32"
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "peak_flops.json").write_text(json.dumps({key: 1000.0}))
+    monkeypatch.setattr(hardware, "measure_matmul_flops", lambda **kw: 2000.0)  # still "under load"
+    train(tiny_cfg, fresh_run)
+    mfus = [r["mfu"] for r in read_metrics(fresh_run / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(mfus) == 12 and all(0 < m <= 1.0 for m in mfus), mfus
+    raised = json.loads((tmp_path / "cache" / "peak_flops.json").read_text())[key]
+    assert raised > 1e6  # at least the model FLOP/s the run really did, not the 1 kFLOP/s cached

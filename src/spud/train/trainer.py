@@ -13,6 +13,7 @@ finite is skipped (no update); `train.max_bad_steps` in a row roll back to the l
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from spud.data.loader import TokenLoader
 from spud.errors import SpudError
 from spud.model.flops import flops_per_token, param_counts
 from spud.model.registry import build_model
-from spud.hardware import peak_flops
+from spud.hardware import peak_flops, raise_cpu_peak
 from spud.runtime import (
     autocast,
     compute_dtype,
@@ -251,6 +252,17 @@ class Trainer:
         return out
 
     # --------------------------------------------------------------------------- checkpoints
+    def _mfu(self, tokens_per_s: float) -> float:
+        """Model FLOP/s per device over the device's peak. tokens_per_s counts every rank's tokens,
+        so it is divided by the world size; on CPU a run faster than the cached peak proves that
+        figure was measured under load, and raises it (hardware.raise_cpu_peak)."""
+        if not self.peak:
+            return float("nan")
+        per_device = tokens_per_s * self.flops_per_token / self.world
+        if per_device > self.peak and self.device.type == "cpu" and not os.environ.get("SPUD_PEAK_FLOPS"):
+            self.peak = raise_cpu_peak(per_device, compute_dtype(self.device))
+        return per_device / self.peak
+
     def _snapshot(self) -> dict:
         """Loader position and RNG as of the end of the last completed step."""
         return {"loader": self.train_loader.state_dict(), "rng": rng_state(), "tokens": self.tokens_seen,
@@ -408,7 +420,7 @@ class Trainer:
                 self.step += 1
                 self.tokens_seen += self.tokens_per_step
                 tps = self.tokens_per_step / dt
-                mfu = tps * self.flops_per_token / self.peak if self.peak else float("nan")
+                mfu = self._mfu(tps)
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     log.write("train", self.step, loss=loss, lr=lr, grad_norm=gnorm, tokens=self.tokens_seen,
                               tokens_per_s=tps, mfu=mfu, step_time=dt, **self.aux_metrics)
