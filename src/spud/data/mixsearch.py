@@ -82,6 +82,44 @@ def _target_bpb(trainer, cfg, targets: list[str], max_tokens: int) -> dict[str, 
     return out
 
 
+def train_on_mix(tree: dict, names: list[str], w, flops: float, run: Path, tokenizer: Path,
+                 targets: list[str], vocab: int, console, score_tokens: int = 20_000,
+                 flops_name: str = "--proxy-flops") -> dict:
+    """Train the recipe `tree` with source weights `w` for `flops` training FLOPs (steps from the one
+    FLOP count) in the fresh run directory `run`, tokenized with `tokenizer`; score the target
+    sources' validation documents. The proxies and the larger check runs (benchmarks/mix_transfer.py)
+    are both made here, so "equal FLOPs" means the same thing for both."""
+    from spud.data.build import build_dataset  # noqa: PLC0415
+    from spud.model.flops import flops_per_token  # noqa: PLC0415
+    from spud.train.ablate import tokens_per_step  # noqa: PLC0415
+    from spud.train.trainer import Trainer  # noqa: PLC0415
+
+    t = copy.deepcopy(tree)
+    for j in range(len(names)):
+        t = _merge(t, parse_overrides([f"data.sources.{j}.weight={float(w[j])!r}"]), "")
+    cfg = validate_config(t, str(run))
+    cfg.model.vocab_size = cfg.model.vocab_size or vocab
+    fpt, tps = flops_per_token(cfg.model, cfg.seq_len)["training"], tokens_per_step(cfg)
+    steps = math.floor(flops / (fpt * tps))
+    if steps < 1:
+        raise SpudError(f"{flops_name} {flops:.3g} buys no step (one costs {fpt * tps:.3g} FLOPs)")
+    cfg.train.max_steps, cfg.train.warmup_steps = steps, min(cfg.train.warmup_steps, steps // 4)
+    cfg.train.eval_every = cfg.train.checkpoint_every = steps
+    cfg.train.keep_checkpoints, cfg.train.sample_every = 1, 0
+    cfg.data.total_tokens = int(steps * tps * 1.1) + 10 * cfg.seq_len  # ~one pass, a little spare
+    if run.exists():
+        shutil.rmtree(run)  # a half-trained run: its loss is not a final loss
+    run.mkdir(parents=True)
+    shutil.copy(tokenizer, run / "tokenizer.json")
+    build_dataset(cfg, run, progress=False, log=lambda *_: None)
+    trainer = Trainer(cfg, run, console=console)
+    if trainer.run()["interrupted"]:
+        raise SpudError("mix search interrupted; rerun the same command to continue")
+    bpb = _target_bpb(trainer, cfg, targets, score_tokens)
+    return {"weights": [float(x) for x in w], "target_bpb": bpb, "loss": float(np.mean(list(bpb.values()))),
+            "steps": steps, "flops": steps * tps * fpt}
+
+
 def fit_and_rank(x: np.ndarray, y: np.ndarray, seed: int):
     """→ (LightGBM model fit on all rows, out-of-fold predictions, Spearman ρ of those)."""
     try:
@@ -107,9 +145,6 @@ def fit_and_rank(x: np.ndarray, y: np.ndarray, seed: int):
 def run_search(config: str | Path, targets: list[str], proxies: int, proxy_flops: float, out: str | Path,
                overrides: list[str] | None = None, seed: int = 0, console=None) -> dict:
     from spud.data.build import build_dataset  # noqa: PLC0415
-    from spud.model.flops import flops_per_token  # noqa: PLC0415
-    from spud.train.ablate import tokens_per_step  # noqa: PLC0415
-    from spud.train.trainer import Trainer  # noqa: PLC0415
     from spud.ui import make_console  # noqa: PLC0415
 
     console = console or make_console()
@@ -136,32 +171,9 @@ def run_search(config: str | Path, targets: list[str], proxies: int, proxy_flops
     for i, w in enumerate(mixes):
         if i in done:
             continue
-        t = copy.deepcopy(tree)
-        for j in range(len(names)):
-            t = _merge(t, parse_overrides([f"data.sources.{j}.weight={float(w[j])!r}"]), "")
-        cfg = validate_config(t, f"proxy {i}")
-        cfg.model.vocab_size = cfg.model.vocab_size or vocab
-        fpt, tps = flops_per_token(cfg.model, cfg.seq_len)["training"], tokens_per_step(cfg)
-        steps = math.floor(proxy_flops / (fpt * tps))
-        if steps < 1:
-            raise SpudError(f"--proxy-flops {proxy_flops:.3g} buys no step (one costs {fpt * tps:.3g} FLOPs)")
-        cfg.train.max_steps, cfg.train.warmup_steps = steps, min(cfg.train.warmup_steps, steps // 4)
-        cfg.train.eval_every = cfg.train.checkpoint_every = steps
-        cfg.train.keep_checkpoints, cfg.train.sample_every = 1, 0
-        cfg.data.total_tokens = int(steps * tps * 1.1) + 10 * cfg.seq_len  # ~one pass, a little spare
-        run = out / "proxies" / f"p{i:03d}"
-        if run.exists():
-            shutil.rmtree(run)  # a half-trained proxy: its loss is not a final loss
-        run.mkdir(parents=True)
-        shutil.copy(shared / "tokenizer.json", run / "tokenizer.json")
-        console.print(f"[bold]proxy {i + 1}/{proxies}[/] weights {np.round(w, 3).tolist()}: {steps} steps")
-        build_dataset(cfg, run, progress=False, log=lambda *_: None)
-        trainer = Trainer(cfg, run, console=console)
-        if trainer.run()["interrupted"]:
-            raise SpudError("mix search interrupted; rerun the same command to continue")
-        bpb = _target_bpb(trainer, cfg, targets, 20_000)
-        row = {"proxy": i, "weights": w.tolist(), "target_bpb": bpb, "loss": float(np.mean(list(bpb.values()))),
-               "steps": steps, "flops": steps * tps * fpt}
+        console.print(f"[bold]proxy {i + 1}/{proxies}[/] weights {np.round(w, 3).tolist()}")
+        row = {"proxy": i, **train_on_mix(tree, names, w, proxy_flops, out / "proxies" / f"p{i:03d}",
+                                          shared / "tokenizer.json", targets, vocab, console)}
         rows.append(row)
         with open(done_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
