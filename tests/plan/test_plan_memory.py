@@ -1,7 +1,12 @@
 """Memory estimates against hand-computed figures for a tiny config."""
 
+import pytest
+import torch
 
-from spud.config import ModelConfig
+from spud.config import ModelConfig, TrainConfig
+from spud.model.flops import muon_param_count
+from spud.model.registry import build_model
+from spud.train.optim import build_optimizer
 from spud.model.memory import (
     activation_bytes,
     kv_cache_bytes,
@@ -48,3 +53,24 @@ def test_parallelism_prefers_ddp_then_fsdp():
     p = suggest_parallelism(CFG, 32, 8, need / 0.9 / 3)  # state alone needs ~3 devices' memory
     assert p.strategy == "FSDP" and p.fsdp == 4
     assert suggest_parallelism(CFG, 32, 2, need / 0.9 / 3).strategy == "does not fit"
+
+
+@pytest.mark.parametrize("optimizer, model", [("adamw", {}), ("muon", {}),
+                                              ("muon", {"moe_experts": 4, "moe_top_k": 2, "value_embeds": 1,
+                                                        "n_layers": 4, "tie_embeddings": False})])
+def test_optimizer_state_estimate_equals_the_real_optimizer_after_a_step(optimizer, model):
+    # The estimate (fp32: no master copy) must equal the bytes of every state tensor the real
+    # optimizer holds after one step; Muon keeps one buffer per block matrix, AdamW two moments.
+    cfg = CFG.model_copy(update=model)
+    cfg = ModelConfig.model_validate(cfg.model_dump())
+    torch.manual_seed(0)
+    net = build_model(cfg)
+    opt = build_optimizer(net, TrainConfig(optimizer=optimizer), torch.device("cpu"))
+    net(torch.randint(0, cfg.vocab_size, (2, 16)), torch.randint(0, cfg.vocab_size, (2, 16))).backward()
+    opt.step()
+    real = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+               if isinstance(t, torch.Tensor) and t.dim() > 0)
+    assert training_memory(cfg, 1, 16, "fp32", optimizer=optimizer).optimizer == real
+    if optimizer == "muon":  # and it is less than AdamW's by 4 bytes per Muon parameter
+        adamw = training_memory(cfg, 1, 16, "fp32").optimizer
+        assert adamw - real == 4 * muon_param_count(cfg) > 0

@@ -139,6 +139,29 @@ def _param_counts(key: str) -> tuple[tuple[str, int], ...]:
             ("vision", vision))
 
 
+def muon_param_count(cfg: ModelConfig) -> int:
+    """Parameters that train.optimizer=muon gives to Muon (model/param_roles.py's 'matrix' role),
+    counted on the meta model: Muon keeps one state tensor for them where AdamW keeps two."""
+    _vocab(cfg)
+    return _muon_param_count(cfg.model_dump_json())
+
+
+@lru_cache(maxsize=1024)
+def _muon_param_count(key: str) -> int:
+    from spud.model.param_roles import param_roles
+
+    model = _meta_model(key)
+    # The meta model repeats one block object for layers with equal layer_key, and parameters
+    # are listed once per object: weigh each by how many layers use its block.
+    uses: dict[int, int] = {}
+    for b in model.blocks:
+        uses[id(b)] = uses.get(id(b), 0) + 1
+    weight = {id(p): uses[id(b)] for b in model.blocks for p in b.parameters()}
+    params = dict(model.named_parameters())
+    return sum(params[n].numel() * weight.get(id(params[n]), 1)
+               for n, role in param_roles(model).items() if role == "matrix")
+
+
 def vision_shape(cfg: ModelConfig) -> dict[str, int]:
     """The vision encoder's sizes as built (an HF encoder's come from its directory): tokens
     (patches, plus CLIP's CLS), width, layers (those kept), heads, mlp_hidden."""

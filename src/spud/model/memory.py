@@ -7,6 +7,10 @@ Training Trillion Parameter Models"), with Ψ = total parameters:
 - precision "bf16" (mixed precision): bf16 weights 2Ψ + bf16 gradients 2Ψ + AdamW state 12Ψ
   (fp32 master copy 4Ψ + two fp32 moments 8Ψ) = 16Ψ.
 - precision "fp32": fp32 weights 4Ψ + fp32 gradients 4Ψ + two fp32 moments 8Ψ = 16Ψ (no master).
+- Muon (train.optimizer=muon, the default) keeps one fp32 momentum buffer (4 bytes) for the
+  parameters it updates (model/param_roles.py's block matrices, flops.muon_param_count) where
+  AdamW keeps two moments (8 bytes); the rest keep AdamW's 8. Its transient polar-factor buffers
+  (one batch of same-shape matrices; whole matrices gathered under FSDP) are not counted.
 - FSDP / ZeRO-3 with degree F shards all three by F; plain DDP (F = 1) replicates them. The
   data-parallel degree does not change per-device model state, only how many devices share the
   global batch.
@@ -48,7 +52,7 @@ from dataclasses import asdict, dataclass
 
 from spud.config import ModelConfig
 from spud.errors import SpudError
-from spud.model.flops import param_counts
+from spud.model.flops import muon_param_count, param_counts
 
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 # Share of device memory a plan may use: the rest is left for the CUDA context, the caching
@@ -78,8 +82,10 @@ class MemoryEstimate:
         return {**asdict(self), "total": self.total}
 
 
-def model_state_bytes(params: int, precision: str = "bf16", fsdp: int = 1) -> dict[str, float]:
-    """Weights, gradients and AdamW state per device (see module doc), sharded by `fsdp`."""
+def model_state_bytes(params: int, precision: str = "bf16", fsdp: int = 1,
+                      muon_params: int = 0) -> dict[str, float]:
+    """Weights, gradients and optimizer state per device (see module doc), sharded by `fsdp`;
+    `muon_params` of the `params` take Muon (one fp32 state) instead of AdamW (two)."""
     if fsdp < 1:
         raise SpudError(f"fsdp degree must be >= 1, got {fsdp}")
     p = _bytes(precision)
@@ -89,7 +95,7 @@ def model_state_bytes(params: int, precision: str = "bf16", fsdp: int = 1) -> di
     return {
         "weights": p * params / fsdp,
         "gradients": p * params / fsdp,
-        "optimizer": (master + 8) * params / fsdp,
+        "optimizer": (master * params + 8 * (params - muon_params) + 4 * muon_params) / fsdp,
     }
 
 
@@ -144,6 +150,13 @@ def kv_cache_bytes(cfg: ModelConfig, tokens: float, precision: str = "bf16") -> 
     return cfg.n_layers * 2 * cfg.kv_heads * cfg.dim_head * _bytes(precision) * tokens
 
 
+def _state(cfg: ModelConfig, precision: str, fsdp: int, optimizer: str) -> dict[str, float]:
+    if optimizer not in ("adamw", "muon"):
+        raise SpudError(f"unknown optimizer {optimizer!r} for the memory estimate; use adamw or muon")
+    muon = muon_param_count(cfg) if optimizer == "muon" else 0
+    return model_state_bytes(param_counts(cfg)["total"], precision, fsdp, muon)
+
+
 def training_memory(
     cfg: ModelConfig,
     micro_batch: int,
@@ -152,10 +165,11 @@ def training_memory(
     fsdp: int = 1,
     checkpointing: bool = False,
     images: int = 0,
+    optimizer: str = "adamw",
 ) -> MemoryEstimate:
-    """Per-device memory to train `cfg` with AdamW (module doc conventions); `images` per
-    micro-batch add the vision tower's activations."""
-    state = model_state_bytes(param_counts(cfg)["total"], precision, fsdp)
+    """Per-device memory to train `cfg` with `optimizer` (adamw | muon; module doc conventions);
+    `images` per micro-batch add the vision tower's activations."""
+    state = _state(cfg, precision, fsdp, optimizer)
     act = activation_bytes(cfg, micro_batch, seq_len, precision, checkpointing)
     act += vision_activation_bytes(cfg, images, precision)
     return MemoryEstimate(**state, activations=act)
@@ -185,11 +199,11 @@ class Parallelism:
 
 def max_micro_batch(
     cfg: ModelConfig, seq_len: int, device_bytes: float, precision: str = "bf16", fsdp: int = 1,
-    checkpointing: bool = False, limit: int = 1024,
+    checkpointing: bool = False, limit: int = 1024, optimizer: str = "adamw",
 ) -> int:
     """Largest micro-batch (sequences) that fits; 0 when not even one does."""
     budget = USABLE_FRACTION * device_bytes
-    state = sum(model_state_bytes(param_counts(cfg)["total"], precision, fsdp).values())
+    state = sum(_state(cfg, precision, fsdp, optimizer).values())
     per_seq = activation_bytes(cfg, 1, seq_len, precision, checkpointing)  # linear in micro-batch
     if state + per_seq > budget:
         return 0
@@ -198,6 +212,7 @@ def max_micro_batch(
 
 def suggest_parallelism(
     cfg: ModelConfig, seq_len: int, n_devices: int, device_bytes: float, precision: str = "bf16",
+    optimizer: str = "adamw",
 ) -> Parallelism:
     """Cheapest layout that fits one sequence per device: DDP, then DDP + checkpointing, then the
     smallest power-of-two FSDP degree ≤ n_devices (without, then with checkpointing).
@@ -211,12 +226,12 @@ def suggest_parallelism(
         degrees.append(degrees[-1] * 2)
     for fsdp in degrees:
         for ckpt in (False, True):
-            mb = max_micro_batch(cfg, seq_len, device_bytes, precision, fsdp, ckpt)
+            mb = max_micro_batch(cfg, seq_len, device_bytes, precision, fsdp, ckpt, optimizer=optimizer)
             if mb >= 1:
-                mem = training_memory(cfg, mb, seq_len, precision, fsdp, ckpt)
+                mem = training_memory(cfg, mb, seq_len, precision, fsdp, ckpt, optimizer=optimizer)
                 strategy = "DDP" if fsdp == 1 else "FSDP"
                 note = f"micro-batch {mb}×{seq_len}" + (", activation checkpointing" if ckpt else "")
                 return Parallelism(strategy, fsdp, ckpt, mb, mem, note)
-    mem = training_memory(cfg, 1, seq_len, precision, degrees[-1], True)
+    mem = training_memory(cfg, 1, seq_len, precision, degrees[-1], True, optimizer=optimizer)
     return Parallelism("does not fit", degrees[-1], True, 0, mem,
                        "needs more devices, tensor/pipeline parallelism or a smaller model")

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from spud.config import ModelConfig
+from spud.config import ModelConfig, TrainConfig
 from spud.errors import SpudError
 from spud.model.flops import flops_per_token, param_counts
 from spud.model.presets import PRESETS
@@ -30,6 +30,9 @@ from spud.plan.allocate import (
 from spud.plan.fit import CHINCHILLA, ScalingLaw, predict_interval
 from spud.model.memory import suggest_parallelism
 from spud.plan.profiles import HardwareProfile, get_profile
+
+DEFAULT_OPTIMIZER = TrainConfig.model_fields["optimizer"].default
+OPTIMIZER_NAME = {"muon": "Muon+AdamW", "adamw": "AdamW"}[DEFAULT_OPTIMIZER]
 
 # Muennighoff et al. 2023 ("Scaling Data-Constrained Language Models"): up to ~4 epochs of
 # repeated data are worth almost as much as fresh data; beyond that returns fall off quickly.
@@ -139,7 +142,9 @@ def _train_plan(law: ScalingLaw, C: float, bud: Budget, gpus: int | None, vocab_
     devices = gpus or 1
     seconds = train_flops / (devices * bud.effective_flops_per_s)
     hours = seconds / 3600
-    par = suggest_parallelism(cfg, seq_len, devices, bud.hardware.memory_bytes, bud.precision)
+    # The plan is for spud's default recipe, so its optimizer state is the default optimizer's.
+    par = suggest_parallelism(cfg, seq_len, devices, bud.hardware.memory_bytes, bud.precision,
+                              optimizer=DEFAULT_OPTIMIZER)
     n_model = param_counts(cfg)[law.n_counts]
     return {
         "C": C, "N_star": n_star, "D_star": d_star, "tokens_per_param": d_star / n_star,
@@ -278,7 +283,7 @@ def plan_cmd(
     t.add_row("cost", f"${tr['cost_usd']:,.0f} at ${hw['price_per_hour']}/device-hour (assumed price)")
     p, mem = tr["parallelism"], tr["parallelism"]["memory"]
     t.add_row("memory / device", f"{mem['total'] / 1e9:.1f} GB of {hw['memory_gb']:.0f} GB (weights "
-              f"{mem['weights'] / 1e9:.1f}, grads {mem['gradients'] / 1e9:.1f}, AdamW {mem['optimizer'] / 1e9:.1f}, "
+              f"{mem['weights'] / 1e9:.1f}, grads {mem['gradients'] / 1e9:.1f}, {OPTIMIZER_NAME} {mem['optimizer'] / 1e9:.1f}, "
               f"activations {mem['activations'] / 1e9:.1f})")
     t.add_row("parallelism", f"{p['strategy']}" + (f" degree {p['fsdp']}" if p["strategy"] == "FSDP" else "")
               + f" · {p['note']}")

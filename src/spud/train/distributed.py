@@ -226,7 +226,8 @@ def memory_plan(cfg, env: DistEnv, device: torch.device, micro_batch: int, seq_l
     t = cfg.train
     precision = "bf16" if device.type == "cuda" else "fp32"
     fsdp = env.world_size if env.parallel == "fsdp" else 1
-    est = training_memory(cfg.model, micro_batch, seq_len, precision, fsdp, t.activation_checkpointing)
+    est = training_memory(cfg.model, micro_batch, seq_len, precision, fsdp, t.activation_checkpointing,
+                          optimizer=t.optimizer)
     gib = 2**30
 
     def f(x: float) -> str:

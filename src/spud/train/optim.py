@@ -58,6 +58,7 @@ from torch import nn
 
 from spud.config import TrainConfig
 from spud.errors import SpudError
+from spud.model.param_roles import param_roles  # noqa: F401  (re-exported: tests, callers)
 
 # Polar Express coefficients for 5 iterations (arXiv:2505.16932, computed for lower spectral
 # bound 1e-3, safety factor 2e-2, cushion 2); the first k are used for k < 5 iterations.
@@ -146,36 +147,6 @@ def _fused_row_splits(model: nn.Module) -> dict[int, list[int]]:
         if isinstance(gate_up, nn.Linear) and hasattr(m, "hidden"):
             splits.setdefault(id(gate_up.weight), [m.hidden, m.hidden])
     return splits
-
-
-def param_roles(model: nn.Module) -> dict[str, str]:
-    """Name → role for every trainable parameter (tied ones once, under their first name):
-    'matrix' (Muon), 'embedding', 'head', 'other_matrix' (≥2-D outside the blocks), 'scalar'."""
-    embedding = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    head = getattr(model, "lm_head", None)
-    head_ids = {id(head.weight)} if isinstance(head, nn.Linear) else set()
-    blocks = getattr(model, "blocks", None)
-    block_linear: set[int] = set()
-    block_params: set[int] = set()
-    if isinstance(blocks, nn.Module):
-        block_params = {id(p) for p in blocks.parameters()}
-        block_linear = {id(m.weight) for m in blocks.modules() if isinstance(m, nn.Linear)}
-    roles, seen = {}, set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        if id(p) in embedding:
-            roles[name] = "embedding"
-        elif id(p) in head_ids:
-            roles[name] = "head"
-        elif id(p) in block_linear or (id(p) in block_params and p.dim() >= 3):
-            roles[name] = "matrix"
-        elif p.dim() >= 2:
-            roles[name] = "other_matrix"
-        else:
-            roles[name] = "scalar"
-    return roles
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
