@@ -26,13 +26,14 @@ keys, every file is present at its recorded size, the safetensors header covers 
 resuming training) optimizer.pt and rng.pt load. `latest_checkpoint` / `resolve_checkpoint` skip a
 damaged checkpoint with a warning that names the damaged file and fall back to the newest intact
 one; when none is intact they raise naming every damaged file.
+
+The directory layout and the atomic publication are in checkpoint_dirs.py, the DCP format in
+checkpoint_sharded.py; their public names are re-exported here.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -42,42 +43,25 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from spud.errors import SpudError
-
-PREFIX = "step_"
-COMPLETE = "COMPLETE"
-DCP_METADATA = ".metadata"
-
-
-def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"{PREFIX}{step:07d}"
-
-
-def _step_dirs(run_dir: Path) -> list[Path]:
-    """Every step_NNNNNNN directory, complete or not, oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
-    found = [p for p in found if p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints (all their files present), oldest first; not checked for damage."""
-    return [p for p in _step_dirs(run_dir) if is_complete(p)]
-
-
-def is_sharded(ckpt: Path) -> bool:
-    return (Path(ckpt) / DCP_METADATA).is_file()
-
-
-def is_complete(ckpt: Path) -> bool:
-    """Sharded (DCP): has the COMPLETE marker. Single-file: has state.json and its weights."""
-    ckpt = Path(ckpt)
-    if is_sharded(ckpt) or (ckpt / COMPLETE).exists():
-        return (ckpt / COMPLETE).is_file() and (ckpt / "state.json").is_file()
-    return (ckpt / "state.json").is_file() and (ckpt / "model.safetensors").is_file()
-
+from spud.train.checkpoint_dirs import (  # noqa: F401 - re-exported: callers use ckpt_io.list_checkpoints etc.
+    COMPLETE,
+    DCP_METADATA,
+    PREFIX,
+    _fsync_dir,
+    _step_dirs,
+    begin_save,
+    checkpoint_dir,
+    file_sizes,
+    finish_save,
+    is_complete,
+    is_sharded,
+    list_checkpoints,
+)
+from spud.train.checkpoint_sharded import (  # noqa: F401 - re-exported: callers use ckpt_io.save_sharded etc.
+    load_full_into_sharded,
+    load_sharded,
+    save_sharded,
+)
 
 _warned: set[str] = set()
 
@@ -134,14 +118,7 @@ def resolve_checkpoint(run_dir: Path, which: str | int | None = None, training: 
 # ---------------------------------------------------------------------------------- integrity
 STATE_KEYS = {"step": int, "config": dict}
 TRAINING_STATE_KEYS = {"tokens_seen": int, "loader": dict}
-_UNSIZED = ("state.json", COMPLETE)
 TRAINING_ONLY_FILES = ("optimizer.pt", "rng.pt")  # written after the sizes are taken
-
-
-def file_sizes(ckpt: Path) -> dict[str, int]:
-    """Size of every file of a checkpoint being written (state.json records them)."""
-    return {p.name: p.stat().st_size for p in sorted(Path(ckpt).iterdir())
-            if p.is_file() and p.name not in _UNSIZED}
 
 
 def _torch_file_problem(path: Path, kind: type, keys: tuple[str, ...] = ()) -> str | None:
@@ -213,59 +190,6 @@ def checkpoint_problems(ckpt: Path, training: bool = False) -> list[str]:
     return [f"{ckpt}/{p}" for p in problems]  # each starts with the damaged file's path
 
 
-def _fsync_dir(path: Path, names: list[str] | None = None) -> None:
-    for f in path.iterdir():
-        if names is None or f.name in names:
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a directory entry itself (makes a rename durable); best effort off POSIX."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    """Rename away first (atomic), then delete: a crash never leaves a half-deleted step_*."""
-    trash = path.parent / f".tmp_del_{path.name}"
-    if trash.exists():
-        shutil.rmtree(trash, ignore_errors=True)
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def begin_save(run_dir: Path, step: int) -> tuple[Path, Path]:
-    """Fresh temp directory for step's checkpoint (stale temp dirs of a crash are removed)."""
-    final = checkpoint_dir(run_dir, step)
-    root = final.parent
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp_*"):  # leftovers of a crash mid-save
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = root / f".tmp_{final.name}"
-    tmp.mkdir()
-    return tmp, final
-
-
-def finish_save(run_dir: Path, tmp: Path, final: Path, keep: int) -> Path:
-    """Atomically publish a fully written (and fsynced) temp dir; prune old checkpoints."""
-    if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
-        _remove(final)
-    os.replace(tmp, final)
-    _fsync_path(final.parent)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        _remove(old)
-    return final
-
-
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -325,94 +249,12 @@ def _load_torch(path: Path) -> Any:
         raise SpudError(f"{path} is damaged ({type(e).__name__}: {e}); resume from an earlier checkpoint") from None
 
 
-# ---------------------------------------------------------------- sharded (DCP) checkpoints
-def _dist_barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def save_sharded(run_dir: Path, step: int, model: torch.nn.Module, optimizer, state: dict[str, Any],
-                 rng: dict, keep: int, rank: int) -> Path:
-    """Collective: every rank calls it. Model + optimizer via DCP, per-rank RNG, then rank 0
-    publishes (state.json, COMPLETE, rename) once every rank's files are on disk."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    final = checkpoint_dir(run_dir, step)
-    tmp = final.parent / f".tmp_{final.name}"
-    if rank == 0:
-        begin_save(run_dir, step)
-    _dist_barrier()
-    msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-    torch.save(rng, tmp / f"rng_rank{rank}.pt")
-    _fsync_dir(tmp, [f"rng_rank{rank}.pt", f"__{rank}_0.distcp"])
-    _dist_barrier()
-    if rank == 0:
-        state = {"step": step, "sharded": True, **state, "files": file_sizes(tmp)}
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        _fsync_dir(tmp)
-        (tmp / COMPLETE).write_text("ok\n")
-        _fsync_dir(tmp, [COMPLETE])
-        finish_save(run_dir, tmp, final, keep)
-    _dist_barrier()
-    return final
-
-
-def load_sharded(ckpt: Path, model: torch.nn.Module, optimizer=None) -> None:
-    """Load a DCP checkpoint into `model` (+ optimizer) as they are sharded now: at any number of
-    ranks, or in a single process without a process group (resharding)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_state_dict,
-        set_model_state_dict,
-        set_state_dict,
-    )
-
-    if optimizer is None:
-        msd = get_model_state_dict(model)
-        dcp.load({"model": msd}, checkpoint_id=str(ckpt))
-        set_model_state_dict(model, msd)
-        return
-    msd, osd = get_state_dict(model, optimizer)
-    sd = {"model": msd, "optim": osd}
-    dcp.load(sd, checkpoint_id=str(ckpt))
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-
-
 def load_rng(ckpt: Path, rank: int = 0) -> dict | None:
     """This rank's RNG state: rng_rankR.pt (sharded) or rng.pt (single-file); None if absent."""
     for name in (f"rng_rank{rank}.pt", "rng.pt"):
         if (ckpt / name).is_file():
             return _load_torch(ckpt / name)
     return None
-
-
-def load_full_into_sharded(ckpt: Path, model: torch.nn.Module, optimizer) -> None:
-    """A single-file checkpoint into a data-parallel (possibly FSDP-sharded) model and optimizer:
-    the resharding direction 1 → N. Every rank reads the full files and keeps its shard."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    weights = load_file(str(ckpt / "model.safetensors"))
-    aliases: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), []).append(name)
-    for names in aliases.values():  # tied weights are stored once
-        have = [n for n in names if n in weights]
-        for n in names:
-            if n not in weights and have:
-                weights[n] = weights[have[0]]
-    name_of = {pid: names[0] for pid, names in aliases.items()}
-    fqns = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    raw = torch.load(ckpt / "optimizer.pt", weights_only=True)
-    osd = {"state": {fqns[i]: v for i, v in raw["state"].items()},
-           "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in raw["param_groups"]]}
-    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=osd,
-                   options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def config_diff(a: dict, b: dict, prefix: str = "",
