@@ -14,7 +14,8 @@ for a long one and a freed slot is refilled at the next iteration.
 
 Other threads (the HTTP server's event loop) only touch the waiting queue and the handles'
 cancel flags, under `_cv`; model forwards run under `_model_lock`, which prompt_logprobs also
-takes so it never races the decode loop.
+takes so it never races the decode loop. The forward steps (a prefill chunk, the batched decode,
+sampling and emitting tokens) are in engine_forward.py.
 """
 
 from __future__ import annotations
@@ -31,12 +32,7 @@ import torch
 from spud.errors import SpudError
 from spud.eval import batch_scorer
 from spud.runtime import pick_device
-from spud.serve.engine_sampling import (
-    BatchParams,
-    apply_penalties,
-    sample_rows,
-    token_logprobs,
-)
+from spud.serve.engine_forward import ForwardSteps
 from spud.serve.engine_seq import Seq as _Seq
 from spud.serve.engine_seq import describe as _describe
 from spud.serve.engine_types import (
@@ -49,9 +45,8 @@ from spud.serve.engine_types import (
     TokenEvent,
 )
 from spud.serve.prefix_cache import PrefixCache
-from spud.serve.prompt_images import cache_ids, chunk_inputs
+from spud.serve.prompt_images import cache_ids
 from spud.serve.speculative import load_draft, make_speculator
-from spud.serve.structured import apply_constraints
 from spud.serve.timeouts import expire_overdue
 
 __all__ = [
@@ -63,7 +58,7 @@ __all__ = [
 DEFAULT_PREFILL_CHUNK = 256  # tokens per prefill forward: on CPU a few ms for small models
 
 
-class Engine:
+class Engine(ForwardSteps):
     """`prefill_chunk`: most prompt tokens prefilled per forward (None: a whole prompt at once);
     `step_tokens`: per-step token budget shared by the decoding rows (one token each) and
     prefill chunks (default prefill_chunk + max_batch); a prompt always advances by at least
@@ -319,97 +314,6 @@ class Engine:
                     [float(v) for v in bias.values()], device=self.device)
         except Exception as e:  # noqa: BLE001 - any failure ends this request, not the engine
             self._finish(s, "error", _describe(e))
-
-    def _prefill(self, s: _Seq, n: int) -> None:
-        """Write the next n prompt tokens into s's slot; after the last chunk, s samples its
-        first token and joins the decoding rows."""
-        try:
-            a = s.prefilled
-            with self._model_lock:
-                x = torch.tensor([s.prompt[a:a + n]], device=self.device)
-                h = self.model.forward_slots(x, self._cache, [s.slot], [a],
-                                             **chunk_inputs(s, self.model, a, n))
-                last = a + n == len(s.prompt)
-                logits = self.model.logits(h[:, -1]).float() if last else None
-            s.prefilled = a + n
-            if not last:
-                return
-            with self._cv:
-                self._prefilling.remove(s)
-                self._running.append(s)
-            s.length = len(s.prompt)
-            self._sample_and_emit([s], logits)
-        except Exception as e:  # noqa: BLE001 - any failure ends this request, not the engine
-            self._finish(s, "error", _describe(e))
-
-    def _decode_step(self) -> None:
-        rows = sorted(self._running, key=lambda s: s.slot)
-        try:
-            with self._model_lock:
-                x = torch.tensor([[s.last] for s in rows], device=self.device)
-                h = self.model.forward_slots(
-                    x, self._cache, [s.slot for s in rows], [s.length for s in rows])
-                logits = self.model.logits(h[:, -1]).float()
-            for s in rows:
-                s.length += 1
-            self._sample_and_emit(rows, logits)
-        except Exception as e:  # noqa: BLE001 - the batch fails as a whole, the engine goes on
-            for s in rows:
-                if not s.done:
-                    self._finish(s, "error", _describe(e))
-
-    def _sample_and_emit(self, rows: list[_Seq], logits: torch.Tensor) -> None:
-        """Penalties/bias → sample → logprobs for all rows at once, then per-row bookkeeping."""
-        # The batch's parameter tensors only change when its membership does (a request's
-        # params and slot are fixed while it runs), so consecutive decode steps reuse them.
-        # The key holds the _Seq objects themselves (compared by identity), never bare id()s
-        # that a finished request could hand down to a new one.
-        key = tuple(rows)
-        if self._batch_key != key:
-            bp = BatchParams.build([s.params for s in rows], self.device)
-            slots = torch.tensor([s.slot for s in rows], device=self.device)
-            has_bias = any(self._has_bias[s.slot] for s in rows)
-            constrained = any(s.params.constraint is not None for s in rows)
-            self._batch_key, self._batch = key, (bp, slots, has_bias, constrained)
-        bp, slots, has_bias, constrained = self._batch
-        counts = self._counts.index_select(0, slots) if bp.any_penalty else None
-        bias = self._bias.index_select(0, slots) if has_bias else None
-        proc = apply_penalties(logits, counts, bias, bp)
-        if constrained:  # structured output: what the grammar forbids is -inf before sampling
-            proc = apply_constraints(proc, [s.params.constraint for s in rows])
-        toks = sample_rows(proc, bp, [s.gen for s in rows])
-        if bp.any_penalty:
-            # Counts are only ever read for rows with penalties (and reset on admit), so a batch
-            # without any skips the update.
-            self._counts.index_put_((slots, toks), torch.ones_like(toks, dtype=torch.float32),
-                                    accumulate=True)
-        lps, tops = token_logprobs(proc, toks, [s.params.logprobs for s in rows])
-        for s, tok, lp, top in zip(rows, toks.tolist(), lps, tops):
-            self._emit_token(s, tok, lp, top)
-
-    def _emit_token(self, s: _Seq, tok: int, lp, top) -> None:
-        s.generated += 1
-        s.last = tok
-        s.out_ids.append(tok)
-        with self._cv:
-            self._stats["completion_tokens_total"] += 1
-        if tok in s.end_ids:
-            # The end token itself is not part of the output (no TokenEvent), only counted;
-            # the finish event names it (RL trains on the exact sequence that was sampled).
-            s.end_token = tok
-            self._finish(s, "stop")
-            return
-        if s.params.constraint is not None:
-            try:  # advance the grammar; only this request fails if it cannot
-                s.params.constraint.consume(tok)
-            except SpudError as e:
-                self._finish(s, "error", str(e))
-                return
-        s.handle._emit(TokenEvent(tok, s.detok.push(tok), lp, top))
-        if s.detok.stopped:
-            self._finish(s, "stop")
-        elif s.generated >= s.params.max_tokens or s.length >= self.max_context:
-            self._finish(s, "length")
 
     def _finish(self, s: _Seq, reason: str, error: str | None = None) -> None:
         if s.done:
