@@ -220,12 +220,15 @@ def test_cli_sampling_flags_reach_the_runner_and_pass_at_k_is_exact(trained_run,
               "g": ["    return 3\n", "    return 1\n", "    return 0\n"]}
     calls = []
 
-    def scripted(model, tok, ctx, max_new, stop, temperature, seed, top_p=None):
-        name = "f" if "def f" in tok.decode(ctx) else "g"
-        calls.append((name, temperature, seed, top_p))
-        return script[name][sum(c[0] == name for c in calls) - 1]
+    def scripted(model, tok, prompts, params):  # the one batched call the runner makes per chunk
+        out = []
+        for ctx, p in zip(prompts, params):
+            name = "f" if "def f" in tok.decode(ctx) else "g"
+            calls.append((name, p.temperature, p.seed, p.top_p))
+            out.append(script[name][sum(c[0] == name for c in calls) - 1])
+        return out
 
-    monkeypatch.setattr(scoring, "generate_text", scripted)
+    monkeypatch.setattr(scoring, "generate_texts", scripted)
     monkeypatch.setattr(runner, "intrinsic_metrics", lambda *a, **k: {})
     rc = main(["eval", str(trained_run), "--tasks", f"humaneval:{data}", "--device", "cpu",
                "--samples", "3", "--temperature", "0.7", "--k", "1,2,3", "--seed", "5"])
@@ -255,3 +258,40 @@ def test_real_sampling_with_the_chat_model(chat_run):
         assert res["tasks"][name]["metrics"] == pytest.approx(want)
     first = read_rows(out / "arithmetic.jsonl")[0]
     assert "<|user|>" in first["prompt"] and len(first["output"]) == 3
+
+
+def test_generative_eval_runs_through_the_engine_in_batches(trained_run, monkeypatch):
+    """One engine per chunk of examples (not a loop of single decodes); sampled completions do not
+    depend on what they were batched with; greedy ones equal single-sequence decoding."""
+    from spud.eval import runner
+    from spud.runs import load_model
+    from spud.serve import engine as engine_mod
+    from spud.serve.sampling import generate
+
+    engines = []
+    real_init = engine_mod.Engine.__init__
+
+    def counting_init(self, *a, **k):
+        engines.append(k.get("max_batch"))
+        real_init(self, *a, **k)
+
+    monkeypatch.setattr(engine_mod.Engine, "__init__", counting_init)
+    out = trained_run / "eval" / "base-step_0000003" / "arithmetic.jsonl"
+
+    def outputs(**kw):
+        run_eval(str(trained_run), "arithmetic", limit=4, checkpoint=None, device="cpu", seed=3,
+                 intrinsic=False, decontam_tokens=0, progress=False, **kw)
+        return [r["output"] for r in read_rows(out)]
+
+    sampled = outputs(samples=3, temperature=0.9)
+    assert engines == [12]  # 4 examples × 3 samples in one batch
+    monkeypatch.setattr(runner, "GEN_CHUNK", 1)
+    assert outputs(samples=3, temperature=0.9) == sampled  # one example per batch: same text
+    greedy = outputs()
+    model, tok, _, _ = load_model(trained_run, device="cpu")
+    (task,) = runner.load_tasks("arithmetic", 3)
+    for i, (ex, text) in enumerate(zip(task.examples[:4], greedy)):
+        ids = runner.render_prompt(task, ex, runner.pick_shots(task, 0, 3, i), tok, False)
+        ref = tok.decode(list(generate(model, ids, task.max_new_tokens, temperature=0.0,
+                                       stop_ids=[tok.end_id, tok.eos_id, tok.bos_id])))
+        assert text == ref.split("\n")[0]

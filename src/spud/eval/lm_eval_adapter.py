@@ -42,8 +42,7 @@ except ImportError as e:  # optional dependency: say how to get it
                       "(or pip install 'lm-eval[api]>=0.4.4,<0.5')") from e
 
 from spud.errors import SpudError
-from spud.eval import batch_scorer
-from spud.serve.sampling import generate
+from spud.eval import batch_scorer, scoring
 
 DEFAULT_BATCH = 16
 DEFAULT_MAX_GEN_TOKS = 256
@@ -202,15 +201,25 @@ class SpudLM(TemplateLM):
 
     # ------------------------------------------------------------------------- generation
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        out = []
+        """All requests in one batch through the serving engine (scoring.generate_texts)."""
+        prompts, params = [], []
         for n, req in enumerate(requests):
             context, gen_kwargs = req.args[0], dict(req.args[1] if len(req.args) > 1 else {})
-            text = self.generate_one(context, gen_kwargs, seed=self._seed + n)
-            self.cache_hook.add_partial("generate_until", (context, req.args[1] if len(req.args) > 1 else {}), text)
-            out.append(text)
+            prompts.append(self.tok_encode(context, add_special_tokens=True))
+            params.append(self.sampling_params(gen_kwargs, seed=self._seed + n))
+        out = scoring.generate_texts(self._model, self._tok, prompts, params)
+        for req, text in zip(requests, out):
+            self.cache_hook.add_partial("generate_until", (req.args[0], req.args[1] if len(req.args) > 1 else {}), text)
         return out
 
     def generate_one(self, context: str, gen_kwargs: dict, seed: int = 0) -> str:
+        ids = self.tok_encode(context, add_special_tokens=True)
+        return scoring.generate_texts(self._model, self._tok, [ids], [self.sampling_params(gen_kwargs, seed)])[0]
+
+    def sampling_params(self, gen_kwargs: dict, seed: int = 0):
+        """lm-eval's gen_kwargs (until, max_gen_toks, temperature, do_sample, top_p, top_k, seed) as
+        the engine's SamplingParams."""
+        gen_kwargs = dict(gen_kwargs)
         until = gen_kwargs.pop("until", None) or []
         if isinstance(until, str):
             until = [until]
@@ -224,24 +233,9 @@ class SpudLM(TemplateLM):
         top_p = gen_kwargs.pop("top_p", None)
         top_k = gen_kwargs.pop("top_k", None)
         seed = int(gen_kwargs.pop("seed", seed))
-        max_len = self.max_length
-        ids = self.tok_encode(context, add_special_tokens=True)
-        keep = max(max_len - max_new, max_len // 2, 1)  # room for the answer; keep some context
-        ids = ids[-keep:]
-        tok = self._tok
-        stops = [tok.end_id, tok.eos_id, tok.bos_id]
-        new: list[int] = []
-        text = ""
-        for t in generate(self._model, ids, max_new, temperature=temperature,
-                          top_k=int(top_k) if top_k is not None else None,
-                          top_p=float(top_p) if top_p is not None else None,
-                          seed=seed, stop_ids=stops):
-            new.append(t)
-            text = tok.decode(new)
-            hits = [text.find(s) for s in until if s and s in text]
-            if hits:
-                return text[:min(hits)]
-        return text
+        return scoring.gen_params(max_new, until, temperature, seed,
+                                  float(top_p) if top_p is not None else None,
+                                  int(top_k) if top_k is not None else None)
 
 
 # `python -m spud.eval.lm_eval_adapter` runs this file as __main__ first; only the importable

@@ -92,11 +92,20 @@ def _samples(n: int, temperature: float) -> tuple[int, float]:
     return (1, 0.0) if temperature <= 0 else (n, temperature)
 
 
-def eval_gen(model, tok, task, ex, ctx_ids, n, temperature, seed, ks) -> dict:
+def generate_rows(model, tok, task, ctxs, n, temperature, seed) -> list[list[str]]:
+    """n completions of each prompt in `ctxs`, all in one batch through the serving engine;
+    sample i of every example has seed `seed + i` (as the per-example loop had)."""
     n, temperature = _samples(n, temperature)
-    outs = [scoring.generate_text(model, tok, ctx_ids, task.max_new_tokens, task.stop,
-                                  temperature, seed + i, top_p=0.95 if temperature > 0 else None)
-            for i in range(n)]
+    top_p = 0.95 if temperature > 0 else None
+    prompts = [ctx for ctx in ctxs for _ in range(n)]
+    params = [scoring.gen_params(task.max_new_tokens, task.stop, temperature, seed + i, top_p)
+              for _ in ctxs for i in range(n)]
+    outs = scoring.generate_texts(model, tok, prompts, params)
+    return [outs[j * n:(j + 1) * n] for j in range(len(ctxs))]
+
+
+def eval_gen(task, ex, outs: list[str], ks) -> dict:
+    n = len(outs)
     extracted = [task.extract(o) for o in outs]
     ok = [task.is_correct(e, ex.target) for e in extracted]
     row = {"output": outs[0] if n == 1 else outs, "extracted": extracted[0] if n == 1 else extracted,
@@ -106,15 +115,9 @@ def eval_gen(model, tok, task, ex, ctx_ids, n, temperature, seed, ks) -> dict:
     return row
 
 
-def eval_code(model, tok, task, ex, ctx_ids, n, temperature, seed, ks) -> dict:
-    n, temperature = _samples(n, temperature)
-    outs, results = [], []
-    for i in range(n):
-        completion = scoring.generate_text(model, tok, ctx_ids, task.max_new_tokens, task.stop,
-                                           temperature, seed + i, top_p=0.95 if temperature > 0 else None)
-        res = sandbox.run_program(sandbox.check_program(ex.prompt, completion, ex.test, ex.entry_point))
-        outs.append(completion)
-        results.append(res)
+def eval_code(task, ex, outs: list[str], ks) -> dict:
+    n = len(outs)
+    results = [sandbox.run_program(sandbox.check_program(ex.prompt, o, ex.test, ex.entry_point)) for o in outs]
     c = sum(r.passed for r in results)
     row = {"output": outs[0] if n == 1 else outs, "status": [r.status for r in results],
            "error": [r.stderr.strip().splitlines()[-1:] for r in results if not r.passed][:1],
@@ -159,6 +162,7 @@ def task_metrics(task: Task, rows: list[dict], seconds: float, seed: int) -> dic
 # -------------------------------------------------------------------------------------- main
 DEFAULT_KS = (1, 10)
 MC_CHUNK = 512  # examples per batched scoring call: large batches, yet a live progress bar
+GEN_CHUNK = 64  # generative examples per engine batch (× samples each)
 
 
 def check_sampling(samples: int, temperature: float, ks: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -260,15 +264,17 @@ def run_eval(
                         rows.append({"index": lo + j, "where": ex.where, "prompt": tok.decode(ctx),
                                      "target": ex.target} | row)
                     bar.advance(job, len(chunk))
-            for i, ex in enumerate(task.examples if task.kind != "mc" else []):
-                ctx = render_prompt(task, ex, pick_shots(task, fewshot, seed, i), tok, chat)
-                if task.kind == "gen":
-                    row = eval_gen(net, tok, task, ex, ctx, samples, temperature, seed, ks)
-                else:
-                    row = eval_code(net, tok, task, ex, ctx, samples, temperature, seed, ks)
-                rows.append({"index": i, "where": ex.where, "prompt": tok.decode(ctx),
-                             "target": ex.target} | row)
-                bar.advance(job)
+            examples = task.examples if task.kind != "mc" else []
+            for lo in range(0, len(examples), GEN_CHUNK):  # batched through the engine
+                chunk = examples[lo:lo + GEN_CHUNK]
+                ctxs = [render_prompt(task, ex, pick_shots(task, fewshot, seed, lo + j), tok, chat)
+                        for j, ex in enumerate(chunk)]
+                outs = generate_rows(net, tok, task, ctxs, samples, temperature, seed)
+                for j, (ex, ctx, o) in enumerate(zip(chunk, ctxs, outs)):
+                    row = (eval_gen if task.kind == "gen" else eval_code)(task, ex, o, ks)
+                    rows.append({"index": lo + j, "where": ex.where, "prompt": tok.decode(ctx),
+                                 "target": ex.target} | row)
+                bar.advance(job, len(chunk))
             results["tasks"][task.name] = task_metrics(task, rows, time.monotonic() - start, seed)
             _write_jsonl(out_dir / f"{_safe(task.name)}.jsonl", rows)
     if vqa_specs:

@@ -1,8 +1,9 @@
 """Model-facing scorers: log-likelihood of choices, greedy/sampled generation with stop strings,
 and the statistics (pass@k, standard errors) the runner reports.
 
-These work on token ids and any module with `model(idx) -> logits (B, T, V)` and
-`model.cfg.max_seq_len`, so tests can drive them with a hand-built fake model.
+The log-likelihood scorers work on token ids and any module with `model(idx) -> logits (B, T, V)`
+and `model.cfg.max_seq_len`, so tests can drive them with a hand-built fake model; generation goes
+through the serving engine, so it needs a spud Transformer.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import numpy as np
 import torch
 
 from spud.eval import batch_scorer
-from spud.serve.sampling import generate
+from spud.serve.batch import complete_many
+from spud.serve.engine_types import SamplingParams
 
 
 def choice_logprobs(
@@ -28,32 +30,32 @@ def choice_logprobs(
     return [s.logprob for s in batch_scorer.score(model, pairs, pad_id=pad_id)]
 
 
+def gen_params(max_new_tokens: int, stop: Sequence[str] = (), temperature: float = 0.0, seed: int = 0,
+               top_p: float | None = None, top_k: int | None = None) -> SamplingParams:
+    """The engine's sampling parameters for one eval completion (stop strings are cut off)."""
+    return SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p or 1.0,
+                          top_k=top_k or 0, seed=seed, stop=[s for s in stop if s])
+
+
+def generate_texts(model: torch.nn.Module, tokenizer, prompts: Sequence[Sequence[int]],
+                   params: Sequence[SamplingParams]) -> list[str]:
+    """Completions of many prompts at once through the serving engine (spud.serve.batch: the same
+    generation path as `spud serve`), each until a stop string (cut there), an end token, its
+    token budget or the context end. Each prompt is cut from the left to leave room for its
+    answer, keeping at least half the context."""
+    max_len = model.cfg.max_seq_len
+    cut = [list(p)[-max(max_len - sp.max_tokens, max_len // 2, 1):] for p, sp in zip(prompts, params)]
+    return [c.text for c in complete_many(model, tokenizer, cut, list(params))]
+
+
 def generate_text(
     model: torch.nn.Module, tokenizer, prompt_ids: Sequence[int], max_new_tokens: int,
     stop: Sequence[str] = (), temperature: float = 0.0, seed: int = 0,
     top_p: float | None = None,
 ) -> str:
-    """Decode until a stop string appears (cut there), a special end token, the token budget or
-    the context end. The prompt is cut from the left to leave room for the answer."""
-    max_len = model.cfg.max_seq_len
-    keep = max(max_len - max_new_tokens, max_len // 2, 1)
-    ids = list(prompt_ids)[-keep:]
-    stop_ids = [tokenizer.end_id, tokenizer.eos_id, tokenizer.bos_id]
-    out: list[int] = []
-    text = ""
-    for tok in generate(model, ids, max_new_tokens, temperature=temperature, top_p=top_p,
-                        seed=seed, stop_ids=stop_ids):
-        out.append(tok)
-        text = tokenizer.decode(out)
-        cut = _first_stop(text, stop)
-        if cut is not None:
-            return text[:cut]
-    return text
-
-
-def _first_stop(text: str, stop: Sequence[str]) -> int | None:
-    hits = [text.find(s) for s in stop if s and s in text]
-    return min(hits) if hits else None
+    """One completion (see generate_texts; batch many prompts there instead)."""
+    return generate_texts(model, tokenizer, [prompt_ids],
+                          [gen_params(max_new_tokens, stop, temperature, seed, top_p)])[0]
 
 
 # --------------------------------------------------------------------------------- statistics

@@ -93,19 +93,12 @@ def final_number(text: str) -> int | None:
 
 
 def _generate(model, tok, prompts: list[list[int]], max_tokens: list[int], stop: list[str]) -> list[str]:
-    """Greedy completions of many prompts at once through the serving engine (continuous
-    batching: one forward decodes a token for every active prompt)."""
-    from spud.serve.engine import Engine, SamplingParams
+    """Greedy completions of many prompts at once through the serving engine (spud.serve.batch)."""
+    from spud.serve.batch import complete_many
+    from spud.serve.engine import SamplingParams
 
-    engine = Engine(model, tok, max_batch=32, max_queue=len(prompts) + 1)
-    engine.start()
-    try:
-        handles = [engine.submit(p, SamplingParams(max_tokens=max(1, min(m, engine.max_context - len(p))),
-                                                  temperature=0.0, stop=list(stop)))
-                   for p, m in zip(prompts, max_tokens)]
-        return [h.result()[0] for h in handles]
-    finally:
-        engine.shutdown()
+    params = [SamplingParams(max_tokens=m, temperature=0.0, stop=list(stop)) for m in max_tokens]
+    return [c.text for c in complete_many(model, tok, prompts, params, max_batch=32)]
 
 
 def split_accuracy(model, tok, items: list[Item], chat: bool, examples: int = 2) -> dict:

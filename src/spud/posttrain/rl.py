@@ -51,30 +51,14 @@ _seed = seed_of  # (dpo and older callers)
 
 def generate_many(model, tok: Tokenizer, prompts: list[list[int]], max_tokens: int, temperature: float,
                   seeds: list[int] | None = None) -> list[tuple[list[int], str]]:
-    """Completions of many prompts through the serving engine (continuous batching): → (completion
+    """Completions of many prompts through the serving engine (spud.serve.batch): → (completion
     ids including the end token that closed it, text) per prompt."""
-    from spud.serve.engine import Engine, SamplingParams  # noqa: PLC0415
+    from spud.serve.batch import complete_many  # noqa: PLC0415
+    from spud.serve.engine import SamplingParams  # noqa: PLC0415
 
-    was_training = model.training
-    model.eval()
-    engine = Engine(model, tok, max_batch=min(64, max(1, len(prompts))), max_queue=len(prompts) + 1)
-    engine.start()
-    try:
-        handles = []
-        for i, p in enumerate(prompts):
-            room = max(1, min(max_tokens, engine.max_context - len(p)))
-            handles.append(engine.submit(p, SamplingParams(
-                max_tokens=room, temperature=temperature,
-                seed=None if seeds is None else seeds[i])))
-        out = []
-        for h in handles:
-            text, toks, fin = h.result()
-            ids = [t.token_id for t in toks] + ([fin.end_token] if fin.end_token is not None else [])
-            out.append((ids, text))
-        return out
-    finally:
-        engine.shutdown()
-        model.train(was_training)
+    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                             seed=None if seeds is None else seeds[i]) for i in range(len(prompts))]
+    return [(c.ids, c.text) for c in complete_many(model, tok, prompts, params)]
 
 
 def prompt_ids(tok: Tokenizer, p: Problem, limit: int) -> list[int]:
