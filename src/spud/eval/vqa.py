@@ -23,8 +23,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from spud.data import images
 from spud.errors import SpudError
 from spud.eval import scoring
@@ -74,48 +72,20 @@ def prompt_ids(tok, question: str, tokens_per_image: int) -> list[int]:
     return tok.render_chat(msgs, add_generation_prompt=True, image_tokens=tokens_per_image)[0]
 
 
-@torch.no_grad()
 def greedy_answers(model, tok, questions: list[str], pictures: list, max_new_tokens: int = MAX_NEW_TOKENS,
                    batch: int = 64) -> list[str]:
-    """Greedy answers, one picture per question. Prompts of one length decode together: one
-    prefill with the image embeddings, then one cached step per token for the whole group."""
+    """Greedy answers, one picture per question, through the serving engine (spud.serve.batch:
+    the path `spud serve --model vlm` answers image requests by), `batch` sequences at a time."""
     from spud.model.vision import load_image
+    from spud.serve.batch import complete_many
+    from spud.serve.engine_types import SamplingParams
+    from spud.serve.prompt_images import PromptImages
 
     vcfg = model.cfg.vision
-    device = next(model.parameters()).device
     prompts = [prompt_ids(tok, q, vcfg.tokens_per_image) for q in questions]
-    out: list[str] = [""] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    groups: list[list[int]] = []
-    for i in order:
-        if groups and len(prompts[groups[-1][0]]) == len(prompts[i]) and len(groups[-1]) < batch:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    was_training = model.training
-    model.eval()
-    try:
-        for g in groups:
-            length = len(prompts[g[0]])
-            steps = min(max_new_tokens, model.cfg.max_seq_len - length)
-            x = torch.tensor([prompts[i] for i in g], device=device)
-            pixels = torch.stack([load_image(pictures[i], vcfg) for i in g]).to(device)
-            cache = model.new_kv_cache(len(g), length + steps, device)
-            logits = model(x, kv_cache=cache, image_embeds=model.encode_images(pixels))[:, -1]
-            new = torch.zeros((len(g), 0), dtype=torch.long, device=device)
-            for step in range(steps):
-                nxt = logits.argmax(-1, keepdim=True)
-                new = torch.cat([new, nxt], 1)
-                if step + 1 < steps:
-                    logits = model(nxt, kv_cache=cache)[:, -1]
-            stops = {tok.end_id, tok.bos_id}
-            for row, i in enumerate(g):
-                ids = new[row].tolist()
-                cut = next((k for k, t in enumerate(ids) if t in stops), len(ids))
-                out[i] = tok.decode(ids[:cut])
-    finally:
-        model.train(was_training)
-    return out
+    images = [PromptImages(load_image(p, vcfg)[None], tok.image_id, vcfg.tokens_per_image) for p in pictures]
+    params = [SamplingParams(max_tokens=max_new_tokens, temperature=0.0) for _ in prompts]
+    return [c.text for c in complete_many(model, tok, prompts, params, max_batch=batch, images=images)]
 
 
 def training_overlap(cfg, eval_items: list[VQAItem]) -> dict:

@@ -24,9 +24,10 @@ class Completion:
 
 
 def complete_many(model: torch.nn.Module, tok, prompts: list[list[int]], params: list[SamplingParams],
-                  max_batch: int = 64) -> list[Completion]:
-    """Completions of `prompts` (token ids) with per-prompt `params`. A prompt's max_tokens is cut
-    to the room its context leaves (at least 1); the model is left in the mode it was in."""
+                  max_batch: int = 64, images: list | None = None) -> list[Completion]:
+    """Completions of `prompts` (token ids) with per-prompt `params` (and, for a vision model,
+    per-prompt spud.serve.prompt_images.PromptImages or None). A prompt's max_tokens is cut to the
+    room its context leaves (at least 1); the model is left in the mode it was in."""
     from spud.serve.engine import Engine  # noqa: PLC0415  (engine imports the model stack)
 
     if len(prompts) != len(params):
@@ -39,11 +40,11 @@ def complete_many(model: torch.nn.Module, tok, prompts: list[list[int]], params:
     engine.start()
     try:
         handles = []
-        for p, sp in zip(prompts, params):
+        for i, (p, sp) in enumerate(zip(prompts, params)):
             room = max(1, min(sp.max_tokens, engine.max_context - len(p)))
             if room != sp.max_tokens:
                 sp = replace(sp, max_tokens=room)
-            handles.append(engine.submit(p, sp))
+            handles.append(engine.submit(p, sp, images=None if images is None else images[i]))
         out = []
         for h in handles:
             text, toks, fin = h.result()
