@@ -17,6 +17,8 @@ def cmd_data_build(args) -> int:
         from spud.data.merge import parse_shard
 
         parse_shard(args.shard)
+    if args.workers is not None:  # the config field's validation (and message) applies
+        args.overrides = [*(args.overrides or []), f"data.workers={args.workers}"]
     cfg, out = _load(args), run_dir_arg(args.out)
     if args.shard:
         from spud.data.merge import build_part
@@ -94,6 +96,8 @@ def register(verbs) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--shard", metavar="i/N", help="build only part i (from 0) of N into --out; "
                    "join the parts with `spud data merge`")
+    p.add_argument("--workers", metavar="N", help="worker processes for the quality rules, dedup hashing "
+                   "and tokenization (sets data.workers; 1 = none; default 0 = automatic); same output for any N")
     p.set_defaults(func=cmd_data_build)
     p = data.add_parser("merge", help="join the parts of a sharded build (--shard i/N) into RUN/data/")
     p.add_argument("parts", nargs="+", help="the part directories (each --out of a --shard build)")

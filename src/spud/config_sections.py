@@ -76,7 +76,10 @@ class DataConfig(StrictModel):
     max_bad_fraction: float = Field(
         0.05, ge=0, le=1, description="Error out when more than this share of records is bad."
     )
-    workers: int = Field(0, ge=0, description="Tokenizer worker threads; 0 = all cores.")
+    workers: int = Field(
+        0, ge=0, le=256, description="Worker processes that run the quality rules, dedup hashing and "
+        "tokenization during a build (1 = none); 0 = one per core (max 8) when a source is cleaned or "
+        "deduplicated and total_tokens >= 2M, else 1. The output is the same for every value.")
     dedup: DedupSettings = Field(default_factory=DedupSettings, description="Duplicate removal.")
 
 

@@ -18,6 +18,14 @@ def make_cfg(sources: list[dict], seed: int = 0, **data) -> Config:
     })
 
 
+# Manifest keys that say how a build ran (time, processes, memory), not what it made.
+RUN_KEYS = ("build_seconds", "workers", "peak_rss_mb", "workers_peak_rss_mb")
+
+
+def what_was_built(manifest: dict) -> dict:
+    return {k: v for k, v in manifest.items() if k not in RUN_KEYS}
+
+
 def quiet(*_args) -> None:
     """A `log` that prints nothing."""
 

@@ -85,7 +85,11 @@ def test_manifest_describes_sources(tmp_path, run_dir):
         assert key in src
     assert len(src["files"]) == 200 and src["files_count"] == 206
     assert src["skipped"] == {"empty": 1} and src["documents"] == 205
-    assert manifest["data_config"] == cfg.data.model_dump(mode="json")
+    # The data config minus how the build ran (workers): that is recorded apart, with its cost.
+    assert manifest["data_config"] == {k: v for k, v in cfg.data.model_dump(mode="json").items() if k != "workers"}
+    assert manifest["workers"] == 1 and manifest["workers_peak_rss_mb"] is None
+    # Peak RSS of the build's process, in MB: positive and far below 4 GiB for a tiny build.
+    assert 10 < manifest["peak_rss_mb"] < 4096
     assert json.loads((run_dir / "data" / "manifest.json").read_text()) == manifest
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import resource
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from spud.config import Config
-from spud.data.mix import limit_tokenizer_threads, mix_tokens, sample_texts_for_tokenizer
+from spud.data.mix import mix_tokens, sample_texts_for_tokenizer
 from spud.data.shards import (
     FORMAT_VERSION,
     MANIFEST,
@@ -51,6 +53,15 @@ def _data_identity(data_config: dict) -> dict:
 def _inputs_fingerprint(sources: list[Source]) -> str:
     blob = json.dumps([s.fingerprint() for s in sources], sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def peak_rss_mb() -> tuple[float, float]:
+    """(this process's peak resident memory, the largest of its reaped children's), in MB (2^20
+    bytes). Peaks over the process's life so far, which for `spud data build` is the build."""
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale / 2**20
+    return round(own, 1), round(children, 1)
 
 
 def _reusable(run_dir: Path, cfg: Config, tokenizer: Tokenizer, fingerprint: str) -> dict | None:
@@ -93,7 +104,6 @@ def build_dataset(
     run_dir = Path(run_dir)
     sources = validate_sources(cfg)  # before anything touches run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    limit_tokenizer_threads(cfg.data.workers)
     tokenizer = _load_or_train_tokenizer(cfg, run_dir, log)
     fingerprint = _inputs_fingerprint(sources)
 
@@ -117,8 +127,9 @@ def write_dataset(cfg: Config, run_dir: Path, tokenizer: Tokenizer, sources: lis
     with staged_data_dir(run_dir) as staging:
         shard_set = ShardSet(staging, cfg.data.shard_tokens, tokenizer.vocab_size)
         try:
+            ran: dict = {}
             reports = mix_tokens(cfg, encoder or tokenizer, shard_set, progress=progress, log=log,
-                                 sources=sources)
+                                 sources=sources, ran=ran)
         finally:
             shards = shard_set.close()
         manifest = {
@@ -132,11 +143,17 @@ def write_dataset(cfg: Config, run_dir: Path, tokenizer: Tokenizer, sources: lis
             "shards": shards,
             "sources": reports,
             "warnings": [w for r in reports for w in r["warnings"]],
-            "data_config": cfg.data.model_dump(mode="json"),
+            "data_config": _data_identity(cfg.data.model_dump(mode="json")),
             "seed": cfg.seed,
             "inputs_fingerprint": fingerprint,
+            # How the build ran, not what it made (the only keys that differ between builds of
+            # one config): seconds, worker processes, peak RSS of the build and of one worker.
             "build_seconds": round(time.perf_counter() - t0, 2),
+            "workers": ran["workers"],
         }
+        own, child = peak_rss_mb()
+        manifest["peak_rss_mb"] = own
+        manifest["workers_peak_rss_mb"] = child if ran["workers"] > 1 else None
         write_manifest(staging, manifest)
         samples = {s.name: {"dropped": s.cleaner.examples, "kept": s.cleaner.kept}
                    for s in sources if s.cleaner is not None}

@@ -223,7 +223,14 @@ class QualityFilter:
         self.dropped_bytes: Counter = Counter()
 
     def __call__(self, doc: str) -> tuple[str, str] | None:
-        """None to keep the document, or (rule name, reason) to drop it."""
+        """None to keep the document, or (rule name, reason) to drop it (and count it)."""
+        verdict = self.evaluate(doc)
+        if verdict is not None:
+            self.charge(verdict[0], len(doc.encode("utf-8", "replace")))
+        return verdict
+
+    def evaluate(self, doc: str) -> tuple[str, str] | None:
+        """The verdict alone, counting nothing: what a worker process computes (spud.data.workers)."""
         if not self.rules:
             return None
         words = _WORD.findall(doc)
@@ -231,10 +238,12 @@ class QualityFilter:
         for rule in self.rules:
             reason = rule.check(doc, words, lines)
             if reason is not None:
-                self.dropped[rule.name] += 1
-                self.dropped_bytes[rule.name] += len(doc.encode("utf-8", "replace"))
                 return rule.name, reason
         return None
+
+    def charge(self, rule: str, nbytes: int) -> None:
+        self.dropped[rule] += 1
+        self.dropped_bytes[rule] += nbytes
 
     def stats(self) -> dict:
         return {name: {"documents": self.dropped[name], "bytes": self.dropped_bytes[name]}
@@ -259,15 +268,22 @@ class DocumentFilter:
         if len(bucket) < self.samples:
             bucket.append({"where": where, "detail": detail, "text": text[:2000]})
 
-    def judge(self, text: str, where: str, index: int, first_pass: bool) -> tuple[str, str] | None:
-        """None to keep the `index`-th record of a pass, else (reason, detail) to drop it."""
+    def judge(self, text: str, where: str, index: int, first_pass: bool,
+              prepared=None) -> tuple[str, str] | None:
+        """None to keep the `index`-th record of a pass, else (reason, detail) to drop it.
+        `prepared` (spud.data.workers.Prepared): the verdict and dedup keys, computed by a worker."""
         if not first_pass:
             reason = self._decisions[index] if index < len(self._decisions) else None
             return (reason, "as on the first pass") if reason else None
-        verdict = self.quality(text) if self.quality is not None else None
+        if prepared is None:
+            verdict = self.quality(text) if self.quality is not None else None
+        elif (verdict := prepared.verdict) is not None:
+            self.quality.charge(verdict[0], prepared.nbytes)
         if verdict is not None:
             reason, detail = f"quality:{verdict[0]}", verdict[1]
-        elif self.dedup is not None and (kind := self.dedup.check(text, self.source)):
+        elif self.dedup is not None and (kind := (
+                self.dedup.check(text, self.source) if prepared is None else
+                self.dedup.check_hashed(prepared.content_hash, prepared.signature, prepared.nbytes, self.source))):
             reason, detail = f"duplicate:{kind}", f"{kind} duplicate of an earlier document"
         else:
             self._decisions.append(None)

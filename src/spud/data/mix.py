@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -69,13 +68,6 @@ def _in_val(doc: Document, val_fraction: float) -> bool:
     # A document replayed by `spud data merge` carries the split its part computed from its text.
     known = getattr(doc, "val", None)
     return is_val_document(doc.text, val_fraction) if known is None else known
-
-
-def limit_tokenizer_threads(workers: int) -> None:
-    """data.workers → RAYON_NUM_THREADS. The Rust thread pool reads it once, at its first use, so
-    this must run before any tokenizer work in the process; an explicit env var wins."""
-    if workers > 0:
-        os.environ.setdefault("RAYON_NUM_THREADS", str(workers))
 
 
 # -------------------------------------------------------------------------------- progress bar
@@ -156,10 +148,16 @@ def encoded_documents(
                 break
         if not batch:
             return
-        for doc, ids in zip(batch, tokenizer.encode_batch([d.text for d in batch])):
-            tokens = np.empty(len(ids) + 1, dtype=np.uint32)
-            tokens[0] = bos
-            tokens[1:] = ids
+        # Documents a worker process already encoded (spud.data.workers) carry their tokens.
+        todo = [d.text for d in batch if getattr(d, "tokens", None) is None]
+        encoded = iter(tokenizer.encode_batch(todo) if todo else ())
+        for doc in batch:
+            tokens = getattr(doc, "tokens", None)
+            if tokens is None:
+                ids = next(encoded)
+                tokens = np.empty(len(ids) + 1, dtype=np.uint32)
+                tokens[0] = bos
+                tokens[1:] = ids
             seen_bytes += doc.nbytes
             seen_tokens += len(tokens)
             yield doc, tokens
@@ -208,6 +206,7 @@ def _mix_source(
     bar: _Bar, log: Callable[[str], None],
 ) -> dict:
     tally = _Tally(target)
+    source.budget = lambda: target - tally.taken  # how far worker processes read ahead
     # Train documents of the first pass, kept (if small) so repeats need no re-read/re-encode.
     cache: list[tuple[np.ndarray, float]] | None = []
     cached_tokens = 0
@@ -356,18 +355,38 @@ def _report(source: Source, tally: _Tally) -> dict:
 
 def mix_tokens(
     cfg: Config, tokenizer: Tokenizer, write: WriteTokens, progress: bool = True,
-    log: Callable[[str], None] = print, sources: list[Source] | None = None,
+    log: Callable[[str], None] = print, sources: list[Source] | None = None, ran: dict | None = None,
 ) -> list[dict]:
     """Tokenize every source up to its target, handing tokens to `write(split, tokens)`.
-    Returns one accounting dict per source (the manifest's `sources`)."""
+    Returns one accounting dict per source (the manifest's `sources`); `ran` gets the number of
+    worker processes used (spud.data.workers)."""
+    from spud.data.workers import PreparePool, resolve_workers  # noqa: PLC0415
+
     sources = sources if sources is not None else open_sources(cfg)
     targets = token_targets(cfg.data)
-    limit_tokenizer_threads(cfg.data.workers)
+    cleaning = any(s.cleaner is not None for s in sources)
+    workers = resolve_workers(cfg.data.workers, cleaning, cfg.data.total_tokens)
+    # Only a real tokenizer goes to workers (a merge's replay encoder hands out stored tokens).
+    pool = PreparePool(workers, tokenizer, sources) if workers > 1 and isinstance(tokenizer, Tokenizer) else None
+    if ran is not None:
+        ran["workers"] = workers if pool is not None else 1
     reports = []
-    with _Bar(progress, sum(targets)) as bar:
-        for source, target in zip(sources, targets):
-            bar.describe(source.name)
-            reports.append(_mix_source(source, target, tokenizer, cfg.data, write, bar, log))
+    try:
+        if pool is not None:
+            pool.attach(sources)
+        with _Bar(progress, sum(targets)) as bar:
+            for source, target in zip(sources, targets):
+                bar.describe(source.name)
+                reports.append(_mix_source(source, target, tokenizer, cfg.data, write, bar, log))
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+        raise
+    finally:
+        for s in sources:
+            s.prepare = None
+    if pool is not None:
+        pool.close()
     return reports
 
 

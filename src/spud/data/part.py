@@ -163,7 +163,6 @@ def _identity(cfg: Config) -> dict:
 def build_part(cfg: Config, out: str | Path, shard: str, log: Callable[[str], None] = print) -> dict:
     """Write part i of N of the dataset into `out/part/` (atomically); returns part.json."""
     from spud.data.build import _inputs_fingerprint, _load_or_train_tokenizer  # noqa: PLC0415
-    from spud.data.mix import limit_tokenizer_threads  # noqa: PLC0415
 
     i, n = parse_shard(shard)
     sources = open_sources(cfg)
@@ -174,7 +173,6 @@ def build_part(cfg: Config, out: str | Path, shard: str, log: Callable[[str], No
                         "whole source's documents; remove it or build without --shard")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    limit_tokenizer_threads(cfg.data.workers)
     tokenizer = _load_or_train_tokenizer(cfg, out, log)
     staging = out / "part.tmp"
     shutil.rmtree(staging, ignore_errors=True)

@@ -164,6 +164,16 @@ def file_pieces(f: BinaryIO, max_bytes: int = MAX_DOCUMENT_BYTES) -> Iterator[by
         carry = block[cut:]
 
 
+def encodable_part(part: str) -> tuple[str, int, int]:
+    """(part, its UTF-8 length, replacements): lone surrogates (e.g. from a JSON "\\ud800" escape)
+    cannot be encoded, so they become U+FFFD and are counted."""
+    try:
+        return part, len(part.encode("utf-8")), 0
+    except UnicodeEncodeError:
+        fixed = part.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return fixed, len(fixed.encode("utf-8")), fixed.count("\ufffd") - part.count("\ufffd")
+
+
 def text_pieces(text: str, max_chars: int = MAX_DOCUMENT_BYTES) -> Iterator[str]:
     """`text` in consecutive pieces of at most `max_chars`, cut at line breaks where possible."""
     start = 0

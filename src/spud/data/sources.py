@@ -28,6 +28,7 @@ from spud.data.records import (
     MAX_DOCUMENT_BYTES,
     SourceStats,
     decode_utf8,
+    encodable_part,
     file_pieces,
     nontext_reason,
     record_text,
@@ -50,6 +51,7 @@ class Document(NamedTuple):
     nbytes: int  # UTF-8 length of text
     progress: float  # share of one pass of the source read once this document is in; nan: unknown
     where: str = ""  # file, file:line, ...; the pieces of one long document share it
+    tokens: object = None  # [BOS, ids...] (uint32) when a worker process already encoded it
 
 
 def source_seed(seed: int, name: str) -> int:
@@ -73,6 +75,7 @@ class Source:
         self.infinite = self.generated and not cfg.max_documents
         self._passes = 0
         self.cleaner = None  # spud.data.clean.DocumentFilter, set by open_sources when configured
+        self.prepare = None  # spud.data.workers: reads ahead, rules/hashes/tokens in worker processes
 
     def fingerprint(self) -> list:
         """What the source's content depends on, cheaply (stat, not read): a changed file or
@@ -92,7 +95,11 @@ class Source:
         count = 0
         last_where, dropped, split = None, None, None
         judged = 0  # records judged by the cleaner this pass (its decisions are replayed by index)
-        for text, progress, where in self._read(stats):
+        if self.prepare is not None:
+            records = self.prepare(self._read, stats, self._passes == 1)
+        else:
+            records = ((text, progress, where, None) for text, progress, where in self._read(stats))
+        for text, progress, where, prepared in records:
             piece = where == last_where  # a later piece of the same long (file) document
             last_where = where
             if cap and count >= cap and not piece:
@@ -110,7 +117,7 @@ class Source:
                 dropped = where
                 continue
             if self.cleaner is not None and not piece:
-                verdict = self.cleaner.judge(text, where, judged, self._passes == 1)
+                verdict = self.cleaner.judge(text, where, judged, self._passes == 1, prepared)
                 judged += 1
                 if verdict is not None:
                     stats.skip(verdict[0], where, verdict[1])
@@ -120,18 +127,16 @@ class Source:
             if (piece or len(parts) > 1) and split != where:
                 stats.split_documents += 1
                 split = where
-            for part in parts:
-                try:
-                    nbytes = len(part.encode("utf-8"))
-                except UnicodeEncodeError:  # lone surrogates, e.g. from a JSON "\ud800" escape
-                    fixed = part.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-                    stats.utf8_replacements += fixed.count("\ufffd") - part.count("\ufffd")
-                    part, nbytes = fixed, len(fixed.encode("utf-8"))
+            tokens = prepared.tokens if prepared is not None else None
+            for k, part in enumerate(parts):
+                part, nbytes, replaced = encodable_part(part)
+                if replaced:
+                    stats.utf8_replacements += replaced
                 if not piece:
                     count += 1
                 if cap:
                     progress = count / cap if math.isnan(progress) else max(progress, count / cap)
-                yield Document(part, nbytes, min(progress, 1.0), where)
+                yield Document(part, nbytes, min(progress, 1.0), where, tokens[k] if tokens else None)
                 piece = True
             if cap and count >= cap and self.cfg.type != "text":  # text: its last file's pieces follow
                 return
