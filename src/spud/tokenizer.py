@@ -19,6 +19,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from spud.config import TokenizerConfig
 from spud.errors import SpudError
+from spud.chat_jinja import jinja_template
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -52,11 +53,8 @@ SPLIT_PATTERN = (
 # serving engine decodes a few ids per generated token) skip its extra cost.
 LONG_DECODE = 4096
 
-# Jinja version of `render_chat`, stored in tokenizer_config.json for Hugging Face users.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-)
+# Jinja version of `render_chat` (chat_jinja.py), stored in tokenizer_config.json and GGUF.
+CHAT_TEMPLATE = jinja_template(TOOLS_PREAMBLE, TOOL_CALL_OPEN, TOOL_CALL_CLOSE, TOOL_RESULT_OPEN, TOOL_RESULT_CLOSE)
 
 
 class Tokenizer:

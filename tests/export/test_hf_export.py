@@ -249,3 +249,40 @@ def test_training_only_options_export_and_mtp_heads_are_left_out(run_factory, tm
     x = torch.randint(0, 448, (2, 30))
     with torch.no_grad():
         assert (peer(input_ids=x).logits - src.model(x)).abs().max().item() <= 1e-4
+
+
+def test_chat_template_renders_tool_conversations_exactly(run_factory, tmp_path):
+    """Tools (OpenAI-shaped, as a client sends them), assistant tool calls (arguments as a JSON
+    string or a mapping), tool results and text content parts: transformers' apply_chat_template
+    on the exported template gives render_chat's ids (the server unwraps tools the same way)."""
+    run = run_factory(chat=True)
+    out = tmp_path / "hf"
+    export_hf(run, out, which="chat")
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    spud_tok = load_source(run, "chat").tokenizer
+    calc = {"type": "function", "function": {"name": "calculator", "description": "Évalue une expression",
+                                             "parameters": {"type": "object", "properties": {
+                                                 "expression": {"type": "string"}}, "required": ["expression"]}}}
+    bare = {"type": "function", "function": {"name": "clock"}}
+    call = {"type": "function", "function": {"name": "calculator", "arguments": '{"expression": "12*7"}'}}
+    convs = [
+        [{"role": "user", "content": "What is 12 times 7?"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "12*7?"},
+         {"role": "assistant", "content": None, "tool_calls": [call]},
+         {"role": "tool", "content": "84"}, {"role": "assistant", "content": "It is 84."}],
+        [{"role": "system", "content": ""}, {"role": "user", "content": "time and sum?"},
+         {"role": "assistant", "content": "Let me check.", "tool_calls": [
+             call, {"type": "function", "function": {"name": "clock", "arguments": {}}}]},
+         {"role": "tool", "content": "84"}, {"role": "tool", "content": "12:00"}],
+        [{"role": "user", "content": [{"type": "text", "text": "parts "}, {"type": "text", "text": "joined"}]},
+         {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}],
+    ]
+    for tools in ([calc], [calc, bare], None):
+        for conv in convs:
+            for gen_prompt in (False, True):
+                ids = tok.apply_chat_template(conv, tools=tools, tokenize=True, add_generation_prompt=gen_prompt)
+                if not isinstance(ids, list):
+                    ids = ids["input_ids"]
+                plain = [t["function"] for t in tools] if tools else None
+                want, _ = spud_tok.render_chat(conv, add_generation_prompt=gen_prompt, tools=plain)
+                assert ids == want, (tools, conv)
