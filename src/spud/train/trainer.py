@@ -13,7 +13,6 @@ finite is skipped (no update); `train.max_bad_steps` in a row roll back to the l
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from spud.data.loader import TokenLoader
 from spud.errors import SpudError
 from spud.model.flops import flops_per_token, param_counts
 from spud.model.registry import build_model
-from spud.hardware import peak_flops, raise_cpu_peak
+from spud.hardware import peak_flops
 from spud.runtime import (
     autocast,
     compute_dtype,
@@ -43,7 +42,6 @@ from spud.runtime import (
     set_rng_state,
     set_threads,
 )
-from spud.serve.sampling import generate
 from spud.tokenizer import Tokenizer
 from spud.train import checkpoint as ckpt_io
 from spud.train import distributed, faults, init_from
@@ -51,6 +49,7 @@ from spud.train.faults import graceful_stop
 from spud.train.metrics import MetricsLog, read_metrics, truncate_after
 from spud.train.optim import apply_schedule, build_optimizer, check_resumable
 from spud.train.schedule import lr_at
+from spud.train.trainer_eval import TrainerEval
 from spud.ui import make_console
 
 
@@ -67,7 +66,7 @@ def resolve_vocab(cfg: Config, tok: Tokenizer) -> Config:
     return cfg
 
 
-class Trainer:
+class Trainer(TrainerEval):
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, console: Console | None = None):
         self.run_dir = Path(run_dir)
         self.dist = distributed.detect(cfg.train)
@@ -207,62 +206,7 @@ class Trainer:
             ckpt = init_from.load(self.cfg, model, self.tokenizer)
             self.console.print(f"starting from the weights of {ckpt} (train.init_from)")
 
-    # ---------------------------------------------------------------------------- evaluation
-    @torch.no_grad()
-    def evaluate(self) -> dict | None:
-        """Validation loss (nats/token) and bits per byte on a fixed set of val batches."""
-        if not self.has_val:
-            return None
-        t = self.cfg.train
-        loader = self.make_loader("val")
-        n = max(1, min(t.eval_batches, loader.windows_per_epoch // (t.micro_batch_size * self.world)))
-        self.model.eval()
-        total_loss, total_tokens, total_bytes = 0.0, 0, 0.0
-        for _ in range(n):
-            batch = loader.next_batch()
-            x, y = (v.to(self.device) for v in batch[:2])
-            extra = self.batch_inputs(batch)
-            with autocast(self.device):
-                if self.dist.parallel == "fsdp" or extra:  # through __call__: FSDP gathers the weights
-                    losses = self.model(x, y, return_per_token_loss=True, **extra).float()
-                else:
-                    losses = self.model.per_token_loss(x, y).float()
-            valid = y >= 0  # -1 = no target (e.g. a prompt position in post-training)
-            total_loss += losses.double().sum().item()
-            total_tokens += int(valid.sum())
-            total_bytes += (self.token_bytes[y.clamp(min=0)] * valid).sum().item()
-        self.model.train()
-        total_loss, total_tokens, total_bytes = distributed.all_sum(
-            self.dist, [total_loss, total_tokens, total_bytes], self.device)
-        total_tokens = int(total_tokens)
-        loss = total_loss / total_tokens
-        bpb = total_loss / (math.log(2) * total_bytes) if total_bytes else float("nan")
-        return {"loss": loss, "bpb": bpb, "tokens": total_tokens}
-
-    def sample(self) -> list[dict]:
-        out = []
-        t = self.cfg.train
-        if not self.dist.is_main and self.dist.parallel != "fsdp":  # FSDP: all ranks must forward
-            return out
-        for prompt in t.sample_prompts:
-            ids = self.tokenizer.encode(prompt, add_bos=True)
-            new = list(generate(self.model, ids, t.sample_tokens, temperature=0.8, top_k=50,
-                                seed=self.cfg.seed, stop_ids=[self.tokenizer.bos_id]))
-            out.append({"prompt": prompt, "text": self.tokenizer.decode(new)})
-        return out
-
     # --------------------------------------------------------------------------- checkpoints
-    def _mfu(self, tokens_per_s: float) -> float:
-        """Model FLOP/s per device over the device's peak. tokens_per_s counts every rank's tokens,
-        so it is divided by the world size; on CPU a run faster than the cached peak proves that
-        figure was measured under load, and raises it (hardware.raise_cpu_peak)."""
-        if not self.peak:
-            return float("nan")
-        per_device = tokens_per_s * self.flops_per_token / self.world
-        if per_device > self.peak and self.device.type == "cpu" and not os.environ.get("SPUD_PEAK_FLOPS"):
-            self.peak = raise_cpu_peak(per_device, compute_dtype(self.device))
-        return per_device / self.peak
-
     def _snapshot(self) -> dict:
         """Loader position and RNG as of the end of the last completed step."""
         return {"loader": self.train_loader.state_dict(), "rng": rng_state(), "tokens": self.tokens_seen,
@@ -338,26 +282,6 @@ class Trainer:
             self.bad_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm
-
-    def _aux_metrics(self) -> dict:
-        """The objective's parts this step when it has auxiliary terms (MoE balancing, multi-token
-        prediction; Transformer.train_stats): losses averaged and tokens per expert summed over
-        ranks. {} for a plain model, whose metrics stay as they were."""
-        stats = self.model.train_stats() if hasattr(self.model, "train_stats") else {}
-        if not stats or not self.dist.enabled:
-            return stats
-        keys = sorted(stats)  # the same keys on every rank: one all-reduce, same order
-        flat = [float(x) for k in keys
-                for x in (sum(stats[k], []) if k == "expert_tokens" else [stats[k]])]
-        total, out, i = distributed.all_sum(self.dist, flat, self.device), {}, 0
-        for k in keys:
-            if k == "expert_tokens":
-                e = len(stats[k][0])
-                out[k] = [[round(v) for v in total[i + r * e : i + (r + 1) * e]] for r in range(len(stats[k]))]
-                i += e * len(stats[k])
-            else:
-                out[k], i = total[i] / self.world, i + 1
-        return out
 
     def _rollback(self, log) -> None:
         faults.rollback(self, log)
