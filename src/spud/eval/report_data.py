@@ -14,6 +14,8 @@ import json
 import shutil
 from pathlib import Path
 
+from spud.eval.report_plots import plot_data_mix
+
 MIX_DIR = "mix"  # RUN/mix/: where the report looks for `spud mix search` outputs
 
 
@@ -27,7 +29,7 @@ def _mb(v) -> str:
 
 def data_section(run: Path, manifest: dict | None, out: Path) -> list[str]:
     """Markdown lines of the "Data" section; `out` is RUN/report/ (plots are written there)."""
-    from spud.eval.report import _fmt, _img, _table, plot_data_mix  # noqa: PLC0415 - no cycle at import
+    from spud.eval.report import _fmt, _img, _table  # noqa: PLC0415 - no cycle at import
 
     md = ["## Data mix", ""]
     if not manifest:
