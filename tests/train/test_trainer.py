@@ -142,3 +142,22 @@ def test_cpu_peak_measured_under_load_is_raised_so_mfu_stays_at_most_one(tiny_cf
     assert len(mfus) == 12 and all(0 < m <= 1.0 for m in mfus), mfus
     raised = json.loads((tmp_path / "cache" / "peak_flops.json").read_text())[key]
     assert raised > 1e6  # at least the model FLOP/s the run really did, not the 1 kFLOP/s cached
+
+
+def test_sigterm_twice_still_saves_a_checkpoint(fresh_run):
+    """`timeout` signals the child and then its process group, so a run gets SIGTERM twice: it must
+    still stop at a step boundary with a checkpoint (a second Ctrl-C, by contrast, aborts)."""
+    args = ["tiny", "data.total_tokens=60000", "tokenizer.vocab_size=400", "tokenizer.train_bytes=200000",
+            "model.max_seq_len=32", "train.micro_batch_size=4", "train.max_steps=500",
+            "train.checkpoint_every=1000", "train.eval_every=1000", "train.eval_batches=1"]
+    proc = subprocess.Popen(_spud("train", *args, "--out", str(fresh_run)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(losses(fresh_run)) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    (ckpt,) = list_checkpoints(fresh_run)
+    assert 3 <= json.loads((ckpt / "state.json").read_text())["step"] < 500

@@ -1,7 +1,10 @@
 """Fault handling: Ctrl-C/SIGTERM between steps, non-finite steps and rollback.
 
 - graceful_stop(): the first SIGINT/SIGTERM sets a flag that the training loop checks between
-  steps (it then saves a checkpoint and exits 130); a second one aborts at once.
+  steps (it then saves a checkpoint and exits 130). A second Ctrl-C (SIGINT) aborts at once: a
+  person asking twice. A repeated SIGTERM does not: supervisors repeat it (`timeout` signals the
+  child and then its process group; Slurm and Kubernetes send SIGTERM, then SIGKILL after their
+  grace period), and aborting would lose the checkpoint the first one asked for.
 - A step whose global loss or gradient norm is not finite is skipped by the trainer (no optimizer
   update) and logged as {"kind": "event", "event": "nonfinite"}; after train.max_bad_steps such
   steps in a row, rollback() reloads the newest checkpoint (event "rollback").
@@ -23,11 +26,11 @@ from spud.train import checkpoint as ckpt_io
 
 @contextmanager
 def graceful_stop():
-    """Yields a dict whose 'stop' turns True on the first SIGINT/SIGTERM."""
+    """Yields a dict whose 'stop' turns True on the first SIGINT/SIGTERM (module doc)."""
     flag = {"stop": False}
 
     def handler(signum, frame):
-        if flag["stop"]:
+        if flag["stop"] and signum == signal.SIGINT:
             raise KeyboardInterrupt
         flag["stop"] = True
 
