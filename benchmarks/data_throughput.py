@@ -24,12 +24,18 @@ it needs), 128 permutations each, alternating rounds. rensa's `update` only buff
 is computed at the first `digest()`/`jaccard()`, so the timer includes a `digest()` call (timing
 `update` alone overstates rensa ~10×).
 
+`--workers 1,2` times whole `spud data build`s (build_dataset: sources, mix, shards, manifest) of
+the same corpus with each worker count (data.workers; 1 = one process), cleaning off and with
+rules + exact + near dedup on, alternating rounds; the budget is ~one pass of what survives, and
+the worker processes' start-up is inside the timer.
+
 `--rss-gb G` (not for CI) generates a G-GB corpus on disk, runs `spud data build` on it in a
 child process and reports the child's peak RSS (getrusage), to show memory does not grow with
 the corpus.
 
     python benchmarks/data_throughput.py --mb 8 --rounds 3 --minhash
     python benchmarks/data_throughput.py --rss-gb 2 --no-throughput
+    python benchmarks/data_throughput.py --mb 8 --rounds 3 --workers 1,2 --no-throughput
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--minhash-docs", type=int, default=2000)
     p.add_argument("--rss-gb", type=float, default=0.0, help="peak RSS of a build of a corpus this big")
     p.add_argument("--no-throughput", action="store_true")
+    p.add_argument("--workers", default="", help="comma-separated data.workers values to compare, e.g. 1,2")
     p.add_argument("--out", default="benchmarks/results/data_throughput.json")
     return p.parse_args(argv)
 
@@ -202,6 +209,57 @@ def throughput(args, work: Path) -> dict:
     return {"corpus_bytes": text_bytes, "documents": len(texts), "stages": rows}
 
 
+def workers_compare(args, work: Path) -> dict:
+    """Whole builds with each data.workers value, cleaning off and all on, alternating rounds."""
+    import shutil
+
+    from spud.data.build import build_dataset
+    from spud.tokenizer import train_tokenizer
+
+    counts = [int(w) for w in args.workers.split(",")]
+    corpus = work / "corpus_w.jsonl"
+    write_corpus(corpus, int(args.mb * 1e6), seed=3)
+    texts = [json.loads(line)["text"] for line in corpus.open(encoding="utf-8")]
+    text_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    tok_file = work / "tokenizer_w.json"
+    train_tokenizer(iter(texts[:2000]), make_cfg(corpus, "off").tokenizer).save(tok_file)
+    from spud.tokenizer import Tokenizer
+
+    budgets = {}
+    for stage in ("off", "near"):  # ~one pass of what survives the stage, read once, untimed
+        out = work / f"pass_{stage}"
+        out.mkdir()
+        _, tokens = run_pipeline(make_cfg(corpus, stage), Tokenizer.load(tok_file), out)
+        budgets[stage] = int(tokens * 0.98)
+    times = {(stage, w): [] for stage in budgets for w in counts}
+    rss = {}
+    for r in range(args.rounds):
+        for stage in budgets:
+            for w in (counts if r % 2 == 0 else counts[::-1]):
+                run = work / f"build_{stage}_{w}_{r}"
+                run.mkdir()
+                shutil.copy(tok_file, run / "tokenizer.json")
+                cfg = make_cfg(corpus, stage, budgets[stage])
+                cfg.data.workers = w
+                t0 = time.perf_counter()
+                m = build_dataset(cfg, run, progress=False, log=lambda *_: None)
+                times[(stage, w)].append(time.perf_counter() - t0)
+                rss[(stage, w)] = (m["peak_rss_mb"], m["workers_peak_rss_mb"])
+                shutil.rmtree(run)
+                print(f"round {r + 1} build {stage:4s} workers={w} {times[(stage, w)][-1]:.2f}s", flush=True)
+    rows = {}
+    print(f"\n{'build':6s} {'workers':>7s} {'MB/s':>7s} {'speed-up':>8s}")
+    for (stage, w), t in times.items():
+        med = statistics.median(t)
+        rows[f"{stage}_w{w}"] = {"seconds_median": round(med, 3), "seconds": [round(x, 3) for x in t],
+                                 "input_mb_per_s": round(text_bytes / med / 1e6, 2),
+                                 "speedup_over_first": round(statistics.median(times[(stage, counts[0])]) / med, 3),
+                                 "peak_rss_mb": rss[(stage, w)][0], "worker_peak_rss_mb": rss[(stage, w)][1]}
+        row = rows[f"{stage}_w{w}"]
+        print(f"{stage:6s} {w:7d} {row['input_mb_per_s']:7.2f} {row['speedup_over_first']:8.2f}x")
+    return {"corpus_bytes": text_bytes, "budgets": budgets, "rows": rows}
+
+
 def minhash(args) -> dict:
     from datasketch import MinHash
     from rensa import RMinHash
@@ -275,6 +333,8 @@ def main(argv=None) -> int:
         work = Path(tmp)
         if not args.no_throughput:
             result["throughput"] = throughput(args, work)
+        if args.workers:
+            result["workers"] = workers_compare(args, work)
         if args.minhash:
             result["minhash"] = minhash(args)
         if args.rss_gb:

@@ -33,10 +33,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-from rich.text import Text
 
 from spud.config import Config, DataConfig
+from spud.data.progress import TokenBar
 from spud.data.sources import MAX_DOCUMENT_BYTES, Document, Source, open_sources
 from spud.errors import SpudError
 from spud.tokenizer import Tokenizer
@@ -48,7 +47,6 @@ MIN_BATCH_BYTES = 16 << 10
 MAX_BATCH_BYTES = 2 << 20  # big enough to keep all cores busy, small enough to cut precisely
 MAX_BATCH_DOCS = 4096
 REPEAT_CACHE_TOKENS = 16_000_000  # a repeated source up to this size is replayed from memory
-PROGRESS_EVERY_TOKENS = 1 << 16
 DOMINANT_SHARE = 0.5  # one document above this share of its source's tokens → a warning
 
 
@@ -68,62 +66,6 @@ def _in_val(doc: Document, val_fraction: float) -> bool:
     # A document replayed by `spud data merge` carries the split its part computed from its text.
     known = getattr(doc, "val", None)
     return is_val_document(doc.text, val_fraction) if known is None else known
-
-
-# -------------------------------------------------------------------------------- progress bar
-def _si(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:.0f}"
-
-
-class _TokensColumn(ProgressColumn):
-    def render(self, task) -> Text:
-        return Text(f"{_si(task.completed)}/{_si(task.total or 0)} tokens")
-
-
-class _RateColumn(ProgressColumn):
-    def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{_si(speed)} tok/s" if speed else "- tok/s")
-
-
-class _Bar:
-    """A rich progress bar, or nothing when disabled (tests, logs redirected to files)."""
-
-    def __init__(self, enabled: bool, total: int):
-        self._progress = None
-        self._pending = 0
-        if enabled:
-            columns = [TextColumn("[bold]{task.description:<14}"), BarColumn(), _TokensColumn(),
-                       _RateColumn(), TimeRemainingColumn()]
-            self._progress = Progress(*columns)
-            self._task = self._progress.add_task("tokenizing", total=total)
-
-    def __enter__(self) -> _Bar:
-        if self._progress:
-            self._progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.flush()
-        if self._progress:
-            self._progress.stop()
-
-    def describe(self, name: str) -> None:
-        if self._progress:
-            self._progress.update(self._task, description=name)
-
-    def advance(self, tokens: int) -> None:
-        self._pending += tokens  # batched: one rich update per 64k tokens, not per document
-        if self._pending >= PROGRESS_EVERY_TOKENS:
-            self.flush()
-
-    def flush(self) -> None:
-        if self._progress and self._pending:
-            self._progress.advance(self._task, self._pending)
-        self._pending = 0
 
 
 # ------------------------------------------------------------------------------------ encoding
@@ -203,7 +145,7 @@ def _close(docs: Iterator[Document] | None) -> None:
 
 def _mix_source(
     source: Source, target: int, tokenizer: Tokenizer, data: DataConfig, write: WriteTokens,
-    bar: _Bar, log: Callable[[str], None],
+    bar: TokenBar, log: Callable[[str], None],
 ) -> dict:
     tally = _Tally(target)
     source.budget = lambda: target - tally.taken  # how far worker processes read ahead
@@ -374,7 +316,7 @@ def mix_tokens(
     try:
         if pool is not None:
             pool.attach(sources)
-        with _Bar(progress, sum(targets)) as bar:
+        with TokenBar(progress, sum(targets)) as bar:
             for source, target in zip(sources, targets):
                 bar.describe(source.name)
                 reports.append(_mix_source(source, target, tokenizer, cfg.data, write, bar, log))

@@ -210,6 +210,8 @@ class PreparePool:
             replay_stats(events, stats)  # counted after the last record (e.g. trailing blank lines)
         finally:
             it.close()
+            for _, job, _ in pending:  # cut at the budget: chunks no one will read
+                job.cancel()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)  # reaped: their peak RSS is now in RUSAGE_CHILDREN
