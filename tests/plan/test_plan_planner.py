@@ -70,3 +70,37 @@ def test_plan_cmd_json_and_data_warning(tmp_path):
     assert data["train"]["config"]["d_model"] == res["train"]["config"]["d_model"]
     assert any("Muennighoff" in w for w in res["warnings"])
     assert res["overtrain"]["best"]["N"] <= res["train"]["N_star"] * (1 + 1e-9)
+
+
+def test_vision_stages_cost_counted_from_the_model(tmp_path, capsys):
+    """--vision-images adds the tower's training FLOPs and the LM's FLOPs on each image's positions
+    (both from spud.model.flops, the counts FlopCounterMode checks), and the tower's memory."""
+    from spud.cli import main
+    from spud.config import ModelConfig
+    from spud.config_sections import VisionConfig
+    from spud.model.flops import flops_per_token, image_flops
+    from spud.model.memory import training_memory
+
+    vision = tmp_path / "vision.yaml"
+    vision.write_text("model:\n  vision:\n    image_size: 64\n    patch_size: 8\n    vit_dim: 96\n    vit_heads: 4\n")
+    text = plan(budget=1e20, gpus=1)
+    res = plan(budget=1e20, gpus=1, vision_images=2e6, vision_config=str(vision), vision_text_tokens=40)
+    assert res["train"] == text["train"]  # the language model's plan is unchanged
+    v = res["vision"]
+    lm = choose_config(text["train"]["N_star"], 32768, 2048, CHINCHILLA.n_counts)[1]
+    vlm = ModelConfig.model_validate({**lm.model_dump(), "vocab_size": 32769,
+                                      "vision": VisionConfig(image_size=64, patch_size=8, vit_dim=96).model_dump()})
+    assert v["tokens_per_image"] == 16  # (64 / 8 / 2)²
+    per_image = image_flops(vlm)["training"] + (16 + 40) * flops_per_token(vlm, 56)["training"]
+    assert v["flops"] == pytest.approx(2e6 * per_image, rel=1e-12)
+    p = text["train"]["parallelism"]
+    mem = training_memory(vlm, p["micro_batch"], 2048, "bf16", p["fsdp"], p["checkpointing"],
+                          images=p["micro_batch"], optimizer="muon")
+    assert v["memory"]["total"] == pytest.approx(mem.total) and mem.total > p["memory"]["total"]
+    assert main(["plan", "--budget", "1e20", "--vision-images", "1e6"]) == 0
+    assert "vision stages" in capsys.readouterr().out
+    for argv, message in ((["--vision-images", "0"], "--vision-images must be > 0"),
+                          (["--vision-images", "1e6", "--vision-config", str(tmp_path / "none.yaml")],
+                           "none.yaml: cannot read")):
+        assert main(["plan", "--budget", "1e20", *argv]) == 2
+        assert message in capsys.readouterr().err

@@ -30,6 +30,7 @@ from spud.plan.allocate import (
 from spud.plan.fit import CHINCHILLA, ScalingLaw, predict_interval
 from spud.model.memory import suggest_parallelism
 from spud.plan.profiles import HardwareProfile, get_profile
+from spud.plan.vision_plan import DEFAULT_TEXT_TOKENS, load_vision_config, vision_stage
 
 DEFAULT_OPTIMIZER = TrainConfig.model_fields["optimizer"].default
 OPTIMIZER_NAME = {"muon": "Muon+AdamW", "adamw": "AdamW"}[DEFAULT_OPTIMIZER]
@@ -165,9 +166,11 @@ def plan(
     unique_tokens: float | None = None, serve_requests_per_day: float | None = None,
     serve_prompt_tokens: int = 512, serve_completion_tokens: int = 256, serve_latency_ms: float | None = None,
     horizon_days: float | None = None, hardware: str | None = None, seq_len: int = 2048,
-    vocab_size: int = 32768, precision: str = "bf16",
+    vocab_size: int = 32768, precision: str = "bf16", vision_images: float | None = None,
+    vision_config: str | None = None, vision_text_tokens: int = DEFAULT_TEXT_TOKENS,
 ) -> dict:
     """The whole plan as a JSON-ready dict (see module doc); plan_cmd prints it."""
+    vision = load_vision_config(vision_config) if vision_images is not None else None
     scaling = _load_law(law)
     hw = get_profile(gpu or "H100", hardware)
     bud = compute_budget(budget, hw, gpus, days, dollars, mfu, precision)
@@ -209,6 +212,14 @@ def plan(
         if demand:
             serving = serving_estimate(train["_cfg"], hw, serve_requests_per_day, serve_prompt_tokens,
                                        serve_completion_tokens, serve_latency_ms, bud.mfu, precision)
+    if vision is not None:  # what adding an image path to the planned model costs (vision_plan.py)
+        result["vision"] = vision_stage(
+            train["_cfg"], vision, vision_images, train["parallelism"], seq_len, train["devices"],
+            bud.effective_flops_per_s, hw.price_per_hour, hw.memory_bytes, precision, DEFAULT_OPTIMIZER,
+            vision_text_tokens)
+        if not result["vision"]["fits"]:
+            warnings.append("the vision stages do not fit the training plan's layout "
+                            f"({result['vision']['memory']['total'] / 1e9:.1f} GB per device)")
     train.pop("_cfg")  # the ModelConfig object itself is not JSON; its fields are in "config"
     result["train"] = train
     if serving is not None:
@@ -248,7 +259,8 @@ def plan_cmd(
     unique_tokens: float | None = None, serve_requests_per_day: float | None = None,
     serve_prompt_tokens: int = 512, serve_completion_tokens: int = 256, serve_latency_ms: float | None = None,
     horizon_days: float | None = None, hardware: str | None = None, json: str | None = None,
-    seq_len: int = 2048, vocab_size: int = 32768, precision: str = "bf16",
+    seq_len: int = 2048, vocab_size: int = 32768, precision: str = "bf16", vision_images: float | None = None,
+    vision_config: str | None = None, vision_text_tokens: int = DEFAULT_TEXT_TOKENS,
 ) -> dict:
     """`spud plan ...`: print the plan as rich tables; write it as JSON when --json PATH is given."""
     from rich.table import Table
@@ -257,7 +269,7 @@ def plan_cmd(
 
     res = plan(budget, gpu, gpus, days, dollars, law, mfu, unique_tokens, serve_requests_per_day,
                serve_prompt_tokens, serve_completion_tokens, serve_latency_ms, horizon_days, hardware,
-               seq_len, vocab_size, precision)
+               seq_len, vocab_size, precision, vision_images, vision_config, vision_text_tokens)
     console = make_console()
     tr, hw, lw = res["train"], res["hardware"], res["law"]
     t = Table(title=f"training plan · {hw['name']} · MFU {res['mfu']:.0%} · {res['precision']}", show_header=False)
@@ -287,6 +299,12 @@ def plan_cmd(
               f"activations {mem['activations'] / 1e9:.1f})")
     t.add_row("parallelism", f"{p['strategy']}" + (f" degree {p['fsdp']}" if p["strategy"] == "FSDP" else "")
               + f" · {p['note']}")
+    if "vision" in res:
+        v, vm = res["vision"], res["vision"]["memory"]
+        t.add_row("vision stages", f"{v['images']:.3g} images × {v['tokens_per_image']} image + {v['text_tokens']} text "
+                                   f"tokens: {v['flops']:.3g} FLOPs ({v['flops'] / tr['train_flops_exact']:.1%} of "
+                                   f"pretraining), {_fmt_days(v['wall_clock_days'])}, ${v['cost_usd']:,.0f}; tower "
+                                   f"{v['vision_params']:,} params; {vm['total'] / 1e9:.1f} GB / device")
     console.print(t)
     if "serving" in res:
         sv = res["serving"]
