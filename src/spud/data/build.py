@@ -55,13 +55,11 @@ def _inputs_fingerprint(sources: list[Source]) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def peak_rss_mb() -> tuple[float, float]:
-    """(this process's peak resident memory, the largest of its reaped children's), in MB (2^20
-    bytes). Peaks over the process's life so far, which for `spud data build` is the build."""
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB (2^20 bytes), over its life so far: for `spud
+    data build` that is the build. (Worker processes report their own: spud.data.workers.)"""
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale / 2**20
-    return round(own, 1), round(children, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1)
 
 
 def _reusable(run_dir: Path, cfg: Config, tokenizer: Tokenizer, fingerprint: str) -> dict | None:
@@ -151,9 +149,8 @@ def write_dataset(cfg: Config, run_dir: Path, tokenizer: Tokenizer, sources: lis
             "build_seconds": round(time.perf_counter() - t0, 2),
             "workers": ran["workers"],
         }
-        own, child = peak_rss_mb()
-        manifest["peak_rss_mb"] = own
-        manifest["workers_peak_rss_mb"] = child if ran["workers"] > 1 else None
+        manifest["peak_rss_mb"] = peak_rss_mb()
+        manifest["workers_peak_rss_mb"] = ran.get("workers_peak_rss_mb")
         write_manifest(staging, manifest)
         samples = {s.name: {"dropped": s.cleaner.examples, "kept": s.cleaner.kept}
                    for s in sources if s.cleaner is not None}

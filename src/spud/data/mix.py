@@ -329,6 +329,8 @@ def mix_tokens(
             s.prepare = None
     if pool is not None:
         pool.close()
+        if ran is not None:
+            ran["workers_peak_rss_mb"] = round(pool.peak_rss_mb, 1)
     return reports
 
 

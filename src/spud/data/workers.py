@@ -78,7 +78,22 @@ def _init(tokenizer_json: str, qualities: list, dedup) -> None:
     _STATE.update(tokenizer=Tokenizer(HFTokenizer.from_str(tokenizer_json)), qualities=qualities, dedup=dedup)
 
 
-def _prepare_chunk(source: int, first_pass: bool, items: list[tuple[str, bool]]) -> list[Prepared]:
+def own_peak_rss_mb() -> float:
+    """This process's peak RSS since it started its program, in MB. Linux's VmHWM, not getrusage:
+    ru_maxrss survives exec, so a spawned worker would report the parent's size at the fork."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource  # noqa: PLC0415 - elsewhere (macOS: bytes) the getrusage figure
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _prepare_chunk(source: int, first_pass: bool, items: list[tuple[str, bool]]) -> tuple[list, float]:
     """items: (record text, judged) — judged is False for the later pieces of one long file,
     which Source.documents never judges. Mirrors Source.documents' per-record work."""
     from spud.data.dedup import content_hash  # noqa: PLC0415
@@ -107,7 +122,7 @@ def _prepare_chunk(source: int, first_pass: bool, items: list[tuple[str, bool]])
         tokens[0] = bos
         tokens[1:] = ids
         out[owner].tokens.append(tokens)
-    return out
+    return out, own_peak_rss_mb()
 
 
 # -------------------------------------------------------------------------- in the build itself
@@ -131,6 +146,7 @@ class PreparePool:
 
             shipped = Deduplicator(dedup.cfg)
         self.workers = workers
+        self.peak_rss_mb = 0.0  # the largest worker's, as last reported with a chunk
         self._pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init,
                                          initargs=(tokenizer.backend.to_str(), qualities, shipped))
 
@@ -195,7 +211,8 @@ class PreparePool:
                     if not pending:
                         break
                     chunk, job, _ = pending.popleft()
-                    results = job.result()
+                    results, peak = job.result()
+                    self.peak_rss_mb = max(self.peak_rss_mb, peak)
                 except BrokenProcessPool:
                     raise SpudError(
                         "data build: a worker process died (out of memory? or a script that calls the "
