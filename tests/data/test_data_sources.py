@@ -10,7 +10,6 @@ import pyarrow.parquet as pq
 import pytest
 from data_helpers import make_cfg, read_source, write_jsonl
 
-from spud.data import sources as sources_mod
 from spud.data.sources import open_sources
 from spud.errors import SpudError
 
@@ -130,7 +129,7 @@ def test_parquet_reads_column_in_batches_and_counts_nulls(tmp_path, monkeypatch)
             yield batch
 
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
-    monkeypatch.setattr(sources_mod, "PARQUET_BATCH_ROWS", 16)
+    monkeypatch.setattr("spud.data.source_readers.PARQUET_BATCH_ROWS", 16)
     docs, stats = read_source({"name": "p", "type": "parquet", "path": str(tmp_path)})
     assert docs == [v for v in values if v is not None]
     assert max(seen_batches) <= 16 and len(seen_batches) > 1
