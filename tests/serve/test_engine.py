@@ -85,6 +85,43 @@ def test_slot_decoding_equals_full_forward(tok, kw):
             torch.testing.assert_close(torch.cat(g), model(s[None])[0], atol=3e-5, rtol=0)
 
 
+def test_slot_qk_norm_is_bit_identical_and_follows_weight_updates(tok, monkeypatch):
+    """Decoding normalises q and k heads in one call with a cached stacked gain (layers.py
+    Attention._qk_normed): the values must be exactly those of two separate RMSNorms, also
+    after the norm weights change in place (a loaded checkpoint) or are replaced."""
+    from spud.model.layers import Attention
+
+    model = make_model(tok, qk_norm=True, n_kv_heads=1)
+
+    def reference(self, qk):
+        h = self.n_heads
+        return torch.cat((self.q_norm(qk[:, :, :h]), self.k_norm(qk[:, :, h:])), dim=2)
+
+    def decode(model):
+        torch.manual_seed(5)
+        out, cache = [], model.new_slot_cache(4, 32)
+        out.append(model.forward_slots(torch.randint(0, 300, (3, 5)), cache, [0, 2, 3], [0, 0, 0]))
+        for j, t in enumerate((1, 1, 2, 1)):
+            out.append(model.forward_slots(torch.randint(0, 300, (2, t)), cache, [2, 0], [5 + j] * 2))
+        return out
+
+    with torch.inference_mode():
+        fast = decode(model)
+        for step in range(2):
+            with monkeypatch.context() as m:
+                m.setattr(Attention, "_qk_normed", reference)
+                ref = decode(model)
+            assert all(torch.equal(a, b) for a, b in zip(fast, ref))
+            # new norm weights: in place (version bump), then a replaced tensor (new storage)
+            attn = model.blocks[0].attn
+            if step == 0:
+                attn.q_norm.weight.mul_(1.5)
+            else:
+                attn.k_norm.weight = torch.nn.Parameter(attn.k_norm.weight * 0.5)
+            fast = decode(model)
+            assert not torch.equal(fast[0], ref[0])
+
+
 # ---------------------------------------------------------------------------- batching
 def test_greedy_alone_equals_batched_with_32(engine, tok):
     ps = prompts(tok, 32)

@@ -105,6 +105,7 @@ class SlotKVCache:
         self.max_len = max_len
         self.device = torch.device(device) if device is not None else self.k[0].device
         self._bound: tuple[int, int] | None = None
+        self._slots_key: tuple[int, ...] | None = None  # see bind
 
     def bind(self, slots: list[int], starts: list[int], t: int) -> None:
         """Prepare a forward of T new tokens for each slot, written at starts[i] .. +T-1."""
@@ -119,7 +120,8 @@ class SlotKVCache:
             )
         dev = self.device
         start = torch.tensor(starts, device=dev)
-        self.positions = start[:, None] + torch.arange(t, device=dev)  # (B, T)
+        # (B, T); a decode step (T = 1) needs no arange: the starts are the positions
+        self.positions = start[:, None] if t == 1 else start[:, None] + torch.arange(t, device=dev)
         if t == 1 and min(starts) == kv_len - 1:
             # One new token per row and every row as long as the longest: each query sees all
             # kv_len keys, so the mask would be all True. None lets SDPA skip reading it.
@@ -129,12 +131,19 @@ class SlotKVCache:
         self.rotary_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # see rotary_at
         self._window_masks: dict[int, torch.Tensor | None] = {}  # see mask_for
         self.kv_len = kv_len
-        s0 = slots[0]
-        # Consecutive slots (the common case: the engine hands out the lowest free slot) are
-        # read as a strided view; anything else is gathered, copying only [0, kv_len).
-        self.slice = slice(s0, s0 + len(slots)) if slots == list(range(s0, s0 + len(slots))) else None
-        self.slot_idx = torch.tensor(slots, device=dev)
-        self.flat_idx = (self.slot_idx[:, None] * self.max_len + self.positions).view(-1)
+        key = tuple(slots)
+        if self._slots_key != key:
+            # Consecutive decode steps keep the same slots while no request joins or leaves,
+            # so what depends on the slots alone is built once per batch membership.
+            s0 = slots[0]
+            # Consecutive slots (the common case: the engine hands out the lowest free slot)
+            # are read as a strided view; anything else is gathered, copying only [0, kv_len).
+            self._slots_key = key
+            self._slice = slice(s0, s0 + len(slots)) if key == tuple(range(s0, s0 + len(slots))) else None
+            self._slot_idx = torch.tensor(slots, device=dev)
+            self._slot_base = self._slot_idx[:, None] * self.max_len  # (B, 1): row offsets
+        self.slice, self.slot_idx = self._slice, self._slot_idx
+        self.flat_idx = (self._slot_base + self.positions).view(-1)
         self._bound = (len(slots), t)
 
     def mask_for(self, window: int | None) -> torch.Tensor | None:

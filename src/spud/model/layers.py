@@ -214,6 +214,33 @@ class Attention(nn.Module):
         # copies only when a backend returns another layout.
         return self.proj(y.transpose(1, 2).reshape(b, t, h * hd))
 
+    def _qk_normed(self, qk: torch.Tensor) -> torch.Tensor:
+        """q_norm on the query heads and k_norm on the key heads of qk (B, T, h + hkv, hd).
+
+        Decoding is a few-microsecond op per kernel at serving sizes, so one normalisation over
+        all heads times a per-head gain (the two weights stacked, cached while they are
+        unchanged) replaces two rms_norm calls: torch's rms_norm computes x·rsqrt(mean(x²)+eps)
+        and then multiplies by the weight, so the values are bit-identical (tested). With
+        autograd on (nobody serves that way) the plain two calls keep the weights' gradients."""
+        h = self.n_heads
+        qw, kw = self.q_norm.weight, self.k_norm.weight
+        if (torch.is_grad_enabled() and (qw.requires_grad or kw.requires_grad)) or (
+                self.q_norm.eps != self.k_norm.eps):
+            return torch.cat((self.q_norm(qk[:, :, :h]), self.k_norm(qk[:, :, h:])), dim=2)
+        if qw.is_inference() or kw.is_inference():
+            # weights made under inference_mode keep no version counter: no safe cache key
+            gain = torch.cat((qw.expand(h, -1), kw.expand(self.n_kv_heads, -1)))
+        else:
+            # parameter versions move on every in-place update (optimizer step,
+            # load_state_dict), data pointers on .to(); either one rebuilds the stacked gain
+            key = (qw._version, kw._version, qw.data_ptr(), kw.data_ptr(), qw.dtype)
+            cached = self.__dict__.get("_qk_gain")
+            if cached is None or cached[0] != key:
+                stacked = torch.cat((qw.detach().expand(h, -1), kw.detach().expand(self.n_kv_heads, -1)))
+                self.__dict__["_qk_gain"] = cached = (key, stacked)
+            gain = cached[1]
+        return F.rms_norm(qk, (self.head_dim,), None, self.q_norm.eps) * gain
+
     def _forward_slots(
         self, x: torch.Tensor, rotary: Rotary, cache: SlotKVCache, layer: int,
         value_embed: torch.Tensor | None,
@@ -224,13 +251,12 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         h, hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.qkv(x).view(b, t, h + 2 * hkv, hd)
-        # cache.rotary_at = rotary.at(·, cache.positions), tables gathered once per forward
+        qk, v = qkv.split((h + hkv, hkv), dim=2)
         if self.q_norm is not None:
-            q, k, v = qkv.split((h, hkv, hkv), dim=2)
-            q, k = cache.rotary_at(rotary, self.q_norm(q)), cache.rotary_at(rotary, self.k_norm(k))
-        else:
-            qk, v = qkv.split((h + hkv, hkv), dim=2)
-            q, k = cache.rotary_at(rotary, qk).split((h, hkv), dim=2)
+            qk = self._qk_normed(qk)
+        # q and k rotated together (cache.rotary_at = rotary.at(·, cache.positions), its tables
+        # gathered once per forward): the same arithmetic per element as rotating each apart
+        q, k = cache.rotary_at(rotary, qk).split((h, hkv), dim=2)
         if value_embed is not None:
             v = v + value_embed.view(b, t, hkv, hd).to(v.dtype)
         k, v = cache.update(layer, k, v)  # takes (B, T, Hkv, hd), returns (B, Hkv, L, hd)

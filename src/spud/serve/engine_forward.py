@@ -50,7 +50,8 @@ class ForwardSteps:
         rows = sorted(self._running, key=lambda s: s.slot)
         try:
             with self._model_lock:
-                x = torch.tensor([[s.last] for s in rows], device=self.device)
+                # a flat list converts several times faster than a nested one; then (B, 1)
+                x = torch.tensor([s.last for s in rows], device=self.device).view(-1, 1)
                 h = self.model.forward_slots(
                     x, self._cache, [s.slot for s in rows], [s.length for s in rows])
                 logits = self.model.logits(h[:, -1]).float()
