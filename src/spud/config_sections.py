@@ -112,6 +112,9 @@ class SFTConfig(StrictModel):
     val_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of conversations held out (by hash).")
     max_bad_fraction: float = Field(0.05, ge=0, le=1, description="Error out above this share of bad lines.")
     builtin_conversations: int = Field(20000, gt=0, description="Conversations generated for 'builtin'.")
+    tool_share: float = Field(
+        0.1, ge=0, le=1, description="Share of the 'builtin' conversations that offer the calculator tool "
+        "(3 in 4 of them call it); the rest is the plain chat data. 0 = no tool data.")
     eval_every: int = Field(50, gt=0)
     eval_batches: int = Field(8, gt=0)
     checkpoint_every: int = Field(100, gt=0)

@@ -191,6 +191,7 @@ def _run_config(run_dir: Path) -> dict:
 def sft_conversations(run_dir: Path) -> Iterator[tuple[str, str]]:
     """(where, text) per conversation of a chat run's SFT data, as `spud sft` read it."""
     from spud.posttrain import builtin_chat
+    from spud.posttrain.builtin_tools import record_text
     from spud.posttrain.chat_data import parse_data_spec
 
     cfg = _run_config(run_dir)
@@ -199,8 +200,9 @@ def sft_conversations(run_dir: Path) -> Iterator[tuple[str, str]]:
         path, _ = parse_data_spec(spec)
         if path == "builtin":
             n = int(sft.get("builtin_conversations", 20000))
-            for i, conv in enumerate(builtin_chat.conversations(n, int(cfg.get("seed", 0)))):
-                yield f"sft builtin:{i + 1}", "\n".join(m["content"] for m in conv)
+            share = float(sft.get("tool_share", 0.0))  # runs from before tool data had none
+            for i, rec in enumerate(builtin_chat.records(n, int(cfg.get("seed", 0)), share)):
+                yield f"sft builtin:{i + 1}", record_text(rec["messages"])
             continue
         p = Path(path)
         if not p.is_file():
@@ -210,8 +212,8 @@ def sft_conversations(run_dir: Path) -> Iterator[tuple[str, str]]:
             for lineno, line in enumerate(fh, 1):
                 try:
                     msgs = json.loads(line).get("messages") or []
-                    text = "\n".join(str(m.get("content", "")) for m in msgs if isinstance(m, dict))
-                except (json.JSONDecodeError, AttributeError):
+                    text = record_text([m for m in msgs if isinstance(m, dict)])  # with tool calls
+                except (json.JSONDecodeError, AttributeError, TypeError):
                     continue  # spud sft skipped it too
                 yield f"sft {path}:{lineno}", text
 

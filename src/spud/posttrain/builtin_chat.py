@@ -6,7 +6,9 @@
 - multi-step word problems ("boxes of eggs plus loose eggs", change from a purchase, three days of
   reading) in the training wordings, worked one equation per step, and bracketed expressions;
 - simple instructions: repeat, reverse word order, count words or letters, capitalise, list;
-- greetings, thanks and identity turns ("I am Spud, a small language model ...").
+- greetings, thanks and identity turns ("I am Spud, a small language model ...");
+- with `records(..., tool_share)`: conversations that offer a calculator tool and call it
+  (spud.posttrain.builtin_tools), in the OpenAI fine-tuning format.
 
 Numbers stay in a range a ~1M-parameter model can learn in minutes of CPU SFT: sums and
 differences of 1-3 digit numbers, the 12×12 table and its divisions. Held out by construction
@@ -21,6 +23,7 @@ import random
 
 from spud.data import templates
 from spud.data.facts import any_held_out, extract_facts
+from spud.posttrain.builtin_tools import tool_records
 
 IDENTITY = "I am Spud, a small language model trained with the spud framework."
 SYSTEM_PROMPTS = ["You are Spud, a helpful assistant.", "You are a helpful assistant.",
@@ -166,6 +169,11 @@ def _smalltalk(rng: random.Random) -> tuple[str, str]:
     return rng.choice(asks), rng.choice(replies)
 
 
+def non_arithmetic_turn(rng: random.Random) -> tuple[str, str]:
+    """An instruction or small talk: requests that need no calculator."""
+    return _instruction(rng) if rng.random() < 0.8 else _smalltalk(rng)
+
+
 _KINDS = [(_single, 12), (_expression, 1), (_story, 3), (_instruction, 4), (_smalltalk, 1)]
 
 
@@ -190,3 +198,14 @@ def conversations(n: int, seed: int) -> list[list[dict]]:
             msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         out.append(msgs)
     return out
+
+
+def records(n: int, seed: int, tool_share: float = 0.0) -> list[dict]:
+    """What `--data builtin` reads: n records in the OpenAI fine-tuning format ({"messages"} and,
+    for tool conversations, "tools"). round(n * tool_share) of them are tool conversations
+    (spud.posttrain.builtin_tools), the rest are `conversations(...)`, which are the same for
+    every tool_share (a shorter list is a prefix of a longer one)."""
+    if not 0 <= tool_share <= 1:
+        raise ValueError(f"tool_share must be in [0, 1], got {tool_share}")
+    k = round(n * tool_share)
+    return [{"messages": m} for m in conversations(n - k, seed)] + tool_records(k, seed)

@@ -7,6 +7,11 @@ A conversation becomes (ids, mask) exactly as `Tokenizer.render_chat` would make
 conversation, because Python-side call overhead dominates for tens of thousands of short turns;
 a test pins the two to the same output.
 
+Tool use is read in the OpenAI fine-tuning format: a line may carry "tools" (function
+definitions), assistant turns may carry "tool_calls" (content then may be null) and "tool" turns
+hold results. Such conversations are rendered by `Tokenizer.render_chat` itself (tools in the
+system turn, calls after the content, results as user turns), the way the server renders them.
+
 Bad lines never stop a run on their own: each is skipped (or, when it is only too long, shortened
 by dropping its oldest turns) and listed with file:line in the run's sft_data.json, because one
 malformed line in a million-line export should cost one example, not the job. Too many of them
@@ -25,7 +30,7 @@ from spud.errors import SpudError
 from spud.posttrain import builtin_chat
 from spud.tokenizer import Tokenizer
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 MAX_LISTED = 50  # bad lines listed in the summary per file; the counts are always complete
 
 
@@ -74,17 +79,67 @@ def check_messages(obj) -> str | None:
     """Why a parsed line is not a usable conversation, or None if it is."""
     if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
         return 'not an object with a "messages" list'
+    tools = obj.get("tools")
+    if tools is not None and (not isinstance(tools, list) or any(function_of(t) is None for t in tools)):
+        return '"tools" must be a list of {"type": "function", "function": {"name": ...}} definitions'
     msgs = obj["messages"]
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
             return f"message {i} is not an object"
         if m.get("role") not in ROLES:
             return f"message {i}: unknown role {m.get('role')!r}"
-        if not isinstance(m.get("content"), str):
+        calls = m.get("tool_calls")
+        if calls is not None and (m["role"] != "assistant" or not isinstance(calls, list)
+                                  or any(not _call_ok(c) for c in calls)):
+            return (f"message {i}: tool_calls must be a list of {{\"function\": {{\"name\": str, \"arguments\": "
+                    "JSON string}} on an assistant turn")
+        if not isinstance(m.get("content"), str) and not (calls and m.get("content") is None):
             return f"message {i}: content is not a string"
     if not any(m["role"] == "assistant" for m in msgs):
         return "no assistant turn"
     return None
+
+
+def function_of(tool) -> dict | None:
+    """A tool definition → the function the chat template lists, as the server lists it (name,
+    description, parameters, in that order); None when it is not a function definition."""
+    f = tool.get("function") if isinstance(tool, dict) and tool.get("type", "function") == "function" else None
+    f = f if isinstance(f, dict) else tool if isinstance(tool, dict) and "name" in tool else None
+    if f is None or not isinstance(f.get("name"), str) or not f["name"]:
+        return None
+    return {k: f[k] for k in ("name", "description", "parameters") if f.get(k) is not None}
+
+
+def _call_ok(call) -> bool:
+    f = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+        return False
+    args = f.get("arguments", "{}")
+    if isinstance(args, dict):
+        return True
+    try:
+        return isinstance(args, str) and isinstance(json.loads(args), dict)
+    except ValueError:
+        return False
+
+
+def uses_tools(messages: list[dict], tools: list | None) -> bool:
+    return bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+
+
+def render_with_tools(tok: Tokenizer, messages: list[dict], tools: list | None
+                      ) -> tuple[list[dict], list[list[int]], list[list[int]]]:
+    """A tool conversation as `render_many` lays out a plain one: (messages, pieces of ids, pieces
+    of mask), one piece per message, from `render_chat` itself (the one template). A role id
+    never occurs inside a message (the text is encoded as plain text), so each one starts a
+    piece; when render_chat adds a system turn for the tool listing, so do the messages."""
+    ids, mask = tok.render_chat(messages, tools=[function_of(t) for t in tools or []])
+    roles = set(tok.role_ids.values())
+    starts = [i for i, t in enumerate(ids) if t in roles] + [len(ids)]
+    pieces = [(ids[a:b], mask[a:b]) for a, b in zip(starts, starts[1:])]
+    if len(pieces) == len(messages) + 1:
+        messages = [{"role": "system", "content": ""}, *messages]
+    return messages, [p for p, _ in pieces], [m for _, m in pieces]
 
 
 def render_many(tok: Tokenizer, convs: list[list[dict]]) -> list[tuple[list[list[int]], list[list[int]]]]:
@@ -141,11 +196,13 @@ class BadLines:
 
 
 def load_source(spec_path: str, weight: float, tok: Tokenizer, limit: int, val_fraction: float,
-                max_bad_fraction: float, builtin_count: int, seed: int) -> ChatSource:
-    """Read, check, render and split one --data entry. `limit` = tokens one packed window holds."""
+                max_bad_fraction: float, builtin_count: int, seed: int, tool_share: float = 0.0) -> ChatSource:
+    """Read, check, render and split one --data entry. `limit` = tokens one packed window holds;
+    `tool_share`: the share of 'builtin' conversations that offer the calculator tool."""
     blank = 0
     if spec_path == "builtin":
-        records = [(i + 1, m) for i, m in enumerate(builtin_chat.conversations(builtin_count, seed))]
+        records = [(i + 1, r["messages"], r.get("tools"))
+                   for i, r in enumerate(builtin_chat.records(builtin_count, seed, tool_share))]
         name, bad = "builtin", BadLines("builtin")
         total = len(records)
     else:
@@ -168,14 +225,28 @@ def load_source(spec_path: str, weight: float, tok: Tokenizer, limit: int, val_f
                 if reason:
                     bad.add(lineno, reason)
                     continue
-                records.append((lineno, [{"role": m["role"], "content": m["content"]} for m in obj["messages"]]))
+                keys = ("role", "content", "tool_calls")
+                msgs = [{k: m[k] for k in keys if k in m} for m in obj["messages"]]
+                records.append((lineno, msgs, obj.get("tools")))
     src = ChatSource(name, weight)
     truncated = BadLines(name)
-    rendered = render_many(tok, [m for _, m in records])
-    for (lineno, msgs), (p_ids, p_mask) in zip(records, rendered):
+    plain = [r for r in records if not uses_tools(r[1], r[2])]
+    rendered = iter(render_many(tok, [m for _, m, _ in plain]))
+    tool_convs = tool_skipped = 0
+    for lineno, msgs, tools in records:
+        with_tools = uses_tools(msgs, tools)
+        if with_tools:
+            msgs, p_ids, p_mask = render_with_tools(tok, msgs, tools)
+        else:
+            p_ids, p_mask = next(rendered)
         lengths = [len(p) for p in p_ids]
         if 1 + sum(lengths) > limit:
             keep = fit_context(msgs, lengths, limit)
+            if keep is None and with_tools and name == "builtin":
+                # the generated tool conversations need ~250 tokens with the demo's tokenizer: a
+                # model with a shorter context trains without them (counted, not a bad line)
+                tool_skipped += 1
+                continue
             if keep is None:
                 bad.add(lineno, f"longer than the context ({1 + sum(lengths)} > {limit} tokens)")
                 continue
@@ -184,6 +255,7 @@ def load_source(spec_path: str, weight: float, tok: Tokenizer, limit: int, val_f
             p_ids, p_mask = [p_ids[i] for i in keep], [p_mask[i] for i in keep]
         ids, mask = join(tok, p_ids, p_mask)
         conv = Conversation(ids, mask, f"{name}:{lineno}")
+        tool_convs += with_tools
         (src.val if is_val(msgs, val_fraction) else src.train).append(conv)
     if total == 0:
         raise SpudError(f"{name}: no conversations (empty file?)")
@@ -202,15 +274,18 @@ def load_source(spec_path: str, weight: float, tok: Tokenizer, limit: int, val_f
         "assistant_tokens": sum(sum(c.mask) for c in src.train),
         "bad": bad.count, "bad_lines": bad.listed,
         "truncated": truncated.count, "truncated_lines": truncated.listed,
+        "tool_conversations": tool_convs, "tool_conversations_too_long": tool_skipped,
     }
     return src
 
 
 def load_chat_data(specs: list[str], tok: Tokenizer, limit: int, val_fraction: float,
-                   max_bad_fraction: float, builtin_count: int, seed: int) -> list[ChatSource]:
+                   max_bad_fraction: float, builtin_count: int, seed: int,
+                   tool_share: float = 0.0) -> list[ChatSource]:
     if not specs:
         raise SpudError("no chat data: give --data FILE.jsonl[:weight] (or --data builtin)")
-    return [load_source(*parse_data_spec(s), tok, limit, val_fraction, max_bad_fraction, builtin_count, seed)
+    return [load_source(*parse_data_spec(s), tok, limit, val_fraction, max_bad_fraction, builtin_count, seed,
+                        tool_share)
             for s in specs]
 
 

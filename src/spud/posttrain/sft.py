@@ -135,13 +135,14 @@ class SFTTrainer(Trainer):
         if want and want != tok.sha256():
             raise SpudError(f"{base}/tokenizer.json is not the tokenizer {s.base_checkpoint} was trained with")
         self.chat_sources = load_chat_data(s.data, tok, cfg.seq_len + 1, s.val_fraction, s.max_bad_fraction,
-                                           s.builtin_conversations, cfg.seed)
+                                           s.builtin_conversations, cfg.seed, s.tool_share)
         self.chat_val = [c for src in self.chat_sources for c in src.val]
         summary = {"sources": [src.summary for src in self.chat_sources],
                    "train_conversations": sum(len(src.train) for src in self.chat_sources),
                    "val_conversations": len(self.chat_val),
                    "bad": sum(src.summary["bad"] for src in self.chat_sources),
-                   "truncated": sum(src.summary["truncated"] for src in self.chat_sources)}
+                   "truncated": sum(src.summary["truncated"] for src in self.chat_sources),
+                   "tool_conversations": sum(src.summary["tool_conversations"] for src in self.chat_sources)}
         (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         self.data_summary = summary
         return tok
@@ -189,6 +190,8 @@ def sft_config(run: str | Path, data: list[str] | None, out: str | Path, overrid
         base_ckpt = ckpt_io.resolve_checkpoint(run_dir, None)
     tree = ckpt_io.read_state(base_ckpt)["config"]
     if saved_sft:
+        # a run saved before sft.tool_share existed trained without tool data: it resumes so
+        saved_sft.setdefault("tool_share", 0.0)
         tree["sft"] = saved_sft
     if overrides:
         tree = _merge(tree, parse_overrides(overrides), "")
@@ -226,7 +229,8 @@ def sft_cmd(run: str, data: list[str] | None, out: str | None, overrides: list[s
     trainer = SFTTrainer(cfg, out_dir, resume=resume, console=console)
     trainer.console.print(
         f"sft: {trainer.data_summary['train_conversations']:,} train / "
-        f"{trainer.data_summary['val_conversations']:,} val conversations, "
+        f"{trainer.data_summary['val_conversations']:,} val conversations "
+        f"({trainer.data_summary['tool_conversations']:,} with tools), "
         f"{trainer.data_summary['bad']} bad, {trainer.data_summary['truncated']} truncated "
         f"(details: {out_dir / SUMMARY_FILE}) · from {cfg.sft.base_checkpoint}")
     summary = trainer.run()
