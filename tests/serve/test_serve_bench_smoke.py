@@ -60,6 +60,8 @@ def test_quick_run_writes_expected_json(tmp_path):
         for k in ("aggregate_tokens_per_s", "ttft_p50_s", "ttft_p99_s", "latency_p50_s",
                   "latency_p99_s", "wall_s"):
             assert h[k] is not None and h[k] > 0, k
+    assert [e["concurrency"] for e in data["engine_streams"]] == [1, 2]
+    assert all(e["aggregate_tokens_per_s"] > 0 for e in data["engine_streams"])
     assert "batch1_vs_hf" in data["targets"]
 
 

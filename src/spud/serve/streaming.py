@@ -186,13 +186,30 @@ async def stream_events(kind: str, handles, ctx: dict, first: list, offsets: lis
         choice = R.CompletionChoice(index=k, text=text, logprobs=lp, finish_reason=finish)
         return R.CompletionResponse(choices=[choice], **ctx).model_dump(exclude={"usage"})
 
+    # A plain token chunk (no logprobs, no tool parsing, not the last) differs from the one
+    # before it only in its text: each choice's chunk is built through the schema once and then
+    # only its text is replaced, instead of validating and dumping models for every token (the
+    # largest per-token cost of a stream, paid for every stream on the one event loop).
+    plain: dict[int, tuple[dict, dict, str]] = {}
+
+    def token_sse(k: int, ev) -> str:
+        if top is not None or parsers is not None:
+            return _sse(chunk(k, ev.text, None, [ev]))
+        if k not in plain:
+            d = chunk(k, "", None)
+            holder, key = (d["choices"][0]["delta"], "content") if kind == "chat" else (d["choices"][0], "text")
+            plain[k] = (d, holder, key)
+        d, holder, key = plain[k]
+        holder[key] = ev.text
+        return _sse(d)
+
     try:
         if not handles:
             for k in range(len(first)):
                 yield _sse(chunk(k, "", "length"))
         async for k, ev in _merge(handles, metrics, endpoint, t0):
             if not _is_finish(ev):
-                yield _sse(chunk(k, ev.text, None, [ev]))
+                yield token_sse(k, ev)
                 continue
             finished.add(k)
             done_tokens += ev.completion_tokens
