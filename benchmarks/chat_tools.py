@@ -47,20 +47,22 @@ def main(argv: list[str] | None = None) -> int:
         saved = read_state(ckpt)["config"].get("sft") or {}
         rows.append({"run": str(run), "checkpoint": str(ckpt), "tool_share": float(saved.get("tool_share", 0.0)),
                      "splits": {s: chat[s]["accuracy"] for s in SPLITS},
+                     "calls_without_tools": sum(chat[s]["tool_calls"] for s in SPLITS) / len(items),
                      "tool_use": {k: v for k, v in tool.items() if k != "examples"},
                      "tool_examples": tool["examples"],
                      "seconds": {"splits": round(t1 - t0, 1), "tool_use": round(time.time() - t1, 1)}})
     head = f"{'run':<40} {'share':>5} " + " ".join(f"{s[:9]:>9}" for s in SPLITS)
-    head += f" {'called':>7} {'right':>6} {'after':>6} {'answer':>7} {'direct':>7}"
+    head += f" {'called':>7} {'right':>6} {'after':>6} {'answer':>7} {'direct':>7} {'unasked':>8}"
     print(f"chat eval ({args.n}/split, no tools) and tool use ({args.tool_n} held-out questions, calculator "
-          f"offered; direct: {args.direct_n} requests that need no tool, answered without a call)")
+          f"offered; direct: {args.direct_n} requests that need no tool, answered without a call; unasked: "
+          "chat-eval answers that wrote a call though no tool was offered)")
     print(head)
     for r in rows:
         t = r["tool_use"]
         print(f"{r['run'][-40:]:<40} {r['tool_share']:>5.2f} "
               + " ".join(f"{r['splits'][s]:>9.0%}" for s in SPLITS)
               + f" {t['called']:>7.0%} {t['call_right']:>6.0%} {t['after_call']:>6.0%} {t['accuracy']:>7.0%}"
-              f" {t['direct']['no_call']:>7.0%}")
+              f" {t['direct']['no_call']:>7.0%} {r['calls_without_tools']:>8.1%}")
         for q, transcript, ok in r["tool_examples"]:
             print(f"    {q} → {transcript} {'✓' if ok else '✗'}")
     out = Path(args.out)

@@ -174,3 +174,20 @@ def test_a_chat_run_saved_before_tool_data_resumes_without_it(base_run):
     assert sft_config(base_run, None, out, [], resume=True).sft.tool_share == 0.0
     (out / "config.yaml").write_text("sft:\n  data: [builtin]\n  tool_share: 0.3\n")
     assert sft_config(base_run, None, out, [], resume=True).sft.tool_share == 0.3
+
+
+def test_chat_eval_counts_tool_calls_written_when_no_tool_is_offered(monkeypatch):
+    items = chat_eval.eval_items("operands", 3)
+    outs = [f"So x = {items[0].answer}.", TOOL_CALL_OPEN + '{"name": "calculator"}' + TOOL_CALL_CLOSE, "no idea"]
+    monkeypatch.setattr(chat_eval, "_generate", lambda model, tok, prompts, max_tokens, stop: outs)
+
+    class Model:
+        cfg = type("C", (), {"max_seq_len": 4096})
+
+    class Tok(_ToyTok):
+        def render_chat(self, messages, add_generation_prompt=False, tools=None):
+            assert tools is None  # the five splits offer no tool
+            return [1, 2], None
+
+    res = chat_eval.split_accuracy(Model(), Tok(), items, chat=True)["operands"]
+    assert (res["correct"], res["tool_calls"], res["n"]) == (1, 1, 3)

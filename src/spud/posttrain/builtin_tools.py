@@ -109,9 +109,9 @@ def tool_call(expression: str, i: int) -> dict:
 
 # ------------------------------------------------------------------------------- the requests
 def request(rng: random.Random, held_out: bool) -> tuple[str, str, str, int, tuple]:
-    """→ (wording id, question, expression, value, (op, a, b)) for one operation in the calculator's range:
-    + and - on 1-4 digit numbers, products of two numbers up to 99, exact quotients with divisor
-    and quotient up to 99. The wording comes from the training or the eval-only part."""
+    """→ (wording id, question, expression, value, (op, a, b)) for one operation in the
+    calculator's range: + and - on 1-4 digit numbers, products of two numbers up to 99, exact
+    quotients with divisor and quotient up to 99, in a training or an eval-only wording."""
     op = rng.choice("+-*/")
     if op in "+-":
         def size() -> int:
@@ -145,8 +145,8 @@ def _bracketed(rng: random.Random) -> tuple[str, str, int]:
 
 
 def _final(rng: random.Random, expr: str, value: int) -> str:
-    return rng.choices([f"{expr} = {value}.", f"The answer is {value}.", f"{expr} = {value}, so the answer is {value}."],
-                       weights=[6, 3, 1])[0]
+    forms = [f"{expr} = {value}.", f"The answer is {value}.", f"{expr} = {value}, so the answer is {value}."]
+    return rng.choices(forms, weights=[6, 3, 1])[0]
 
 
 def call_conversation(rng: random.Random) -> list[dict]:

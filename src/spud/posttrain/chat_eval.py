@@ -36,6 +36,7 @@ from spud.data import templates
 from spud.data.facts import any_held_out, canonical, fact_held_out
 from spud.posttrain import builtin_tools
 from spud.posttrain.builtin_chat import answer, non_arithmetic_turn, operation
+from spud.tokenizer import TOOL_CALL_OPEN
 
 SPLITS = {
     "operands": "2-digit +/-, seen wordings, unseen operands",
@@ -113,7 +114,8 @@ def _generate(model, tok, prompts: list[list[int]], max_tokens: list[int], stop:
 
 
 def split_accuracy(model, tok, items: list[Item], chat: bool, examples: int = 2) -> dict:
-    """→ {split: {"accuracy", "n", "correct", "examples": [(question, output, correct)]}}."""
+    """→ {split: {"accuracy", "n", "correct", "tool_calls" (answers that wrote a tool call, though
+    none is offered), "examples": [(question, output, correct)]}}."""
     limit = model.cfg.max_seq_len - 8
     prompts = []
     for it in items:
@@ -125,7 +127,8 @@ def split_accuracy(model, tok, items: list[Item], chat: bool, examples: int = 2)
     outs = _generate(model, tok, prompts, [MAX_TOKENS[it.split] for it in items], [] if chat else ["\n"])
     res: dict = {}
     for it, text in zip(items, outs):
-        r = res.setdefault(it.split, {"correct": 0, "n": 0, "examples": []})
+        r = res.setdefault(it.split, {"correct": 0, "n": 0, "examples": [], "tool_calls": 0})
+        r["tool_calls"] += TOOL_CALL_OPEN in text  # no tools are offered here: a call is a mistake
         ok = final_number(text.split("\n", 1)[0] if not chat else text) == it.answer
         r["correct"] += ok
         r["n"] += 1
