@@ -239,7 +239,11 @@ class VisionConfig(StrictModel):
     image_size: int = Field(32, gt=0, description="Square side in pixels every image is resized to.")
     patch_size: int = Field(4, gt=0, description="Square patch side in pixels (encoder=hf: the model's).")
     vit_dim: int = Field(128, gt=0, description="Width of the from-scratch ViT.")
-    vit_layers: int = Field(4, gt=0, description="Transformer blocks of the from-scratch ViT.")
+    vit_layers: int = Field(4, ge=0, description="Transformer blocks of the from-scratch ViT (0: the stem alone).")
+    vit_stem: Literal["conv", "patch"] = Field(
+        "conv", description="How the from-scratch ViT cuts pixels into patch vectors: conv (3×3 "
+        "convolutions and 2×2 max-pools down to patch_size, a power of 2) or patch (one linear map "
+        "of each flattened patch, the original ViT; far slower to learn to read small digits).")
     vit_heads: int = Field(4, gt=0, description="Attention heads of the from-scratch ViT.")
     pixel_shuffle: int = Field(2, gt=0, description="k: each k×k patches become one token (1 = off).")
     projector: Literal["mlp"] = Field("mlp", description="Encoder → d_model: a two-layer GELU MLP.")
@@ -272,6 +276,9 @@ class VisionConfig(StrictModel):
         if side % self.pixel_shuffle:
             raise ValueError(f"pixel_shuffle={self.pixel_shuffle} must divide the {side}×{side} patch "
                              f"grid (image_size / patch_size)")
+        if self.encoder == "vit" and self.vit_stem == "conv" and self.patch_size & (self.patch_size - 1):
+            raise ValueError(f"vit_stem='conv' halves the picture log2(patch_size) times: patch_size="
+                             f"{self.patch_size} must be a power of 2 (or set vit_stem='patch')")
         if self.encoder == "vit" and self.vit_dim % self.vit_heads:
             raise ValueError(f"vit_dim={self.vit_dim} is not divisible by vit_heads={self.vit_heads}")
         for name in ("image_mean", "image_std"):

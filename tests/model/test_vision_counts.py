@@ -71,7 +71,7 @@ def test_text_model_has_no_vision_counts(tiny):
 
 
 def test_vision_activation_bytes_hand_computed(tiny):
-    cfg = tiny(vision=VISION)
+    cfg = tiny(vision={**VISION, "vit_stem": "patch"})  # the conv stem's: tests/vision/test_conv_stem.py
     # 16 tokens of width 32 (MLP 128, 2 heads), 2 layers; 4 output tokens of d_model 64
     p, t, w = 4, 16, 32
     encoder = 2 * (p * t * (8 * w + 2 * 128) + 4 * t * 2) + p * t * (3 * 16 + w)

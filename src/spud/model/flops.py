@@ -167,7 +167,8 @@ def vision_shape(cfg: ModelConfig) -> dict[str, int]:
     (patches, plus CLIP's CLS), width, layers (those kept), heads, mlp_hidden."""
     enc = _meta_model(cfg.model_dump_json()).vision.encoder
     return {"tokens": enc.n_tokens + (getattr(enc, "family", "") == "clip"), "width": enc.width,
-            "layers": enc.n_layers, "heads": enc.heads, "mlp_hidden": enc.mlp_hidden}
+            "layers": enc.n_layers, "heads": enc.heads, "mlp_hidden": enc.mlp_hidden,
+            "stem_values": enc.stem_values() if hasattr(enc, "stem_values") else enc.n_tokens * (3 * cfg.vision.patch_size**2 + enc.width)}
 
 
 def image_flops(cfg: ModelConfig) -> dict[str, int]:

@@ -141,7 +141,7 @@ def vision_activation_bytes(cfg: ModelConfig, images: int, precision: str = "bf1
     t, w = sh["tokens"], sh["width"]
     projector = p * v.tokens_per_image * (v.pixel_shuffle**2 * w + 2 * cfg.d_model)
     encoder = sh["layers"] * (p * t * (8 * w + 2 * sh["mlp_hidden"]) + 4 * t * sh["heads"])
-    encoder += p * t * (3 * v.patch_size**2 + w)
+    encoder += p * sh["stem_values"]
     return images * (projector + (encoder if train_encoder else 0))
 
 
