@@ -86,12 +86,14 @@ def test_a_jsonl_file_with_tools_is_read_and_bad_tool_lines_are_named(tok, tmp_p
                               {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "c",
                                                                                      "arguments": "not json"}}]}]}
     bad_tools = {"messages": good[0]["messages"], "tools": [{"type": "function", "function": {}}]}
+    surrogate = {"messages": [*good[0]["messages"][:2], {"role": "tool", "content": "\ud800"}],
+                 "tools": good[0]["tools"]}
     f = tmp_path / "tools.jsonl"
-    f.write_text("\n".join(json.dumps(x) for x in [*good, bad_calls, bad_tools]) + "\n")
+    f.write_text("\n".join(json.dumps(x) for x in [*good, bad_calls, bad_tools, surrogate]) + "\n")
     (src,) = load_chat_data([str(f)], tok, 2000, 0.0, 0.5, 0, 0)
     bad = {b["where"]: b["reason"] for b in src.summary["bad_lines"]}
-    assert set(bad) == {f"{f}:5", f"{f}:6"}
-    assert "tool_calls" in bad[f"{f}:5"] and '"tools"' in bad[f"{f}:6"]
+    assert set(bad) == {f"{f}:5", f"{f}:6", f"{f}:7"}
+    assert "tool_calls" in bad[f"{f}:5"] and '"tools"' in bad[f"{f}:6"] and "surrogate" in bad[f"{f}:7"]
     assert src.summary["tool_conversations"] == 4 and len(src.train) == 4
 
 

@@ -236,7 +236,11 @@ def load_source(spec_path: str, weight: float, tok: Tokenizer, limit: int, val_f
     for lineno, msgs, tools in records:
         with_tools = uses_tools(msgs, tools)
         if with_tools:
-            msgs, p_ids, p_mask = render_with_tools(tok, msgs, tools)
+            try:
+                msgs, p_ids, p_mask = render_with_tools(tok, msgs, tools)
+            except SpudError as e:  # e.g. text the tokenizer refuses (a lone surrogate escape)
+                bad.add(lineno, str(e))
+                continue
         else:
             p_ids, p_mask = next(rendered)
         lengths = [len(p) for p in p_ids]
