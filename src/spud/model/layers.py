@@ -220,12 +220,13 @@ class Attention(nn.Module):
         Decoding is a few-microsecond op per kernel at serving sizes, so one normalisation over
         all heads times a per-head gain (the two weights stacked, cached while they are
         unchanged) replaces two rms_norm calls: torch's rms_norm computes x·rsqrt(mean(x²)+eps)
-        and then multiplies by the weight, so the values are bit-identical (tested). With
-        autograd on (nobody serves that way) the plain two calls keep the weights' gradients."""
+        and then multiplies by the weight, so the values are bit-identical (tested). That is
+        the CPU composite; other devices may fuse the weight into their kernel, so they keep
+        the two calls, as does autograd (nobody serves that way; the weights need gradients)."""
         h = self.n_heads
         qw, kw = self.q_norm.weight, self.k_norm.weight
-        if (torch.is_grad_enabled() and (qw.requires_grad or kw.requires_grad)) or (
-                self.q_norm.eps != self.k_norm.eps):
+        if (qk.device.type != "cpu" or self.q_norm.eps != self.k_norm.eps
+                or (torch.is_grad_enabled() and (qw.requires_grad or kw.requires_grad))):
             return torch.cat((self.q_norm(qk[:, :, :h]), self.k_norm(qk[:, :, h:])), dim=2)
         if qw.is_inference() or kw.is_inference():
             # weights made under inference_mode keep no version counter: no safe cache key
