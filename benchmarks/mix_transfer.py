@@ -55,9 +55,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated overrides that make the larger model")
     p.add_argument("--seeds", type=int, default=1, help="seeds of the three larger runs")
     p.add_argument("--score-tokens", type=int, default=100_000, help="target validation tokens scored")
+    p.add_argument("--no-train", action="store_true", help="only score and tabulate the runs already done")
     p.add_argument("--work", default=str(REPO / "runs" / "mix_transfer"))
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "mix_transfer.json"))
     return p.parse_args(argv)
+
+
+def rescore(run: Path, targets: list[str], max_tokens: int) -> dict:
+    """Target bpb of a finished run's final checkpoint on ALL the target's validation documents
+    (up to max_tokens): the scoring inside training stops scanning a source after 30 s, which on a
+    loaded machine would give each run a different prefix of the validation documents."""
+    import torch
+
+    import spud.eval.intrinsic as intrinsic
+    from spud.runs import load_model
+
+    torch.set_num_threads(1)
+    intrinsic.MAX_SCAN_SECONDS = float("inf")
+    model, tok, cfg, _ = load_model(run, model="base")
+    token_bytes = torch.tensor(tok.byte_lengths(model.cfg.vocab_size), dtype=torch.float64)
+    with torch.no_grad():
+        res = intrinsic.source_metrics(model.eval(), tok, cfg, token_bytes, max_tokens)
+    return {t: res[t] for t in targets}
 
 
 def main(argv=None) -> int:
@@ -84,7 +103,7 @@ def main(argv=None) -> int:
     rows = [json.loads(x) for x in done_path.read_text().splitlines()] if done_path.is_file() else []
     for seed in range(args.seeds):
         for mix, w in mixes.items():
-            if any(r["mix"] == mix and r["seed"] == seed for r in rows):
+            if args.no_train or any(r["mix"] == mix and r["seed"] == seed for r in rows):
                 continue
             console.print(f"[bold]larger model, {mix} mix, seed {seed}[/]: {[round(x, 3) for x in w]}")
             tree = _merge(base, {"seed": seed}, "")
@@ -97,9 +116,15 @@ def main(argv=None) -> int:
             rows.append(row)
             with open(done_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+    for r in rows:
+        scored = rescore(work / "final" / f"{r['mix']}_s{r['seed']}", targets, args.score_tokens)
+        r["rescored"] = scored
+        r["rescored_bpb"] = statistics.mean(v["bpb"] for v in scored.values())
     table = {}
     for mix in mixes:
-        vals = [r["loss"] for r in rows if r["mix"] == mix]
+        vals = [r["rescored_bpb"] for r in rows if r["mix"] == mix]
+        if not vals:
+            continue
         table[mix] = {"bpb": vals, "mean": statistics.mean(vals),
                       "spread": (max(vals) - min(vals)) if len(vals) > 1 else None}
     result = {"args": vars(args), "search": search, "search_seconds": round(search_s),
@@ -111,6 +136,8 @@ def main(argv=None) -> int:
     print(f"larger model: {rows[0]['steps']} steps, {rows[0]['flops']:.3g} training FLOPs per run")
     print(f"{'mix':<10}{'weights':<36}{'target bpb (per seed)':<28}mean")
     for mix, w in mixes.items():
+        if mix not in table:
+            continue
         t = table[mix]
         print(f"{mix:<10}{str([round(x, 3) for x in w]):<36}{str([round(v, 4) for v in t['bpb']]):<28}{t['mean']:.4f}")
     return 0
