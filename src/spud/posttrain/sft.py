@@ -142,7 +142,9 @@ class SFTTrainer(Trainer):
                    "val_conversations": len(self.chat_val),
                    "bad": sum(src.summary["bad"] for src in self.chat_sources),
                    "truncated": sum(src.summary["truncated"] for src in self.chat_sources),
-                   "tool_conversations": sum(src.summary["tool_conversations"] for src in self.chat_sources)}
+                   "tool_conversations": sum(src.summary["tool_conversations"] for src in self.chat_sources),
+                   "tool_conversations_too_long": sum(src.summary["tool_conversations_too_long"]
+                                                      for src in self.chat_sources)}
         (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         self.data_summary = summary
         return tok
@@ -227,10 +229,12 @@ def sft_cmd(run: str, data: list[str] | None, out: str | None, overrides: list[s
     out_dir = Path(out) if out else Path(run) / "chat"
     cfg = sft_config(run, data, out_dir, overrides or [], resume)
     trainer = SFTTrainer(cfg, out_dir, resume=resume, console=console)
+    too_long = trainer.data_summary["tool_conversations_too_long"]
+    skipped = f"; {too_long:,} skipped: longer than the context" if too_long else ""
     trainer.console.print(
         f"sft: {trainer.data_summary['train_conversations']:,} train / "
         f"{trainer.data_summary['val_conversations']:,} val conversations "
-        f"({trainer.data_summary['tool_conversations']:,} with tools), "
+        f"({trainer.data_summary['tool_conversations']:,} with tools{skipped}), "
         f"{trainer.data_summary['bad']} bad, {trainer.data_summary['truncated']} truncated "
         f"(details: {out_dir / SUMMARY_FILE}) · from {cfg.sft.base_checkpoint}")
     summary = trainer.run()
