@@ -99,3 +99,35 @@ def test_vlm_needs_a_chat_model(chat_run):
     shutil.rmtree(chat_run / "chat")
     r = run_cli("vlm", str(chat_run), *VLM_OVERRIDES)
     assert r.returncode != 0 and "spud sft" in r.stderr
+
+
+def test_vlm_without_align_stage_starts_sft_from_the_chat_model(chat_run, tmp_path):
+    """vlm.align_steps=0: no align stage or directory; the SFT stage grows the chat model a fresh
+    tower itself (as align would) and trains both."""
+    out = tmp_path / "noalign"
+    overrides = [o for o in VLM_OVERRIDES if not o.startswith("vlm.align_steps")] + [
+        "vlm.align_steps=0", "vlm.checkpoint_every=4"]
+    summary = vlm_cmd(str(chat_run), out=str(out), overrides=overrides)
+    assert list(summary["stages"]) == ["sft"] and not (out / "align").exists()
+    final = weights(out, 4)
+    chat = weights(chat_run / "chat", 5)
+    assert any(k.startswith("vision.encoder.stem.") for k in final)  # the conv stem, trained
+    changed = [k for k in chat if not torch.equal(final[k][:chat[k].shape[0]], chat[k])]
+    assert changed  # the language model trains in SFT
+    assert summary["base_checkpoint"] == str(chat_run / "chat" / "checkpoints" / "step_0000005")
+
+
+def test_a_stale_vlm_section_in_the_source_config_does_not_override_the_defaults(chat_run, tmp_path):
+    """Every saved config holds a full `vlm:` section (the defaults when the chat model was
+    made); spud vlm takes today's defaults plus its own overrides, not those."""
+    from spud.config import VLMConfig
+    from spud.posttrain.vlm import vlm_config
+
+    run = chat_run  # a fresh copy per test
+    state_file = run / "chat" / "checkpoints" / "step_0000005" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["config"]["vlm"] = {**state["config"].get("vlm", {}), "steps": 999, "align_steps": 77}
+    state_file.write_text(json.dumps(state))
+    cfg = vlm_config(str(run), None, run / "vlm", ["vlm.lr=1e-4"], False)
+    assert cfg.vlm.steps == VLMConfig().steps and cfg.vlm.align_steps == VLMConfig().align_steps
+    assert cfg.vlm.lr == 1e-4

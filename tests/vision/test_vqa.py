@@ -29,8 +29,9 @@ def test_batched_greedy_answers_equal_one_by_one_full_forward(chat_template_run)
     torch.manual_seed(0)
     model = add_vision(build_model(cfg.model), VisionConfig(image_size=16, patch_size=4, vit_dim=16,
                                                             vit_layers=1, vit_heads=2), tok.image_id).eval()
-    for p in model.parameters():  # larger weights: a random model whose answers depend on the input
-        p.mul_(8)
+    for name, p in model.named_parameters():  # larger weights: answers that depend on the input
+        if ".stem." not in name:  # (x8 through each of the conv stem's 5 layers only adds rounding ties)
+            p.mul_(8)
     items = vqa.vqa_items(16, 2, 0, fonts=FONTS)[:10]
     questions, pictures = [it.question for it in items], [it.image for it in items]
     batched = vqa.greedy_answers(model, tok, questions, pictures, max_new_tokens=5, batch=4)

@@ -133,13 +133,14 @@ class VLMTrainer(Trainer):
 
     # ------------------------------------------------------------------------ weights
     def init_weights(self, model: torch.nn.Module) -> None:
-        """align: the source model's weights + a fresh vision tower; sft: the align result."""
-        if self.stage == "sft":
+        """align: the source model's weights + a fresh vision tower; sft: the align result (or,
+        with vlm.align_steps=0, the source model + a fresh tower as align would start)."""
+        state = ckpt_io.read_state(self.init_checkpoint)
+        if self.stage == "sft" and (state["config"].get("model") or {}).get("vision"):
             ckpt_io.load_weights(self.init_checkpoint, model, "cpu")
             return
         from spud.model.vision import add_vision
 
-        state = ckpt_io.read_state(self.init_checkpoint)
         text_cfg = validate_config(state["config"], f"{self.init_checkpoint}/state.json").model
         text = build_model(text_cfg)
         ckpt_io.load_weights(self.init_checkpoint, text, "cpu")
@@ -195,7 +196,9 @@ def vlm_config(run: str | Path, source: str | None, out: Path, overrides: list[s
     if (tree.get("model") or {}).get("vision"):
         raise SpudError(f"{base_ckpt} already reads images; spud vlm starts from a text model")
     tree["model"]["vision"] = {}
-    tree.setdefault("vlm", {})
+    # The source's saved config holds a `vlm:` section with the defaults of its day; spud vlm's
+    # settings are today's defaults plus this command's overrides.
+    tree["vlm"] = {}
     if overrides:
         tree = _merge(tree, parse_overrides(overrides), "")
     if data:
@@ -260,6 +263,8 @@ def vlm_cmd(run: str, source: str | None = None, data: list[str] | None = None, 
     base_ckpt = Path(cfg.vlm.base_checkpoint)
     summary: dict = {"out": str(out_dir), "base_checkpoint": str(base_ckpt), "stages": {}}
     start = _finished(align_dir, cfg.vlm.align_steps) if resume else None
+    if cfg.vlm.align_steps == 0:  # straight to multimodal SFT from the source model
+        start = base_ckpt
     if start is None:
         trainer = VLMTrainer(stage_config(cfg, "align"), align_dir, "align", base_ckpt,
                              resume=resume, console=console)
