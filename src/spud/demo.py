@@ -38,12 +38,13 @@ QUICK_OVERRIDES = [
 # and an SFT step cost the same: same model, batch and sequence length). The demo's model is so
 # small and its SFT so short that the pretraining LR (lr_ratio=1) beat the 0.3 default: 81.5% vs
 # 77.5% on the chat eval in a measured pair of runs from the same base.
-SFT_OVERRIDES = ["sft.max_steps=400", "sft.lr_ratio=1.0", "sft.eval_every=100",
-                 "sft.checkpoint_every=200", "sft.builtin_conversations=20000"]
+SFT_OVERRIDES = ["sft.max_steps=250", "sft.lr_ratio=1.0", "sft.eval_every=50",
+                 "sft.checkpoint_every=125", "sft.builtin_conversations=20000"]
 SFT_QUICK_OVERRIDES = ["sft.max_steps=30", "sft.lr_ratio=1.0", "sft.eval_every=15", "sft.eval_batches=2",
                        "sft.checkpoint_every=30", "sft.builtin_conversations=2000",
                        "train.sample_tokens=12"]
 EVAL_QUESTIONS, EVAL_QUESTIONS_QUICK = 100, 12  # per split (five splits)
+EVAL_TOOL_QUESTIONS = 50  # tool-use questions (two generations each: the call, then the answer)
 
 
 def run_demo(out: Path, quick: bool = False, console: Console | None = None, rl: bool = False) -> dict:
@@ -149,5 +150,22 @@ def chat_eval_stage(out: Path, quick: bool, console: Console) -> dict:
                       f"  {c['contaminated']}/{c['examples']}", highlight=False, soft_wrap=True)
     console.print(f"decontamination: {summary_line(report)}", soft_wrap=True, highlight=False)
     console.print(f"chat eval: {seconds:.0f} s generation, {time.time() - t2:.0f} s decontamination")
-    return {"n": n, "splits": {s: {"base": base[s]["accuracy"], "chat": chat[s]["accuracy"]} for s in SPLITS},
-            "decontamination": report}
+    result = {"n": n, "splits": {s: {"base": base[s]["accuracy"], "chat": chat[s]["accuracy"]} for s in SPLITS},
+              "decontamination": report}
+    if not quick:  # --quick's 128-token context cannot hold the tool listing: it trains without tools
+        result["tools"] = tool_use_stage(chat_model, tok, console)
+    return result
+
+
+def tool_use_stage(chat_model, tok, console: Console) -> dict:
+    """The calculator offered on held-out questions (eval-only wordings and operands): does the
+    chat model call it, and answer right from its result? (spud.posttrain.chat_eval.tool_accuracy)"""
+    from spud.posttrain.chat_eval import direct_prompts, tool_accuracy, tool_items
+
+    t0, n = time.time(), EVAL_TOOL_QUESTIONS
+    res = tool_accuracy(chat_model, tok, tool_items(n), direct_prompts(n // 2))
+    console.print(f"tool use, calculator offered ({n} held-out questions): well-formed call {res['called']:.0%}, "
+                  f"right after the tool's result {res['after_call']:.0%}; no call on {res['direct']['n']} "
+                  f"requests that need none: {res['direct']['no_call']:.0%} ({time.time() - t0:.0f} s)",
+                  highlight=False, soft_wrap=True)
+    return {k: res[k] for k in ("n", "called", "call_right", "after_call", "accuracy", "direct")}
