@@ -117,7 +117,7 @@ def test_info_shows_the_vision_tower(tmp_path):
     console = Console(record=True, width=300)
     show_run(run, console)
     text = console.export_text()
-    assert "vision: ViT 4×128d, 32px images in 4px patches → 16 tokens/image (pixel shuffle 2)" in text
+    assert "vision: ViT 1×96d (conv stem), 32px images in 4px patches → 16 tokens/image (pixel shuffle 2)" in text
     assert "FLOPs/image forward" in text and "vision=" not in text
 
 
