@@ -107,7 +107,7 @@ class SFTConfig(StrictModel):
     warmup_steps: int = Field(10, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    micro_batch_size: int = Field(8, gt=0)
+    micro_batch_size: int = Field(16, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     val_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of conversations held out (by hash).")
     max_bad_fraction: float = Field(0.05, ge=0, le=1, description="Error out above this share of bad lines.")
