@@ -38,8 +38,8 @@ QUICK_OVERRIDES = [
 # and an SFT step cost the same: same model, batch and sequence length). The demo's model is so
 # small and its SFT so short that the pretraining LR (lr_ratio=1) beat the 0.3 default: 81.5% vs
 # 77.5% on the chat eval in a measured pair of runs from the same base.
-SFT_OVERRIDES = ["sft.max_steps=250", "sft.lr_ratio=1.0", "sft.eval_every=50",
-                 "sft.checkpoint_every=125", "sft.builtin_conversations=20000"]
+SFT_OVERRIDES = ["sft.max_steps=330", "sft.lr_ratio=1.0", "sft.eval_every=110",
+                 "sft.checkpoint_every=165", "sft.builtin_conversations=20000", "sft.tool_share=0.05"]
 SFT_QUICK_OVERRIDES = ["sft.max_steps=30", "sft.lr_ratio=1.0", "sft.eval_every=15", "sft.eval_batches=2",
                        "sft.checkpoint_every=30", "sft.builtin_conversations=2000",
                        "train.sample_tokens=12"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 from spud.config import Config, validate_config
@@ -41,3 +42,13 @@ def read_source(source: dict, seed: int = 0) -> tuple[list[str], SourceStats]:
     """All documents of one pass of a single source, and what it skipped."""
     (src,) = open_sources(make_cfg([source], seed))
     return [d.text for d in src.documents()], src.stats
+
+
+# Filler prose for the generated corpora with planted duplicates and junk.
+WORDS = ("the miller counts sacks of grain that farmers bring with carts before market opens in "
+         "town where children play near river and bakers sell bread to travellers").split()
+
+
+def page(seed: int, n: int = 90) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."

@@ -1,28 +1,18 @@
 """Cleaning and dedup inside a real build: a generated corpus with planted junk and planted
 duplicates (exact counts), repeats that replay first-pass decisions, the manifest, inspect."""
 
-import random
 import re
 
 import numpy as np
 import pytest
 import yaml
-from data_helpers import make_cfg, quiet, write_jsonl
+from data_helpers import make_cfg, quiet, write_jsonl, page
 
 from spud.cli import main
 from spud.config import load_config
 from spud.data.build import build_dataset
 from spud.errors import SpudError
 from spud.tokenizer import Tokenizer
-
-WORDS = ("the miller counts sacks of grain that farmers bring with carts before market opens in "
-         "town where children play near river and bakers sell bread to travellers").split()
-
-
-def page(seed: int, n: int = 90) -> str:
-    rng = random.Random(seed)
-    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
-
 
 def corpus(tmp_path):
     good = [page(i) for i in range(40)]

@@ -3,26 +3,16 @@ build exactly — manifest and shard bytes — with planted duplicates across pa
 source cut by its budget, a repeated one and a generated one; and the bad inputs are refused."""
 
 import json
-import random
 import shutil
 
 import pytest
 import yaml
-from data_helpers import make_cfg, quiet, what_was_built
+from data_helpers import make_cfg, quiet, what_was_built, page
 
 from spud.cli import main
 from spud.data.build import build_dataset
 from spud.data.merge import build_part, merge_parts, parse_shard
 from spud.errors import SpudError
-
-WORDS = ("the miller counts sacks of grain that farmers bring with carts before market opens in "
-         "town where children play near river and bakers sell bread to travellers").split()
-
-
-def page(seed: int, n: int = 90) -> str:
-    rng = random.Random(seed)
-    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
-
 
 def corpus(tmp_path):
     """web/: 5 jsonl files (→ parts 0,1,2,0,1) with duplicates planted across files; notes/: text

@@ -4,26 +4,16 @@ is bounded; bad values and dead workers are clear errors."""
 
 import json
 import os
-import random
 import shutil
 
 import pytest
 import yaml
-from data_helpers import make_cfg, quiet, what_was_built
+from data_helpers import make_cfg, quiet, what_was_built, page
 
 from spud.cli import main
 from spud.data.build import build_dataset
 from spud.data.workers import CHUNK_RECORDS, IN_FLIGHT_PER_WORKER, PreparePool, resolve_workers
 from spud.errors import SpudError
-
-WORDS = ("the miller counts sacks of grain that farmers bring with carts before market opens in "
-         "town where children play near river and bakers sell bread to travellers").split()
-
-
-def page(seed: int, n: int = 90) -> str:
-    rng = random.Random(seed)
-    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
-
 
 def corpus(tmp_path):
     """web/: 3 jsonl files with planted exact and near duplicates (also across files), junk the
