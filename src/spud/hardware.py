@@ -141,8 +141,7 @@ def cpu_peak_flops(
     dtype: torch.dtype = torch.float32, seconds: float = 1.0, n: int = 1024
 ) -> float:
     """Measured matmul peak for the current thread count, read from / written to the cache."""
-    key = f"{cpu_name()}|threads={torch.get_num_threads()}|{str(dtype).removeprefix('torch.')}"
-    path = cache_dir() / CACHE_FILE
+    key, path = _cache_key(dtype), cache_dir() / CACHE_FILE
     cache = _read_cache(path)
     if isinstance(cache.get(key), (int, float)) and cache[key] > 0:
         return float(cache[key])
@@ -158,16 +157,18 @@ def raise_cpu_peak(observed: float, dtype: torch.dtype = torch.float32) -> float
     measured while other processes held the cores, and would report MFU above 100 % forever.
     Model FLOPs are work the CPU really did, so `observed` is a lower bound on the peak: re-measure
     once and keep the larger of the two (and of the old figure) in the cache."""
-    key = f"{cpu_name()}|threads={torch.get_num_threads()}|{str(dtype).removeprefix('torch.')}"
-    path = cache_dir() / CACHE_FILE
+    key, path = _cache_key(dtype), cache_dir() / CACHE_FILE
     value = max(measure_matmul_flops(dtype=dtype), float(observed))
     cache = _read_cache(path)
     old = cache.get(key)
-    if isinstance(old, (int, float)):
-        value = max(value, float(old))
-    cache[key] = value
+    cache[key] = max(value, float(old)) if isinstance(old, (int, float)) else value
     _write_cache(path, cache)
-    return value
+    return cache[key]
+
+
+def _cache_key(dtype: torch.dtype) -> str:
+    """CPU model + thread count + dtype: a cached peak never crosses machines or settings."""
+    return f"{cpu_name()}|threads={torch.get_num_threads()}|{str(dtype).removeprefix('torch.')}"
 
 
 def measure_matmul_flops(

@@ -91,17 +91,28 @@ def _spud(*args):
     return [sys.executable, "-m", "spud", *args]
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_matches(fresh_run, tmp_path):
-    common = ["tiny", "data.total_tokens=60000", "tokenizer.vocab_size=400", "tokenizer.train_bytes=200000",
-              "model.max_seq_len=32", "train.micro_batch_size=4", "train.max_steps=200",
-              "train.checkpoint_every=1000", "train.eval_every=1000", "train.eval_batches=1"]
-    straight = tmp_path / "straight"
-    shutil.copytree(fresh_run, straight)
-    proc = subprocess.Popen(_spud("train", *common, "--out", str(fresh_run)),
+def _signal_run_args(max_steps: int) -> list[str]:
+    """A tiny `spud train` long enough to be interrupted, with no checkpoint of its own before."""
+    return ["tiny", "data.total_tokens=60000", "tokenizer.vocab_size=400", "tokenizer.train_bytes=200000",
+            "model.max_seq_len=32", "train.micro_batch_size=4", f"train.max_steps={max_steps}",
+            "train.checkpoint_every=1000", "train.eval_every=1000", "train.eval_batches=1"]
+
+
+def _train_until(run, args: list[str], steps_logged: int) -> subprocess.Popen:
+    """Start `spud train` in a subprocess and return once it has logged `steps_logged` steps."""
+    proc = subprocess.Popen(_spud("train", *args, "--out", str(run)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and len(losses(fresh_run)) < 5:
+    while time.time() < deadline and len(losses(run)) < steps_logged:
         time.sleep(0.05)
+    return proc
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches(fresh_run, tmp_path):
+    common = _signal_run_args(200)
+    straight = tmp_path / "straight"
+    shutil.copytree(fresh_run, straight)
+    proc = _train_until(fresh_run, common, steps_logged=5)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
@@ -147,14 +158,7 @@ def test_cpu_peak_measured_under_load_is_raised_so_mfu_stays_at_most_one(tiny_cf
 def test_sigterm_twice_still_saves_a_checkpoint(fresh_run):
     """`timeout` signals the child and then its process group, so a run gets SIGTERM twice: it must
     still stop at a step boundary with a checkpoint (a second Ctrl-C, by contrast, aborts)."""
-    args = ["tiny", "data.total_tokens=60000", "tokenizer.vocab_size=400", "tokenizer.train_bytes=200000",
-            "model.max_seq_len=32", "train.micro_batch_size=4", "train.max_steps=500",
-            "train.checkpoint_every=1000", "train.eval_every=1000", "train.eval_batches=1"]
-    proc = subprocess.Popen(_spud("train", *args, "--out", str(fresh_run)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(losses(fresh_run)) < 3:
-        time.sleep(0.05)
+    proc = _train_until(fresh_run, _signal_run_args(500), steps_logged=3)
     proc.send_signal(signal.SIGTERM)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)

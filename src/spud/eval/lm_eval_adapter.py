@@ -212,10 +212,6 @@ class SpudLM(TemplateLM):
             self.cache_hook.add_partial("generate_until", (req.args[0], req.args[1] if len(req.args) > 1 else {}), text)
         return out
 
-    def generate_one(self, context: str, gen_kwargs: dict, seed: int = 0) -> str:
-        ids = self.tok_encode(context, add_special_tokens=True)
-        return scoring.generate_texts(self._model, self._tok, [ids], [self.sampling_params(gen_kwargs, seed)])[0]
-
     def sampling_params(self, gen_kwargs: dict, seed: int = 0):
         """lm-eval's gen_kwargs (until, max_gen_toks, temperature, do_sample, top_p, top_k, seed) as
         the engine's SamplingParams."""

@@ -48,16 +48,6 @@ def generate_texts(model: torch.nn.Module, tokenizer, prompts: Sequence[Sequence
     return [c.text for c in complete_many(model, tokenizer, cut, list(params))]
 
 
-def generate_text(
-    model: torch.nn.Module, tokenizer, prompt_ids: Sequence[int], max_new_tokens: int,
-    stop: Sequence[str] = (), temperature: float = 0.0, seed: int = 0,
-    top_p: float | None = None,
-) -> str:
-    """One completion (see generate_texts; batch many prompts there instead)."""
-    return generate_texts(model, tokenizer, [prompt_ids],
-                          [gen_params(max_new_tokens, stop, temperature, seed, top_p)])[0]
-
-
 # --------------------------------------------------------------------------------- statistics
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples of which c passed (Chen et al. 2021):

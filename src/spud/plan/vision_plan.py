@@ -23,6 +23,7 @@ from spud.config_sections import VisionConfig
 from spud.errors import SpudError
 from spud.model.flops import flops_per_token, image_flops, param_counts
 from spud.model.memory import USABLE_FRACTION, training_memory
+from spud.plan.allocate import SECONDS_PER_DAY
 
 DEFAULT_TEXT_TOKENS = 32  # a short question and answer per picture, as the built-in image data
 
@@ -74,7 +75,7 @@ def vision_stage(lm: ModelConfig, vision: VisionConfig, images: float, paralleli
         "images": images, "tokens_per_image": vision.tokens_per_image, "text_tokens": text_tokens,
         "vision_params": param_counts(vlm)["vision"], "tower_flops_per_image": per_image["training"],
         "lm_flops_per_image": seq * lm_per_token, "flops": total,
-        "wall_clock_days": seconds / 86400, "device_hours": seconds / 3600 * devices,
+        "wall_clock_days": seconds / SECONDS_PER_DAY, "device_hours": seconds / 3600 * devices,
         "cost_usd": seconds / 3600 * devices * price_per_hour,
         "memory": mem.to_dict(), "fits": mem.total <= USABLE_FRACTION * device_bytes,
         "vision": vision.model_dump(exclude_none=True),
