@@ -77,13 +77,22 @@ def cmd_tokenizer_encode(args) -> int:
 
 
 def cmd_mix_search(args) -> int:
+    from spud.data.merge import parse_shard
     from spud.data.mixsearch import run_search
     from spud.plan.ladder import parse_tokens
 
+    worker = parse_shard(args.worker, "--worker") if args.worker else None
     flops = parse_tokens(args.proxy_flops)[0] if args.proxy_flops else None
     targets = [t.strip() for t in args.target.split(",") if t.strip()]
     res = run_search(resolve_recipe(args.config), targets, args.proxies, float(flops), run_dir_arg(args.out),
-                     overrides=args.overrides, seed=args.seed)
+                     overrides=args.overrides, seed=args.seed, worker=worker)
+    if worker is not None:
+        left = res["missing"]
+        print(f"worker {args.worker}: proxies {res['trained']} done; "
+              + (f"{len(left)} still missing ({left[:8]}{' …' if len(left) > 8 else ''}); " if left else
+                 "every proxy is done; ")
+              + "run the same command without --worker to fit the mix once all workers finished")
+        return 0
     print(f"searched mix: {res['weights']} (CV Spearman {res['cv_spearman']:.3f}) → {args.out}/mix.yaml")
     return 0
 
@@ -114,6 +123,8 @@ def register(verbs) -> None:
     p.add_argument("--proxy-flops", required=True, help="training FLOPs per proxy, e.g. 2e12")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory (resumable)")
+    p.add_argument("--worker", metavar="i/N", help="train only the proxies numbered i mod N (numbered from 0, "
+                   "e.g. a Slurm array task) and stop before the fit; then run the command without --worker")
     p.set_defaults(func=cmd_mix_search)
     p = data.add_parser("inspect", help="show documents the cleaning rules and dedup dropped (and kept ones)")
     p.add_argument("run", help="run directory with a built data/")

@@ -1,6 +1,10 @@
-"""spud mix search on a tiny two-source mix: proxies, regression, search, outputs, resume."""
+"""spud mix search on a tiny two-source mix: proxies, regression, search, outputs, resume, and the
+proxies trained as independent worker jobs (--worker i/N) giving exactly the single-process result."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -34,13 +38,24 @@ def test_regression_ranks_a_known_response():
     assert model.predict(np.array([[0.9, 0.05, 0.05]]))[0] < model.predict(np.array([[0.05, 0.9, 0.05]]))[0]
 
 
-def test_mix_search_cli_end_to_end_and_resume(tmp_path, capsys):
-    recipe = tmp_path / "r.yaml"
+def _search_args(recipe, out, *extra):
+    return ["mix", "search", str(recipe), "--target", "story", "--proxies", "8", "--proxy-flops", "2e9",
+            "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """One single-process search (8 proxies), shared by the tests that read it."""
+    tmp = tmp_path_factory.mktemp("mixsearch")
+    recipe = tmp / "r.yaml"
     recipe.write_text(yaml.safe_dump(TINY))
-    out = tmp_path / "mix"
-    args = ["mix", "search", str(recipe), "--target", "story", "--proxies", "8", "--proxy-flops", "2e9",
-            "--out", str(out)]
-    assert main(args) == 0
+    out = tmp / "mix"
+    assert main(_search_args(recipe, out)) == 0
+    return recipe, out
+
+
+def test_mix_search_cli_end_to_end_and_resume(searched):
+    recipe, out = searched
     rows = [json.loads(x) for x in (out / "proxies.jsonl").read_text().splitlines()]
     assert [r["proxy"] for r in rows] == list(range(8))
     assert all(r["steps"] == rows[0]["steps"] >= 1 for r in rows)  # equal FLOPs: same model, same steps
@@ -51,13 +66,50 @@ def test_mix_search_cli_end_to_end_and_resume(tmp_path, capsys):
     for f in ("report.md", "predicted_vs_actual.png", "weights.png"):
         assert (out / f).is_file()
     before = (out / "proxies.jsonl").stat().st_mtime_ns
-    assert main(args) == 0  # resumed: every proxy done, none retrained
+    assert main(_search_args(recipe, out)) == 0  # resumed: every proxy done, none retrained
     assert (out / "proxies.jsonl").stat().st_mtime_ns == before
+
+
+def test_worker_jobs_started_together_equal_one_search(searched, tmp_path, capsys):
+    """Two `--worker i/2` processes started at once on an empty DIR (they race for the shared
+    natural build and tokenizer), then the fit alone: the same proxies and mix as one process."""
+    recipe, single = searched
+    out = tmp_path / "mix"
+    env = {**os.environ, "RAYON_NUM_THREADS": "1"}
+    jobs = [subprocess.Popen([sys.executable, "-m", "spud", *_search_args(recipe, out, "--worker", f"{i}/2")],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(2)]
+    logs = [j.communicate(timeout=600)[0] for j in jobs]
+    assert [j.returncode for j in jobs] == [0, 0], logs
+    assert "proxies [0, 2, 4, 6] done" in logs[0] and "proxies [1, 3, 5, 7] done" in logs[1]
+    assert not (out / "mix.json").exists()  # workers do not fit
+    assert not list(out.glob("_natural.tmp-*"))  # the losing worker's private build is gone
+    trained = {p: p.stat().st_mtime_ns for p in out.glob("proxies/p*/proxy.json")}
+    assert len(trained) == 8
+    assert main(_search_args(recipe, out)) == 0  # the fit: trains nothing
+    assert {p: p.stat().st_mtime_ns for p in out.glob("proxies/p*/proxy.json")} == trained
+    assert (out / "proxies.jsonl").read_text() == (single / "proxies.jsonl").read_text()
+    assert json.loads((out / "mix.json").read_text()) == json.loads((single / "mix.json").read_text())
+
+
+def test_worker_refuses_other_settings_in_the_same_dir(searched, capsys):
+    recipe, out = searched
+    args = _search_args(recipe, out, "--worker", "0/2")
+    args[args.index("2e9")] = "4e9"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "another proxy_flops" in err and "search.json" in err
+    faster = _search_args(recipe, out, "--worker", "0/2")
+    faster.insert(3, "train.threads=2")  # how fast, not what, a proxy trains: not pinned
+    assert main(faster) == 0
+    assert "proxies [0, 2, 4, 6] done; every proxy is done" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--target", "nope"], "not a source"),
     (["--target", "story", "--proxies", "3"], "at least 8 proxies"),
+    (["--target", "story", "--worker", "2/2"], "--worker 2/2: i must be in 0..N-1"),
+    (["--target", "story", "--worker", "one"], "--worker 'one': expected i/N"),
 ])
 def test_mix_search_bad_input(tmp_path, capsys, extra, message):
     recipe = tmp_path / "r.yaml"

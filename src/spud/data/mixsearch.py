@@ -15,7 +15,16 @@
    of the 100 best is the answer (averaging top candidates is RegMix's guard against the
    regressor's noise at one point).
 
-Outputs in DIR: proxies.jsonl (one row per finished proxy: resumable), mix.json (weights,
+Proxies are independent jobs: `--worker i/N` trains only the proxies whose number is i mod N (each
+finished proxy leaves DIR/proxies/pNNN/proxy.json, written last and atomically, so any job resumes
+where it stopped and none repeats another's work) and exits without fitting; the same command
+without `--worker`, run once all workers finished, trains whatever is still missing and fits. The
+shared natural-mix build (the tokenizer every proxy uses) is made in a private directory and
+renamed into place, so workers starting together on a shared file system agree on one tokenizer;
+DIR/search.json pins the settings (recipe, targets, FLOPs, seed) and a worker started with other
+settings is refused.
+
+Outputs in DIR: proxies.jsonl (one row per finished proxy, in order), mix.json (weights,
 predicted bpb of the searched, natural and uniform mixes, CV rank correlation), mix.yaml (the base
 recipe with the searched weights: ready to train), report.md with predicted_vs_actual.png and
 weights.png. Limits: proxies are small and short, so the method bets that the *ranking* of
@@ -28,7 +37,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +50,8 @@ from spud.errors import SpudError
 
 CANDIDATES = 100_000
 TOP = 100
+SEARCH_FILE = "search.json"
+PROXY_FILE = "proxy.json"
 
 
 def natural_weights(manifest: dict) -> np.ndarray:
@@ -142,9 +155,78 @@ def fit_and_rank(x: np.ndarray, y: np.ndarray, seed: int):
     return lgb.LGBMRegressor(**params).fit(x, y), oof, rho
 
 
-def run_search(config: str | Path, targets: list[str], proxies: int, proxy_flops: float, out: str | Path,
-               overrides: list[str] | None = None, seed: int = 0, console=None) -> dict:
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _pinned_recipe(tree: dict) -> dict:
+    """The recipe less the settings that say how fast, not what, a proxy trains (thread and worker
+    counts), so jobs on different machines may set their own."""
+    t = copy.deepcopy(tree)
+    for section, key in (("train", "threads"), ("data", "workers")):
+        if isinstance(t.get(section), dict):
+            t[section].pop(key, None)
+    return t
+
+
+def _pin_settings(out: Path, settings: dict) -> None:
+    """DIR/search.json holds the settings the proxies were trained with; refuse others (a proxy row
+    trained for other FLOPs or another target would silently corrupt the regression)."""
+    path = out / SEARCH_FILE
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        diff = [k for k in settings if old.get(k) != json.loads(json.dumps(settings[k]))]
+        if diff:
+            raise SpudError(f"{out}: its proxies were trained with another {', '.join(diff)} "
+                            f"(see {path}); use a new --out, or the settings it was made with")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, json.dumps(settings, indent=2))
+
+
+def _natural_build(base, out: Path) -> dict:
+    """The natural-mix build whose tokenizer every proxy shares. Built in a private directory and
+    renamed into place: of several workers starting at once, the first rename wins and the others
+    use its build (a rename onto an existing directory fails), so all proxies share one tokenizer."""
     from spud.data.build import build_dataset  # noqa: PLC0415
+
+    shared = out / "_natural"
+    if not (shared / "data" / "manifest.json").is_file():
+        tmp = out / f"_natural.tmp-{socket.gethostname()}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_dataset(base, tmp, progress=False, log=lambda *_: None)
+        try:
+            tmp.rename(shared)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # another worker's build is in place: use it
+    return build_dataset(base, shared, progress=False, log=lambda *_: None)  # reused as built
+
+
+def _finished_proxies(out: Path, mixes: np.ndarray) -> dict[int, dict]:
+    """proxy number → its result row, from DIR/proxies/pNNN/proxy.json (and proxies.jsonl, which a
+    search that finished also holds); each row's weights must be the mixture drawn for it."""
+    rows = {}
+    legacy = out / "proxies.jsonl"
+    if legacy.is_file():
+        rows |= {r["proxy"]: r for r in map(json.loads, legacy.read_text(encoding="utf-8").splitlines())}
+    for f in sorted((out / "proxies").glob(f"p*/{PROXY_FILE}")):
+        r = json.loads(f.read_text(encoding="utf-8"))
+        rows[r["proxy"]] = r
+    rows = {i: r for i, r in rows.items() if i < len(mixes)}
+    for i, r in rows.items():
+        if not np.allclose(r["weights"], mixes[i], atol=1e-9):
+            raise SpudError(f"{out}: proxy {i} was trained on another mixture than this search draws for it "
+                            "(another recipe, seed or data?); use a new --out")
+    return rows
+
+
+def run_search(config: str | Path, targets: list[str], proxies: int, proxy_flops: float, out: str | Path,
+               overrides: list[str] | None = None, seed: int = 0, console=None,
+               worker: tuple[int, int] | None = None) -> dict:
+    """The whole search, or with `worker=(i, N)` only the proxies numbered i mod N (no fit): the
+    dict returned then says which proxies this worker trained and which are still missing."""
     from spud.ui import make_console  # noqa: PLC0415
 
     console = console or make_console()
@@ -160,23 +242,32 @@ def run_search(config: str | Path, targets: list[str], proxies: int, proxy_flops
         raise SpudError("a mixture search needs at least two sources")
     tree = _merge(yaml.safe_load(Path(config).read_text(encoding="utf-8")) if Path(config).is_file() else {},
                   parse_overrides(overrides or []), "")
+    settings = {"recipe": _pinned_recipe(tree), "targets": targets, "proxy_flops": proxy_flops, "seed": seed}
+    _pin_settings(out, settings)
+    manifest = _natural_build(base, out)
     shared = out / "_natural"
-    manifest = build_dataset(base, shared, progress=False, log=lambda *_: None)
     natural = natural_weights(manifest)
     mixes = sample_mixtures(natural, proxies, seed)
     vocab = (manifest["vocab_size"] + 63) // 64 * 64
-    done_path = out / "proxies.jsonl"
-    rows = [json.loads(x) for x in done_path.read_text().splitlines()] if done_path.is_file() else []
-    done = {r["proxy"] for r in rows}
-    for i, w in enumerate(mixes):
-        if i in done:
+    found = _finished_proxies(out, mixes)
+    mine = [i for i in range(proxies) if worker is None or i % worker[1] == worker[0]]
+    for i in mine:
+        if i in found:
             continue
-        console.print(f"[bold]proxy {i + 1}/{proxies}[/] weights {np.round(w, 3).tolist()}")
-        row = {"proxy": i, **train_on_mix(tree, names, w, proxy_flops, out / "proxies" / f"p{i:03d}",
-                                          shared / "tokenizer.json", targets, vocab, console)}
-        rows.append(row)
-        with open(done_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        console.print(f"[bold]proxy {i + 1}/{proxies}[/] weights {np.round(mixes[i], 3).tolist()}")
+        run = out / "proxies" / f"p{i:03d}"
+        found[i] = {"proxy": i, **train_on_mix(tree, names, mixes[i], proxy_flops, run,
+                                                shared / "tokenizer.json", targets, vocab, console)}
+        _write_atomic(run / PROXY_FILE, json.dumps(found[i]))
+    if worker is not None:
+        finished = _finished_proxies(out, mixes)  # other workers may have finished meanwhile
+        missing = [i for i in range(proxies) if i not in finished]
+        return {"worker": list(worker), "trained": [i for i in mine if i in found], "missing": missing}
+    rows = [found[i] for i in range(proxies)]
+    jsonl = "".join(json.dumps(r) + "\n" for r in rows)
+    done_path = out / "proxies.jsonl"
+    if not done_path.is_file() or done_path.read_text(encoding="utf-8") != jsonl:
+        _write_atomic(done_path, jsonl)
     rows.sort(key=lambda r: r["proxy"])
     x = np.asarray([r["weights"] for r in rows])
     y = np.asarray([r["loss"] for r in rows])

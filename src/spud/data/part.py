@@ -23,15 +23,16 @@ _TOKENS = np.dtype("<u4")
 ENCODE_BATCH_BYTES = 2 << 20
 
 
-def parse_shard(spec: str) -> tuple[int, int]:
-    """"i/N" → (i, N) with 0 <= i < N (numbered from 0, like Slurm's --array=0-(N-1))."""
+def parse_shard(spec: str, flag: str = "--shard") -> tuple[int, int]:
+    """"i/N" → (i, N) with 0 <= i < N (numbered from 0, like Slurm's --array=0-(N-1)). `flag` names
+    the option in the error (`spud mix search --worker` takes the same form)."""
     try:
         i, n = (int(x) for x in spec.split("/"))
     except ValueError:
-        raise SpudError(f"--shard {spec!r}: expected i/N, e.g. --shard 0/4 (part 0 of 4)") from None
+        raise SpudError(f"{flag} {spec!r}: expected i/N, e.g. {flag} 0/4 (part 0 of 4)") from None
     if n < 1 or not 0 <= i < n:
-        raise SpudError(f"--shard {spec}: i must be in 0..N-1 and N >= 1 (parts are numbered from 0; "
-                        f"with N={n} the parts are 0/{n} … {max(n - 1, 0)}/{n})")
+        raise SpudError(f"{flag} {spec}: i must be in 0..N-1 and N >= 1 (numbered from 0; "
+                        f"with N={n} they are 0/{n} … {max(n - 1, 0)}/{n})")
     return i, n
 
 
