@@ -27,15 +27,19 @@ and rollouts depend only on (seed, step) and the weights. Ctrl-C saves a checkpo
 
 from __future__ import annotations
 
+import io
+import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
 from spud.config import Config, _merge, parse_overrides, save_config, validate_config
 from spud.errors import SpudError
 from spud.model.registry import build_model
+from spud.posttrain.rl_dist import NullLog, RLDist
 from spud.posttrain.rl_sampling import collect, level_cap, level_range, problem_stream, seed_of
 from spud.posttrain.rl_tasks import Problem, load_tasks
 from spud.posttrain.verifiers import verify
@@ -67,8 +71,9 @@ def prompt_ids(tok: Tokenizer, p: Problem, limit: int) -> list[int]:
 
 
 def evaluate(model, tok: Tokenizer, problems: list[Problem], samples: int = 1, temperature: float = 0.0,
-             max_tokens: int = 64, seed: int = 0, timeout: float = 5.0) -> dict:
-    """Held-out pass@k: greedy pass@1 when samples == 1, else unbiased pass@k for k ≤ samples."""
+             max_tokens: int = 64, seed: int = 0, timeout: float = 5.0, split_map=None) -> dict:
+    """Held-out pass@k: greedy pass@1 when samples == 1, else unbiased pass@k for k ≤ samples.
+    `split_map` (RLDist.map) splits the generation across data-parallel ranks."""
     from spud.eval.scoring import pass_at_k  # noqa: PLC0415
 
     if not problems:
@@ -76,7 +81,12 @@ def evaluate(model, tok: Tokenizer, problems: list[Problem], samples: int = 1, t
     limit = model.cfg.max_seq_len - max_tokens
     prompts = [prompt_ids(tok, p, limit) for p in problems for _ in range(samples)]
     seeds = [seed_of(seed, "eval", i) for i in range(len(prompts))] if temperature > 0 else None
-    outs = generate_many(model, tok, prompts, max_tokens, temperature, seeds)
+
+    def gen(idx: list[int]) -> list:
+        return generate_many(model, tok, [prompts[i] for i in idx], max_tokens, temperature,
+                             None if seeds is None else [seeds[i] for i in idx])
+
+    outs = (split_map or (lambda f, xs: f(list(xs))))(gen, range(len(prompts)))
     correct = []
     for i, p in enumerate(problems):
         texts = [outs[i * samples + j][1] for j in range(samples)]
@@ -124,13 +134,18 @@ class RLRun:
     def __init__(self, cfg: Config, out: Path, console, resume: bool):
         self.cfg, self.out, self.console = cfg, out, console
         r = cfg.rl
-        out.mkdir(parents=True, exist_ok=True)
-        src = Path(r.base_checkpoint).parent.parent  # the run dir whose checkpoints/ held it
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            if (src / name).is_file():
-                shutil.copyfile(src / name, out / name)
+        self.dist = RLDist(cfg.train)  # a single process unless launched by torchrun (rl_dist)
+        main = self.dist.is_main
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            src = Path(r.base_checkpoint).parent.parent  # the run dir whose checkpoints/ held it
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                if (src / name).is_file():
+                    shutil.copyfile(src / name, out / name)
+        self.dist.barrier()
         self.tok = Tokenizer.load(out / "tokenizer.json")
-        set_threads(cfg.train.threads)
+        # 0 = all cores, shared among the ranks on this machine under torchrun
+        set_threads(self.dist.threads(cfg.train.threads))
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model)
         ckpt_io.load_weights(Path(r.base_checkpoint), self.model, "cpu")
@@ -163,12 +178,15 @@ class RLRun:
             ckpt_io.load_weights(latest, self.model, "cpu")
             self.opt.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
             self.step = int(ckpt_io.read_state(latest)["step"])
-            truncate_after(out / "metrics.jsonl", self.step)
+            if main:
+                truncate_after(out / "metrics.jsonl", self.step)
             console.print(f"resuming RL from step {self.step} ({latest})")
         elif resume:
             console.print(f"[yellow]no checkpoint in {out}: starting RL from {r.base_checkpoint}")
-        save_config(cfg, out / "config.yaml")
-        self.log = MetricsLog(out / "metrics.jsonl")
+        self.dist.barrier()  # every rank has read the checkpoint before rank 0 writes anything
+        if main:
+            save_config(cfg, out / "config.yaml")
+        self.log = MetricsLog(out / "metrics.jsonl") if main else NullLog()
         self.model.train()
 
     # ----------------------------------------------------------------------------- one step
@@ -182,15 +200,21 @@ class RLRun:
         def sample(problems: list[Problem], round_: int):
             prompts = [prompt_ids(self.tok, p, limit) for p in problems for _ in range(r.group)]
             seeds = [seed_of(self.cfg.seed, "rl-sample", self.step, round_, i) for i in range(len(prompts))]
-            outs = generate_many(self.model, self.tok, prompts, r.max_tokens, r.temperature, seeds)
-            rewards, ok, errors = [], [], 0
-            for i, (_, text) in enumerate(outs):
-                p = problems[i // r.group]
-                v = verify(p.verifier, text, p.reference, p.tests, r.verifier_timeout_s)
-                rewards.append(float(v.correct) + r.format_weight * float(v.formatted))
-                ok.append(bool(v.correct))
-                errors += v.error is not None
-            return [(prompts[i], ids) for i, (ids, _) in enumerate(outs)], rewards, ok, errors
+
+            def sample_and_verify(idx: list[int]) -> list[tuple[list[int], float, bool, bool]]:
+                outs = generate_many(self.model, self.tok, [prompts[i] for i in idx], r.max_tokens,
+                                     r.temperature, [seeds[i] for i in idx])
+                done = []
+                for i, (ids, text) in zip(idx, outs):
+                    p = problems[i // r.group]
+                    v = verify(p.verifier, text, p.reference, p.tests, r.verifier_timeout_s)
+                    done.append((ids, float(v.correct) + r.format_weight * float(v.formatted),
+                                 bool(v.correct), v.error is not None))
+                return done
+
+            res = self.dist.map(sample_and_verify, range(len(prompts)))  # split across ranks, if any
+            rows = [(prompts[i], ids) for i, (ids, _, _, _) in enumerate(res)]
+            return rows, [x[1] for x in res], [x[2] for x in res], sum(x[3] for x in res)
 
         got = collect(draw, sample, r.prompts_per_step, r.group, r.dynamic_sampling, r.max_sample_rounds)
         return got.rows, got.rewards, {**got.stats, "level_cap": cap}
@@ -202,6 +226,10 @@ class RLRun:
             return {"skipped": True, "entropy": None, "kl": 0.0, "clip_fraction": 0.0, "loss": 0.0}
         pad = self.tok.pad_id
         chunks = [keep[i:i + r.micro_batch_size] for i in range(0, len(keep), r.micro_batch_size)]
+        # Every rank normalises by the whole batch's token count and runs its share of the
+        # micro-batches; the ranks' gradients summed are then the single-process gradient.
+        n_tokens = sum(len(rows[i][1]) for i in keep)
+        chunks = self.dist.deal(chunks)
         batches = []
         # With one pass the sampling policy is the current one: its log-probs are the live ones
         # detached (ratio exactly 1), so the extra forward that reuse of rollouts needs is skipped.
@@ -212,7 +240,6 @@ class RLRun:
                 old = token_logprobs(self.model, x, y)[0] if reuse else None
                 ref = token_logprobs(self.ref, x, y)[0] if self.ref is not None else None
                 batches.append((x, y, torch.tensor([adv[i] for i in ch]).unsqueeze(1), old, ref))
-        n_tokens = sum(int((y >= 0).sum()) for _, y, _, _, _ in batches)
         lr = r.lr * min(1.0, (self.step + 1) / max(1, r.warmup_steps))
         for g in self.opt.param_groups:
             g["lr"] = lr
@@ -235,8 +262,10 @@ class RLRun:
                 loss_sum += float(loss.detach())
                 ent += float(entropy.detach().sum())
                 clipped += float((((ratio < 1 - r.clip_low) | (ratio > 1 + r.clip_high)).float() * mask).sum())
+            self.dist.sum_grads(list(self.model.parameters()))
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.grad_clip)
             self.opt.step()
+        ent, kl_sum, clipped, loss_sum = self.dist.all_sum([ent, kl_sum, clipped, loss_sum])
         total = n_tokens * r.ppo_epochs
         return {"skipped": False, "entropy": ent / total, "kl": kl_sum / total,
                 "clip_fraction": clipped / total, "loss": loss_sum / r.ppo_epochs, "lr": lr,
@@ -245,13 +274,17 @@ class RLRun:
     def save(self) -> Path:
         state = {"config": self.cfg.model_dump(mode="json"), "tokenizer_sha256": self.tok.sha256(),
                  "loader": None, "tokens_seen": 0, "val": None}
-        return ckpt_io.save_checkpoint(self.out, self.step, self.model, self.opt, state, None,
-                                       self.cfg.rl.keep_checkpoints)
+        path = None
+        if self.dist.is_main:  # the weights are equal on every rank
+            path = ckpt_io.save_checkpoint(self.out, self.step, self.model, self.opt, state, None,
+                                           self.cfg.rl.keep_checkpoints)
+        self.dist.barrier()
+        return path
 
     def heldout_pass1(self) -> dict:
         r = self.cfg.rl
         return evaluate(self.model, self.tok, self.heldout, 1, 0.0, r.max_tokens, self.cfg.seed,
-                        r.verifier_timeout_s)
+                        r.verifier_timeout_s, split_map=self.dist.map)
 
     def run(self) -> dict:
         r = self.cfg.rl
@@ -282,9 +315,10 @@ class RLRun:
                     ev = self.heldout_pass1()
                     self.log.write("rl_eval", self.step, split=r.eval_split, **ev)
                     self.console.print(f"  {r.eval_split} pass@1 {ev.get('pass@1', float('nan')):.3f}")
-                if self.step % r.checkpoint_every == 0 or self.step == r.steps or stop["stop"]:
+                stopping = self.dist.any_true(stop["stop"])  # one rank's Ctrl-C stops them all here
+                if self.step % r.checkpoint_every == 0 or self.step == r.steps or stopping:
                     self.save()
-                if stop["stop"]:
+                if stopping:
                     interrupted = True
                     self.log.write("event", self.step, event="interrupt")
                     break
@@ -340,9 +374,18 @@ def rl_cmd(run: str, source: str = "chat", tasks: list[str] | None = None, out: 
     from spud.ui import make_console  # noqa: PLC0415
 
     console = console or make_console()
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 talks (rl_dist)
+        console = Console(file=io.StringIO())
     out_dir = Path(out) if out else Path(run) / "rl"
     cfg = rl_config(run, source, tasks, out_dir, overrides or [], resume)
     runner = RLRun(cfg, out_dir, console, resume)
+    try:
+        return _run_and_report(runner, cfg, run, out_dir, console)
+    finally:
+        runner.dist.close()
+
+
+def _run_and_report(runner: RLRun, cfg: Config, run: str, out_dir: Path, console) -> dict:
     console.print(f"rl: {len(runner.train_set):,} train / {len(runner.heldout):,} {cfg.rl.eval_split} problems from "
                   f"{', '.join(cfg.rl.tasks)} · {cfg.rl.prompts_per_step}×{cfg.rl.group} rollouts/step · "
                   f"from {cfg.rl.base_checkpoint}")

@@ -1,0 +1,63 @@
+"""Data-parallel spud rl (spud.posttrain.rl_dist), launched as users launch it: torchrun -m spud rl
+with 2 gloo ranks gives a single process's rollouts, rewards and metrics, and its weights."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spud.config_sections import TrainConfig
+from spud.errors import SpudError
+from spud.posttrain.rl import rl_cmd
+from spud.posttrain.rl_dist import RLDist
+from spud.train.metrics import read_metrics
+
+from test_rl import FAST, quiet, seven_task
+
+# dynamic sampling on (the default), 2 micro-batches a step so each rank runs its own
+STEPS = ["rl.steps=3", "rl.lr=0.01", "rl.micro_batch_size=8", "rl.eval_every=3", "rl.checkpoint_every=3"]
+
+
+def test_two_ranks_match_one_process(base_run, tmp_path):
+    task = seven_task(tmp_path / "seven.jsonl")
+    single = tmp_path / "single"
+    rl_cmd(str(base_run), source="base", tasks=[task], out=str(single), overrides=FAST + STEPS, console=quiet())
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "spud",
+           "rl", str(base_run), "--from", "base", "--tasks", task, "--out", str(two), *FAST, *STEPS,
+           "train.parallel=ddp", "train.dist_timeout_s=60"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("rl step 1/3") == 1  # only rank 0 talks
+
+    def rows(run, kind):
+        return [x for x in read_metrics(run / "metrics.jsonl") if x["kind"] == kind]
+
+    a, b = rows(single, "rl"), rows(two, "rl")
+    assert len(a) == len(b) == 3 and sum(not x["skipped"] for x in a) >= 2  # steps that did update
+    for x, y in zip(a, b):
+        for k in ("reward", "accuracy", "response_length", "rollouts", "groups_kept", "groups_sampled",
+                  "sequences", "verifier_errors"):
+            assert x.get(k) == y.get(k), (k, x.get(k), y.get(k))  # the same rollouts, gathered on every rank
+        for k in ("loss", "entropy", "clip_fraction"):
+            assert (x[k] is None and y[k] is None) or x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), k
+    assert [x["pass@1"] for x in rows(single, "rl_eval")] == [x["pass@1"] for x in rows(two, "rl_eval")]
+    wa = load_file(single / "checkpoints" / "step_0000003" / "model.safetensors")
+    wb = load_file(two / "checkpoints" / "step_0000003" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    assert worst < 1e-5, worst  # summed gradients differ from one process's only in rounding
+    assert any(not torch.equal(wa[k], load_file(next((base_run / "checkpoints").glob("step_*"))
+                                                / "model.safetensors")[k]) for k in wa)  # it trained
+
+
+def test_rl_refuses_fsdp(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SpudError, match="train.parallel=ddp"):
+        RLDist(TrainConfig(parallel="fsdp"))
