@@ -333,3 +333,35 @@ def test_from_run_names_the_model_after_the_run(serve_run):
         assert fin.reason == ("stop" if fin.end_token is not None else "length")
     finally:
         eng.shutdown()
+
+
+def test_a_finished_batch_engine_is_freed_at_once(tok):
+    """complete_many (eval, RL rollouts) makes an engine per call: it must be freed when the call
+    returns, not at the next full garbage collection — the last batch's sequences hold bound
+    methods of the engine, a cycle that kept every engine's KV cache alive (spud rl grew to 3 GB)."""
+    import gc
+    import weakref
+
+    from spud.serve import engine as engine_mod
+    from spud.serve.batch import complete_many
+
+    made = []
+
+    class Tracked(Engine):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(weakref.ref(self))
+
+    model = make_model(tok)
+    gc.collect()
+    gc.disable()
+    try:
+        engine_mod.Engine, original = Tracked, engine_mod.Engine
+        try:
+            out = complete_many(model, tok, prompts(tok, 4), [SamplingParams(max_tokens=4, seed=i) for i in range(4)])
+        finally:
+            engine_mod.Engine = original
+        assert len(out) == 4 and len(made) == 1
+        assert made[0]() is None  # freed by reference counting alone
+    finally:
+        gc.enable()

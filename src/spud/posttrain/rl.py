@@ -114,7 +114,9 @@ def token_logprobs(model, seqs: torch.Tensor, targets: torch.Tensor) -> tuple[to
     logp = torch.log_softmax(logits, dim=-1)
     mask = targets >= 0
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-    entropy = -(logp.exp() * logp).sum(-1) * mask
+    with torch.no_grad():  # only logged: outside the graph, so no (B, T, V) tensor is kept for it
+        d = logp.detach()
+        entropy = -(d.exp() * d).sum(-1) * mask
     return picked, entropy
 
 

@@ -169,6 +169,11 @@ class Engine(ForwardSteps):
         else:  # never started: nothing will serve the queue
             while self._waiting:
                 self._finish(self._waiting.popleft(), "cancelled")
+        # The last batch's sequences hold bound methods of this engine (their detokenizer, their
+        # handle's wake-up): a reference cycle that kept each finished engine, KV cache included,
+        # alive until the next full garbage collection — `spud rl`, which makes engines for every
+        # rollout round, grew to 3 GB that way. A stopped engine serves nothing more.
+        self._batch_key = self._batch = None
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, images=None) -> RequestHandle:
         """`images`: a spud.serve.prompt_images.PromptImages for a prompt with image placeholders
