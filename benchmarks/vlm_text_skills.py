@@ -2,13 +2,14 @@
 (spud.posttrain.chat_eval: exact match on held-out arithmetic and word problems, greedy, through
 the serving engine) for RUN's chat model and its vision model (`spud vlm RUN`), side by side.
 
-    python benchmarks/vlm_text_skills.py RUN [--n 100] [--out vlm_text_skills.json]
+    python benchmarks/vlm_text_skills.py RUN [--n 100] [--out benchmarks/results/vlm_text_skills.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 import time
 
 from spud.posttrain.chat_eval import SPLITS, eval_items, split_accuracy
@@ -21,7 +22,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100, help="questions per split")
     ap.add_argument("--splits", default="operands,templates,three_digit,multi_step")
     ap.add_argument("--models", default="chat,vlm", help="which models of RUN to evaluate")
-    ap.add_argument("--out", default="vlm_text_skills.json")
+    ap.add_argument("--out", default="benchmarks/results/vlm_text_skills.json")
     args = ap.parse_args()
     splits = [s for s in args.splits.split(",") if s]
     unknown = [s for s in splits if s not in SPLITS]
@@ -40,6 +41,7 @@ def main() -> None:
     print(f"  {'split':<13}" + "".join(f" {k:>6}" for k in kinds))
     for s in splits:
         print(f"  {s:<13}" + "".join(f" {result['models'][k]['splits'][s]:>6.1%}" for k in kinds))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {args.out}")
