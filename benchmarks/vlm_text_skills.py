@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 import time
+from pathlib import Path
 
 from spud.posttrain.chat_eval import SPLITS, eval_items, split_accuracy
 from spud.runs import load_model
