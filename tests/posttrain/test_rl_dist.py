@@ -8,14 +8,13 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_rl import FAST, quiet, seven_task
 
 from spud.config_sections import TrainConfig
 from spud.errors import SpudError
 from spud.posttrain.rl import rl_cmd
 from spud.posttrain.rl_dist import RLDist
 from spud.train.metrics import read_metrics
-
-from test_rl import FAST, quiet, seven_task
 
 # dynamic sampling on (the default), 2 micro-batches a step so each rank runs its own
 STEPS = ["rl.steps=3", "rl.lr=0.01", "rl.micro_batch_size=8", "rl.eval_every=3", "rl.checkpoint_every=3"]

@@ -49,7 +49,6 @@ from spud.train import checkpoint as ckpt_io
 from spud.train.faults import graceful_stop
 from spud.train.metrics import MetricsLog, truncate_after
 
-
 _seed = seed_of  # (dpo and older callers)
 
 

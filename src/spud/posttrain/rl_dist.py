@@ -79,7 +79,7 @@ class RLDist:
         parts: list[Any] = [None] * self.world
         try:
             dist.all_gather_object(parts, got)  # between this job's own ranks only
-        except Exception as e:  # noqa: BLE001 - named, with the timeout to check
+        except Exception as e:  # named, with the timeout to check
             raise self._d.collective_error(self.env, e) from e
         out: list[Any] = [None] * len(items)
         for r, part in enumerate(parts):
