@@ -19,8 +19,9 @@ import argparse
 ap = argparse.ArgumentParser()
 ap.add_argument("--steps", type=int, default=300); ap.add_argument("--lr", type=float, default=1e-3)
 ap.add_argument("--bs", type=int, default=32); ap.add_argument("--n", type=int, default=6000)
-ap.add_argument("--set", nargs="*", default=[]); ap.add_argument("--stem", default="linear"); ap.add_argument("--pool", default="flat")
+ap.add_argument("--set", nargs="*", default=[]); ap.add_argument("--threads", type=int, default=1); ap.add_argument("--save", default=""); ap.add_argument("--stem", default="linear"); ap.add_argument("--pool", default="flat")
 a = ap.parse_args()
+torch.set_num_threads(a.threads)
 vkw = dict(vit_dim=96, vit_layers=2, vit_heads=4, vit_stem="patch")  # the table's baseline
 for s in a.set:
     k, v = s.split("="); vkw[k] = type(getattr(VisionConfig(), k))(v) if not isinstance(getattr(VisionConfig(), k), str) else v
@@ -98,3 +99,6 @@ for step in range(1, a.steps + 1):
 c1 = resource.getrusage(resource.RUSAGE_SELF)
 print(f"RESULT {vkw} lr={a.lr} steps={a.steps} bs={a.bs}: number {te['number'][1]:.3f} count {te['count'][1]:.3f} "
       f"train cpu {c1.ru_utime - c0.ru_utime + c1.ru_stime - c0.ru_stime:.0f}s wall {time.time() - t0:.0f}s (gen {gen_s:.0f}s)")
+
+if a.save:
+    torch.save(tower.state_dict(), a.save)

@@ -35,7 +35,8 @@ def cmd_vlm(args) -> int:
     from spud.posttrain.vlm import vlm_cmd
 
     overrides = list(args.overrides or [])
-    for flag, key in ((args.align_steps, "vlm.align_steps"), (args.steps, "vlm.steps")):
+    for flag, key in ((args.tower_steps, "vlm.tower_steps"), (args.align_steps, "vlm.align_steps"),
+                      (args.steps, "vlm.steps")):
         if flag is not None:
             overrides.append(f"{key}={flag}")
     summary = vlm_cmd(args.run, source=args.source, data=args.data, out=args.out, overrides=overrides,
@@ -86,6 +87,8 @@ def register(verbs) -> None:
     p.add_argument("--data", action="extend", nargs="+", default=None,
                    help="image chat files as PATH[:WEIGHT] (.jsonl with image parts, .parquet with image "
                         "bytes) and/or 'builtin' (default: builtin)")
+    p.add_argument("--tower-steps", type=int, default=None,
+                   help="steps of the tower stage, 0 = none (vlm.tower_steps)")
     p.add_argument("--align-steps", type=int, default=None, help="steps of the align stage (vlm.align_steps)")
     p.add_argument("--steps", type=int, default=None, help="steps of the multimodal SFT stage (vlm.steps)")
     p.add_argument("--out", default=None, help="output run directory (default RUN/vlm)")

@@ -119,11 +119,20 @@ def test_packed_batches_carry_one_picture_per_placeholder_run(tok):
 
 def test_builtin_conversations_ask_every_question_of_a_picture():
     sample = images.generate(3, 0, size=16, fonts=("default",))[2]  # a counting picture
-    msgs = vlm_data.builtin_messages(sample, "align", 0)
-    assert [m["role"] for m in msgs] == ["user", "assistant"] * len(sample.qa)
-    assert msgs[0]["content"][0] == {"type": "image"}
-    assert [m["content"] for m in msgs[1::2]] == [a for _, _, a in sample.qa]
+    answers = [a for _, _, a in sample.qa]
+    firsts = set()
+    for index in range(1, 40, 2):  # odd: no caption
+        msgs = vlm_data.builtin_messages(sample, "sft", index)
+        assert [m["role"] for m in msgs] == ["user", "assistant"] * len(sample.qa)
+        assert msgs[0]["content"][0] == {"type": "image"}
+        got = [m["content"] for m in msgs[1::2]]
+        k = answers.index(got[0])  # every question once, in turn from the first one asked
+        assert got == answers[k:] + answers[:k]
+        firsts.add(got[0])
+    # each question is sometimes the first: the eval asks every type as a first question
+    assert firsts == set(answers)
     # SFT: every CAPTION_EVERY-th conversation ends with a request for the caption
-    assert vlm_data.builtin_messages(sample, "sft", 1) == msgs
-    with_caption = vlm_data.builtin_messages(sample, "sft", vlm_data.CAPTION_EVERY)
-    assert with_caption[:-2] == msgs and with_caption[-1]["content"] == sample.caption
+    index = vlm_data.CAPTION_EVERY
+    with_caption = vlm_data.builtin_messages(sample, "sft", index)
+    assert with_caption[:-2] == vlm_data.builtin_messages(sample, "align", index)
+    assert with_caption[-1]["content"] == sample.caption

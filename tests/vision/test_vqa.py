@@ -45,5 +45,5 @@ def test_batched_greedy_answers_equal_one_by_one_full_forward(chat_template_run)
             if nxt in (tok.end_id, tok.eos_id, tok.bos_id):  # the engine's end tokens
                 break
             new.append(nxt)
-        assert tok.decode(new) == got
+        assert tok.decode(new, skip_special=True) == got  # the engine never shows control tokens
     assert len(set(batched)) > 1  # a random model still answers different pictures differently

@@ -182,6 +182,15 @@ class ConvStem(nn.Module):
             c_in = c
         layers.append(nn.Conv2d(c_in, width, 3, padding=1))
         self.net = nn.Sequential(*layers)
+        # He init: torch's default for convolutions draws weights at a third of the variance
+        # that keeps a GELU stack's signal level, so five layers shrank the pictures' signal to
+        # a few hundredths, under the position embeddings added next; training then sat on a
+        # plateau whose length depended on the seed (measured: 2 % vs 26 % of numbers read
+        # after 600 tower steps, seeds 1337 vs 0).
+        for m in self.net:
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
 
     def flops_and_values(self, size: int) -> tuple[int, int, int]:
         """(forward FLOPs of the convolutions, those of the first one — its input, the pixels,

@@ -1,6 +1,9 @@
-"""`spud vlm RUN`: give a run's chat model eyes — a vision tower, then two training stages.
+"""`spud vlm RUN`: give a run's chat model eyes — a vision tower, then up to three training stages.
 
-The LLaVA recipe at demo scale (nanoVLM is the small-scale reference):
+The LLaVA recipe at demo scale (nanoVLM is the small-scale reference), after a stage 0:
+0. tower (RUN/vlm/tower/, spud.posttrain.vlm_tower): the fresh tower alone learns the built-in
+   pictures' answers through linear read-outs, so the language model starts from a tower that
+   sees (the part a pretrained encoder plays in LLaVA).
 1. align (RUN/vlm/align/): the chat model gets a vision encoder and a projector
    (spud.model.vision.add_vision) and the run's tokenizer an <|image|> token; the language model
    is frozen and the vision tower learns to produce embeddings the language model can caption
@@ -19,6 +22,7 @@ serve RUN --model vlm`, `spud eval RUN --model vlm` and `spud chat` load like an
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -41,8 +45,9 @@ STAGES = ("align", "sft")
 class VLMTrainer(Trainer):
     """One vision stage (cfg.train holds the stage's schedule; `stage` says which)."""
 
-    def __init__(self, cfg: Config, run_dir, stage: str, init_checkpoint: Path, **kw):
+    def __init__(self, cfg: Config, run_dir, stage: str, init_checkpoint: Path, tower=None, **kw):
         self.stage, self.init_checkpoint = stage, Path(init_checkpoint)
+        self.tower = tower  # the tower stage's weights (state dict or file) for a fresh tower
         super().__init__(cfg, run_dir, **kw)
         if stage == "sft":
             self._vision_lr_groups(cfg.vlm.vision_lr / self.cfg.train.lr)
@@ -133,8 +138,9 @@ class VLMTrainer(Trainer):
 
     # ------------------------------------------------------------------------ weights
     def init_weights(self, model: torch.nn.Module) -> None:
-        """align: the source model's weights + a fresh vision tower; sft: the align result (or,
-        with vlm.align_steps=0, the source model + a fresh tower as align would start)."""
+        """align: the source model's weights + a fresh vision tower (the tower stage's, when it
+        ran); sft: the align result (or, with vlm.align_steps=0, the source model + a fresh tower
+        as align would start)."""
         state = ckpt_io.read_state(self.init_checkpoint)
         if self.stage == "sft" and (state["config"].get("model") or {}).get("vision"):
             ckpt_io.load_weights(self.init_checkpoint, model, "cpu")
@@ -147,6 +153,10 @@ class VLMTrainer(Trainer):
         vision = self.cfg.model.vision
         grown = add_vision(text, vision, vision.image_token_id)
         model.load_state_dict(grown.state_dict())
+        if self.tower is not None:
+            from spud.posttrain.vlm_tower import load_tower
+
+            load_tower(model, self.tower)
 
     def set_trainable(self, model: torch.nn.Module) -> None:
         if self.stage != "align":
@@ -262,11 +272,27 @@ def vlm_cmd(run: str, source: str | None = None, data: list[str] | None = None, 
     _check_user_data(cfg)
     base_ckpt = Path(cfg.vlm.base_checkpoint)
     summary: dict = {"out": str(out_dir), "base_checkpoint": str(base_ckpt), "stages": {}}
+    tower = None
+    # The tower stage feeds the first stage that grows a fresh tower; a resumed stage has its own.
+    first_dir = align_dir if cfg.vlm.align_steps else out_dir
+    if cfg.vlm.tower_steps and not ckpt_io.list_checkpoints(first_dir):
+        from spud.posttrain.vlm_tower import train_tower
+
+        if console is None:
+            from spud.ui import make_console
+
+            console = make_console()
+            console.quiet = int(os.environ.get("RANK", "0")) != 0
+        result = train_tower(cfg, out_dir / "tower", console)
+        tower = result.pop("state", None) or result.get("weights")
+        summary["stages"]["tower"] = result
+        if result.get("interrupted"):
+            return {**summary, "interrupted": True}
     start = _finished(align_dir, cfg.vlm.align_steps) if resume else None
     if cfg.vlm.align_steps == 0:  # straight to multimodal SFT from the source model
         start = base_ckpt
     if start is None:
-        trainer = VLMTrainer(stage_config(cfg, "align"), align_dir, "align", base_ckpt,
+        trainer = VLMTrainer(stage_config(cfg, "align"), align_dir, "align", base_ckpt, tower=tower,
                              resume=resume, console=console)
         trainer.console.print(f"vlm align: {trainer.data_summary['train_conversations']:,} "
                               f"picture conversations · language model frozen · from {base_ckpt}")
@@ -275,7 +301,8 @@ def vlm_cmd(run: str, source: str | None = None, data: list[str] | None = None, 
         if result.get("interrupted"):
             return {**summary, "interrupted": True}
         start = ckpt_io.latest_checkpoint(align_dir)
-    trainer = VLMTrainer(stage_config(cfg, "sft"), out_dir, "sft", start, resume=resume, console=console)
+    trainer = VLMTrainer(stage_config(cfg, "sft"), out_dir, "sft", start, resume=resume, console=console,
+                         tower=tower if cfg.vlm.align_steps == 0 else None)
     trainer.console.print(
         f"vlm sft: {trainer.data_summary['train_conversations']:,} train / "
         f"{trainer.data_summary['val_conversations']:,} val conversations (pictures and text), "
