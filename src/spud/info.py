@@ -84,7 +84,9 @@ def show_info(run: str | None, preset: str | None, vocab: int, seq_len: int | No
 def vision_line(model: ModelConfig, params: int) -> str:
     """One line on the vision tower: shape, tokens per image, parameters, FLOPs per image."""
     v = model.vision
-    enc = (f"ViT {v.vit_layers}×{v.vit_dim}d ({v.vit_stem} stem)" if v.encoder == "vit" else f"{v.encoder} {v.hf_path}")
+    # vit_layers 0 (the default) is a stem-only tower: say so rather than "ViT 0×96d".
+    layers = f"{v.vit_layers}×{v.vit_dim}d" if v.vit_layers else f"{v.vit_dim}d, no transformer layers"
+    enc = (f"ViT {layers} ({v.vit_stem} stem)" if v.encoder == "vit" else f"{v.encoder} {v.hf_path}")
     fl = image_flops(model)
     return (f"vision: {enc}, {v.image_size}px images in {v.patch_size}px patches → "
             f"{v.tokens_per_image} tokens/image (pixel shuffle {v.pixel_shuffle}), {_fmt(params)} "

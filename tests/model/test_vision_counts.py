@@ -117,7 +117,13 @@ def test_info_shows_the_vision_tower(tmp_path):
     console = Console(record=True, width=300)
     show_run(run, console)
     text = console.export_text()
-    assert "vision: ViT 1×96d (conv stem), 32px images in 4px patches → 16 tokens/image (pixel shuffle 2)" in text
+    assert ("vision: ViT 96d, no transformer layers (conv stem), 32px images in 4px patches → 16 tokens/image "
+            "(pixel shuffle 2)") in text
+    save_config(load_config(None, ["model.vocab_size=256", "model.vision.image_size=32", "model.vision.vit_layers=2",
+                                   "model.vision.image_token_id=250"]), run / "config.yaml")
+    console = Console(record=True, width=300)
+    show_run(run, console)
+    assert "vision: ViT 2×96d (conv stem)" in console.export_text()
     assert "FLOPs/image forward" in text and "vision=" not in text
 
 
