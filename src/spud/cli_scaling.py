@@ -14,7 +14,8 @@ def cmd_plan(args) -> int:
              serve_completion_tokens=args.serve_completion_tokens, serve_latency_ms=args.serve_latency_ms,
              horizon_days=args.horizon_days, hardware=args.hardware, json=args.json, seq_len=args.seq_len,
              vocab_size=args.vocab_size, precision=args.precision, vision_images=args.vision_images,
-             vision_config=args.vision_config, vision_text_tokens=args.vision_text_tokens)
+             vision_config=args.vision_config, vision_text_tokens=args.vision_text_tokens,
+             vision_tower_images=args.vision_tower_images, vision_readout_outputs=args.vision_readout_outputs)
     return 0
 
 
@@ -68,6 +69,11 @@ def register(verbs) -> None:
                    "time, cost and memory to the plan")
     v.add_argument("--vision-config", help="YAML with the model.vision section (default: the built-in ViT)")
     v.add_argument("--vision-text-tokens", type=int, default=32, help="question + answer tokens per image")
+    v.add_argument("--vision-tower-images", type=float, default=2400 * 32, help="pictures of the tower stage "
+                   "(vlm.tower_steps × vlm.tower_batch_size; default spud vlm's 76,800; 0: no tower stage)")
+    v.add_argument("--vision-readout-outputs", type=int, default=475, help="the tower stage's read-out "
+                   "logits per picture (answer positions × classes; default: the built-in pictures with "
+                   "the demo's tokenizer, 475)")
     p.set_defaults(func=cmd_plan)
 
     p = verbs.add_parser("ladder", help="train a grid of small models × token budgets for a scaling fit")

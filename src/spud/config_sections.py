@@ -228,6 +228,9 @@ class VLMConfig(StrictModel):
     vision_lr: float = Field(2e-4, gt=0, description="Peak LR of the vision tower in the SFT stage: low, "
                              "so the tower stage's tower keeps what it learnt while the language model "
                              "learns to read it (1e-3 read 48 % of counts against 70 % at 2e-4).")
+    sft_encoder: bool = Field(True, description="Train the vision encoder in the SFT stage (at "
+                              "vision_lr); false keeps the encoder the tower or align stage made, "
+                              "and trains only the projector and the language model.")
     warmup_steps: int = Field(10, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     micro_batch_size: int = Field(8, gt=0)

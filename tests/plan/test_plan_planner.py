@@ -92,7 +92,13 @@ def test_vision_stages_cost_counted_from_the_model(tmp_path, capsys):
                                       "vision": VisionConfig(image_size=64, patch_size=8, vit_dim=96).model_dump()})
     assert v["tokens_per_image"] == 16  # (64 / 8 / 2)²
     per_image = image_flops(vlm)["training"] + (16 + 40) * flops_per_token(vlm, 56)["training"]
-    assert v["flops"] == pytest.approx(2e6 * per_image, rel=1e-12)
+    # + the tower stage: spud vlm's 2,400 × 32 pictures through the tower and 475 read-out logits
+    tower = 76800 * (image_flops(vlm)["training"] + 6 * 16 * vlm.d_model * 475)
+    assert v["tower_stage_flops"] == pytest.approx(tower, rel=1e-12) and v["tower_images"] == 76800
+    assert v["flops"] == pytest.approx(2e6 * per_image + tower, rel=1e-12)
+    none = plan(budget=1e20, gpus=1, vision_images=2e6, vision_config=str(vision), vision_text_tokens=40,
+                vision_tower_images=0)["vision"]
+    assert none["flops"] == pytest.approx(2e6 * per_image, rel=1e-12) and none["tower_stage_flops"] == 0
     p = text["train"]["parallelism"]
     mem = training_memory(vlm, p["micro_batch"], 2048, "bf16", p["fsdp"], p["checkpointing"],
                           images=p["micro_batch"], optimizer="muon")
@@ -100,6 +106,8 @@ def test_vision_stages_cost_counted_from_the_model(tmp_path, capsys):
     assert main(["plan", "--budget", "1e20", "--vision-images", "1e6"]) == 0
     assert "vision stages" in capsys.readouterr().out
     for argv, message in ((["--vision-images", "0"], "--vision-images must be > 0"),
+                          (["--vision-images", "1e6", "--vision-tower-images", "-1"],
+                           "--vision-tower-images must be >= 0"),
                           (["--vision-images", "1e6", "--vision-config", str(tmp_path / "none.yaml")],
                            "none.yaml: cannot read")):
         assert main(["plan", "--budget", "1e20", *argv]) == 2

@@ -72,3 +72,18 @@ def test_the_tower_stage_is_recorded_in_the_vlm_summary(chat_run, tmp_path):
     summary = vlm_cmd(str(chat_run), out=str(tmp_path / "vlm"), overrides=overrides())
     assert list(summary["stages"]) == ["tower", "align", "sft"]
     assert summary["stages"]["tower"]["steps"] == 40
+
+
+def test_a_frozen_encoder_in_sft_is_exactly_the_tower_stages(chat_run, tmp_path):
+    """vlm.sft_encoder=false: the SFT stage trains the projector and the language model only; the
+    encoder the tower stage made comes out bit for bit."""
+    out = tmp_path / "vlm"
+    r = run_cli("vlm", str(chat_run), "--out", str(out),
+                *overrides("vlm.align_steps=0", "vlm.sft_encoder=false", "vlm.checkpoint_every=4"))
+    assert r.returncode == 0, r.stderr
+    tower = load_file(out / "tower" / "tower.safetensors")
+    final = weights(out, 4)
+    encoder = [k for k in tower if k.startswith("encoder.")]
+    assert encoder and all(torch.equal(final[f"vision.{k}"], tower[k]) for k in encoder)
+    moved = [k for k in tower if not k.startswith("encoder.") and not torch.equal(final[f"vision.{k}"], tower[k])]
+    assert moved, "the projector should still learn"

@@ -30,7 +30,8 @@ from spud.plan.allocate import (
 from spud.plan.fit import CHINCHILLA, ScalingLaw, predict_interval
 from spud.model.memory import suggest_parallelism
 from spud.plan.profiles import HardwareProfile, get_profile
-from spud.plan.vision_plan import DEFAULT_TEXT_TOKENS, load_vision_config, vision_stage
+from spud.plan.vision_plan import (DEFAULT_READOUT_OUTPUTS, DEFAULT_TEXT_TOKENS, DEFAULT_TOWER_IMAGES,
+                                   load_vision_config, vision_stage)
 
 DEFAULT_OPTIMIZER = TrainConfig.model_fields["optimizer"].default
 OPTIMIZER_NAME = {"muon": "Muon+AdamW", "adamw": "AdamW"}[DEFAULT_OPTIMIZER]
@@ -168,6 +169,7 @@ def plan(
     horizon_days: float | None = None, hardware: str | None = None, seq_len: int = 2048,
     vocab_size: int = 32768, precision: str = "bf16", vision_images: float | None = None,
     vision_config: str | None = None, vision_text_tokens: int = DEFAULT_TEXT_TOKENS,
+    vision_tower_images: float = DEFAULT_TOWER_IMAGES, vision_readout_outputs: int = DEFAULT_READOUT_OUTPUTS,
 ) -> dict:
     """The whole plan as a JSON-ready dict (see module doc); plan_cmd prints it."""
     vision = load_vision_config(vision_config) if vision_images is not None else None
@@ -216,7 +218,7 @@ def plan(
         result["vision"] = vision_stage(
             train["_cfg"], vision, vision_images, train["parallelism"], seq_len, train["devices"],
             bud.effective_flops_per_s, hw.price_per_hour, hw.memory_bytes, precision, DEFAULT_OPTIMIZER,
-            vision_text_tokens)
+            vision_text_tokens, vision_tower_images, vision_readout_outputs)
         if not result["vision"]["fits"]:
             warnings.append("the vision stages do not fit the training plan's layout "
                             f"({result['vision']['memory']['total'] / 1e9:.1f} GB per device)")
@@ -261,6 +263,7 @@ def plan_cmd(
     horizon_days: float | None = None, hardware: str | None = None, json: str | None = None,
     seq_len: int = 2048, vocab_size: int = 32768, precision: str = "bf16", vision_images: float | None = None,
     vision_config: str | None = None, vision_text_tokens: int = DEFAULT_TEXT_TOKENS,
+    vision_tower_images: float = DEFAULT_TOWER_IMAGES, vision_readout_outputs: int = DEFAULT_READOUT_OUTPUTS,
 ) -> dict:
     """`spud plan ...`: print the plan as rich tables; write it as JSON when --json PATH is given."""
     from rich.table import Table
@@ -269,7 +272,8 @@ def plan_cmd(
 
     res = plan(budget, gpu, gpus, days, dollars, law, mfu, unique_tokens, serve_requests_per_day,
                serve_prompt_tokens, serve_completion_tokens, serve_latency_ms, horizon_days, hardware,
-               seq_len, vocab_size, precision, vision_images, vision_config, vision_text_tokens)
+               seq_len, vocab_size, precision, vision_images, vision_config, vision_text_tokens,
+               vision_tower_images, vision_readout_outputs)
     console = make_console()
     tr, hw, lw = res["train"], res["hardware"], res["law"]
     t = Table(title=f"training plan · {hw['name']} · MFU {res['mfu']:.0%} · {res['precision']}", show_header=False)
@@ -302,7 +306,8 @@ def plan_cmd(
     if "vision" in res:
         v, vm = res["vision"], res["vision"]["memory"]
         t.add_row("vision stages", f"{v['images']:.3g} images × {v['tokens_per_image']} image + {v['text_tokens']} text "
-                                   f"tokens: {v['flops']:.3g} FLOPs ({v['flops'] / tr['train_flops_exact']:.1%} of "
+                                   f"tokens, tower stage {v['tower_images']:.3g} pictures "
+                                   f"({v['tower_stage_flops']:.3g} FLOPs): {v['flops']:.3g} FLOPs ({v['flops'] / tr['train_flops_exact']:.1%} of "
                                    f"pretraining), {_fmt_days(v['wall_clock_days'])}, ${v['cost_usd']:,.0f}; tower "
                                    f"{v['vision_params']:,} params; {vm['total'] / 1e9:.1f} GB / device")
     console.print(t)

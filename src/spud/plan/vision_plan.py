@@ -1,8 +1,13 @@
 """The vision stages in a plan (`spud plan --vision-images N`): what adding an image path to the
 planned language model costs, counted from the model itself like everything else the planner says.
 
-The vision stages (`spud vlm`: align, then multimodal SFT) train on `images` pictures, one per
-sequence. Per image they cost the tower's training FLOPs (spud.model.flops.image_flops: encoder
+The vision stages (`spud vlm`: tower, align, then multimodal SFT). The tower stage
+(spud.posttrain.vlm_tower) trains the tower alone on `tower_images` pictures (steps × pictures
+per step; default: spud vlm's, 2,400 × 32): per picture the tower's training FLOPs plus its linear
+read-out heads, tokens_per_image·d_model inputs → `readout_outputs` logits (answer positions ×
+classes, summed over question types: 475 for the built-in pictures with the demo's tokenizer;
+it depends on the tokenizer, so it is an input), forward and backward. Align and SFT train on
+`images` pictures, one per sequence. Per image they cost the tower's training FLOPs (spud.model.flops.image_flops: encoder
 and projector forward and backward) plus the language model's training FLOPs for the image's
 tokens_per_image positions and `text_tokens` of question and answer (the LM is run forward and
 backward on them in both stages: align only freezes its weights, its activations still carry the
@@ -26,6 +31,8 @@ from spud.model.memory import USABLE_FRACTION, training_memory
 from spud.plan.allocate import SECONDS_PER_DAY
 
 DEFAULT_TEXT_TOKENS = 32  # a short question and answer per picture, as the built-in image data
+DEFAULT_TOWER_IMAGES = 2400 * 32  # spud vlm's tower stage: vlm.tower_steps × vlm.tower_batch_size
+DEFAULT_READOUT_OUTPUTS = 475  # the built-in pictures' answer positions × classes, demo tokenizer
 
 
 def load_vision_config(path: str | None) -> VisionConfig:
@@ -51,12 +58,17 @@ def load_vision_config(path: str | None) -> VisionConfig:
 
 def vision_stage(lm: ModelConfig, vision: VisionConfig, images: float, parallelism: dict, seq_len: int,
                  devices: int, effective_flops_per_s: float, price_per_hour: float, device_bytes: float,
-                 precision: str, optimizer: str, text_tokens: int = DEFAULT_TEXT_TOKENS) -> dict:
+                 precision: str, optimizer: str, text_tokens: int = DEFAULT_TEXT_TOKENS,
+                 tower_images: float = DEFAULT_TOWER_IMAGES, readout_outputs: int = DEFAULT_READOUT_OUTPUTS) -> dict:
     """Compute, time, cost and memory of the vision stages on top of the planned model `lm`."""
     if not images > 0:
         raise SpudError(f"--vision-images must be > 0, got {images:g}")
     if text_tokens < 0:
         raise SpudError(f"--vision-text-tokens must be >= 0, got {text_tokens}")
+    if not tower_images >= 0:
+        raise SpudError(f"--vision-tower-images must be >= 0, got {tower_images:g}")
+    if readout_outputs <= 0:
+        raise SpudError(f"--vision-readout-outputs must be > 0, got {readout_outputs}")
     vlm = ModelConfig.model_validate({**lm.model_dump(), "vocab_size": lm.vocab_size + 1,  # + <|image|>
                                       "vision": vision.model_dump()})
     seq = vision.tokens_per_image + text_tokens
@@ -66,7 +78,10 @@ def vision_stage(lm: ModelConfig, vision: VisionConfig, images: float, paralleli
     per_image = image_flops(vlm)
     lm_per_token = flops_per_token(vlm, seq)["training"]
     flops_per_image = per_image["training"] + seq * lm_per_token
-    total = images * flops_per_image
+    # The read-out heads: one matmul of the flattened tokens, forward + both backward products.
+    readout = 3 * 2 * vision.tokens_per_image * vlm.d_model * readout_outputs
+    tower_stage = tower_images * (per_image["training"] + readout)
+    total = images * flops_per_image + tower_stage
     seconds = total / (devices * effective_flops_per_s)
     mb = max(1, parallelism["micro_batch"])
     mem = training_memory(vlm, mb, seq_len, precision, parallelism["fsdp"],
@@ -74,7 +89,8 @@ def vision_stage(lm: ModelConfig, vision: VisionConfig, images: float, paralleli
     return {
         "images": images, "tokens_per_image": vision.tokens_per_image, "text_tokens": text_tokens,
         "vision_params": param_counts(vlm)["vision"], "tower_flops_per_image": per_image["training"],
-        "lm_flops_per_image": seq * lm_per_token, "flops": total,
+        "lm_flops_per_image": seq * lm_per_token, "tower_images": tower_images,
+        "readout_flops_per_image": readout, "tower_stage_flops": tower_stage, "flops": total,
         "wall_clock_days": seconds / SECONDS_PER_DAY, "device_hours": seconds / 3600 * devices,
         "cost_usd": seconds / 3600 * devices * price_per_hour,
         "memory": mem.to_dict(), "fits": mem.total <= USABLE_FRACTION * device_bytes,

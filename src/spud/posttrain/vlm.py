@@ -159,9 +159,14 @@ class VLMTrainer(Trainer):
             load_tower(model, self.tower)
 
     def set_trainable(self, model: torch.nn.Module) -> None:
-        if self.stage != "align":
-            return
         v, vision = self.cfg.vlm, self.cfg.model.vision
+        if self.stage == "sft":
+            # vlm.sft_encoder false: the encoder the tower stage taught stays as it is (no
+            # gradient, no optimizer state, no backward pass through the convolutions).
+            for name, p in model.named_parameters():
+                if name.startswith("vision.encoder."):
+                    p.requires_grad = v.sft_encoder
+            return
         train_encoder = v.align_encoder if v.align_encoder is not None else vision.encoder == "vit"
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("vision.") and (train_encoder or not name.startswith("vision.encoder."))
