@@ -69,8 +69,8 @@ def register(verbs) -> None:
                    "time, cost and memory to the plan")
     v.add_argument("--vision-config", help="YAML with the model.vision section (default: the built-in ViT)")
     v.add_argument("--vision-text-tokens", type=int, default=32, help="question + answer tokens per image")
-    v.add_argument("--vision-tower-images", type=float, default=2400 * 32, help="pictures of the tower stage "
-                   "(vlm.tower_steps × vlm.tower_batch_size; default spud vlm's 76,800; 0: no tower stage)")
+    v.add_argument("--vision-tower-images", type=float, default=3600 * 32, help="pictures of the tower stage "
+                   "(vlm.tower_steps × vlm.tower_batch_size; default spud vlm's 115,200; 0: no tower stage)")
     v.add_argument("--vision-readout-outputs", type=int, default=475, help="the tower stage's read-out "
                    "logits per picture (answer positions × classes; default: the built-in pictures with "
                    "the demo's tokenizer, 475)")

@@ -92,9 +92,9 @@ def test_vision_stages_cost_counted_from_the_model(tmp_path, capsys):
                                       "vision": VisionConfig(image_size=64, patch_size=8, vit_dim=96).model_dump()})
     assert v["tokens_per_image"] == 16  # (64 / 8 / 2)²
     per_image = image_flops(vlm)["training"] + (16 + 40) * flops_per_token(vlm, 56)["training"]
-    # + the tower stage: spud vlm's 2,400 × 32 pictures through the tower and 475 read-out logits
-    tower = 76800 * (image_flops(vlm)["training"] + 6 * 16 * vlm.d_model * 475)
-    assert v["tower_stage_flops"] == pytest.approx(tower, rel=1e-12) and v["tower_images"] == 76800
+    # + the tower stage: spud vlm's 3,600 × 32 pictures through the tower and 475 read-out logits
+    tower = 115200 * (image_flops(vlm)["training"] + 6 * 16 * vlm.d_model * 475)
+    assert v["tower_stage_flops"] == pytest.approx(tower, rel=1e-12) and v["tower_images"] == 115200
     assert v["flops"] == pytest.approx(2e6 * per_image + tower, rel=1e-12)
     none = plan(budget=1e20, gpus=1, vision_images=2e6, vision_config=str(vision), vision_text_tokens=40,
                 vision_tower_images=0)["vision"]

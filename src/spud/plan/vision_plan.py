@@ -3,7 +3,7 @@ planned language model costs, counted from the model itself like everything else
 
 The vision stages (`spud vlm`: tower, align, then multimodal SFT). The tower stage
 (spud.posttrain.vlm_tower) trains the tower alone on `tower_images` pictures (steps × pictures
-per step; default: spud vlm's, 2,400 × 32): per picture the tower's training FLOPs plus its linear
+per step; default: spud vlm's, 3,600 × 32): per picture the tower's training FLOPs plus its linear
 read-out heads, tokens_per_image·d_model inputs → `readout_outputs` logits (answer positions ×
 classes, summed over question types: 475 for the built-in pictures with the demo's tokenizer;
 it depends on the tokenizer, so it is an input), forward and backward. Align and SFT train on
@@ -31,7 +31,7 @@ from spud.model.memory import USABLE_FRACTION, training_memory
 from spud.plan.allocate import SECONDS_PER_DAY
 
 DEFAULT_TEXT_TOKENS = 32  # a short question and answer per picture, as the built-in image data
-DEFAULT_TOWER_IMAGES = 2400 * 32  # spud vlm's tower stage: vlm.tower_steps × vlm.tower_batch_size
+DEFAULT_TOWER_IMAGES = 3600 * 32  # spud vlm's tower stage: vlm.tower_steps × vlm.tower_batch_size
 DEFAULT_READOUT_OUTPUTS = 475  # the built-in pictures' answer positions × classes, demo tokenizer
 
 
