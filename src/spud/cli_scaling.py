@@ -69,11 +69,10 @@ def register(verbs) -> None:
                    "time, cost and memory to the plan")
     v.add_argument("--vision-config", help="YAML with the model.vision section (default: the built-in ViT)")
     v.add_argument("--vision-text-tokens", type=int, default=32, help="question + answer tokens per image")
-    v.add_argument("--vision-tower-images", type=float, default=3600 * 32, help="pictures of the tower stage "
-                   "(vlm.tower_steps × vlm.tower_batch_size; default spud vlm's 115,200; 0: no tower stage)")
-    v.add_argument("--vision-readout-outputs", type=int, default=475, help="the tower stage's read-out "
-                   "logits per picture (answer positions × classes; default: the built-in pictures with "
-                   "the demo's tokenizer, 475)")
+    v.add_argument("--vision-tower-images", type=float, help="pictures of the tower stage (vlm.tower_steps × "
+                   "vlm.tower_batch_size; default: spud vlm's; 0: no tower stage)")
+    v.add_argument("--vision-readout-outputs", type=int, help="the tower stage's read-out logits per picture "
+                   "(answer positions × classes; default: the built-in pictures with the demo's tokenizer, 475)")
     p.set_defaults(func=cmd_plan)
 
     p = verbs.add_parser("ladder", help="train a grid of small models × token budgets for a scaling fit")

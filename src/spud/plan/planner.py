@@ -30,8 +30,7 @@ from spud.plan.allocate import (
 from spud.plan.fit import CHINCHILLA, ScalingLaw, predict_interval
 from spud.model.memory import suggest_parallelism
 from spud.plan.profiles import HardwareProfile, get_profile
-from spud.plan.vision_plan import (DEFAULT_READOUT_OUTPUTS, DEFAULT_TEXT_TOKENS, DEFAULT_TOWER_IMAGES,
-                                   load_vision_config, vision_stage)
+from spud.plan.vision_plan import DEFAULT_TEXT_TOKENS, load_vision_config, vision_stage
 
 DEFAULT_OPTIMIZER = TrainConfig.model_fields["optimizer"].default
 OPTIMIZER_NAME = {"muon": "Muon+AdamW", "adamw": "AdamW"}[DEFAULT_OPTIMIZER]
@@ -169,7 +168,7 @@ def plan(
     horizon_days: float | None = None, hardware: str | None = None, seq_len: int = 2048,
     vocab_size: int = 32768, precision: str = "bf16", vision_images: float | None = None,
     vision_config: str | None = None, vision_text_tokens: int = DEFAULT_TEXT_TOKENS,
-    vision_tower_images: float = DEFAULT_TOWER_IMAGES, vision_readout_outputs: int = DEFAULT_READOUT_OUTPUTS,
+    vision_tower_images: float | None = None, vision_readout_outputs: int | None = None,
 ) -> dict:
     """The whole plan as a JSON-ready dict (see module doc); plan_cmd prints it."""
     vision = load_vision_config(vision_config) if vision_images is not None else None
@@ -263,7 +262,7 @@ def plan_cmd(
     horizon_days: float | None = None, hardware: str | None = None, json: str | None = None,
     seq_len: int = 2048, vocab_size: int = 32768, precision: str = "bf16", vision_images: float | None = None,
     vision_config: str | None = None, vision_text_tokens: int = DEFAULT_TEXT_TOKENS,
-    vision_tower_images: float = DEFAULT_TOWER_IMAGES, vision_readout_outputs: int = DEFAULT_READOUT_OUTPUTS,
+    vision_tower_images: float | None = None, vision_readout_outputs: int | None = None,
 ) -> dict:
     """`spud plan ...`: print the plan as rich tables; write it as JSON when --json PATH is given."""
     from rich.table import Table
@@ -307,8 +306,8 @@ def plan_cmd(
         v, vm = res["vision"], res["vision"]["memory"]
         t.add_row("vision stages", f"{v['images']:.3g} images × {v['tokens_per_image']} image + {v['text_tokens']} text "
                                    f"tokens, tower stage {v['tower_images']:.3g} pictures "
-                                   f"({v['tower_stage_flops']:.3g} FLOPs): {v['flops']:.3g} FLOPs ({v['flops'] / tr['train_flops_exact']:.1%} of "
-                                   f"pretraining), {_fmt_days(v['wall_clock_days'])}, ${v['cost_usd']:,.0f}; tower "
+                                   f"({v['tower_stage_flops']:.3g} FLOPs): {v['flops']:.3g} FLOPs "
+                                   f"({v['flops'] / tr['train_flops_exact']:.1%} of pretraining), {_fmt_days(v['wall_clock_days'])}, ${v['cost_usd']:,.0f}; tower "
                                    f"{v['vision_params']:,} params; {vm['total'] / 1e9:.1f} GB / device")
     console.print(t)
     if "serving" in res:

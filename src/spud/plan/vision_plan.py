@@ -3,12 +3,13 @@ planned language model costs, counted from the model itself like everything else
 
 The vision stages (`spud vlm`: tower, align, then multimodal SFT). The tower stage
 (spud.posttrain.vlm_tower) trains the tower alone on `tower_images` pictures (steps × pictures
-per step; default: spud vlm's, 3,600 × 32): per picture the tower's training FLOPs plus its linear
-read-out heads, tokens_per_image·d_model inputs → `readout_outputs` logits (answer positions ×
-classes, summed over question types: 475 for the built-in pictures with the demo's tokenizer;
-it depends on the tokenizer, so it is an input), forward and backward. Align and SFT train on
-`images` pictures, one per sequence. Per image they cost the tower's training FLOPs (spud.model.flops.image_flops: encoder
-and projector forward and backward) plus the language model's training FLOPs for the image's
+per step; default: spud vlm's vlm.tower_steps × vlm.tower_batch_size): per picture the tower's
+training FLOPs plus its linear read-out heads, tokens_per_image·d_model inputs →
+`readout_outputs` logits (answer positions × classes, summed over question types: 475 for the
+built-in pictures with the demo's tokenizer; it depends on the tokenizer, so it is an input),
+forward and backward. Align and SFT train on `images` pictures, one per sequence. Per image
+they cost the tower's training FLOPs (spud.model.flops.image_flops: encoder and projector
+forward and backward) plus the language model's training FLOPs for the image's
 tokens_per_image positions and `text_tokens` of question and answer (the LM is run forward and
 backward on them in both stages: align only freezes its weights, its activations still carry the
 gradient to the projector). Memory is the training plan's layout (same FSDP degree, checkpointing
@@ -24,14 +25,16 @@ from pathlib import Path
 import yaml
 
 from spud.config import ModelConfig
-from spud.config_sections import VisionConfig
+from spud.config_sections import VisionConfig, VLMConfig
 from spud.errors import SpudError
 from spud.model.flops import flops_per_token, image_flops, param_counts
 from spud.model.memory import USABLE_FRACTION, training_memory
 from spud.plan.allocate import SECONDS_PER_DAY
 
 DEFAULT_TEXT_TOKENS = 32  # a short question and answer per picture, as the built-in image data
-DEFAULT_TOWER_IMAGES = 3600 * 32  # spud vlm's tower stage: vlm.tower_steps × vlm.tower_batch_size
+# spud vlm's tower stage: vlm.tower_steps × vlm.tower_batch_size, read from the config's defaults
+DEFAULT_TOWER_IMAGES = (VLMConfig.model_fields["tower_steps"].default
+                        * VLMConfig.model_fields["tower_batch_size"].default)
 DEFAULT_READOUT_OUTPUTS = 475  # the built-in pictures' answer positions × classes, demo tokenizer
 
 
@@ -59,8 +62,11 @@ def load_vision_config(path: str | None) -> VisionConfig:
 def vision_stage(lm: ModelConfig, vision: VisionConfig, images: float, parallelism: dict, seq_len: int,
                  devices: int, effective_flops_per_s: float, price_per_hour: float, device_bytes: float,
                  precision: str, optimizer: str, text_tokens: int = DEFAULT_TEXT_TOKENS,
-                 tower_images: float = DEFAULT_TOWER_IMAGES, readout_outputs: int = DEFAULT_READOUT_OUTPUTS) -> dict:
-    """Compute, time, cost and memory of the vision stages on top of the planned model `lm`."""
+                 tower_images: float | None = None, readout_outputs: int | None = None) -> dict:
+    """Compute, time, cost and memory of the vision stages on top of the planned model `lm`
+    (tower_images / readout_outputs None: spud vlm's defaults)."""
+    tower_images = DEFAULT_TOWER_IMAGES if tower_images is None else tower_images
+    readout_outputs = DEFAULT_READOUT_OUTPUTS if readout_outputs is None else readout_outputs
     if not images > 0:
         raise SpudError(f"--vision-images must be > 0, got {images:g}")
     if text_tokens < 0:
