@@ -88,3 +88,12 @@ def test_vqa_items_cover_every_question_type_on_held_out_pictures_only():
     items = vqa_items(32, 4, 0, fonts=FONTS)
     assert [it.qtype for it in items] == [t for t in QUESTION_TYPES for _ in range(4)]
     assert all(images.fact_held_out(it.kind, it.fact) for it in items)
+
+
+def test_dev_vqa_items_show_training_facts_never_the_evals_pictures():
+    # benchmarks/vlm_dev.py tunes on these: training-split facts, so the held-out eval stays unseen
+    dev = vqa_items(32, 4, 7919, fonts=FONTS, held_out=False)
+    assert [it.qtype for it in dev] == [t for t in QUESTION_TYPES for _ in range(4)]
+    assert not any(images.fact_held_out(it.kind, it.fact) for it in dev)
+    held = vqa_items(32, 4, 7919, fonts=FONTS)
+    assert not {images.image_hash(it.image) for it in dev} & {images.image_hash(it.image) for it in held}

@@ -50,9 +50,10 @@ def split_specs(tasks: str) -> tuple[list[str], str]:
 
 
 def vqa_items(size: int, per_type: int, seed: int, new_wordings: bool = False,
-              fonts: tuple[str, ...] | None = None) -> list[VQAItem]:
-    """per_type questions of each type about held-out pictures, deterministic in the arguments."""
-    samples = images.generate(per_type * len(images.KINDS), seed, held_out=True, size=size, fonts=fonts,
+              fonts: tuple[str, ...] | None = None, held_out: bool = True) -> list[VQAItem]:
+    """per_type questions of each type about held-out pictures (or, held_out=False, new pictures
+    of training-split facts: benchmarks/vlm_dev.py's tuning set), deterministic in the arguments."""
+    samples = images.generate(per_type * len(images.KINDS), seed, held_out=held_out, size=size, fonts=fonts,
                               held_out_wordings=new_wordings)
     by_type: dict[str, list[VQAItem]] = {t: [] for t in QUESTION_TYPES}
     for s in samples:
