@@ -32,6 +32,19 @@ def test_conv_stem_is_the_default_and_keeps_the_token_grid():
     assert tower(torch.randn(2, 3, 16, 16)).shape == (2, cfg.vision.tokens_per_image, 32)
 
 
+def test_channels_last_convolutions_give_the_same_tokens_in_the_same_order(monkeypatch):
+    # The stem runs channels-last for speed (benchmarks/vlm_tower_step.py); its tokens must be
+    # the NCHW stem's, row-major: token i·s + j is grid cell (i, j).
+    torch.manual_seed(0)
+    stem, x = ConvStem(4, 24), torch.randn(3, 3, 16, 16)
+    fast = stem(x)
+    monkeypatch.setattr(ConvStem, "channels_last", False)
+    plain = stem(x)
+    grid = stem.net(x)  # (N, 24, 4, 4)
+    assert torch.allclose(fast, plain, atol=1e-5)
+    assert torch.allclose(fast[:, 1 * 4 + 2], grid[:, :, 1, 2], atol=1e-5)
+
+
 @pytest.mark.parametrize("kw", [{}, dict(vit_layers=0), dict(patch_size=2, pixel_shuffle=1), dict(patch_size=8, pixel_shuffle=1)])
 def test_conv_stem_flops_match_flop_counter(kw):
     cfg = tower_cfg(**kw)

@@ -87,3 +87,19 @@ def test_a_frozen_encoder_in_sft_is_exactly_the_tower_stages(chat_run, tmp_path)
     assert encoder and all(torch.equal(final[f"vision.{k}"], tower[k]) for k in encoder)
     moved = [k for k in tower if not k.startswith("encoder.") and not torch.equal(final[f"vision.{k}"], tower[k])]
     assert moved, "the projector should still learn"
+
+
+def test_the_pictures_converted_once_train_the_same_tower(chat_run, tmp_path, monkeypatch):
+    """The stage keeps its training pictures as tensors when they fit (PIXEL_CACHE_BYTES); above
+    that it converts each step's pictures: the same tower either way."""
+    import spud.posttrain.vlm_tower as stage
+
+    console = make_console()
+    console.quiet = True
+    cfg = vlm_config(str(chat_run), None, tmp_path / "vlm", overrides("vlm.tower_steps=6"), False)
+    cached = train_tower(cfg, tmp_path / "cached", console)["state"]
+    monkeypatch.setattr(stage, "PIXEL_CACHE_BYTES", 0)
+    converted = train_tower(cfg, tmp_path / "converted", console)["state"]
+    assert cached.keys() == converted.keys()
+    for k in cached:
+        assert torch.equal(cached[k], converted[k]), k

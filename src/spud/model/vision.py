@@ -205,8 +205,16 @@ class ConvStem(nn.Module):
                 values += 2 * side * side * m.out_channels  # its output, and the GELU's after it
         return flops, first, values
 
+    # Channels-last convolutions: oneDNN's (CPU) and cuDNN's fast kernels want NHWC. The weights stay
+    # in the default layout (checkpoints unchanged); the input's layout picks the kernels.
+    # benchmarks/vlm_tower_step.py measures the two layouts against each other.
+    channels_last = True
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.net(pixels).flatten(2).transpose(1, 2)  # (N, width, s, s) → (N, s·s, width), row-major
+        if self.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        x = self.net(pixels)  # (N, width, s, s)
+        return x.permute(0, 2, 3, 1).flatten(1, 2)  # → (N, s·s, width), row-major
 
 
 @register_vision_encoder("vit")
