@@ -40,17 +40,16 @@ def main() -> None:
                          f"{cfg.seed}..{cfg.seed + 2}; choose another")
     items = vqa.vqa_items(cfg.model.vision.image_size, args.per_type, args.seed, held_out=False)
     t0 = time.monotonic()
-    outputs = vqa.greedy_answers(net, tok, [it.question for it in items], [it.image for it in items])
+    rows_by_type = vqa.answer_rows(net, tok, items)  # the eval's own answering and scoring
+    seconds = round(time.monotonic() - t0, 1)
     overlap = vqa.training_overlap(cfg, items)
-    exact: dict[str, list[int]] = {}
-    for it, text in zip(items, outputs):
-        exact.setdefault(it.qtype, []).append(int(vqa.normalise(text) == it.answer))
-    row = {"name": args.name or args.run, "notes": args.notes, "checkpoint": str(choice.checkpoint), "seed": args.seed,
-           "per_type": args.per_type, "image_overlap": overlap, "seconds": round(time.monotonic() - t0, 1),
-           "exact": {t: round(sum(v) / len(v), 4) for t, v in exact.items()}}
+    exact = {t: round(sum(r["correct"] for r in rows) / len(rows), 4) for t, rows in rows_by_type.items()}
+    row = {"name": args.name or args.run, "notes": args.notes, "checkpoint": str(choice.checkpoint),
+           "seed": args.seed, "per_type": args.per_type, "image_overlap": overlap, "seconds": seconds,
+           "exact": exact}
     print(f"dev pictures (seed {args.seed}, training-split facts) · {choice.checkpoint}")
-    for t, v in row["exact"].items():
-        print(f"  {t:<11} {v:7.1%}   (n={len(exact[t])})")
+    for t, v in exact.items():
+        print(f"  {t:<11} {v:7.1%}   (n={len(rows_by_type[t])})")
     print(f"  training-picture overlap: {overlap.get('overlap')}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -89,6 +89,18 @@ def greedy_answers(model, tok, questions: list[str], pictures: list, max_new_tok
     return [c.text for c in complete_many(model, tok, prompts, params, max_batch=batch, images=images)]
 
 
+def answer_rows(model, tok, items: list[VQAItem]) -> dict[str, list[dict]]:
+    """Greedy answers to the items, scored: {question type: one row per question}."""
+    outputs = greedy_answers(model, tok, [it.question for it in items], [it.image for it in items])
+    rows_by_type: dict[str, list[dict]] = {}
+    for it, text in zip(items, outputs):
+        rows_by_type.setdefault(it.qtype, []).append({
+            "qtype": it.qtype, "kind": it.kind, "fact": it.fact, "question": it.question,
+            "target": it.answer, "output": text, "correct": normalise(text) == it.answer,
+            "image_sha256": images.image_hash(it.image)})
+    return rows_by_type
+
+
 def training_overlap(cfg, eval_items: list[VQAItem]) -> dict:
     """Regenerate the built-in training pictures of the model's `spud vlm` stages and count
     eval pictures among them by image hash."""
@@ -114,17 +126,11 @@ def run_vqa(model, tok, cfg, specs: list[str], limit: int | None, seed: int, out
         per_type = min(limit or PER_TYPE, PER_TYPE)
         items = vqa_items(model.cfg.vision.image_size, per_type, seed, new_wordings=spec == "vqa_new_wordings")
         start = time.monotonic()
-        outputs = greedy_answers(model, tok, [it.question for it in items], [it.image for it in items])
+        rows_by_type = answer_rows(model, tok, items)
         seconds = time.monotonic() - start
         overlap = training_overlap(cfg, items)
         if overlap.get("overlap"):
             console.print(f"[red]warning: {overlap['overlap']} eval pictures occur among the training pictures")
-        rows_by_type: dict[str, list[dict]] = {}
-        for it, text in zip(items, outputs):
-            rows_by_type.setdefault(it.qtype, []).append({
-                "qtype": it.qtype, "kind": it.kind, "fact": it.fact, "question": it.question,
-                "target": it.answer, "output": text, "correct": normalise(text) == it.answer,
-                "image_sha256": images.image_hash(it.image)})
         for qtype, rows in rows_by_type.items():
             name = f"{spec}/{qtype}"
             n, value = len(rows), sum(r["correct"] for r in rows) / len(rows)

@@ -307,7 +307,8 @@ def plan_cmd(
         t.add_row("vision stages", f"{v['images']:.3g} images × {v['tokens_per_image']} image + {v['text_tokens']} text "
                                    f"tokens, tower stage {v['tower_images']:.3g} pictures "
                                    f"({v['tower_stage_flops']:.3g} FLOPs): {v['flops']:.3g} FLOPs "
-                                   f"({v['flops'] / tr['train_flops_exact']:.1%} of pretraining), {_fmt_days(v['wall_clock_days'])}, ${v['cost_usd']:,.0f}; tower "
+                                   f"({v['flops'] / tr['train_flops_exact']:.1%} of pretraining), "
+                                   f"{_fmt_days(v['wall_clock_days'])}, ${v['cost_usd']:,.0f}; tower "
                                    f"{v['vision_params']:,} params; {vm['total'] / 1e9:.1f} GB / device")
     console.print(t)
     if "serving" in res:
