@@ -9,6 +9,24 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg.model.n_layers == 3 and cfg.train.lr == 1e-3 and cfg.train.compile is True
 
 
+def test_untied_embedding_and_head_lrs_follow_train_lr_unless_given(tmp_path):
+    cfg = load_config(None, [])  # the default recipe: Muon, untied head
+    assert not cfg.model.tie_embeddings and cfg.train.optimizer == "muon"
+    assert cfg.train.embed_lr == pytest.approx(5 * cfg.train.lr) and cfg.train.head_lr == pytest.approx(0.5 * cfg.train.lr)
+    cfg = load_config(None, ["train.lr=0.002", "train.head_lr=0.0001"])
+    assert cfg.train.embed_lr == pytest.approx(0.01) and cfg.train.head_lr == 0.0001  # given wins
+    cfg = load_config(None, ["train.embed_lr=null"])  # null: the embedding at train.lr
+    assert cfg.train.embed_lr is None and cfg.train.head_lr == pytest.approx(0.5 * cfg.train.lr)
+    for other in (["model.tie_embeddings=true"], ["train.optimizer=adamw"]):  # not what was measured
+        cfg = load_config(None, other)
+        assert cfg.train.embed_lr is None and cfg.train.head_lr is None, other
+    # resolved once: the saved config reads back the same numbers, not recomputed from a new lr
+    path = tmp_path / "c.yaml"
+    path.write_text(load_config(None, ["train.lr=0.002"]).to_yaml())
+    again = load_config(str(path), ["train.lr=0.004"])
+    assert again.train.embed_lr == pytest.approx(0.01) and again.train.head_lr == pytest.approx(0.001)
+
+
 def test_preset_fills_fields_and_explicit_wins():
     cfg = load_config(None, ["model.preset=micro", "model.n_layers=2"])
     assert cfg.model.d_model == 192 and cfg.model.n_layers == 2 and cfg.model.kv_heads == 2

@@ -384,3 +384,11 @@ class TrainConfig(StrictModel):
         if isinstance(data, dict) and "lr" not in data and data.get("optimizer") == "adamw":
             data = {**data, "lr": ADAMW_DEFAULT_LR}
         return data
+
+    def scaled_lrs(self, ratio: float) -> dict[str, float | None]:
+        """Every peak LR of this recipe times `ratio` (train.lr, muon_lr and, where set, embed_lr
+        and head_lr): what fine-tuning stages use to move each optimizer group by the same share
+        of its pretraining LR."""
+        return {"lr": ratio * self.lr, "muon_lr": ratio * self.muon_lr,
+                "embed_lr": None if self.embed_lr is None else ratio * self.embed_lr,
+                "head_lr": None if self.head_lr is None else ratio * self.head_lr}

@@ -24,11 +24,15 @@ def test_sft_starts_from_the_base_checkpoint_not_random_init(base_run):
     cfg = sft_config(base_run, ["builtin"], out, SFT_OVERRIDES, resume=False)
     assert cfg.sft.base_checkpoint.endswith("step_0000007")
     assert cfg.train.lr == pytest.approx(0.3 * 0.002)  # default: 0.3 × the base run's LR
-    base_muon_lr = json.loads((base_run / "checkpoints" / "step_0000007" / "state.json").read_text())[
-        "config"]["train"]["muon_lr"]
-    assert cfg.train.muon_lr == pytest.approx(0.3 * base_muon_lr)  # Muon's matrices too
+    base_train = json.loads((base_run / "checkpoints" / "step_0000007" / "state.json").read_text())[
+        "config"]["train"]
+    # Muon's matrices, the untied embedding and the head too (each its own pretraining LR)
+    assert base_train["embed_lr"] == pytest.approx(5 * 0.002) and base_train["head_lr"] == pytest.approx(0.001)
+    for key in ("muon_lr", "embed_lr", "head_lr"):
+        assert getattr(cfg.train, key) == pytest.approx(0.3 * base_train[key]), key
     explicit = sft_config(base_run, ["builtin"], out, [*SFT_OVERRIDES, "sft.lr=0.001"], resume=False)
-    assert explicit.train.muon_lr == pytest.approx(0.5 * base_muon_lr)  # sft.lr / base lr = 0.5
+    for key in ("muon_lr", "embed_lr", "head_lr"):  # sft.lr / base lr = 0.5
+        assert getattr(explicit.train, key) == pytest.approx(0.5 * base_train[key]), key
     assert cfg.train.max_steps == 8 and cfg.train.warmup_steps == 10 and cfg.train.schedule == "cosine"
     trainer = SFTTrainer(cfg, out)
     base = load_file(base_run / "checkpoints" / "step_0000007" / "model.safetensors")
@@ -107,7 +111,7 @@ def test_sft_learns_on_assistant_tokens(base_run, tmp_path):
     f = tmp_path / "one.jsonl"
     conv = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! I am Spud."}]}
     f.write_text((json.dumps(conv) + "\n") * 20)
-    over = ["sft.max_steps=30", "sft.micro_batch_size=2", "sft.val_fraction=0", "sft.lr=0.01",
+    over = ["sft.max_steps=30", "sft.micro_batch_size=2", "sft.val_fraction=0", "sft.lr=0.02",
             "sft.warmup_steps=2", "train.threads=1", "train.sample_tokens=4"]
     summary = sft_cmd(str(base_run), [str(f)], str(tmp_path / "c"), over, resume=False)
     ls = [v for _, v in losses(tmp_path / "c")]

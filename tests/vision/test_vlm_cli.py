@@ -131,3 +131,19 @@ def test_a_stale_vlm_section_in_the_source_config_does_not_override_the_defaults
     cfg = vlm_config(str(run), None, run / "vlm", ["vlm.lr=1e-4"], False)
     assert cfg.vlm.steps == VLMConfig().steps and cfg.vlm.align_steps == VLMConfig().align_steps
     assert cfg.vlm.lr == 1e-4
+
+
+def test_every_optimizer_group_moves_by_the_vlm_share_of_its_lr(chat_run):
+    """The SFT stage's LRs: vlm.lr / the source's train.lr times each of the source's LRs —
+    Muon's and an untied embedding's and head's too (at their own pretraining values they would
+    undo the chat model)."""
+    from spud.posttrain.vlm import stage_config, vlm_config
+
+    cfg = vlm_config(str(chat_run), None, chat_run / "vlm", ["vlm.lr=1e-4"], False)
+    src = cfg.train
+    assert src.embed_lr is not None and src.head_lr is not None  # the default recipe: untied
+    stage = stage_config(cfg, "sft").train
+    ratio = 1e-4 / src.lr
+    assert stage.lr == pytest.approx(1e-4)
+    for key in ("muon_lr", "embed_lr", "head_lr"):
+        assert getattr(stage, key) == pytest.approx(ratio * getattr(src, key)), key

@@ -208,11 +208,11 @@ def sft_config(run: str | Path, data: list[str] | None, out: str | Path, overrid
     cfg = validate_config(tree, f"spud sft {run}")
     s = cfg.sft
     # Every optimizer group moves by the same share of its pretraining LR: with Muon the matrices'
-    # LR (muon_lr) is a separate number, and fine-tuning at pretraining's full Muon LR would undo
-    # the base model rather than adapt it.
+    # LR (muon_lr) is a separate number, and so are an untied embedding's and head's; fine-tuning
+    # at any of pretraining's full LRs would undo the base model rather than adapt it.
     ratio = s.lr / base_train.lr if s.lr else s.lr_ratio
     train = cfg.train.model_copy(update={
-        "max_steps": s.max_steps, "lr": ratio * base_train.lr, "muon_lr": ratio * base_train.muon_lr,
+        "max_steps": s.max_steps, **base_train.scaled_lrs(ratio),
         "warmup_steps": s.warmup_steps,
         "min_lr_ratio": s.min_lr_ratio, "schedule": s.schedule, "micro_batch_size": s.micro_batch_size,
         "tokens_per_step": None, "weight_decay": s.weight_decay, "eval_every": s.eval_every,

@@ -233,10 +233,11 @@ def stage_config(cfg: Config, stage: str) -> Config:
     """`train` for one stage, from the vlm section (like spud sft derives it from sft)."""
     v = cfg.vlm
     steps, lr = (v.align_steps, v.align_lr) if stage == "align" else (v.steps, v.lr)
-    # Muon (the block matrices) moves by the same share of the source model's LR as AdamW does: at
-    # the source run's own Muon LR, fine-tuning would undo the chat model (as spud sft found).
+    # Muon (the block matrices) and an untied embedding and head move by the same share of the
+    # source model's LR as AdamW does: at the source run's own Muon LR, fine-tuning would undo
+    # the chat model (as spud sft found).
     train = cfg.train.model_copy(update={
-        "max_steps": steps, "lr": lr, "muon_lr": cfg.train.muon_lr * lr / cfg.train.lr,
+        "max_steps": steps, **cfg.train.scaled_lrs(lr / cfg.train.lr),
         "warmup_steps": min(v.warmup_steps, max(steps - 1, 0)),
         "min_lr_ratio": v.min_lr_ratio, "schedule": "cosine", "micro_batch_size": v.micro_batch_size,
         "tokens_per_step": None, "weight_decay": 0.0, "eval_every": v.eval_every,
