@@ -108,7 +108,7 @@ def test_initial_loss_is_near_uniform(tiny):
 
 
 def test_init_statistics_and_tying(tiny):
-    cfg = tiny(n_layers=8, d_model=128, init_std=0.02)
+    cfg = tiny(n_layers=8, d_model=128, init_std=0.02, tie_embeddings=True)
     model = build_model(cfg)
     assert model.lm_head.weight is model.embed.weight
     out_std = 0.02 / math.sqrt(2 * 8)
@@ -118,16 +118,16 @@ def test_init_statistics_and_tying(tiny):
     assert abs(model.blocks[0].attn.qkv.weight.std() - 0.02) < 0.002
     assert all(torch.all(p == 1) for n, p in model.named_parameters() if "norm" in n)
     assert not any("bias" in n for n, _ in model.named_parameters())
-    untied = build_model(tiny(tie_embeddings=False))
+    untied = build_model(tiny())  # the default
     assert untied.lm_head.weight is not untied.embed.weight
     assert abs(untied.lm_head.weight.std() - 0.02) < 0.002
 
 
 def test_num_params(tiny):
-    model = build_model(tiny())
+    model = build_model(tiny(tie_embeddings=True))
     assert model.num_params() == sum(p.numel() for p in model.parameters())
     assert model.num_params() - model.num_params(non_embedding=True) == 256 * 64
-    untied = build_model(tiny(tie_embeddings=False))
+    untied = build_model(tiny())  # the default
     assert untied.num_params() - untied.num_params(non_embedding=True) == 2 * 256 * 64
     assert untied.num_params(non_embedding=True) == model.num_params(non_embedding=True)
 

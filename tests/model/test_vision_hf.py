@@ -81,7 +81,7 @@ def test_checkpoint_roundtrip_and_counts(hf_dirs):
     assert counts["vision"] == sum(p.numel() for p in model.vision.parameters())
     # SigLIP's position table is an nn.Embedding but not a vocabulary table
     assert counts["non_embedding"] == model.num_params(non_embedding=True)
-    assert counts["embedding"] == 256 * 64
+    assert counts["embedding"] == 2 * 256 * 64  # the token table and the (default) untied head
 
 
 @pytest.mark.parametrize("name", ["siglip", "clip"])

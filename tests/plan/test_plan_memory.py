@@ -14,7 +14,8 @@ from spud.model.memory import (
     training_memory,
 )
 
-CFG = ModelConfig(d_model=64, n_layers=2, n_heads=4, vocab_size=512, max_seq_len=32, qk_norm=False)
+CFG = ModelConfig(d_model=64, n_layers=2, n_heads=4, vocab_size=512, max_seq_len=32, qk_norm=False,
+                  tie_embeddings=True)
 # swiglu hidden = round_up(int(8·64/3) = 170, 64) = 192; head_dim 16, MHA.
 # per layer: qkv 64·(4+2·4)·16 = 12288, out 4·16·64 = 4096, mlp 3·64·192 = 36864, norms 128
 PER_LAYER = 12288 + 4096 + 36864 + 128

@@ -36,9 +36,10 @@ def tok():
 def make_model(tok, **kw):
     torch.manual_seed(0)
     # init_std 0.3: a random model with the default 0.02 just repeats its input token; a wider
-    # init gives varied outputs, so equality checks compare something non-trivial.
+    # init gives varied outputs, so equality checks compare something non-trivial. Tied: the
+    # outputs the stop-string test picks its pieces from (an untied head: the `kw` cases).
     base = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size,
-                max_seq_len=128, init_std=0.3)
+                max_seq_len=128, init_std=0.3, tie_embeddings=True)
     return build_model(ModelConfig(**{**base, **kw})).eval()
 
 

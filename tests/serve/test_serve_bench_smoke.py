@@ -81,7 +81,9 @@ def _nano(vocab: int = 300):
     from spud.model.registry import build_model
 
     torch.manual_seed(0)
-    return build_model(ModelConfig(preset="nano", vocab_size=vocab, max_seq_len=64)).eval()
+    # tied: a random model whose greedy output the penalty test sees change
+    return build_model(ModelConfig(preset="nano", vocab_size=vocab, max_seq_len=64,
+                                   tie_embeddings=True)).eval()
 
 
 def test_slot_decode_without_mask_matches_masked():
