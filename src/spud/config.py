@@ -66,7 +66,7 @@ class ModelConfig(StrictModel):
     tie_embeddings: bool = Field(
         False, description="The LM head shares the token embedding matrix. Default untied: with "
         "Muon the two then learn at their own LRs (train.embed_lr, train.head_lr), which measured "
-        "better per training FLOP (docs/recipe.md, \"Untied head\").")
+        "better per training FLOP (docs/recipe.md, fourth pass).")
     dropout: float = Field(0.0, ge=0, lt=1)
     max_seq_len: int = Field(256, gt=0)
     init_std: float = Field(0.02, gt=0)
@@ -186,7 +186,7 @@ class ModelConfig(StrictModel):
 
 # train.embed_lr / train.head_lr of the default recipe (Muon, untied head) as multiples of
 # train.lr (0.01: 0.05 and 0.005), chosen on validation bpb at equal FLOPs (docs/recipe.md,
-# "Untied head"). As multiples, an LR sweep over train.lr moves all AdamW groups together.
+# fourth pass). As multiples, an LR sweep over train.lr moves all AdamW groups together.
 MUON_UNTIED_LR_RATIOS = {"embed_lr": 5.0, "head_lr": 0.5}
 
 
@@ -203,7 +203,7 @@ class Config(StrictModel):
 
     @model_validator(mode="after")
     def _untied_lrs_follow_recipe(self) -> Config:
-        # The measured default (docs/recipe.md, "Untied head"): an untied embedding learns far
+        # The measured default (docs/recipe.md, fourth pass): an untied embedding learns far
         # faster than the head, and both differ from the gains' train.lr. Filled in only where
         # the config does not say, and only for the recipe they were measured with (Muon,
         # untied); the resolved numbers are written into the run's config.yaml, so a resumed

@@ -5,6 +5,7 @@ is bounded; bad values and dead workers are clear errors."""
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -157,4 +158,41 @@ def test_a_dead_worker_fails_the_build_instead_of_hanging(tokenizer):
             for _ in records:
                 pass
     finally:
+        pool.terminate()
+
+
+def test_a_dead_worker_fails_the_wait_even_if_the_executor_never_notices(tokenizer, monkeypatch):
+    """CPython 3.11's executor can deadlock when a worker dies while its feeder thread writes
+    the call queue, so its own BrokenProcessPool never comes (this suite once hung there): the
+    build's wait checks the workers itself."""
+    import concurrent.futures
+    import threading
+    from concurrent.futures.process import BrokenProcessPool
+
+    from spud.data import workers
+
+    monkeypatch.setattr(workers, "WORKER_POLL_S", 0.05)
+    pool = PreparePool(1, tokenizer, [])
+    try:
+        never = concurrent.futures.Future()  # a result the executor will never deliver
+        dead = SimpleNamespace(exitcode=-9)
+        monkeypatch.setattr(pool, "_workers", lambda: [SimpleNamespace(exitcode=None), dead])
+        raised = []
+
+        def wait():  # in a thread, so that a wait that never ends fails the test, not the suite
+            try:
+                pool._result(never)
+            except BrokenProcessPool as e:
+                raised.append(e)
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        waiter.join(10)
+        assert raised and "exited" in str(raised[0])
+        done = concurrent.futures.Future()
+        done.set_result("ok")
+        dead.exitcode = None  # all alive: a finished job is simply returned
+        assert pool._result(done) == "ok"
+    finally:
+        monkeypatch.undo()  # the real workers again, for terminate to kill
         pool.terminate()

@@ -29,6 +29,7 @@ import multiprocessing as mp
 import os
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
@@ -42,6 +43,8 @@ CHUNK_BYTES = 256 << 10
 MIN_CHUNK_BYTES = 16 << 10
 CHUNK_RECORDS = 512
 IN_FLIGHT_PER_WORKER = 3
+# How often a wait for a chunk checks that every worker is still alive (PreparePool._result).
+WORKER_POLL_S = 1.0
 MAX_AUTO_WORKERS = 8
 AUTO_MIN_TOKENS = 2_000_000
 
@@ -211,7 +214,7 @@ class PreparePool:
                     if not pending:
                         break
                     chunk, job, _ = pending.popleft()
-                    results, peak = job.result()
+                    results, peak = self._result(job)
                     self.peak_rss_mb = max(self.peak_rss_mb, peak)
                 except BrokenProcessPool:
                     raise SpudError(
@@ -233,8 +236,27 @@ class PreparePool:
     def close(self) -> None:
         self._pool.shutdown(wait=True)  # reaped: their peak RSS is now in RUSAGE_CHILDREN
 
+    def _workers(self) -> list:
+        return list((getattr(self._pool, "_processes", None) or {}).values())
+
+    def _result(self, job):
+        """job.result(), but a dead worker fails it even when the executor would wait forever:
+        CPython 3.11's pool can deadlock when a worker dies while the feeder thread is writing
+        the call queue (seen in this suite: the test killing a worker hung instead of raising).
+        Workers never exit on their own while the pool lives, so any exit code means death."""
+        while True:
+            try:
+                return job.result(timeout=WORKER_POLL_S)
+            except FutureTimeout:
+                if any(p.exitcode is not None for p in self._workers()):
+                    raise BrokenProcessPool("a worker process exited") from None
+
     def terminate(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Stop after an error: kill the workers first, so that no executor thread can wait on
+        one that is dead or stuck, then release the executor without joining its threads."""
+        for p in self._workers():
+            p.kill()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def replay_stats(events: list, stats) -> None:
