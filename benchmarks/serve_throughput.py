@@ -6,7 +6,10 @@ export hf` writes, e.g. Qwen3ForCausalLM for the default QK-norm recipe) each
 generate the same number of greedy tokens from the same prompt, with the same torch thread
 count, in one process. Three contenders, alternating order round by round (a shared, noisy
 machine then hits all of them alike); the median round is reported:
-- spud_engine: Engine.submit() on a running engine (continuous-batching path, one request);
+- spud_engine: Engine.submit() on a running engine (continuous-batching path, one request),
+  its decode steps through the CPU decode kernel (spud.serve.decode_kernel) where it applies;
+- spud_engine_module: the same engine with decode_kernel=False (the model's own forward), so the
+  kernel's gain is measured side by side;
 - spud_generate: spud.serve.sampling.generate (the plain KV-cache loop, for reference);
 - hf_generate: the twin's generate(do_sample=False, use_cache=True, min_new_tokens=N).
 Time to first token (prefill + first sample) is measured apart from the decode rate, which is
@@ -203,10 +206,11 @@ def summarize_rounds(rounds: list[tuple[list[float], list[int]]], n: int) -> dic
             "tokens_generated": counts, "all_rounds_full": all(c == n for c in counts)}
 
 
-def bench_batch1(args, engine: Engine, spud, peer, prompt: list[int]) -> dict:
+def bench_batch1(args, engine: Engine, engine_module: Engine, spud, peer, prompt: list[int]) -> dict:
     n = args.max_tokens
     runs = {
         "spud_engine": lambda: run_engine(engine, prompt, n),
+        "spud_engine_module": lambda: run_engine(engine_module, prompt, n),
         "spud_generate": lambda: run_spud_generate(spud, prompt, n),
         "hf_generate": lambda: run_hf(peer, prompt, n),
     }
@@ -225,6 +229,10 @@ def bench_batch1(args, engine: Engine, spud, peer, prompt: list[int]) -> dict:
     first = {k: v[0][1] for k, v in out.items()}
     res["greedy_tokens_match_hf"] = first["spud_engine"] == first["hf_generate"]
     res["engine_matches_generate"] = first["spud_engine"] == first["spud_generate"]
+    res["kernel_matches_module"] = first["spud_engine"] == first["spud_engine_module"]
+    res["decode_kernel"] = engine._kernel is not None
+    res["kernel_vs_module"] = (res["spud_engine"]["decode_tokens_per_s"]
+                               / res["spud_engine_module"]["decode_tokens_per_s"])
     res["engine_vs_hf"] = (res["spud_engine"]["decode_tokens_per_s"]
                            / res["hf_generate"]["decode_tokens_per_s"])
     res["generate_vs_hf"] = (res["spud_generate"]["decode_tokens_per_s"]
@@ -381,7 +389,7 @@ def print_tables(res: dict, header: str) -> None:
     t1 = (["contender", "decode tok/s", "TTFT ms", "vs HF"],
           [[k, f"{b1[k]['decode_tokens_per_s']:,.1f}", _fmt(b1[k]["ttft_s"]),
             f"{b1[k]['decode_tokens_per_s'] / b1['hf_generate']['decode_tokens_per_s']:.2f}x"]
-           for k in ("spud_engine", "spud_generate", "hf_generate")])
+           for k in ("spud_engine", "spud_engine_module", "spud_generate", "hf_generate")])
     base = res["http"][0]["aggregate_tokens_per_s"] if res["http"] else 0.0
     e1 = res["engine_streams"][0]["aggregate_tokens_per_s"] if res["engine_streams"] else 0.0
     t3 = (["streams", "tok/s", "x 1 stream"],
@@ -491,14 +499,18 @@ def _run(args: argparse.Namespace, transformers) -> int:
     max_batch = args.max_batch or max(64, *args.concurrency)
     engine = Engine(spud, tok, max_batch=max_batch, max_queue=max(256, 2 * max_batch),
                     model_name=f"bench-{args.preset}")
+    engine_module = Engine(spud, tok, max_batch=1, decode_kernel=False, model_name=f"bench-{args.preset}")
     engine.start()
+    engine_module.start()
     try:
-        batch1 = bench_batch1(args, engine, spud, peer, prompt)
+        batch1 = bench_batch1(args, engine, engine_module, spud, peer, prompt)
+        engine_module.shutdown()
         streams = bench_engine_streams(args, engine, prompt)
         load_mid = _loadavg()
         http = bench_http(args, engine, tok, prompt)  # stops the engine when done
     finally:
         engine.shutdown(abort=True)
+        engine_module.shutdown(abort=True)
     load_after = _loadavg()
 
     res = {"batch1": batch1, "engine_streams": streams, "http": http}

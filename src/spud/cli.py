@@ -87,7 +87,8 @@ def cmd_serve(args) -> int:
           max_queue=args.max_queue, checkpoint=args.checkpoint, device=args.device, model=args.model,
           prefill_chunk=args.prefill_chunk or None, prefix_cache_tokens=args.prefix_cache_tokens,
           speculate=args.speculate if args.speculate is not None else (4 if args.draft else 0),
-          draft=args.draft, draft_model_kind=args.draft_model, request_timeout=args.request_timeout)
+          draft=args.draft, draft_model_kind=args.draft_model, request_timeout=args.request_timeout,
+          decode_kernel=not args.no_decode_kernel)
     return 0
 
 
@@ -224,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which model of RUN2 drafts (default: chat if RUN2 has one, else base)")
     p.add_argument("--request-timeout", type=float, default=None, metavar="S",
                    help="fail a request still unfinished S seconds after it arrived (408; default: none)")
+    p.add_argument("--no-decode-kernel", action="store_true",
+                   help="decode with the model's own forward instead of the lean CPU decode step "
+                        "(spud.serve.decode_kernel), e.g. to save the copy of the weights it keeps")
     p.set_defaults(func=cmd_serve)
 
     p = verbs.add_parser("chat", help="chat in the terminal with a run (local) or a server (--url)")

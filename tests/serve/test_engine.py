@@ -270,21 +270,27 @@ def test_cancel_frees_the_slot(tok):
         eng.shutdown()
 
 
-def test_errors_finish_the_request_not_the_thread(engine, tok, monkeypatch):
-    real = engine.model.forward_slots
-    calls = {"n": 0}
+@pytest.mark.parametrize("kernel", [True, False])
+def test_errors_finish_the_request_not_the_thread(tok, monkeypatch, kernel):
+    engine = Engine(make_model(tok), tok, max_batch=32, decode_kernel=kernel)
+    assert (engine._kernel is not None) == kernel
+    engine.start()
+    # the first request's decode step fails: forward_slots' 2nd call, or the kernel's 1st
+    owner, name = (engine._kernel, "logits") if kernel else (engine.model, "forward_slots")
+    real, calls = getattr(owner, name), {"n": 0}
 
     def flaky(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 2:  # the first decode step of the first request
+        if calls["n"] == (1 if kernel else 2):
             raise RuntimeError("boom")
         return real(*a, **k)
 
-    monkeypatch.setattr(engine.model, "forward_slots", flaky)
+    monkeypatch.setattr(owner, name, flaky)
     r = engine.submit([5, 6], greedy(max_tokens=5)).result()
     assert r[2].reason == "error" and "boom" in r[2].error
     assert engine.submit([5, 6], greedy(max_tokens=5)).result()[2].reason == "length"
     assert engine.stats()["running"] == 0
+    engine.shutdown(abort=True)
 
 
 # ---------------------------------------------------------------------------- async / threads

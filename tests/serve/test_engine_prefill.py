@@ -135,7 +135,8 @@ def test_prefix_cache_second_turn_reuses_blocks_with_identical_outputs(tok):
         st = cached.stats()
         # turn 1 left 129 positions (120 prompt + 9 fed-back answer tokens): 8 full blocks
         assert st["prefix_cache_hit_tokens"] == 128
-        assert sum(calls[:-9]) == len(turn2) - 128  # only the new part was prefilled
+        # only the new part was prefilled (decode steps: one token per call, or the decode kernel)
+        assert sum(c for c in calls if c > 1) == len(turn2) - 128
         assert 0 < st["prefix_cache_hit_rate"] < 1
         # a prompt that differs in its first token shares nothing
         other = [turn2[0] + 1] + turn2[1:]

@@ -32,6 +32,7 @@ import torch
 from spud.errors import SpudError
 from spud.eval import batch_scorer
 from spud.runtime import pick_device
+from spud.serve.decode_kernel import DecodeKernel
 from spud.serve.engine_forward import ForwardSteps
 from spud.serve.engine_seq import Seq as _Seq
 from spud.serve.engine_seq import describe as _describe
@@ -66,13 +67,16 @@ class Engine(ForwardSteps):
     many tokens of finished requests' KV blocks (`prefix_block` tokens each) for reuse.
     `speculate` > 0 drafts that many tokens per step (prompt lookup, or `draft_model`: a smaller
     model with the same tokenizer) and verifies them in one forward (serve/speculative.py);
-    `request_timeout` ends requests older than that many seconds (serve/timeouts.py)."""
+    `request_timeout` ends requests older than that many seconds (serve/timeouts.py).
+    `decode_kernel`: decode steps through serve/decode_kernel.py where it supports the model
+    (a CPU llama-block model; else, or when False, the model's own forward)."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 32, max_queue: int = 256,
                  max_context: int | None = None, device=None, model_name: str = "spud",
                  prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, step_tokens: int | None = None,
                  prefix_cache_tokens: int = 0, prefix_block: int = 16, speculate: int = 0,
-                 draft_model=None, request_timeout: float | None = None) -> None:
+                 draft_model=None, request_timeout: float | None = None,
+                 decode_kernel: bool = True) -> None:
         if max_batch < 1 or max_queue < 0:
             raise SpudError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
         if prefill_chunk is not None and prefill_chunk < 1:
@@ -109,6 +113,7 @@ class Engine(ForwardSteps):
         self.end_ids = {i for i in (tokenizer.end_id, tokenizer.eos_id, tokenizer.bos_id)
                         if i is not None}
         self._cache = model.new_slot_cache(max_batch, self.max_context, self.device, w.dtype)
+        self._kernel = DecodeKernel(model) if decode_kernel and DecodeKernel.unsupported(model) is None else None
         # speculative decoding (spud.serve.speculative): None = plain one-token decode steps
         self._spec = make_speculator(speculate, draft_model, n_slots=max_batch,
                                      max_context=self.max_context, device=self.device,
@@ -232,6 +237,7 @@ class Engine(ForwardSteps):
         with self._cv:
             out = {"running": len(self._running) + len(self._prefilling), "waiting": len(self._waiting),
                    **self._stats}
+        out["decode_kernel"] = int(self._kernel is not None)  # 1: decode steps via serve/decode_kernel.py
         if self._prefix is not None:
             out |= self._prefix.stats()
         if self._spec is not None:

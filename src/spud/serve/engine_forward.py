@@ -51,10 +51,13 @@ class ForwardSteps:
         try:
             with self._model_lock:
                 # a flat list converts several times faster than a nested one; then (B, 1)
-                x = torch.tensor([s.last for s in rows], device=self.device).view(-1, 1)
-                h = self.model.forward_slots(
-                    x, self._cache, [s.slot for s in rows], [s.length for s in rows])
-                logits = self.model.logits(h[:, -1]).float()
+                x = torch.tensor([s.last for s in rows], device=self.device)
+                slots, starts = [s.slot for s in rows], [s.length for s in rows]
+                if self._kernel is not None:  # the lean CPU step (serve/decode_kernel.py)
+                    logits = self._kernel.logits(x, self._cache, slots, starts).float()
+                else:
+                    h = self.model.forward_slots(x.view(-1, 1), self._cache, slots, starts)
+                    logits = self.model.logits(h[:, -1]).float()
             for s in rows:
                 s.length += 1
             self._sample_and_emit(rows, logits)
