@@ -1,15 +1,15 @@
 """The engine's one-token decode step on the CPU, with as few kernel launches as the maths allows.
 
-At serving sizes a CPU decode step is mostly fixed per-op cost, not arithmetic: the module forward
-of the micro model (d 192, 6 layers) issues ~700 aten calls a token, and its 25 matmuls take about
-a quarter of the step (docs/serving.md, "Decode overhead"). This module computes the same function
+At serving sizes a CPU decode step is mostly fixed per-op cost: the module forward of the micro
+model (d 192, 6 layers) issues ~1,300 aten calls a token, and its 25 matmuls are only about half of
+the step (docs/serving.md, "Decode overhead"). This module computes the same function
 as `Transformer.forward_slots` + `logits` for T = 1 with a fraction of the calls:
 - weights are copied once into the layout a one-row product is fastest against, (in, out)
   contiguous: MKL picks a ~2x faster kernel for it than for the training layout's transposed view;
 - the RMSNorm gains that precede a projection are folded into its weights (norm(x)·g @ W =
   norm(x) @ (g·W)), the final norm's gain into the LM head;
-- residual adds ride on the projection (`addmm`), norms are five plain ops on 2-D tensors, and no
-  module, autocast or dtype bookkeeping runs per layer.
+- residual adds ride on the projection (`addmm`), rotary is one batched product, and no module,
+  autocast or dtype bookkeeping runs per layer.
 
 It is a second implementation of the llama block's decode arithmetic, so it is used only where it
 is an exact re-statement of it: the `llama` block with a registered dense MLP and none of the
@@ -69,6 +69,11 @@ class DecodeKernel:
         self._params = list(model.parameters())
         self._key: list | None = None  # the weights are copied at the first step (see logits)
 
+    @classmethod
+    def of(cls, model) -> DecodeKernel | None:
+        """A kernel for `model`, or None where it would not re-state the model (see unsupported)."""
+        return cls(model) if cls.unsupported(model) is None else None
+
     @staticmethod
     def unsupported(model) -> str | None:
         """Why the kernel cannot stand in for this model's decode step, or None when it can."""
@@ -114,13 +119,6 @@ class DecodeKernel:
         self.head = (m.lm_head.weight * m.norm.weight).t().contiguous()
         self._key = self._version_key()
 
-    def _flat_views(self, cache: SlotKVCache) -> tuple[list, list]:
-        """Each layer's k and v buffers viewed as (slots·max_len, Hkv, hd), made once per cache."""
-        if getattr(self, "_views_of", None) is not cache:
-            self._views = ([k.view(-1, *k.shape[2:]) for k in cache.k], [v.view(-1, *v.shape[2:]) for v in cache.v])
-            self._views_of = cache
-        return self._views
-
     # ---------------------------------------------------------------------------- the step
     def logits(self, ids: torch.Tensor, cache: SlotKVCache, slots: list[int], starts: list[int]) -> torch.Tensor:
         """(B, V) logits of the next token for ids (B,), row i continuing slot slots[i] whose
@@ -133,8 +131,6 @@ class DecodeKernel:
         cache.bind(slots, starts, 1)
         cos, sin = self.model.rotary.tables_at(cache.positions)  # (B, 1, 1, hd)
         rot = rotation_matrices(cos.view(b, hd), sin.view(b, hd))
-        flat_k, flat_v = self._flat_views(cache)
-        idx, rows, kv_len = cache.flat_idx, cache.slice, cache.kv_len
         x = self.embed.index_select(0, ids)  # (B, d)
         for i, L in enumerate(self.layers):
             qkv = torch.mm(F.rms_norm(x, (d,), None, eps), L["qkv"]).view(b, n_qk + hkv, hd)
@@ -142,16 +138,9 @@ class DecodeKernel:
             if L["qk_gain"] is not None:
                 qk = F.rms_norm(qk, (hd,), None, eps) * L["qk_gain"]
             qk = torch.bmm(qk, rot)  # rotary, all heads of a row at once
-            # the cache write and read of SlotKVCache.update, on views made once per cache
-            flat_k[i].index_copy_(0, idx, qk[:, h:])
-            flat_v[i].index_copy_(0, idx, qkv[:, n_qk:])
-            if rows is not None:
-                k, v = cache.k[i][rows, :kv_len], cache.v[i][rows, :kv_len]
-            else:
-                k = cache.k[i][:, :kv_len].index_select(0, cache.slot_idx)
-                v = cache.v[i][:, :kv_len].index_select(0, cache.slot_idx)
-            y = F.scaled_dot_product_attention(qk[:, :h, None], k.transpose(1, 2), v.transpose(1, 2),
-                                               attn_mask=cache.mask_for(self.windows[i]), enable_gqa=hkv != h)
+            k, v = cache.update(i, qk[:, None, h:], qkv[:, None, n_qk:])  # (B, Hkv, L, hd)
+            y = F.scaled_dot_product_attention(qk[:, :h, None], k, v, attn_mask=cache.mask_for(self.windows[i]),
+                                               enable_gqa=hkv != h)
             x = torch.addmm(x, y.view(b, h * hd), L["proj"])
             u = torch.mm(F.rms_norm(x, (d,), None, eps), L["up"])
             if self.act == "swiglu":

@@ -113,7 +113,7 @@ class Engine(ForwardSteps):
         self.end_ids = {i for i in (tokenizer.end_id, tokenizer.eos_id, tokenizer.bos_id)
                         if i is not None}
         self._cache = model.new_slot_cache(max_batch, self.max_context, self.device, w.dtype)
-        self._kernel = DecodeKernel(model) if decode_kernel and DecodeKernel.unsupported(model) is None else None
+        self._kernel = DecodeKernel.of(model) if decode_kernel else None
         # speculative decoding (spud.serve.speculative): None = plain one-token decode steps
         self._spec = make_speculator(speculate, draft_model, n_slots=max_batch,
                                      max_context=self.max_context, device=self.device,

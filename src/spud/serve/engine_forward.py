@@ -50,7 +50,7 @@ class ForwardSteps:
         rows = sorted(self._running, key=lambda s: s.slot)
         try:
             with self._model_lock:
-                # a flat list converts several times faster than a nested one; then (B, 1)
+                # a flat list converts several times faster than a nested one
                 x = torch.tensor([s.last for s in rows], device=self.device)
                 slots, starts = [s.slot for s in rows], [s.length for s in rows]
                 if self._kernel is not None:  # the lean CPU step (serve/decode_kernel.py)
