@@ -11,7 +11,10 @@ machine then hits all of them alike); the median round is reported:
 - spud_engine_module: the same engine with decode_kernel=False (the model's own forward), so the
   kernel's gain is measured side by side;
 - spud_generate: spud.serve.sampling.generate (the plain KV-cache loop, for reference);
-- hf_generate: the twin's generate(do_sample=False, use_cache=True, min_new_tokens=N).
+- hf_generate: the twin's generate(do_sample=False, use_cache=True, min_new_tokens=N);
+- llama_cpp (when llama-cpp-python is installed; --llama-cpp off leaves it out): the same model
+  exported with `spud export gguf` (f32 by default: the same weights bit for bit) and run by
+  llama.cpp, greedy, the same thread count (benchmarks/llama_cpp_peer.py).
 Time to first token (prefill + first sample) is measured apart from the decode rate, which is
 (N - 1) tokens / (time of token N - time of token 1).
 
@@ -41,6 +44,7 @@ import random
 import socket
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -54,6 +58,8 @@ from spud.hardware import cpu_name
 from spud.serve.engine import Engine, SamplingParams, TokenEvent
 from spud.serve.sampling import generate
 from spud.tokenizer import train_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # llama_cpp_peer, prefill_stall, speculation
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,6 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds allowed per concurrency level; unfinished requests are cancelled")
     p.add_argument("--max-batch", type=int, default=0, help="engine slots; 0 = max(64, concurrency)")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    p.add_argument("--llama-cpp", choices=["auto", "off"], default="auto",
+                   help="auto: add llama.cpp (llama-cpp-python) as a batch-1 peer when installed")
+    p.add_argument("--llama-cpp-outtype", choices=["f32", "f16", "q8_0"], default="f32",
+                   help="GGUF tensor type for the llama.cpp peer (f32 = the same weights)")
     p.add_argument("--out", default="benchmarks/results/serve_throughput.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
@@ -206,7 +216,8 @@ def summarize_rounds(rounds: list[tuple[list[float], list[int]]], n: int) -> dic
             "tokens_generated": counts, "all_rounds_full": all(c == n for c in counts)}
 
 
-def bench_batch1(args, engine: Engine, engine_module: Engine, spud, peer, prompt: list[int]) -> dict:
+def bench_batch1(args, engine: Engine, engine_module: Engine, spud, peer, prompt: list[int],
+                 llama=None) -> dict:
     n = args.max_tokens
     runs = {
         "spud_engine": lambda: run_engine(engine, prompt, n),
@@ -214,6 +225,8 @@ def bench_batch1(args, engine: Engine, engine_module: Engine, spud, peer, prompt
         "spud_generate": lambda: run_spud_generate(spud, prompt, n),
         "hf_generate": lambda: run_hf(peer, prompt, n),
     }
+    if llama is not None:
+        runs["llama_cpp"] = lambda: llama.run(prompt, n)
     for _ in range(args.warmup):
         for fn in runs.values():
             fn()
@@ -237,6 +250,12 @@ def bench_batch1(args, engine: Engine, engine_module: Engine, spud, peer, prompt
                            / res["hf_generate"]["decode_tokens_per_s"])
     res["generate_vs_hf"] = (res["spud_generate"]["decode_tokens_per_s"]
                              / res["hf_generate"]["decode_tokens_per_s"])
+    if llama is not None:
+        res["llama_cpp_matches_engine"] = first["llama_cpp"] == first["spud_engine"]
+        res["engine_vs_llama_cpp"] = (res["spud_engine"]["decode_tokens_per_s"]
+                                      / res["llama_cpp"]["decode_tokens_per_s"])
+        res["llama_cpp_vs_hf"] = (res["llama_cpp"]["decode_tokens_per_s"]
+                                  / res["hf_generate"]["decode_tokens_per_s"])
     return res
 
 
@@ -389,7 +408,8 @@ def print_tables(res: dict, header: str) -> None:
     t1 = (["contender", "decode tok/s", "TTFT ms", "vs HF"],
           [[k, f"{b1[k]['decode_tokens_per_s']:,.1f}", _fmt(b1[k]["ttft_s"]),
             f"{b1[k]['decode_tokens_per_s'] / b1['hf_generate']['decode_tokens_per_s']:.2f}x"]
-           for k in ("spud_engine", "spud_engine_module", "spud_generate", "hf_generate")])
+           for k in ("spud_engine", "spud_engine_module", "spud_generate", "hf_generate", "llama_cpp")
+           if k in b1])
     base = res["http"][0]["aggregate_tokens_per_s"] if res["http"] else 0.0
     e1 = res["engine_streams"][0]["aggregate_tokens_per_s"] if res["engine_streams"] else 0.0
     t3 = (["streams", "tok/s", "x 1 stream"],
@@ -426,6 +446,14 @@ def print_tables(res: dict, header: str) -> None:
         print(line)
 
 
+def llama_cpp_version_or_none(args) -> str | None:
+    if args.llama_cpp == "off":
+        return None
+    from llama_cpp_peer import llama_cpp_version
+
+    return llama_cpp_version()
+
+
 def _loadavg() -> list[float]:
     try:
         return list(os.getloadavg())
@@ -440,6 +468,11 @@ def targets(res: dict) -> dict:
     out = {"batch1_vs_hf": ratio, "batch1_vs_hf_target": 3.0, "lines": []}
     out["lines"].append(f"target batch-1 engine ≥ 3× HF: {ratio:.2f}× "
                         f"({'met' if ratio >= 3 else 'NOT met'})")
+    if "engine_vs_llama_cpp" in b1:
+        out["batch1_vs_llama_cpp"] = b1["engine_vs_llama_cpp"]
+        out["lines"].append(f"peer llama.cpp ({b1['llama_cpp_outtype']} GGUF): engine "
+                            f"{b1['engine_vs_llama_cpp']:.2f}× llama.cpp at batch 1; greedy tokens "
+                            f"{'equal' if b1['llama_cpp_matches_engine'] else 'DIFFER'}")
     # issue 14's target: 16 concurrent streams at >= 12x the single-stream rate
     if 16 in by_c and 1 in by_c and by_c[1] > 0:
         scale = by_c[16] / by_c[1]
@@ -461,13 +494,11 @@ def targets(res: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.prefill_stall:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         import prefill_stall
 
         prefill_stall.main(args.prefill_stall_argv)
         return 0
     if args.speculation:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         import speculation
 
         return speculation.main(args.speculation_argv)
@@ -500,10 +531,22 @@ def _run(args: argparse.Namespace, transformers) -> int:
     engine = Engine(spud, tok, max_batch=max_batch, max_queue=max(256, 2 * max_batch),
                     model_name=f"bench-{args.preset}")
     engine_module = Engine(spud, tok, max_batch=1, decode_kernel=False, model_name=f"bench-{args.preset}")
+    llama, llama_note, workdir = None, None, tempfile.TemporaryDirectory()
+    if args.llama_cpp == "auto":
+        from llama_cpp_peer import LlamaCppPeer, missing
+
+        llama_note = missing()
+        if llama_note is not None:
+            print(llama_note, file=sys.stderr)
+        else:
+            llama = LlamaCppPeer.build(spud, cfg, tok, Path(workdir.name), threads, args.llama_cpp_outtype)
     engine.start()
     engine_module.start()
     try:
-        batch1 = bench_batch1(args, engine, engine_module, spud, peer, prompt)
+        batch1 = bench_batch1(args, engine, engine_module, spud, peer, prompt, llama)
+        if llama is not None:
+            batch1["llama_cpp_outtype"] = args.llama_cpp_outtype
+            llama.close()
         engine_module.shutdown()
         streams = bench_engine_streams(args, engine, prompt)
         load_mid = _loadavg()
@@ -511,6 +554,7 @@ def _run(args: argparse.Namespace, transformers) -> int:
     finally:
         engine.shutdown(abort=True)
         engine_module.shutdown(abort=True)
+        workdir.cleanup()
     load_after = _loadavg()
 
     res = {"batch1": batch1, "engine_streams": streams, "http": http}
@@ -525,6 +569,7 @@ def _run(args: argparse.Namespace, transformers) -> int:
         "benchmark": "serve_throughput",
         "device": "cpu", "cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": threads,
         "dtype": "float32", "torch": torch.__version__, "transformers": transformers.__version__,
+        "llama_cpp_python": llama_cpp_version_or_none(args), "llama_cpp_note": llama_note,
         "python": platform.python_version(), "platform": platform.platform(),
         "loadavg": {"before": load_before, "after_batch1": load_mid, "after": load_after},
         "args": vars(args),

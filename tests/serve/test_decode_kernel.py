@@ -4,6 +4,9 @@ followed, and the module path kept for every model it does not re-state."""
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 
@@ -67,11 +70,13 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("kw", CONFIGS)
-def test_kernel_logits_and_cache_equal_the_module_forward(kw):
+@pytest.mark.parametrize("slots", [[5, 1, 3], [2, 3, 4]], ids=["gathered-slots", "adjacent-slots"])
+def test_kernel_logits_and_cache_equal_the_module_forward(kw, slots):
     model = make_model(**kw)
     kernel = DecodeKernel(model)
-    # rows in non-adjacent slots at different lengths: per-row positions, masks and gathers
-    slots, lengths = [5, 1, 3], [17, 9, 30]
+    # rows at different lengths: per-row positions and masks; slots out of order are gathered,
+    # adjacent ones read as one strided view of the cache
+    lengths = [17, 9, 30]
     c_mod, c_ker = prefilled_caches(model, slots, lengths)
     ids = torch.tensor([7, 42, 199])
     with torch.inference_mode():
@@ -166,3 +171,51 @@ def test_spud_serve_uses_the_kernel_unless_told_not_to(serve_run, monkeypatch, f
     monkeypatch.setattr(server, "build_server", stop_before_listening)
     assert main(["serve", str(serve_run), "--device", "cpu", "--port", "1", *flag]) == 0
     assert seen["stats"]["decode_kernel"] == (0 if flag else 1)
+
+
+def test_numpys_blas_gets_torchs_thread_count_in_the_engine_thread():
+    """The kernel's products run on numpy's BLAS pool: in the thread that runs the steps (the
+    engine's) it must use torch's thread count (what --threads / train.threads set), not every
+    core, or a 1-thread benchmark and DDP ranks would secretly use more. Measured as CPU time
+    over wall time of a large product in that thread, while another thread that used the pool
+    at full width is alive (the case where OpenBLAS ignores a process-wide setting)."""
+    import resource
+    import threading
+
+    import numpy as np
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs 2 cores to tell 1 BLAS thread from more")
+    model = make_model()
+    kernel = DecodeKernel(model)
+    _, cache = prefilled_caches(model, [0], [5])
+    a = np.random.default_rng(0).random((1200, 1200), dtype=np.float32)
+    busy, release, seen = threading.Event(), threading.Event(), {}
+
+    def other_user():  # e.g. a request handler doing numpy work at the pool's default width
+        a @ a
+        busy.set()
+        release.wait(60)
+
+    def engine_thread():
+        kernel.logits(torch.tensor([3]), cache, [0], [5])
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        while time.perf_counter() - t0 < 0.5:
+            a @ a
+        r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        seen["cpu_per_wall"] = (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / (t1 - t0)
+
+    other = threading.Thread(target=other_user)
+    other.start()
+    busy.wait(60)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        t = threading.Thread(target=engine_thread)
+        t.start()
+        t.join()
+    finally:
+        torch.set_num_threads(before)
+        release.set()
+        other.join()
+    assert seen["cpu_per_wall"] < 1.4, seen  # ~2.0 when the pool ignores the setting

@@ -51,6 +51,12 @@ def test_quick_run_writes_expected_json(tmp_path):
         assert r["decode_tokens_per_s"] > 0 and r["ttft_s"] > 0
         assert r["tokens_generated"] == [4]  # --rounds 1 under --quick, exact token count
     assert {"engine_vs_hf", "generate_vs_hf", "greedy_tokens_match_hf"} <= set(b1)
+    if importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("gguf"):
+        assert b1["llama_cpp"]["tokens_generated"] == [4]  # the peer ran on the exported model
+        assert {"engine_vs_llama_cpp", "llama_cpp_matches_engine"} <= set(b1)
+        assert data["llama_cpp_python"] and "batch1_vs_llama_cpp" in data["targets"]
+    else:  # absent peer: said, not silently dropped
+        assert "llama_cpp" not in b1 and "not installed" in data["llama_cpp_note"]
 
     assert [h["concurrency"] for h in data["http"]] == [1, 2]
     for h in data["http"]:

@@ -8,6 +8,7 @@ layer simply masks keys older than its window, so both caches serve any attentio
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from spud.errors import SpudError
@@ -104,6 +105,7 @@ class SlotKVCache:
         # (n_slots·max_len, Hkv, hd) views of the same memory, where update writes: made once,
         # a decode step is a few microseconds of such bookkeeping per layer
         self._flat = [(k.view(-1, *shape[2:]), v.view(-1, *shape[2:])) for k, v in zip(self.k, self.v)]
+        self._arrays: list[tuple[np.ndarray, ...]] | None = None  # numpy views: see update_arrays
         self.n_slots = n_slots
         self.max_len = max_len
         self.device = torch.device(device) if device is not None else self.k[0].device
@@ -147,6 +149,7 @@ class SlotKVCache:
             self._slot_base = self._slot_idx[:, None] * self.max_len  # (B, 1): row offsets
         self.slice, self.slot_idx = self._slice, self._slot_idx
         self.flat_idx = (self._slot_base + self.positions).view(-1)
+        self._np_idx: tuple[np.ndarray, np.ndarray] | None = None  # update_arrays' copy of the indices
         self._bound = (len(slots), t)
 
     def mask_for(self, window: int | None) -> torch.Tensor | None:
@@ -181,9 +184,26 @@ class SlotKVCache:
         return self._write_read(self.k[layer], self._flat[layer][0], k), \
             self._write_read(self.v[layer], self._flat[layer][1], v)
 
-    def _write_read(self, buf: torch.Tensor, flat: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    def update_arrays(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`update` for numpy arrays, through numpy views of the same memory (CPU caches only):
+        the serving engine's decode kernel computes in numpy, where a write and a read cost a
+        few microseconds instead of a few torch calls each."""
+        if self._arrays is None:
+            self._arrays = [tuple(t.detach().numpy() for t in (k_, v_, fk, fv))
+                            for (k_, v_), (fk, fv) in zip(zip(self.k, self.v), self._flat)]
+        if self._np_idx is None:
+            self._np_idx = (self.flat_idx.numpy(), self.slot_idx.numpy())
+        buf_k, buf_v, flat_k, flat_v = self._arrays[layer]
+        return self._write_read(buf_k, flat_k, k), self._write_read(buf_v, flat_v, v)
+
+    def _write_read(self, buf, flat, new):
         # this runs twice per layer per decode step: each skipped call (a no-op dtype cast, a
         # reshape with unpacked sizes) is a measurable share of a small model's step on a CPU
+        if isinstance(new, np.ndarray):  # update_arrays: the same write and read in numpy
+            flat_idx, slot_idx = self._np_idx
+            flat[flat_idx] = new.reshape(-1, *new.shape[2:])
+            rows = buf[self.slice, : self.kv_len] if self.slice is not None else buf[slot_idx, : self.kv_len]
+            return rows.swapaxes(1, 2)
         if new.dtype != buf.dtype:
             new = new.to(buf.dtype)
         flat.index_copy_(0, self.flat_idx, new.flatten(0, 1))

@@ -1,55 +1,46 @@
-"""The engine's one-token decode step on the CPU, with as few kernel launches as the maths allows.
+"""The engine's one-token decode step on the CPU, in numpy, with as few calls as the maths allows.
 
-At serving sizes a CPU decode step is mostly fixed per-op cost: the module forward of the micro
-model (d 192, 6 layers) issues ~1,300 aten calls a token, and its 25 matmuls are only about half of
-the step (docs/serving.md, "Decode overhead"). This module computes the same function
-as `Transformer.forward_slots` + `logits` for T = 1 with a fraction of the calls:
-- weights are copied once into the layout a one-row product is fastest against, (in, out)
-  contiguous: MKL picks a ~2x faster kernel for it than for the training layout's transposed view;
+At serving sizes a CPU decode step is mostly fixed per-call cost: the module forward of the micro
+model (d 192, 6 layers) issues ~1,300 aten calls a token, and even a lean torch re-statement of it
+(~20 calls a layer) spent half its time outside the matmuls, at 3-10 us per torch call. This
+module computes the same function as `Transformer.forward_slots` + `logits` for T = 1 in numpy on
+zero-copy views: a numpy call costs ~0.4-1 us, and numpy's BLAS (OpenBLAS in numpy's wheels) runs
+the one-row products about twice as fast as torch's MKL on the AMD EPYC we measure on
+(docs/serving.md, "The decode kernel"). Also:
+- weights are copied once into (in, out)-contiguous float32 arrays, the layout a one-row product
+  reads in order;
 - the RMSNorm gains that precede a projection are folded into its weights (norm(x)·g @ W =
   norm(x) @ (g·W)), the final norm's gain into the LM head;
-- residual adds ride on the projection (`addmm`), rotary is one batched product, and no module,
-  autocast or dtype bookkeeping runs per layer.
+- the KV cache is written and read through numpy views of its own memory
+  (SlotKVCache.update_arrays), attention is written out for one query per row;
+- numpy's BLAS gets torch's thread count, so `--threads` means the same for both.
 
 It is a second implementation of the llama block's decode arithmetic, so it is used only where it
 is an exact re-statement of it: the `llama` block with a registered dense MLP and none of the
-cross-layer options (`DecodeKernel.unsupported` says why not; everything else keeps the module
-path). Results equal the module path up to float rounding (folded gains, fused adds, a different
-BLAS kernel), like any other batch size already does; tests compare them by tolerance and greedy
-tokens. The copies follow the model: parameter versions (moved by every in-place update:
-optimizer steps, load_state_dict) and storages are checked each step and the copies rebuilt when
-one changed, so an engine over a model that is being trained never decodes with stale weights.
+cross-layer options, fp32 on the CPU (`DecodeKernel.unsupported` says why not; everything else
+keeps the module path). Results equal the module path up to float rounding (folded gains,
+another BLAS, sigmoid written through tanh), like any other batch size already does; tests
+compare them by tolerance and greedy tokens. The copies follow the model: parameter versions
+(moved by every in-place update: optimizer steps, load_state_dict) and storages are checked each
+step and the copies rebuilt when one changed, so an engine over a model that is being trained
+never decodes with stale weights.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import math
+import threading
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from spud.model.blocks.llama import LlamaBlock
 from spud.model.kv_cache import SlotKVCache
 from spud.model.mlp import GELU, ReLU2, SwiGLU
 
 _ACTIVATIONS = {SwiGLU: "swiglu", ReLU2: "relu2", GELU: "gelu"}
-
-
-def rotation_matrices(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """(B, hd, hd) matrices R with x @ R = x·cos + swap_halves(x)·sin for rows of the rotary
-    tables (B, hd; sin signed as in layers.Rotary): one batched product rotates every head of
-    a row, where the elementwise form takes five kernels per layer."""
-    rot = torch.diag_embed(cos)
-    rows, cols = _swap_index(cos.shape[1])
-    rot[:, rows, cols] = sin
-    return rot
-
-
-@functools.lru_cache(maxsize=8)
-def _swap_index(hd: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # out[j] = x[j]·cos[j] + x[(j + hd/2) % hd]·sin[j]  ⇒  R[(j + hd/2) % hd, j] = sin[j]
-    cols = torch.arange(hd)
-    return (cols + hd // 2) % hd, cols
 
 
 class DecodeKernel:
@@ -68,6 +59,7 @@ class DecodeKernel:
         self.act = _ACTIVATIONS[type(model.blocks[0].mlp)]
         self._params = list(model.parameters())
         self._key: list | None = None  # the weights are copied at the first step (see logits)
+        self._threads: tuple[int, int] | None = None  # (thread, count) numpy's BLAS was set in
 
     @classmethod
     def of(cls, model) -> DecodeKernel | None:
@@ -101,22 +93,26 @@ class DecodeKernel:
     @torch.no_grad()
     def _refresh(self) -> None:
         m = self.model
-        self.embed = m.embed.weight.detach()
+
+        def arr(t: torch.Tensor) -> np.ndarray:  # a C-contiguous float32 copy, owned by numpy
+            return np.ascontiguousarray(t.detach().float().numpy(), dtype=np.float32)
+
+        self.embed = m.embed.weight.detach().numpy()  # read in place: rows are gathered per step
+        self.cos, self.sin = m.rotary.cos.numpy(), m.rotary.sin.numpy()  # (max_len, 1, hd)
         self.layers = []
         for blk in m.blocks:
             a, mlp = blk.attn, blk.mlp
             g1, g2 = blk.attn_norm.weight, blk.mlp_norm.weight
-            layer = {
-                "qkv": (a.qkv.weight * g1).t().contiguous(),
-                "proj": a.proj.weight.t().contiguous(),
-                "qk_gain": None if a.q_norm is None else torch.cat(
-                    (a.q_norm.weight.expand(self.h, -1), a.k_norm.weight.expand(self.hkv, -1))),
-                "down": mlp.down.weight.t().contiguous(),
-            }
             up = mlp.gate_up if isinstance(mlp, SwiGLU) else mlp.up
-            layer["up"] = (up.weight * g2).t().contiguous()
-            self.layers.append(layer)
-        self.head = (m.lm_head.weight * m.norm.weight).t().contiguous()
+            self.layers.append({
+                "qkv": arr((a.qkv.weight * g1).t()),
+                "proj": arr(a.proj.weight.t()),
+                "qk_gain": None if a.q_norm is None else arr(torch.cat(
+                    (a.q_norm.weight.expand(self.h, -1), a.k_norm.weight.expand(self.hkv, -1)))),
+                "up": arr((up.weight * g2).t()),
+                "down": arr(mlp.down.weight.t()),
+            })
+        self.head = arr((m.lm_head.weight * m.norm.weight).t())
         self._key = self._version_key()
 
     # ---------------------------------------------------------------------------- the step
@@ -125,34 +121,98 @@ class DecodeKernel:
         first starts[i] positions are cached; writes the rows' keys/values like forward_slots."""
         if self._version_key() != self._key:
             self._refresh()
+        if (threading.get_ident(), torch.get_num_threads()) != self._threads:
+            self._threads = _match_blas_threads()
         b = ids.shape[0]
         h, hkv, hd, eps = self.h, self.hkv, self.hd, self.eps
-        d, n_qk = self.embed.shape[1], h + hkv
+        n_qk, half = h + hkv, self.hd // 2
         cache.bind(slots, starts, 1)
-        cos, sin = self.model.rotary.tables_at(cache.positions)  # (B, 1, 1, hd)
-        rot = rotation_matrices(cos.view(b, hd), sin.view(b, hd))
-        x = self.embed.index_select(0, ids)  # (B, d)
+        pos = cache.positions.numpy()  # (B, 1)
+        cos, sin = self.cos[pos[:, 0]], self.sin[pos[:, 0]]  # (B, 1, hd): broadcast over heads
+        x = self.embed[ids.numpy()]  # (B, d), a copy: updated in place below
         for i, L in enumerate(self.layers):
-            qkv = torch.mm(F.rms_norm(x, (d,), None, eps), L["qkv"]).view(b, n_qk + hkv, hd)
+            qkv = (_rms_norm(x, eps) @ L["qkv"]).reshape(b, n_qk + hkv, hd)
             qk = qkv[:, :n_qk]
             if L["qk_gain"] is not None:
-                qk = F.rms_norm(qk, (hd,), None, eps) * L["qk_gain"]
-            qk = torch.bmm(qk, rot)  # rotary, all heads of a row at once
-            k, v = cache.update(i, qk[:, None, h:], qkv[:, None, n_qk:])  # (B, Hkv, L, hd)
-            y = F.scaled_dot_product_attention(qk[:, :h, None], k, v, attn_mask=cache.mask_for(self.windows[i]),
-                                               enable_gqa=hkv != h)
-            x = torch.addmm(x, y.view(b, h * hd), L["proj"])
-            u = torch.mm(F.rms_norm(x, (d,), None, eps), L["up"])
+                qk = _rms_norm(qk, eps) * L["qk_gain"]
+            # rotary (layers.Rotary: sin is signed, the halves swapped)
+            qk = qk * cos + np.concatenate((qk[..., half:], qk[..., :half]), axis=-1) * sin
+            k, v = cache.update_arrays(i, qk[:, None, h:], qkv[:, None, n_qk:])  # (B, Hkv, L, hd)
+            y = _attention(qk[:, :h], k, v, cache.mask_for(self.windows[i]))
+            x += y.reshape(b, h * hd) @ L["proj"]
+            u = _rms_norm(x, eps) @ L["up"]
             if self.act == "swiglu":
-                gate, up = u.chunk(2, dim=-1)
-                u = F.silu(gate).mul_(up)
+                gate, up = u[:, : u.shape[1] // 2], u[:, u.shape[1] // 2:]
+                u = gate * (0.5 + 0.5 * np.tanh(0.5 * gate)) * up  # silu; tanh form never overflows
             elif self.act == "relu2":
-                u = F.relu(u).square_()
+                u = np.square(np.maximum(u, 0.0))
             else:
-                u = F.gelu(u, approximate="tanh")
-            x = torch.addmm(x, u, L["down"])
+                u = 0.5 * u * (1.0 + np.tanh(_GELU_C * (u + 0.044715 * u * u * u)))
+            x += u @ L["down"]
         cache.advance(1)
-        out = torch.mm(F.rms_norm(x, (d,), None, eps), self.head)
+        out = _rms_norm(x, eps) @ self.head
         if self.softcap is not None:
-            out = torch.tanh(out / self.softcap) * self.softcap
-        return out
+            out = np.tanh(out * (1.0 / self.softcap)) * self.softcap
+        return torch.from_numpy(out)
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+# numpy >= 2: one ufunc call for the rows' sums of squares; einsum before it
+_sum_squares = (lambda a: np.vecdot(a, a)) if hasattr(np, "vecdot") else (
+    lambda a: np.einsum("...i,...i->...", a, a))
+
+
+def _rms_norm(x: np.ndarray, eps: float) -> np.ndarray:
+    """F.rms_norm(x, (last,), None, eps) in float32 (the gains are folded into the weights)."""
+    return x / np.sqrt(_sum_squares(x)[..., None] * (1.0 / x.shape[-1]) + eps)
+
+
+def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: torch.Tensor | None) -> np.ndarray:
+    """One query per row: q (B, H, hd) against k, v (B, Hkv, L, hd), grouped heads sharing a
+    key head (GQA), the bool mask (B, 1, 1, L) of SlotKVCache; → (B, H, hd). SDPA's arithmetic
+    with its default scale."""
+    b, h, hd = q.shape
+    hkv = k.shape[1]
+    s = q.reshape(b, hkv, h // hkv, hd) @ k.swapaxes(-1, -2)  # (B, Hkv, G, L)
+    s *= hd ** -0.5
+    if mask is not None:
+        s = np.where(mask.numpy(), s, -np.inf)
+    s -= np.maximum.reduce(s, axis=-1, keepdims=True)  # the ufuncs themselves: no wrapper's cost
+    np.exp(s, out=s)
+    s /= np.add.reduce(s, axis=-1, keepdims=True)
+    return (s @ v).reshape(b, h, hd)
+
+
+def _match_blas_threads() -> tuple[int, int]:
+    """numpy's BLAS (OpenBLAS in numpy's wheels) runs the kernel's products on its own thread
+    pool, which by default takes every core: give it torch's thread count instead, so that
+    `--threads` / train.threads mean the same for both and ranks do not oversubscribe.
+
+    Set for the calling thread (the engine's, which runs the steps) through OpenBLAS's
+    per-thread setting where the library has it: its process-wide one is silently ignored
+    while another thread that has used it lives (measured with OpenBLAS 0.3.31), as in a
+    server whose engine thread decodes while others also use numpy. → (thread, count)."""
+    n = torch.get_num_threads()
+    local = _openblas_local_setters()
+    for set_local in local:
+        set_local(n)
+    if not local:  # another BLAS (MKL, an older OpenBLAS): the process-wide setting
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=n, user_api="blas")
+    return threading.get_ident(), n
+
+
+@functools.cache
+def _openblas_local_setters() -> tuple:
+    """`openblas_set_num_threads_local` of each OpenBLAS numpy has loaded (found by
+    threadpoolctl), where that build exports it."""
+    from threadpoolctl import ThreadpoolController
+
+    setters = []
+    for lib in ThreadpoolController().select(internal_api="openblas").lib_controllers:
+        fn = getattr(lib.dynlib, "openblas_set_num_threads_local", None)
+        if fn is not None:
+            fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+            setters.append(fn)
+    return tuple(setters)
