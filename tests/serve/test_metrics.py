@@ -3,6 +3,7 @@ engine's live numbers, and what one real request adds."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -126,14 +127,14 @@ def test_one_request_adds_exactly_its_numbers(http, live, model_name):
 
 
 def test_busy_slots_gauge_during_a_stream(http, live, model_name, monkeypatch):
-    tok, model = live.engine.tokenizer, live.engine.model
-    forward = model.forward_slots
+    tok, engine = live.engine.tokenizer, live.engine
+    decode_step, scraped = engine._decode_step, threading.Event()
 
-    def slow_forward(*a, **k):  # a tiny model finishes 50 tokens faster than one scrape on a busy CI
-        time.sleep(0.05)
-        return forward(*a, **k)
+    def held_step():  # a tiny model finishes 50 tokens faster than one scrape: hold the decode
+        scraped.wait(10)  # steps (the first token comes from the prefill) until /metrics was read
+        decode_step()
 
-    monkeypatch.setattr(model, "forward_slots", slow_forward)
+    monkeypatch.setattr(engine, "_decode_step", held_step)
     body = {"model": model_name, "prompt": "a", "max_tokens": 50, "temperature": 0, "stream": True,
             "logit_bias": {str(tok.eos_id): -100, str(tok.end_id): -100}}
     with http.stream("POST", "/v1/completions", json=body) as r:
@@ -141,6 +142,7 @@ def test_busy_slots_gauge_during_a_stream(http, live, model_name, monkeypatch):
             if line.startswith("data: {"):
                 break
         during = _samples(http.get("/metrics").text)
+        scraped.set()
     monkeypatch.undo()
     assert _get(during, "spud_num_requests_running") == 1, during
     deadline = time.monotonic() + 10
