@@ -39,18 +39,14 @@ def missing() -> str | None:
 
 
 def write_run(model: torch.nn.Module, cfg, tok, run: Path) -> Path:
-    """RUN with tokenizer.json, config.yaml and one base checkpoint holding model's weights:
-    the smallest directory `spud export gguf` accepts."""
+    """RUN holding the model under test as `spud import hf` would write it (one weights-only
+    checkpoint, tokenizer, config): the directory `spud export gguf` reads."""
     from spud.config import validate_config
-    from spud.train import checkpoint as ckpt_io
+    from spud.export.source import write_weights_run
 
     run.mkdir(parents=True, exist_ok=True)
-    tok.save(run / "tokenizer.json")
     full = validate_config({"model": cfg.model_dump(mode="json")}, "serve_throughput model")
-    state = {"tokens_seen": 0, "loader": {}, "config": full.model_dump(mode="json"),
-             "tokenizer_sha256": tok.sha256(), "val": None}
-    ckpt_io.save_checkpoint(run, 1, model, None, state, None, keep=1)
-    (run / "config.yaml").write_text(full.to_yaml(), encoding="utf-8")
+    write_weights_run(run, model, full, tok)
     return run
 
 

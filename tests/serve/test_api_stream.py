@@ -6,6 +6,8 @@ import asyncio
 import json
 import time
 
+from engine_timing import slow_down
+
 CHAT = [{"role": "user", "content": "Count: 1, 2, 3,"}]
 
 
@@ -73,13 +75,7 @@ def test_32_concurrent_streams_match_sequential(client, aclient, model_name):
 def test_dropped_client_frees_slot(http, live, model_name, monkeypatch):
     engine = live.engine
     before = engine.stats()["cancelled_total"]
-    decode_step = engine._decode_step
-
-    def slow_step():  # 60 tokens of a tiny model would otherwise be done before the hang-up lands
-        time.sleep(0.02)
-        decode_step()
-
-    monkeypatch.setattr(engine, "_decode_step", slow_step)
+    slow_down(engine, 0.02, monkeypatch)  # else 60 tokens are done before the hang-up lands
     body = {"model": model_name, "prompt": "a", "max_tokens": 60, "temperature": 0, "stream": True,
             "logit_bias": {str(engine.tokenizer.eos_id): -100, str(engine.tokenizer.end_id): -100}}
     with http.stream("POST", "/v1/completions", json=body) as r:

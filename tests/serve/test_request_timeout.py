@@ -18,16 +18,7 @@ from spud.model.registry import build_model
 from spud.serve.engine import Engine, SamplingParams
 from spud.tokenizer import train_tokenizer
 
-
-def slow_down(engine, seconds: float) -> None:
-    """Each decode step sleeps first: a request of many tokens then takes long, deterministically."""
-    real = engine._decode_step
-
-    def step():
-        time.sleep(seconds)
-        real()
-
-    engine._decode_step = step
+from engine_timing import slow_down
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,12 @@ from safetensors import safe_open
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
-from spud.config import ModelConfig, save_config, validate_config
+from spud.config import ModelConfig, validate_config
 from spud.errors import SpudError
 from spud.export.arch import ACTS, ARCHS, GATED_ACT, from_hf
-from spud.export.source import staged_output
+from spud.export.source import staged_output, write_weights_run
 from spud.model.registry import build_model
 from spud.tokenizer import SPECIAL_TOKENS, Tokenizer
-from spud.train import checkpoint as ckpt_io
 
 # Accepted spellings of Spud's tanh-approximated GELU.
 GELU_TANH = {"gelu_pytorch_tanh", "gelu_new", "gelu_fast"}
@@ -201,12 +200,7 @@ def import_hf(src: str, out: str | Path, force: bool = False) -> dict:
         raise SpudError(f"{path}: weights do not fit the config: {e}") from None
     spud_tok = Tokenizer(tok)
     with staged_output(out, force) as tmp:
-        spud_tok.save(tmp / "tokenizer.json")
-        save_config(cfg, tmp / "config.yaml")
-        meta = {"tokens_seen": 0, "loader": None, "config": cfg.model_dump(mode="json"),
-                "tokenizer_sha256": spud_tok.sha256(), "val": None, "weights_only": True,
-                "imported_from": str(path.resolve()), "model_type": hf["model_type"],
-                "added_tokens": added, "grown_rows": grown}
-        ckpt_io.save_checkpoint(tmp, 0, model, None, meta, None, keep=1)
+        write_weights_run(tmp, model, cfg, spud_tok, imported_from=str(path.resolve()),
+                          model_type=hf["model_type"], added_tokens=added, grown_rows=grown)
     return {"out": str(out), "model_type": hf["model_type"], "params": model.num_params(),
             "added_tokens": added, "grown_rows": grown, "vocab_size": cfg.model.vocab_size}

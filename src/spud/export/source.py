@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 
-from spud.config import Config, validate_config
+from spud.config import Config, save_config, validate_config
 from spud.errors import SpudError
 from spud.model.registry import build_model
 from spud.model.transformer import Transformer
@@ -72,6 +72,17 @@ def load_source(run_dir: str | Path, which: Which = "auto", checkpoint: str | in
     else:
         ckpt_io.load_weights(ckpt, model, "cpu")
     return Source(run, choice.run, kind, ckpt, state, cfg, model.float().eval(), tok, tok_path)
+
+
+def write_weights_run(run: Path, model: Transformer, cfg: Config, tok: Tokenizer, **meta: Any) -> Path:
+    """Make `run` a run directory holding `model` as one weights-only checkpoint (step 0), with
+    its tokenizer and config: what `spud import hf` writes, and all that serve, eval and the
+    exports need. `meta` joins the checkpoint's state.json. → the checkpoint."""
+    tok.save(run / "tokenizer.json")
+    save_config(cfg, run / "config.yaml")
+    state = {"tokens_seen": 0, "loader": None, "config": cfg.model_dump(mode="json"),
+             "tokenizer_sha256": tok.sha256(), "val": None, "weights_only": True, **meta}
+    return ckpt_io.save_checkpoint(run, 0, model, None, state, None, keep=1)
 
 
 @contextmanager
