@@ -10,7 +10,9 @@ completions at temperature 1, unbiased pass@k for k = 1, 2, 4, 8, 16 on the same
 spud.posttrain.rl_tasks); `--split dev` is drawn the same way with no question in common with it,
 for choosing settings without tuning on the reported numbers. All models answer through the chat
 template, so the base model is at a format disadvantage: its row shows what post-training added,
-not its knowledge. Prints a table and writes JSON (default benchmarks/results/rl_gain.json).
+not its knowledge. `--why` sorts the greedy failures: a wrong answer whose every "a op b = c" step
+is right (the model read the problem wrong), one with an arithmetic slip in a step, one with no
+step written. Prints a table and writes JSON (default benchmarks/results/rl_gain.json).
 """
 
 from __future__ import annotations
@@ -25,7 +27,18 @@ import torch
 
 from spud.posttrain.rl import evaluate
 from spud.posttrain.rl_tasks import load_tasks
+from spud.posttrain.verifiers import equation_slips
 from spud.runs import default_serving_model, has_model, load_model
+
+
+def failures(outs: list) -> dict:
+    """Shares of the problems answered wrongly, by why (from each greedy completion's steps)."""
+    why = {"wrong_plan": 0, "wrong_arithmetic": 0, "wrong_no_step": 0}
+    for (text,), right in outs:
+        if not right:
+            steps, slips = equation_slips(text)
+            why["wrong_no_step" if not steps else "wrong_arithmetic" if slips else "wrong_plan"] += 1
+    return {k: v / max(1, len(outs)) for k, v in why.items()}
 
 
 def main() -> None:
@@ -39,6 +52,7 @@ def main() -> None:
     ap.add_argument("--models", default="base,chat,rl,dpo", help="models of RUN to evaluate, if it has them ('' = none)")
     ap.add_argument("--extra", action="append", default=[], metavar="LABEL=DIR",
                     help="also evaluate the model in DIR (an RL/DPO output made with --out)")
+    ap.add_argument("--why", action="store_true", help="sort the greedy failures: wrong plan, arithmetic slip, no step")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--out", default="benchmarks/results/rl_gain.json")
     args = ap.parse_args()
@@ -54,16 +68,19 @@ def main() -> None:
     for label, run, kind in todo:
         model, tok, _, ckpt = load_model(run, model=kind, device="cpu")
         t0 = time.perf_counter()
-        greedy = evaluate(model, tok, problems, 1, 0.0, args.max_tokens)
+        outs: list = []
+        greedy = evaluate(model, tok, problems, 1, 0.0, args.max_tokens, completions=outs)
         row = {"model": label, "checkpoint": str(ckpt), "split": args.split, "greedy_pass@1": greedy["pass@1"],
                "n": greedy["n"], "samples": args.samples}
+        if args.why:
+            row.update(failures(outs))
         if args.samples:
             sampled = evaluate(model, tok, problems, args.samples, 1.0, args.max_tokens, seed=1)
             row.update({f"sampled_{k}": v for k, v in sampled.items() if k.startswith("pass@")})
         row["seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    keys = ["greedy_pass@1"] + [k for k in rows[0] if k.startswith("sampled_")]
+    keys = ["greedy_pass@1"] + [k for k in rows[0] if k.startswith(("sampled_", "wrong_"))]
     print(f"\n{args.split} split, {rows[0]['n']} problems, {args.samples} samples at temperature 1 "
           f"(load {os.getloadavg()[0]:.1f})")
     print("| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))

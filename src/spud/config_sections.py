@@ -140,6 +140,11 @@ class RLConfig(StrictModel):
     lr: float = Field(3e-5, gt=0, description="AdamW LR. 3e-4 wrecked an older demo chat model in 12 steps; "
                       "1e-4 gave both the best and the worst runs on the untied demo's dev split (docs/rl.md).")
     warmup_steps: int = Field(3, ge=0)
+    schedule: Literal["constant", "cosine", "wsd"] = Field(
+        "constant", description="LR after the warm-up, over rl.steps: constant, cosine, or wsd (hold, then "
+        "decay linearly over the last decay_fraction of the steps; anneals a run that has a fixed budget).")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine/wsd: the LR the decay ends at, × rl.lr.")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of rl.steps spent decaying.")
     advantage: Literal["drgrpo", "grpo"] = Field(
         "drgrpo", description="drgrpo: reward minus group mean; grpo: also divided by the group std.")
     clip_low: float = Field(0.2, gt=0, lt=1)

@@ -8,12 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from spud.config import RLConfig
 from spud.data.facts import any_held_out
 from spud.errors import SpudError
 from spud.posttrain import rl_tasks
 from spud.posttrain.rl import advantages, rl_cmd
-from spud.posttrain.verifiers import final_number, verify
+from spud.posttrain.verifiers import equation_slips, final_number, verify
 from spud.train.metrics import read_metrics
+from spud.train.schedule import rl_lr
 
 FAST = ["rl.max_tokens=3", "rl.prompts_per_step=4", "rl.group=8", "rl.eval_every=100",
         "rl.heldout_problems=4", "train.threads=1"]
@@ -70,6 +72,22 @@ def test_rl_resume_is_exact(base_run, tmp_path):
     assert ra == rb and len(ra) == 4
 
 
+def test_rl_lr_schedules(base_run, tmp_path):
+    task = seven_task(tmp_path / "seven.jsonl")
+    out = tmp_path / "wsd"
+    rl_cmd(str(base_run), source="base", tasks=[task], out=str(out), console=quiet(),
+           overrides=FAST + ["rl.steps=6", "rl.lr=0.01", "rl.warmup_steps=2", "rl.schedule=wsd",
+                             "rl.decay_fraction=0.5", "rl.min_lr_ratio=0.1"])
+    lrs = [r["lr"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "rl"]
+    # warm-up over 2 steps, hold to step 3, then linear from 0.01 towards 0.001 over the last 3
+    assert lrs == pytest.approx([0.005, 0.01, 0.01, 0.01, 0.007, 0.004]), lrs
+    r = RLConfig(lr=1e-4, steps=10, schedule="cosine", warmup_steps=0)
+    assert rl_lr(r, 0) == 1e-4 and rl_lr(r, 5) == pytest.approx(0.5e-4) and rl_lr(r, 9) < 0.03e-4
+    # the constant default is bit for bit the schedule earlier runs were measured with
+    r = RLConfig(lr=1e-4, steps=50, warmup_steps=3)
+    assert all(rl_lr(r, s) == 1e-4 * min(1.0, (s + 1) / 3) for s in range(50))
+
+
 def test_advantages_dr_grpo_and_grpo():
     r = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
     assert advantages(r, 4, "drgrpo") == [0.75, -0.25, -0.25, -0.25, 0.0, 0.0, 0.0, 0.0]
@@ -90,6 +108,21 @@ def test_advantages_dr_grpo_and_grpo():
 def test_verifiers(kind, text, ref, correct, formatted):
     v = verify(kind, text, ref)
     assert (v.correct, v.formatted, v.error) == (correct, formatted, None)
+
+
+def test_equation_slips_and_rl_gain_sorts_failures(base_run, tmp_path):
+    assert equation_slips("36 + 34 = 70. 70 - 43 = 27. The answer is 27.") == (2, 0)
+    assert equation_slips("36 + 34 = 70. 70 - 43 = 37. The answer is 37.") == (2, 1)
+    assert equation_slips("9 * 12 = 108. 1,000 - 108 = 892.") == (2, 0)
+    assert equation_slips("The answer is 12.") == (0, 0)
+    out = tmp_path / "gain.json"
+    done = subprocess.run([sys.executable, "benchmarks/rl_gain.py", str(base_run), "--models", "base",
+                           "--problems", "6", "--samples", "0", "--why", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    row = json.loads(out.read_text())["rows"][0]
+    why = [row["wrong_plan"], row["wrong_arithmetic"], row["wrong_no_step"]]
+    assert row["greedy_pass@1"] + sum(why) == pytest.approx(1.0) and "wrong_plan" in done.stdout
 
 
 def test_code_verifier_limits_and_crashes_are_zero_reward():

@@ -18,7 +18,8 @@ One step:
    the batch (token-level, so long answers are not down-weighted per token as in the original
    per-sequence mean), plus an optional k3 KL penalty to the starting model. With
    `rl.ppo_epochs: 1` the batch is used once and the ratio is 1 at the update, so this is the exact
-   on-policy gradient; more epochs reuse rollouts and the clip then matters.
+   on-policy gradient; more epochs reuse rollouts and the clip then matters. AdamW at `rl.lr`
+   after a linear warm-up, then `rl.schedule` (constant by default; spud.train.schedule.rl_lr).
 
 The result is a run directory of its own, RUN/rl/ (config, tokenizer, checkpoints, metrics.jsonl),
 served and evaluated with `--model rl`. Resume is exact: weights, optimizer and step are restored,
@@ -48,6 +49,7 @@ from spud.tokenizer import Tokenizer
 from spud.train import checkpoint as ckpt_io
 from spud.train.faults import graceful_stop
 from spud.train.metrics import MetricsLog, truncate_after
+from spud.train.schedule import rl_lr
 
 _seed = seed_of  # (dpo and older callers)
 
@@ -70,9 +72,11 @@ def prompt_ids(tok: Tokenizer, p: Problem, limit: int) -> list[int]:
 
 
 def evaluate(model, tok: Tokenizer, problems: list[Problem], samples: int = 1, temperature: float = 0.0,
-             max_tokens: int = 64, seed: int = 0, timeout: float = 5.0, split_map=None) -> dict:
+             max_tokens: int = 64, seed: int = 0, timeout: float = 5.0, split_map=None,
+             completions: list | None = None) -> dict:
     """Held-out pass@k: greedy pass@1 when samples == 1, else unbiased pass@k for k ≤ samples.
-    `split_map` (RLDist.map) splits the generation across data-parallel ranks."""
+    `split_map` (RLDist.map) splits the generation across data-parallel ranks; `completions`, when
+    given, receives each problem's (texts, number correct) for a closer look."""
     from spud.eval.scoring import pass_at_k  # noqa: PLC0415
 
     if not problems:
@@ -90,6 +94,8 @@ def evaluate(model, tok: Tokenizer, problems: list[Problem], samples: int = 1, t
     for i, p in enumerate(problems):
         texts = [outs[i * samples + j][1] for j in range(samples)]
         correct.append(sum(verify(p.verifier, t, p.reference, p.tests, timeout).correct for t in texts))
+        if completions is not None:
+            completions.append((texts, correct[-1]))
     ks = [k for k in (1, 2, 4, 8, 16, 32) if k <= samples]
     return {"n": len(problems), "samples": samples, "temperature": temperature,
             **{f"pass@{k}": sum(pass_at_k(samples, c, k) for c in correct) / len(problems) for k in ks}}
@@ -222,9 +228,10 @@ class RLRun:
 
     def update(self, rows, adv: list[float]) -> dict:
         r = self.cfg.rl
+        lr = rl_lr(r, self.step)
         keep = [i for i, a in enumerate(adv) if a != 0.0 and rows[i][1]]
         if not keep:
-            return {"skipped": True, "entropy": None, "kl": 0.0, "clip_fraction": 0.0, "loss": 0.0}
+            return {"skipped": True, "entropy": None, "kl": 0.0, "clip_fraction": 0.0, "loss": 0.0, "lr": lr}
         pad = self.tok.pad_id
         chunks = [keep[i:i + r.micro_batch_size] for i in range(0, len(keep), r.micro_batch_size)]
         # Every rank normalises by the whole batch's token count and runs its share of the
@@ -241,7 +248,6 @@ class RLRun:
                 old = token_logprobs(self.model, x, y)[0] if reuse else None
                 ref = token_logprobs(self.ref, x, y)[0] if self.ref is not None else None
                 batches.append((x, y, torch.tensor([adv[i] for i in ch]).unsqueeze(1), old, ref))
-        lr = r.lr * min(1.0, (self.step + 1) / max(1, r.warmup_steps))
         for g in self.opt.param_groups:
             g["lr"] = lr
         ent = kl_sum = clipped = loss_sum = 0.0

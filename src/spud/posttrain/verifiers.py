@@ -49,6 +49,17 @@ def _numbers_equal(a: str | None, b) -> bool:
         return False
 
 
+_EQUATION = re.compile(r"(-?\d+)\s*([+\-*×x])\s*(-?\d+)\s*=\s*(-?\d+)")
+
+
+def equation_slips(text: str) -> tuple[int, int]:
+    """(equations written as "a op b = c", how many of them are arithmetically wrong): tells a
+    wrong answer whose every step is right (the plan was wrong) from an arithmetic slip."""
+    eqs = _EQUATION.findall(text.replace(",", ""))
+    ops = {"+": int.__add__, "-": int.__sub__, "*": int.__mul__, "×": int.__mul__, "x": int.__mul__}
+    return len(eqs), sum(ops[o](int(a), int(b)) != int(c) for a, o, b, c in eqs)
+
+
 def well_formed(text: str) -> bool:
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return bool(lines) and bool(_FINAL_FORM.search(lines[-1]))
