@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from spud.config import Config, _merge, parse_overrides, save_config, validate_config
 from spud.errors import SpudError
 from spud.model.registry import build_model
-from spud.posttrain.rl import _batch, _seed, generate_many, prompt_ids, token_logprobs
+from spud.posttrain.rl import _batch, generate_many, prompt_ids, token_logprobs
+from spud.posttrain.rl_sampling import seed_of
 from spud.posttrain.rl_tasks import BUILTIN, builtin_problems
 from spud.posttrain.verifiers import verify
 from spud.tokenizer import Tokenizer
@@ -87,7 +88,7 @@ def verifier_pairs(model, tok: Tokenizer, task: str, cfg: Config) -> tuple[list[
     problems = builtin_problems(task, "train", d.pairs_per_task * 4, cfg.seed)
     limit = model.cfg.max_seq_len - d.max_tokens
     prompts = [prompt_ids(tok, p, limit) for p in problems for _ in range(d.samples_per_prompt)]
-    seeds = [_seed(cfg.seed, "dpo", i) for i in range(len(prompts))]
+    seeds = [seed_of(cfg.seed, "dpo", i) for i in range(len(prompts))]
     outs = generate_many(model, tok, prompts, d.max_tokens, 1.0, seeds)
     pairs, no_pair = [], 0
     for i, p in enumerate(problems):
@@ -178,7 +179,7 @@ def dpo_cmd(run: str, source: str = "chat", data: list[str] | None = None, out: 
     order = list(range(len(pairs)))
     with graceful_stop() as stop:
         for epoch in range(d.epochs):
-            random.Random(_seed(cfg.seed, "dpo-order", epoch)).shuffle(order)
+            random.Random(seed_of(cfg.seed, "dpo-order", epoch)).shuffle(order)
             for i in range(0, len(order), d.batch_size):
                 idx = order[i:i + d.batch_size]
                 pol = _seq_logps(model, [pairs[j] for j in idx], tok.pad_id, d.batch_size)

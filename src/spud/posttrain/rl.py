@@ -51,8 +51,6 @@ from spud.train.faults import graceful_stop
 from spud.train.metrics import MetricsLog, truncate_after
 from spud.train.schedule import rl_lr
 
-_seed = seed_of  # (dpo and older callers)
-
 
 def generate_many(model, tok: Tokenizer, prompts: list[list[int]], max_tokens: int, temperature: float,
                   seeds: list[int] | None = None) -> list[tuple[list[int], str]]:
