@@ -152,6 +152,8 @@ class RLConfig(StrictModel):
     ppo_epochs: int = Field(1, gt=0, description="Gradient passes over each batch of rollouts.")
     kl: float = Field(0.0, ge=0, description="KL penalty to the starting model (k3 estimator); 0 = off.")
     format_weight: float = Field(0.1, ge=0, le=1, description="Reward bonus for a well-placed answer.")
+    step_weight: float = Field(0.0, ge=0, le=1, description="Reward bonus when the answer writes at least one "
+                               "'a op b = c' step and every such step is right (a process reward for arithmetic); 0 = off.")
     micro_batch_size: int = Field(32, gt=0, description="Sequences per forward in the update.")
     grad_clip: float = Field(1.0, gt=0)
     train_problems: int = Field(4000, gt=0, description="Problems generated per built-in task.")
@@ -164,6 +166,8 @@ class RLConfig(StrictModel):
         True, description="DAPO dynamic sampling: groups whose rewards are all equal are dropped and "
         "more prompts drawn until the step has prompts_per_step groups with signal (or max_sample_rounds).")
     max_sample_rounds: int = Field(3, ge=1, description="Rollout rounds per step with dynamic sampling.")
+    drop_solved: bool = Field(False, description="A training problem whose whole group was correct is not "
+                              "drawn again (saved with the checkpoint for exact resume).")
     min_level: int = Field(1, ge=1, description="Easiest problem level drawn (built-in arithmetic: 1 one "
                            "operation, 2 word problem, 3 word problem with number words and distractors).")
     max_level: int | None = Field(None, ge=1, description="Hardest level drawn; None = the hardest there is.")

@@ -4,16 +4,25 @@ import json
 from collections import Counter
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from spud.errors import SpudError
 from spud.posttrain import rl_tasks
 from spud.posttrain.rl import rl_cmd
-from spud.posttrain.rl_sampling import collect, level_cap, level_range, problem_stream
+from spud.posttrain import rl as rl_module
+from spud.posttrain.rl_sampling import SolvedPool, collect, level_cap, level_range, problem_stream
 from spud.posttrain.rl_tasks import Problem
+from spud.posttrain.verifiers import Verdict, steps_right, verify
 from spud.train.metrics import read_metrics
 
 FAST = ["rl.max_tokens=3", "rl.prompts_per_step=4", "rl.group=8", "rl.eval_every=100",
         "rl.heldout_problems=4", "train.threads=1"]
+
+
+def quiet():
+    from rich.console import Console
+    return Console(quiet=True)
 
 
 def problem(i: int, kind: str, level: int | None = None) -> Problem:
@@ -130,3 +139,61 @@ def test_rl_run_logs_dynamic_sampling_and_curriculum(base_run, tmp_path):
         assert r["groups_dropped"] == r["groups_equal_all_wrong"] + r["groups_equal_all_right"]
     evals = [r for r in rows if r["kind"] == "rl_eval"]
     assert evals and all(r["split"] == "dev" and r["n"] == 1 for r in evals)
+
+
+def test_solved_pool_leaves_solved_problems_out():
+    pool = [problem(i, "right" if i < 4 else "mixed", level=1 + (i % 2)) for i in range(12)]
+    got = collect(iter(pool), fake_rollout(4)[0], groups=3, group_size=4, dynamic=True, max_rounds=2)
+    assert {p.key for p in got.solved} <= {"0", "1", "2", "3"} and got.solved
+    solved = SolvedPool(pool, on=True)
+    solved.add(got.solved)
+    drawn = [p.key for p in problem_stream(pool, 1, 2, seed=0, step=1, skip=solved.skip())]
+    assert sorted(drawn, key=int) == [str(i) for i in range(12) if str(i) not in {p.key for p in got.solved}]
+    # a level with every problem solved is drawn whole again rather than lost
+    solved.add([p for p in pool if p.level == 1])
+    again = [p.key for p in problem_stream(pool, 1, 2, seed=0, step=1, skip=solved.skip())]
+    assert {int(k) % 2 for k in again} == {0, 1}
+    assert SolvedPool(pool, on=False).skip() == frozenset()
+    with pytest.raises(SpudError, match="rl_solved"):
+        solved.restore([3, 99])
+
+
+def test_steps_right_is_all_or_nothing():
+    assert steps_right("36 + 34 = 70. 70 - 43 = 27. The answer is 27.")
+    assert not steps_right("36 + 34 = 70. 70 - 43 = 37. The answer is 37.")
+    assert not steps_right("The answer is 27.")
+
+
+def test_drop_solved_and_step_reward_in_a_run_resume_exactly(base_run, tmp_path, monkeypatch):
+    """'Free' problems are always judged right (a stub verifier), so their groups are solved: with
+    rl.drop_solved each is rolled out once, and the solved set survives a resume exactly."""
+    task = tmp_path / "free.jsonl"
+    with open(task, "w") as f:
+        for i in range(20):
+            f.write(json.dumps({"prompt": f"Free {i}.", "reference": "free"}) + "\n")
+            f.write(json.dumps({"prompt": f"Question {i}: say seven.", "reference": "7"}) + "\n")
+    monkeypatch.setattr(rl_module, "verify", lambda kind, text, ref, *a: Verdict(True, False) if ref == "free"
+                        else verify(kind, text, ref, *a))
+    monkeypatch.setattr(rl_module, "steps_right", lambda text: True)  # every answer earns the step bonus
+    args = FAST + ["rl.lr=0.01", "rl.drop_solved=true", "rl.step_weight=0.5", "rl.max_sample_rounds=3"]
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    for out, steps in ((straight, 4), (cut, 2)):
+        rl_cmd(str(base_run), source="base", tasks=[str(task)], out=str(out), console=quiet(),
+               overrides=args + [f"rl.steps={steps}"])
+    rl_cmd(str(base_run), source="base", tasks=None, out=str(cut), overrides=["rl.steps=4"], resume=True,
+           console=quiet())
+    timing = ("time", "rollout_s", "update_s")
+    rows = {o: [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(o / "metrics.jsonl")
+                if r["kind"] == "rl"] for o in (straight, cut)}
+    assert rows[straight] == rows[cut] and len(rows[cut]) == 4
+    solved = [r["solved_problems"] for r in rows[straight]]
+    assert solved == sorted(solved) and solved[-1] > 0
+    # each free problem was solved once and never drawn again: all-right groups = solved problems
+    assert sum(r["groups_equal_all_right"] for r in rows[straight]) == solved[-1]
+    state = json.loads((straight / "checkpoints" / "step_0000004" / "state.json").read_text())
+    assert len(state["rl_solved"]) == solved[-1] and all(i % 2 == 0 for i in state["rl_solved"])  # free ones
+    a = load_file(straight / "checkpoints" / "step_0000004" / "model.safetensors")
+    b = load_file(cut / "checkpoints" / "step_0000004" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the step bonus is in the reward: 0.5 on top of correctness (and the format bonus) for every answer
+    assert all(r["reward"] >= r["accuracy"] + 0.5 - 1e-9 for r in rows[straight])

@@ -5,10 +5,12 @@ One step:
    resumed run draws the same ones) from the levels the curriculum allows, and `rl.group`
    completions of each are sampled through the serving engine's continuous batching — the same
    generation path as serve and eval. With dynamic sampling (DAPO), groups whose rewards are all
-   equal are replaced by fresh ones (spud.posttrain.rl_sampling).
+   equal are replaced by fresh ones; with `rl.drop_solved` a problem a whole group solved is not
+   drawn again (spud.posttrain.rl_sampling).
 2. **Rewards.** Each completion is judged by its problem's verifier (spud.posttrain.verifiers):
-   1 if correct, plus `rl.format_weight` if the answer sits where it belongs. A verifier that
-   crashes or times out gives 0 and is counted (`verifier_errors`), never raised.
+   1 if correct, plus `rl.format_weight` if the answer sits where it belongs, plus
+   `rl.step_weight` (default 0) if it writes "a op b = c" steps and every one is right. A
+   verifier that crashes or times out gives 0 and is counted (`verifier_errors`), never raised.
 3. **Advantages.** Dr. GRPO (Liu et al. 2025): reward minus the group mean, *not* divided by the
    group's standard deviation (`rl.advantage: grpo` divides), because the division up-weights
    groups that are nearly all right or all wrong — noise for a small model. A group whose rewards
@@ -41,9 +43,9 @@ from spud.config import Config, _merge, parse_overrides, save_config, validate_c
 from spud.errors import SpudError
 from spud.model.registry import build_model
 from spud.posttrain.rl_dist import NullLog, RLDist
-from spud.posttrain.rl_sampling import collect, level_cap, level_range, problem_stream, seed_of
+from spud.posttrain.rl_sampling import SolvedPool, advantages, collect, level_cap, level_range, problem_stream, seed_of
 from spud.posttrain.rl_tasks import Problem, load_tasks
-from spud.posttrain.verifiers import verify
+from spud.posttrain.verifiers import steps_right, verify
 from spud.runtime import set_threads
 from spud.tokenizer import Tokenizer
 from spud.train import checkpoint as ckpt_io
@@ -97,17 +99,6 @@ def evaluate(model, tok: Tokenizer, problems: list[Problem], samples: int = 1, t
     ks = [k for k in (1, 2, 4, 8, 16, 32) if k <= samples]
     return {"n": len(problems), "samples": samples, "temperature": temperature,
             **{f"pass@{k}": sum(pass_at_k(samples, c, k) for c in correct) / len(problems) for k in ks}}
-
-
-def advantages(rewards: list[float], group: int, kind: str) -> list[float]:
-    out = []
-    for g in range(0, len(rewards), group):
-        r = torch.tensor(rewards[g:g + group], dtype=torch.float64)
-        a = r - r.mean()
-        if kind == "grpo":
-            a = a / (r.std(unbiased=False) + 1e-6)
-        out += a.tolist()
-    return out
 
 
 def token_logprobs(model, seqs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,12 +168,13 @@ class RLRun:
             raise SpudError(f"no RL training problem fits the model's context ({limit} prompt tokens "
                             f"after rl.max_tokens={r.max_tokens})")
         self.levels = level_range(self.train_set, r.min_level, r.max_level)
-        self.step = 0
+        self.solved, self.step = SolvedPool(self.train_set, r.drop_solved), 0
         latest = ckpt_io.latest_checkpoint(out) if resume else None
         if latest is not None:
             ckpt_io.load_weights(latest, self.model, "cpu")
             self.opt.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
-            self.step = int(ckpt_io.read_state(latest)["step"])
+            self.step = int((state := ckpt_io.read_state(latest))["step"])
+            self.solved.restore(state.get("rl_solved", []))
             if main:
                 truncate_after(out / "metrics.jsonl", self.step)
             console.print(f"resuming RL from step {self.step} ({latest})")
@@ -199,7 +191,7 @@ class RLRun:
         r = self.cfg.rl
         lo, hi = self.levels
         cap = level_cap(lo, hi, r.curriculum_steps, self.step)
-        draw = problem_stream(self.train_set, lo, cap, self.cfg.seed, self.step)
+        draw = problem_stream(self.train_set, lo, cap, self.cfg.seed, self.step, self.solved.skip())
         limit = self.model.cfg.max_seq_len - r.max_tokens
 
         def sample(problems: list[Problem], round_: int):
@@ -213,8 +205,8 @@ class RLRun:
                 for i, (ids, text) in zip(idx, outs):
                     p = problems[i // r.group]
                     v = verify(p.verifier, text, p.reference, p.tests, r.verifier_timeout_s)
-                    done.append((ids, float(v.correct) + r.format_weight * float(v.formatted),
-                                 bool(v.correct), v.error is not None))
+                    reward = v.correct + r.format_weight * v.formatted + r.step_weight * steps_right(text)
+                    done.append((ids, float(reward), bool(v.correct), v.error is not None))
                 return done
 
             res = self.dist.map(sample_and_verify, range(len(prompts)))  # split across ranks, if any
@@ -222,7 +214,8 @@ class RLRun:
             return rows, [x[1] for x in res], [x[2] for x in res], sum(x[3] for x in res)
 
         got = collect(draw, sample, r.prompts_per_step, r.group, r.dynamic_sampling, r.max_sample_rounds)
-        return got.rows, got.rewards, {**got.stats, "level_cap": cap}
+        self.solved.add(got.solved)
+        return got.rows, got.rewards, {**got.stats, "level_cap": cap, "solved_problems": len(self.solved.ids)}
 
     def update(self, rows, adv: list[float]) -> dict:
         r = self.cfg.rl
@@ -278,7 +271,7 @@ class RLRun:
 
     def save(self) -> Path:
         state = {"config": self.cfg.model_dump(mode="json"), "tokenizer_sha256": self.tok.sha256(),
-                 "loader": None, "tokens_seen": 0, "val": None}
+                 "loader": None, "tokens_seen": 0, "val": None, "rl_solved": sorted(self.solved.ids)}
         path = None
         if self.dist.is_main:  # the weights are equal on every rank
             path = ckpt_io.save_checkpoint(self.out, self.step, self.model, self.opt, state, None,

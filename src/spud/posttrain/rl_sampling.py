@@ -19,9 +19,11 @@ nothing. At the start of RL on a small model most groups are all wrong.
   step rarely needs many small rounds. Groups with equal rewards are counted in every step's
   metrics (`groups_equal_all_wrong`, `groups_equal_all_right`, `groups_dropped` when dynamic
   sampling is on), and every sampled completion in `rollouts`.
+- **Dropping solved problems** (`rl.drop_solved`, `SolvedPool`): late in a run most groups that
+  dynamic sampling drops are all right; a problem solved by a whole group is not drawn again.
 
-Everything is a pure function of (seed, step, weights): a resumed run draws the same problems and
-the same samples.
+Everything is a pure function of (seed, step, weights, and the solved set saved with the
+checkpoint): a resumed run draws the same problems and the same samples.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+
+import torch
 
 from spud.errors import SpudError
 from spud.posttrain.rl_tasks import Problem
@@ -61,14 +65,21 @@ def level_cap(lo: int, hi: int, curriculum_steps: int, step: int) -> int:
     return min(hi, lo + math.floor((hi - lo + 1) * step / curriculum_steps))
 
 
-def problem_stream(problems: list[Problem], lo: int, cap: int, seed: int, step: int) -> Iterator[Problem]:
+def problem_stream(problems: list[Problem], lo: int, cap: int, seed: int, step: int,
+                   skip: frozenset[int] | set[int] = frozenset()) -> Iterator[Problem]:
     """Problems for one step, without repetition: each draw picks an allowed level (equal shares;
-    ungraded problems form a share of their own) and then a problem of that level."""
+    ungraded problems form a share of their own) and then a problem of that level. Problems whose
+    index is in `skip` (solved ones, `SolvedPool`) are left out, unless that would leave their
+    level with none: then the level is drawn whole again."""
     rng = random.Random(seed_of(seed, "rl-prompts", step))
     pools: dict = {}
-    for p in problems:
+    left_out: dict = {}
+    for i, p in enumerate(problems):
         if p.level is None or lo <= p.level <= cap:
-            pools.setdefault(p.level, []).append(p)
+            (left_out if i in skip else pools).setdefault(p.level, []).append(p)
+    for lv, ps in left_out.items():
+        if lv not in pools:
+            pools[lv] = ps
     ranked = sorted(pools.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))  # a fixed order
     order = {lv: rng.sample(ps, len(ps)) for lv, ps in ranked}
     while order:
@@ -78,12 +89,53 @@ def problem_stream(problems: list[Problem], lo: int, cap: int, seed: int, step: 
             del order[lv]
 
 
+def advantages(rewards: list[float], group: int, kind: str) -> list[float]:
+    """Group-relative advantages: reward minus the group mean (Dr. GRPO), divided by the group's
+    standard deviation too for `kind == "grpo"`."""
+    out = []
+    for g in range(0, len(rewards), group):
+        r = torch.tensor(rewards[g:g + group], dtype=torch.float64)
+        a = r - r.mean()
+        if kind == "grpo":
+            a = a / (r.std(unbiased=False) + 1e-6)
+        out += a.tolist()
+    return out
+
+
+class SolvedPool:
+    """Training problems a run has solved: a group whose every completion was correct (pass rate 1,
+    so zero advantage). With `rl.drop_solved` they are not drawn again (the online filtering of
+    Polaris and Skywork-OR1), so late in a run the rollouts go to problems that still teach
+    something instead of being dropped by dynamic sampling. The set is saved in the checkpoint
+    (state.json, `rl_solved`: indices into the run's training problems), so resume stays exact."""
+
+    def __init__(self, problems: list[Problem], on: bool):
+        self.on = on
+        self.index = {id(p): i for i, p in enumerate(problems)}
+        self.ids: set[int] = set()
+
+    def skip(self) -> frozenset[int]:
+        return frozenset(self.ids) if self.on else frozenset()
+
+    def add(self, solved: list[Problem]) -> None:
+        if self.on:
+            self.ids.update(self.index[id(p)] for p in solved)
+
+    def restore(self, saved: list[int]) -> None:
+        bad = [i for i in saved if not isinstance(i, int) or not 0 <= i < len(self.index)]
+        if bad:
+            raise SpudError(f"rl_solved in the checkpoint's state.json names problems {bad[:5]} that this "
+                            f"run's {len(self.index)} training problems do not have; was rl.tasks changed?")
+        self.ids = set(saved)
+
+
 @dataclass
 class StepRollouts:
     """The groups a step trains on, plus what it cost to find them."""
     rows: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (prompt, completion) ids
     rewards: list[float] = field(default_factory=list)
     levels: list[int | None] = field(default_factory=list)  # one per kept group
+    solved: list[Problem] = field(default_factory=list)  # every completion correct (SolvedPool)
     stats: dict = field(default_factory=dict)
 
 
@@ -115,6 +167,8 @@ def collect(draw: Iterator[Problem], rollout: Callable[[list[Problem], int], tup
             sl = slice(g * group_size, (g + 1) * group_size)
             r, hits = rewards[sl], ok[sl]
             sampled += 1
+            if all(hits):
+                out.solved.append(p)
             if max(r) == min(r):  # no signal: counted with or without dynamic sampling
                 all_right += any(hits)
                 all_wrong += not any(hits)

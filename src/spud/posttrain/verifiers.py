@@ -60,6 +60,14 @@ def equation_slips(text: str) -> tuple[int, int]:
     return len(eqs), sum(ops[o](int(a), int(b)) != int(c) for a, o, b, c in eqs)
 
 
+def steps_right(text: str) -> bool:
+    """At least one "a op b = c" step written, and every one of them right: `spud rl`'s optional
+    process reward (rl.step_weight). All-or-nothing, so padding an answer with easy true sums
+    earns nothing once a single step slips."""
+    n, wrong = equation_slips(text)
+    return n > 0 and wrong == 0
+
+
 def well_formed(text: str) -> bool:
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return bool(lines) and bool(_FINAL_FORM.search(lines[-1]))
