@@ -147,6 +147,8 @@ class RLConfig(StrictModel):
     decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of rl.steps spent decaying.")
     advantage: Literal["drgrpo", "grpo"] = Field(
         "drgrpo", description="drgrpo: reward minus group mean; grpo: also divided by the group std.")
+    negative_weight: float = Field(1.0, ge=0, description="Scale of negative advantages (answers worse than "
+                                   "their group's mean); < 1 leans the update on the right answers.")
     clip_low: float = Field(0.2, gt=0, lt=1)
     clip_high: float = Field(0.28, gt=0, description="Upper ratio clip (DAPO clip-higher).")
     ppo_epochs: int = Field(1, gt=0, description="Gradient passes over each batch of rollouts.")

@@ -94,6 +94,8 @@ def test_advantages_dr_grpo_and_grpo():
     g = advantages(r, 4, "grpo")
     std = (0.75 ** 2 * 0.25 + 0.25 ** 2 * 0.75) ** 0.5
     assert g[0] == pytest.approx(0.75 / std, rel=1e-5) and g[4:] == [0.0] * 4
+    # rl.negative_weight scales only the answers below their group's mean
+    assert advantages(r, 4, "drgrpo", 0.5) == [0.75, -0.125, -0.125, -0.125, 0.0, 0.0, 0.0, 0.0]
 
 
 @pytest.mark.parametrize("kind, text, ref, correct, formatted", [

@@ -14,7 +14,8 @@ One step:
 3. **Advantages.** Dr. GRPO (Liu et al. 2025): reward minus the group mean, *not* divided by the
    group's standard deviation (`rl.advantage: grpo` divides), because the division up-weights
    groups that are nearly all right or all wrong — noise for a small model. A group whose rewards
-   are all equal has zero advantage and contributes no gradient.
+   are all equal has zero advantage and contributes no gradient. `rl.negative_weight` scales the
+   negative advantages only (below 1: the update leans on the right answers).
 4. **Update.** The clipped policy-gradient objective of PPO with DAPO's asymmetric "clip-higher"
    range [1 − clip_low, 1 + clip_high] (Yu et al. 2025), averaged over every completion token of
    the batch (token-level, so long answers are not down-weighted per token as in the original
@@ -298,7 +299,7 @@ class RLRun:
                 t0 = time.perf_counter()
                 rows, rewards, stats = self.rollout()
                 t1 = time.perf_counter()
-                upd = self.update(rows, advantages(rewards, r.group, r.advantage))
+                upd = self.update(rows, advantages(rewards, r.group, r.advantage, r.negative_weight))
                 t2 = time.perf_counter()
                 self.step += 1
                 rec = self.log.write("rl", self.step, **stats, **upd, rollout_s=round(t1 - t0, 3),

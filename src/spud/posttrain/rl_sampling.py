@@ -89,15 +89,19 @@ def problem_stream(problems: list[Problem], lo: int, cap: int, seed: int, step: 
             del order[lv]
 
 
-def advantages(rewards: list[float], group: int, kind: str) -> list[float]:
+def advantages(rewards: list[float], group: int, kind: str, negative_weight: float = 1.0) -> list[float]:
     """Group-relative advantages: reward minus the group mean (Dr. GRPO), divided by the group's
-    standard deviation too for `kind == "grpo"`."""
+    standard deviation too for `kind == "grpo"`. Negative advantages are scaled by
+    `negative_weight` (rl.negative_weight): below 1 the update leans on the right answers
+    (sharpening), above 1 on pushing the wrong ones down."""
     out = []
     for g in range(0, len(rewards), group):
         r = torch.tensor(rewards[g:g + group], dtype=torch.float64)
         a = r - r.mean()
         if kind == "grpo":
             a = a / (r.std(unbiased=False) + 1e-6)
+        if negative_weight != 1.0:
+            a = torch.where(a < 0, a * negative_weight, a)
         out += a.tolist()
     return out
 
