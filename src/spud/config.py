@@ -24,13 +24,11 @@ from pydantic import (
 )
 
 from spud.config_base import StrictModel
+from spud.config_posttrain import DPOConfig, RLConfig, SFTConfig  # noqa: F401 - re-exported
 from spud.config_sections import (  # noqa: F401 - re-exported: spud.config is the one import
     CleanConfig,
     DataConfig,
     DedupSettings,
-    DPOConfig,
-    RLConfig,
-    SFTConfig,
     SourceConfig,
     TokenizerConfig,
     TrainConfig,
