@@ -12,7 +12,9 @@ for choosing settings without tuning on the reported numbers. All models answer 
 template, so the base model is at a format disadvantage: its row shows what post-training added,
 not its knowledge. `--why` sorts the greedy failures: a wrong answer whose every "a op b = c" step
 is right (the model read the problem wrong), one with an arithmetic slip in a step, one with no
-step written. Prints a table and writes JSON (default benchmarks/results/rl_gain.json).
+step written. `--by-wording` adds greedy pass@1 per question wording (the template id, without its
+distractor), which shows whether a gain is spread over the eval-only wordings or sits in one.
+Prints a table and writes JSON (default benchmarks/results/rl_gain.json).
 """
 
 from __future__ import annotations
@@ -41,6 +43,17 @@ def failures(outs: list) -> dict:
     return {k: v / max(1, len(outs)) for k, v in why.items()}
 
 
+def by_wording(problems: list, outs: list) -> dict:
+    """Greedy pass@1 per wording: the template id of each built-in problem's key ("k3+y10|..." is
+    wording k3 with a distractor); problems of a user file, which have no wording id, count as "-"."""
+    hits: dict = {}
+    for p, (_, right) in zip(problems, outs):
+        w = p.key.split("|", 1)[0].split("+", 1)[0] if "|" in p.key else "-"
+        n = hits.setdefault(w, [0, 0])
+        n[0], n[1] = n[0] + bool(right), n[1] + 1
+    return {w: {"pass@1": c / n, "n": n} for w, (c, n) in sorted(hits.items())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run")
@@ -53,6 +66,7 @@ def main() -> None:
     ap.add_argument("--extra", action="append", default=[], metavar="LABEL=DIR",
                     help="also evaluate the model in DIR (an RL/DPO output made with --out)")
     ap.add_argument("--why", action="store_true", help="sort the greedy failures: wrong plan, arithmetic slip, no step")
+    ap.add_argument("--by-wording", action="store_true", help="greedy pass@1 per question wording")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--out", default="benchmarks/results/rl_gain.json")
     args = ap.parse_args()
@@ -74,6 +88,8 @@ def main() -> None:
                "n": greedy["n"], "samples": args.samples}
         if args.why:
             row.update(failures(outs))
+        if args.by_wording:
+            row["by_wording"] = by_wording(problems, outs)
         if args.samples:
             sampled = evaluate(model, tok, problems, args.samples, 1.0, args.max_tokens, seed=1)
             row.update({f"sampled_{k}": v for k, v in sampled.items() if k.startswith("pass@")})
@@ -86,6 +102,12 @@ def main() -> None:
     print("| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
     for r in rows:
         print(f"| {r['model']} | " + " | ".join(f"{100 * r[k]:.1f} %" for k in keys) + " |")
+    if args.by_wording:
+        words = list(rows[0]["by_wording"])
+        print("\ngreedy pass@1 by wording (problems)\n| model | " + " | ".join(
+            f"{w} ({rows[0]['by_wording'][w]['n']})" for w in words) + " |\n|---|" + "---|" * len(words))
+        for r in rows:
+            print(f"| {r['model']} | " + " | ".join(f"{100 * r['by_wording'][w]['pass@1']:.1f} %" for w in words) + " |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"run": args.run, "tasks": args.tasks, "split": args.split,
                                           "rows": rows}, indent=2))

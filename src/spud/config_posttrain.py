@@ -74,6 +74,9 @@ class RLConfig(StrictModel):
     clip_high: float = Field(0.28, gt=0, description="Upper ratio clip (DAPO clip-higher).")
     ppo_epochs: int = Field(1, gt=0, description="Gradient passes over each batch of rollouts.")
     kl: float = Field(0.0, ge=0, description="KL penalty to the starting model (k3 estimator); 0 = off.")
+    entropy_weight: float = Field(0.0, ge=-1, le=1, description="Per-token entropy term of the loss: > 0 is "
+                                  "PPO's entropy bonus (keeps sampling varied), < 0 minimises entropy "
+                                  "(sharpens the policy); 0 = off.")
     format_weight: float = Field(0.1, ge=0, le=1, description="Reward bonus for a well-placed answer.")
     step_weight: float = Field(0.0, ge=0, le=1, description="Reward bonus when the answer writes at least one "
                                "'a op b = c' step and every such step is right (a process reward for arithmetic); 0 = off.")

@@ -102,13 +102,16 @@ def evaluate(model, tok: Tokenizer, problems: list[Problem], samples: int = 1, t
             **{f"pass@{k}": sum(pass_at_k(samples, c, k) for c in correct) / len(problems) for k in ks}}
 
 
-def token_logprobs(model, seqs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(model, seqs: torch.Tensor, targets: torch.Tensor,
+                   entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) log-probabilities of `targets` (−1 = not a completion token → 0) and the entropy of
-    each position's distribution."""
+    each position's distribution (in the graph only with `entropy_grad`, for rl.entropy_weight)."""
     logits = model(seqs).float()
     logp = torch.log_softmax(logits, dim=-1)
     mask = targets >= 0
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    if entropy_grad:
+        return picked, -(logp.exp() * logp).sum(-1) * mask
     with torch.no_grad():  # only logged: outside the graph, so no (B, T, V) tensor is kept for it
         d = logp.detach()
         entropy = -(d.exp() * d).sum(-1) * mask
@@ -247,10 +250,10 @@ class RLRun:
             self.opt.zero_grad(set_to_none=True)
             for x, y, a, old, ref in batches:
                 mask = (y >= 0).float()
-                logp, entropy = token_logprobs(self.model, x, y)
+                logp, entropy = token_logprobs(self.model, x, y, entropy_grad=r.entropy_weight != 0)
                 ratio = torch.exp(logp - (old if reuse else logp.detach()))
                 surr = torch.minimum(ratio * a, ratio.clamp(1 - r.clip_low, 1 + r.clip_high) * a)
-                per_token = -surr
+                per_token = -surr - r.entropy_weight * entropy
                 if ref is not None:
                     d = ref - logp
                     kl = (torch.exp(d) - d - 1) * mask  # k3: unbiased, always >= 0
