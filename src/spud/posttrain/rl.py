@@ -110,12 +110,9 @@ def token_logprobs(model, seqs: torch.Tensor, targets: torch.Tensor,
     logp = torch.log_softmax(logits, dim=-1)
     mask = targets >= 0
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-    if entropy_grad:
-        return picked, -(logp.exp() * logp).sum(-1) * mask
-    with torch.no_grad():  # only logged: outside the graph, so no (B, T, V) tensor is kept for it
-        d = logp.detach()
-        entropy = -(d.exp() * d).sum(-1) * mask
-    return picked, entropy
+    # Only logged unless rl.entropy_weight uses it: detached, it keeps no (B, T, V) tensor in the graph.
+    d = logp if entropy_grad else logp.detach()
+    return picked, -(d.exp() * d).sum(-1) * mask
 
 
 def _batch(rows: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
