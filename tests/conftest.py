@@ -36,3 +36,19 @@ def fresh_run(built_run, tmp_path) -> Path:
     shutil.copy(built_run / "tokenizer.json", run / "tokenizer.json")
     shutil.copytree(built_run / "data", run / "data")
     return run
+
+
+# After the last test the interpreter still has to exit, and first it joins every non-daemon
+# thread (executor manager threads among them) and multiprocessing child. One left stuck by a
+# test would hang CI, silently, until its time cap: a CI run once printed "1052 passed" and then
+# nothing until it was killed at 90 minutes. So once pytest is done, a watchdog waits this long,
+# then prints every thread's stack and fails the run (exit status 1). tests/test_exit_watchdog.py
+EXIT_WATCHDOG_S = float(os.environ.get("SPUD_TEST_EXIT_WATCHDOG_S", "180"))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    import faulthandler
+    import sys
+
+    faulthandler.dump_traceback_later(EXIT_WATCHDOG_S, exit=True, file=sys.__stderr__)

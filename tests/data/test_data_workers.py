@@ -5,6 +5,9 @@ is bounded; bad values and dead workers are clear errors."""
 import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -143,22 +146,24 @@ def test_read_ahead_is_bounded(tokenizer):
         pool.close()
 
 
-def test_a_dead_worker_fails_the_build_instead_of_hanging(tokenizer):
-    def read(stats):
-        for i in range(20_000):
-            yield page(i % 50, 30), 0.0, f"doc{i}"
-
-    pool = PreparePool(1, tokenizer, [])
+@pytest.mark.parametrize("scenario", ["feeding", "mid-send", "after-cut"])
+def test_a_dead_worker_fails_the_build_and_the_process_still_exits(tokenizer_file, scenario):
+    """A killed worker fails the build with a clear error, and terminate() leaves no thread for
+    the interpreter to join at exit: the process exits (a subprocess, so that a regression fails
+    this test instead of hanging the suite after its last test). See dead_worker_scenario.py."""
+    script = Path(__file__).with_name("dead_worker_scenario.py")
     try:
-        records = pool.records(0, read, None, False)
-        next(records)
-        for proc in list(pool._pool._processes.values()):
-            proc.kill()
-        with pytest.raises(SpudError, match="worker process died"):
-            for _ in records:
-                pass
-    finally:
-        pool.terminate()
+        done = subprocess.run([sys.executable, str(script), str(tokenizer_file), scenario],
+                              capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{scenario}: the process did not exit after the build failed; printed "
+                    f"{e.stdout!r} {e.stderr!r}")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert "worker process died" in report["error"], report
+    assert report == {"error": report["error"], "manager_alive": False, "threads_alive": [],
+                      "workers_alive": 0}
+    assert "Traceback" not in done.stderr, done.stderr  # no executor thread died with an error
 
 
 def test_a_dead_worker_fails_the_wait_even_if_the_executor_never_notices(tokenizer, monkeypatch):

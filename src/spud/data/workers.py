@@ -45,6 +45,8 @@ CHUNK_RECORDS = 512
 IN_FLIGHT_PER_WORKER = 3
 # How often a wait for a chunk checks that every worker is still alive (PreparePool._result).
 WORKER_POLL_S = 1.0
+# How long terminate() waits for killed workers and the executor's manager thread to finish.
+MANAGER_EXIT_S = 10.0
 MAX_AUTO_WORKERS = 8
 AUTO_MIN_TOKENS = 2_000_000
 
@@ -229,9 +231,12 @@ class PreparePool:
                     yield text, progress, where, prep
             replay_stats(events, stats)  # counted after the last record (e.g. trailing blank lines)
         finally:
+            # Chunks still in flight (a source cut at its budget) are left to finish, not
+            # cancelled: CPython 3.11's executor, if it later finds a worker dead (terminate()),
+            # fails on a cancelled future in its manager thread and leaves the call queue's
+            # feeder thread for the interpreter to join at exit, for ever. At most
+            # IN_FLIGHT_PER_WORKER chunks per worker are wasted.
             it.close()
-            for _, job, _ in pending:  # cut at the budget: chunks no one will read
-                job.cancel()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)  # reaped: their peak RSS is now in RUSAGE_CHILDREN
@@ -252,11 +257,28 @@ class PreparePool:
                     raise BrokenProcessPool("a worker process exited") from None
 
     def terminate(self) -> None:
-        """Stop after an error: kill the workers first, so that no executor thread can wait on
-        one that is dead or stuck, then release the executor without joining its threads."""
+        """Stop after an error: kill the workers, then make sure the executor's manager thread
+        ends, because the interpreter joins that thread at exit: a thread stuck there hangs the
+        process after the build has already failed (tests/data/dead_worker_scenario.py).
+
+        A worker killed in the middle of sending its result leaves part of a message in the
+        result pipe; the manager thread then blocks in `recv` for the rest, for ever, since this
+        process holds the pipe's write end too. Closing that write end once every worker is dead
+        turns the wait into EOF: the manager marks the pool broken and exits."""
+        pool = self._pool
+        manager, calls, results = pool._executor_manager_thread, pool._call_queue, pool._result_queue
         for p in self._workers():
             p.kill()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for p in self._workers():
+            p.join(MANAGER_EXIT_S)
+        # No cancel_futures: a cancelled future makes the manager thread's own clean-up raise.
+        pool.shutdown(wait=False)
+        if calls is not None:  # its feeder thread may be blocked writing to a dead worker
+            calls.cancel_join_thread()
+        if results is not None:
+            results._writer.close()
+        if manager is not None:
+            manager.join(MANAGER_EXIT_S)
 
 
 def replay_stats(events: list, stats) -> None:
