@@ -44,11 +44,11 @@ def failures(outs: list) -> dict:
 
 
 def by_wording(problems: list, outs: list) -> dict:
-    """Greedy pass@1 per wording: the template id of each built-in problem's key ("k3+y10|..." is
-    wording k3 with a distractor); problems of a user file, which have no wording id, count as "-"."""
+    """Greedy pass@1 per question wording (Problem.wording, distractors not told apart); problems
+    of a user file, which have no wording id, count as "-"."""
     hits: dict = {}
     for p, (_, right) in zip(problems, outs):
-        w = p.key.split("|", 1)[0].split("+", 1)[0] if "|" in p.key else "-"
+        w = p.wording or "-"
         n = hits.setdefault(w, [0, 0])
         n[0], n[1] = n[0] + bool(right), n[1] + 1
     return {w: {"pass@1": c / n, "n": n} for w, (c, n) in sorted(hits.items())}

@@ -77,6 +77,9 @@ class RLConfig(StrictModel):
     entropy_weight: float = Field(0.0, ge=-1, le=1, description="Per-token entropy term of the loss: > 0 is "
                                   "PPO's entropy bonus (keeps sampling varied), < 0 minimises entropy "
                                   "(sharpens the policy); 0 = off.")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="Hand on an exponential moving average of the "
+                             "policy's weights (updated every step with this decay; 0.98 ≈ the last 50 steps) "
+                             "instead of the last step's weights; 0 = off (spud.posttrain.rl_average).")
     format_weight: float = Field(0.1, ge=0, le=1, description="Reward bonus for a well-placed answer.")
     step_weight: float = Field(0.0, ge=0, le=1, description="Reward bonus when the answer writes at least one "
                                "'a op b = c' step and every such step is right (a process reward for arithmetic); 0 = off.")

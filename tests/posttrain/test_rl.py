@@ -73,6 +73,46 @@ def test_rl_resume_is_exact(base_run, tmp_path):
     assert ra == rb and len(ra) == 4
 
 
+def test_ema_decay_hands_on_the_weight_average_and_resumes_exactly(base_run, tmp_path):
+    """rl.ema_decay: the policy trains exactly as without it (its own weights are train.safetensors),
+    model.safetensors, which serve/eval/export read, is the EMA of the policy's weights over the
+    steps, and a resumed run ends bit for bit where a straight one does."""
+    from spud.runs import choose_model
+
+    task = seven_task(tmp_path / "seven.jsonl")
+    fast = FAST + ["rl.lr=0.01", "rl.checkpoint_every=1", "rl.keep_checkpoints=10"]
+    plain, avg, cut = tmp_path / "plain", tmp_path / "avg", tmp_path / "cut"
+    rl_cmd(str(base_run), source="base", tasks=[task], out=str(plain), overrides=fast + ["rl.steps=4"],
+           console=quiet())
+    rl_cmd(str(base_run), source="base", tasks=[task], out=str(avg),
+           overrides=fast + ["rl.steps=4", "rl.ema_decay=0.5"], console=quiet())
+    rl_cmd(str(base_run), source="base", tasks=[task], out=str(cut),
+           overrides=fast + ["rl.steps=2", "rl.ema_decay=0.5"], console=quiet())
+    rl_cmd(str(base_run), source="base", tasks=None, out=str(cut), overrides=["rl.steps=4"], resume=True,
+           console=quiet())
+
+    def weights(run, step, name="model.safetensors"):
+        return load_file(run / "checkpoints" / f"step_{step:07d}" / name)
+
+    start = load_file(choose_model(base_run, "base").checkpoint / "model.safetensors")
+    policy = [start] + [weights(plain, k) for k in range(1, 5)]
+    assert all(torch.equal(policy[4][k], v) for k, v in weights(avg, 4, "train.safetensors").items())
+    expected = {k: v.clone() for k, v in start.items()}
+    for w in policy[1:]:
+        for k in expected:
+            expected[k] = 0.5 * expected[k] + 0.5 * w[k]
+    served = weights(avg, 4)
+    assert served.keys() == expected.keys()
+    assert all(torch.allclose(served[k], expected[k], atol=1e-6) for k in served)
+    assert not all(torch.equal(served[k], policy[4][k]) for k in served)  # not the last step's weights
+    for name in ("model.safetensors", "train.safetensors"):
+        a, b = weights(avg, 4, name), weights(cut, 4, name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert choose_model(avg, "rl").checkpoint == avg / "checkpoints" / "step_0000004"
+    with pytest.raises(Exception, match="ema_decay"):
+        RLConfig(ema_decay=1.0)
+
+
 def test_rl_lr_schedules(base_run, tmp_path):
     task = seven_task(tmp_path / "seven.jsonl")
     out = tmp_path / "wsd"

@@ -25,8 +25,10 @@ One step:
    after a linear warm-up, then `rl.schedule` (constant by default; spud.train.schedule.rl_lr).
 
 The result is a run directory of its own, RUN/rl/ (config, tokenizer, checkpoints, metrics.jsonl),
-served and evaluated with `--model rl`. Resume is exact: weights, optimizer and step are restored,
-and rollouts depend only on (seed, step) and the weights. Ctrl-C saves a checkpoint and exits 130.
+served and evaluated with `--model rl`; with `rl.ema_decay` what it hands on is an average of the
+policy's weights over the steps (spud.posttrain.rl_average). Resume is exact: weights, optimizer and
+step are restored, and rollouts depend only on (seed, step) and the weights. Ctrl-C saves a
+checkpoint and exits 130.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from rich.console import Console
 from spud.config import Config, _merge, parse_overrides, save_config, validate_config
 from spud.errors import SpudError
 from spud.model.registry import build_model
+from spud.posttrain.rl_average import POLICY_FILE, WeightAverage, load_resumed
 from spud.posttrain.rl_dist import NullLog, RLDist
 from spud.posttrain.rl_sampling import SolvedPool, advantages, collect, level_cap, level_range, problem_stream, seed_of
 from spud.posttrain.rl_tasks import Problem, load_tasks
@@ -152,6 +155,8 @@ class RLRun:
             self.ref.load_state_dict(self.model.state_dict())
             self.ref.requires_grad_(False)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=r.lr, betas=(0.9, 0.99), weight_decay=0.0)
+        self.avg = WeightAverage(self.model, cfg.model, r.ema_decay) if r.ema_decay > 0 else None
+        self.served = self.avg.model if self.avg is not None else self.model  # what checkpoints hand on
         train, heldout, self.task_summary = load_tasks(r.tasks, r.train_problems, r.heldout_problems, cfg.seed,
                                                        r.eval_split)
         # A prompt that leaves no room for the answer is skipped and counted, never cut: a question
@@ -172,7 +177,7 @@ class RLRun:
         self.solved, self.step = SolvedPool(self.train_set, r.drop_solved), 0
         latest = ckpt_io.latest_checkpoint(out) if resume else None
         if latest is not None:
-            ckpt_io.load_weights(latest, self.model, "cpu")
+            load_resumed(latest, self.model, self.avg)
             self.opt.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
             self.step = int((state := ckpt_io.read_state(latest))["step"])
             self.solved.restore(state.get("rl_solved", []))
@@ -275,14 +280,15 @@ class RLRun:
                  "loader": None, "tokens_seen": 0, "val": None, "rl_solved": sorted(self.solved.ids)}
         path = None
         if self.dist.is_main:  # the weights are equal on every rank
-            path = ckpt_io.save_checkpoint(self.out, self.step, self.model, self.opt, state, None,
-                                           self.cfg.rl.keep_checkpoints)
+            path = ckpt_io.save_checkpoint(self.out, self.step, self.served, self.opt, state, None,
+                                           self.cfg.rl.keep_checkpoints,
+                                           {POLICY_FILE: self.model} if self.avg else None)
         self.dist.barrier()
         return path
 
     def heldout_pass1(self) -> dict:
         r = self.cfg.rl
-        return evaluate(self.model, self.tok, self.heldout, 1, 0.0, r.max_tokens, self.cfg.seed,
+        return evaluate(self.served, self.tok, self.heldout, 1, 0.0, r.max_tokens, self.cfg.seed,
                         r.verifier_timeout_s, split_map=self.dist.map)
 
     def run(self) -> dict:
@@ -300,6 +306,8 @@ class RLRun:
                 rows, rewards, stats = self.rollout()
                 t1 = time.perf_counter()
                 upd = self.update(rows, advantages(rewards, r.group, r.advantage, r.negative_weight))
+                if self.avg is not None:
+                    self.avg.update()
                 t2 = time.perf_counter()
                 self.step += 1
                 rec = self.log.write("rl", self.step, **stats, **upd, rollout_s=round(t1 - t0, 3),

@@ -56,6 +56,7 @@ class Problem:
     facts: tuple = field(default_factory=tuple)
     program: str | None = None  # for "what does it print" problems: the program itself
     level: int | None = None    # difficulty (1 = easiest); None = not graded, drawn at every level
+    wording: str = ""           # id of the question's wording (no distractor id); "" in a user's file
 
 
 # --------------------------------------------------------------------------------- arithmetic
@@ -64,6 +65,10 @@ ARITH_LEVELS = {
     2: "two-step word problem, numbers in digits, no distractor sentence",
     3: "two-step word problem with numbers in words (25 %) and distractor sentences (50 %)",
 }
+
+
+def _wording(template_id: str) -> str:
+    return template_id.split("+", 1)[0]  # "k3+y10": wording k3 with distractor sentence y10
 
 
 def _arith_train(rng: random.Random) -> Problem | None:
@@ -75,7 +80,8 @@ def _arith_train(rng: random.Random) -> Problem | None:
         if any_held_out(s.facts):
             return None
         return Problem([{"role": "user", "content": s.question}], "numeric", str(s.answer),
-                       key=f"{s.template}|{sorted(s.facts)}", facts=tuple(sorted(s.facts)), level=level)
+                       key=f"{s.template}|{sorted(s.facts)}", facts=tuple(sorted(s.facts)), level=level,
+                       wording=_wording(s.template))
     op = rng.choice("+-")
     a, b = rng.randint(10, 99), rng.randint(10, 99)
     if op == "-":
@@ -85,7 +91,7 @@ def _arith_train(rng: random.Random) -> Problem | None:
     tid, q = templates.ask(rng, op, a, b, held_out=False, words=0.1, distract=0.2)
     c = a + b if op == "+" else a - b
     return Problem([{"role": "user", "content": q}], "numeric", str(c), key=f"{tid}|{op}{a},{b}",
-                   facts=(canonical(op, a, b),), level=1)
+                   facts=(canonical(op, a, b),), level=1, wording=_wording(tid))
 
 
 def _arith_heldout(n: int, seed: int, dev: bool = False) -> list[Problem]:
@@ -97,7 +103,7 @@ def _arith_heldout(n: int, seed: int, dev: bool = False) -> list[Problem]:
         items = [it for it in eval_items("multi_step", 2 * n, seed + DEV_SEED_OFFSET)
                  if it.question not in test][:n]
     return [Problem([{"role": "user", "content": it.question}], "numeric", str(it.answer),
-                    key=f"{it.template}|{it.facts}", facts=it.facts)
+                    key=f"{it.template}|{it.facts}", facts=it.facts, wording=_wording(it.template))
             for it in items]
 
 
@@ -151,7 +157,7 @@ def _program_problem(rng: random.Random, held_out: bool) -> Problem | None:
     with contextlib.redirect_stdout(out):
         exec(compile(code, "<rl-program>", "exec"), {})  # noqa: S102 - our own generated code
     return Problem([{"role": "user", "content": question.format(code=code)}], "output",
-                   out.getvalue().strip(), key=f"{qid}|{operands}", program=code)
+                   out.getvalue().strip(), key=f"{qid}|{operands}", program=code, wording=qid)
 
 
 # ----------------------------------------------------------------------------------- loading

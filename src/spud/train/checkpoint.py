@@ -118,7 +118,7 @@ def resolve_checkpoint(run_dir: Path, which: str | int | None = None, training: 
 # ---------------------------------------------------------------------------------- integrity
 STATE_KEYS = {"step": int, "config": dict}
 TRAINING_STATE_KEYS = {"tokens_seen": int, "loader": dict}
-TRAINING_ONLY_FILES = ("optimizer.pt", "rng.pt")  # written after the sizes are taken
+TRAINING_ONLY_FILES = ("optimizer.pt", "rng.pt", "train.safetensors")  # only resuming reads them
 
 
 def _torch_file_problem(path: Path, kind: type, keys: tuple[str, ...] = ()) -> str | None:
@@ -198,9 +198,14 @@ def save_checkpoint(
     state: dict[str, Any],
     rng: dict | None,
     keep: int,
+    extra_weights: dict[str, torch.nn.Module] | None = None,
 ) -> Path:
+    """`extra_weights`: more modules saved beside model.safetensors, one safetensors file each
+    (file name → module), e.g. the RL policy's own weights when model.safetensors is its average."""
     tmp, final = begin_save(run_dir, step)
     save_model(model, str(tmp / "model.safetensors"))
+    for name, module in (extra_weights or {}).items():
+        save_model(module, str(tmp / name))
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if rng is not None:
@@ -218,8 +223,9 @@ def read_state(ckpt: Path) -> dict[str, Any]:
         raise SpudError(f"{ckpt}/state.json is unreadable ({e}); delete this checkpoint") from None
 
 
-def load_weights(ckpt: Path, model: torch.nn.Module, device: torch.device | str = "cpu") -> None:
-    path = ckpt / "model.safetensors"
+def load_weights(ckpt: Path, model: torch.nn.Module, device: torch.device | str = "cpu",
+                 name: str = "model.safetensors") -> None:
+    path = ckpt / name
     try:
         missing, unexpected = load_model(model, str(path), strict=False, device=str(device))
     except FileNotFoundError:
