@@ -109,6 +109,11 @@ def test_ema_decay_hands_on_the_weight_average_and_resumes_exactly(base_run, tmp
         a, b = weights(avg, 4, name), weights(cut, 4, name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
     assert choose_model(avg, "rl").checkpoint == avg / "checkpoints" / "step_0000004"
+    # turned on at resume: the average starts at the policy it resumes (plain's step 4)
+    rl_cmd(str(base_run), source="base", tasks=None, out=str(plain), overrides=["rl.steps=5", "rl.ema_decay=0.5"],
+           resume=True, console=quiet())
+    served, own = weights(plain, 5), weights(plain, 5, "train.safetensors")
+    assert all(torch.allclose(served[k], 0.5 * policy[4][k] + 0.5 * own[k], atol=1e-6) for k in served)
     with pytest.raises(Exception, match="ema_decay"):
         RLConfig(ema_decay=1.0)
 

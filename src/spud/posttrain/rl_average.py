@@ -14,6 +14,8 @@ resuming needs (as it needs the optimizer state).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from spud.model.registry import build_model
@@ -40,8 +42,15 @@ class WeightAverage:
         torch._foreach_lerp_(self._avg, [p.detach() for p in self._policy], 1.0 - self.decay)
 
 
-def load_resumed(ckpt, policy: torch.nn.Module, avg: WeightAverage | None) -> None:
-    """Resuming: the policy's own weights (train.safetensors when model.safetensors is the average)."""
-    ckpt_io.load_weights(ckpt, policy, "cpu", POLICY_FILE if avg is not None else "model.safetensors")
+def load_resumed(ckpt: Path, policy: torch.nn.Module, avg: WeightAverage | None) -> None:
+    """Resuming: the policy from its own file when the checkpoint has one (it was saved with
+    rl.ema_decay, so model.safetensors is the average), else from model.safetensors. The average
+    goes on from the saved one, or starts at the policy when rl.ema_decay was turned on at resume
+    (turned off, the average is dropped and the policy is handed on from then)."""
+    own = Path(ckpt) / POLICY_FILE
+    ckpt_io.load_weights(ckpt, policy, "cpu", POLICY_FILE if own.is_file() else "model.safetensors")
     if avg is not None:
-        ckpt_io.load_weights(ckpt, avg.model, "cpu")
+        if own.is_file():
+            ckpt_io.load_weights(ckpt, avg.model, "cpu")
+        else:
+            avg.model.load_state_dict(policy.state_dict())
