@@ -24,11 +24,9 @@ One step:
    on-policy gradient; more epochs reuse rollouts and the clip then matters. AdamW at `rl.lr`
    after a linear warm-up, then `rl.schedule` (constant by default; spud.train.schedule.rl_lr).
 
-The result is a run directory of its own, RUN/rl/ (config, tokenizer, checkpoints, metrics.jsonl),
-served and evaluated with `--model rl`; with `rl.ema_decay` what it hands on is an average of the
-policy's weights over the steps (spud.posttrain.rl_average). Resume is exact: weights, optimizer and
-step are restored, and rollouts depend only on (seed, step) and the weights. Ctrl-C saves a
-checkpoint and exits 130.
+The result, RUN/rl/, is a run directory of its own served with `--model rl` (with `rl.ema_decay`,
+an average of the policy's weights: spud.posttrain.rl_average). Resume is exact (rollouts depend
+only on seed, step and weights); Ctrl-C saves a checkpoint and exits 130.
 """
 
 from __future__ import annotations

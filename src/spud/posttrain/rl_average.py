@@ -39,7 +39,7 @@ class WeightAverage:
 
     @torch.no_grad()
     def update(self) -> None:
-        torch._foreach_lerp_(self._avg, [p.detach() for p in self._policy], 1.0 - self.decay)
+        torch._foreach_lerp_(self._avg, self._policy, 1.0 - self.decay)
 
 
 def load_resumed(ckpt: Path, policy: torch.nn.Module, avg: WeightAverage | None) -> None:
