@@ -152,6 +152,38 @@ def test_entropy_weight_bonus_and_minimisation(base_run, tmp_path):
         RLConfig(entropy_weight=2)
 
 
+def test_token_logprobs_run_the_head_on_completion_positions_only():
+    """The update's log-probs and entropies equal those of the full (B, T, V) logits at the
+    completion positions, 0 elsewhere, and the gradient is the same, while the LM head sees only
+    the completion positions."""
+    from spud.config import ModelConfig
+    from spud.model.registry import build_model
+    from spud.posttrain.rl import token_logprobs
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, vocab_size=97, max_seq_len=32))
+    x = torch.randint(0, 97, (3, 12))
+    y = torch.full((3, 12), -1)
+    y[0, 4:9], y[1, 1:12], y[2, 10:12] = 5, 7, 11
+    logp = torch.log_softmax(model(x).float(), dim=-1)
+    mask = y >= 0
+    want = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    want_ent = -(logp.exp() * logp).sum(-1) * mask
+    want.sum().backward()
+    want_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    rows_seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[0]))
+    got, got_ent = token_logprobs(model, x, y)
+    hook.remove()
+    assert rows_seen == [int(mask.sum())]
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_ent, want_ent.detach())
+    got.sum().backward()
+    for p, g in zip(model.parameters(), want_grads):
+        torch.testing.assert_close(p.grad, g)
+
+
 def test_advantages_dr_grpo_and_grpo():
     r = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
     assert advantages(r, 4, "drgrpo") == [0.75, -0.25, -0.25, -0.25, 0.0, 0.0, 0.0, 0.0]

@@ -163,3 +163,42 @@ def test_prefix_cache_evicts_beyond_its_cap_and_stays_correct(tok):
     finally:
         plain.shutdown(abort=True)
         cached.shutdown(abort=True)
+
+
+def test_copies_and_equal_length_prompts_share_one_prefill_forward(tok):
+    """RL groups and pass@k samples submit copies of one prompt: the engine prefills every prompt
+    whose next chunk has the same length in one forward, and each request's tokens (greedy, and
+    sampled with its own seed) are those it gets when prefilled alone."""
+    model = make_model(tok)
+    g = torch.Generator().manual_seed(3)
+    distinct = [torch.randint(4, 290, (L,), generator=g).tolist() for L in (40, 40, 23)]
+    prompts = [p for p in distinct for _ in range(4)]  # 12 requests, 3 prompts, 2 lengths
+    params = [SamplingParams(temperature=0.0 if i % 2 else 1.0, seed=100 + i, max_tokens=10, ignore_eos=True)
+              for i in range(len(prompts))]
+    calls: list[tuple[int, int]] = []
+    inner = model.forward_slots
+
+    def counting(idx, *a, **k):
+        calls.append(tuple(idx.shape))
+        return inner(idx, *a, **k)
+
+    model.forward_slots = counting
+    outs = {}
+    # one slot at a time (each prompt prefilled alone) against 12 slots and a generous budget
+    for name, kw in {"alone": dict(max_batch=1), "shared": dict(max_batch=12, step_tokens=4096)}.items():
+        calls.clear()
+        e = Engine(model, tok, **kw)
+        e.start()
+        try:
+            hs = [e.submit(p, sp) for p, sp in zip(prompts, params)]
+            outs[name] = [[ev.token_id for ev in h if not isinstance(ev, FinishEvent)] for h in hs]
+        finally:
+            e.shutdown()
+        prefills = [c for c in calls if c[1] > 1]
+        if name == "alone":
+            assert len(prefills) == 12 and all(b == 1 for b, _ in prefills)
+        else:  # the two 40-token prompts' 8 copies in one forward, the 23-token prompt's 4 in another
+            assert sorted(prefills) == [(4, 23), (8, 40)]
+    assert outs["shared"] == outs["alone"]
+    assert all(len(o) == 10 for o in outs["alone"])
+    assert outs["alone"][0] != outs["alone"][2]  # seeded samples of one prompt differ

@@ -106,14 +106,15 @@ def evaluate(model, tok: Tokenizer, problems: list[Problem], samples: int = 1, t
 def token_logprobs(model, seqs: torch.Tensor, targets: torch.Tensor,
                    entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) log-probabilities of `targets` (−1 = not a completion token → 0) and the entropy of
-    each position's distribution (in the graph only with `entropy_grad`, for rl.entropy_weight)."""
-    logits = model(seqs).float()
-    logp = torch.log_softmax(logits, dim=-1)
+    each position's distribution (in the graph only with `entropy_grad`, for rl.entropy_weight).
+    The LM head runs on the completion positions only: prompts and padding need no log-probs."""
     mask = targets >= 0
-    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-    # Only logged unless rl.entropy_weight uses it: detached, it keeps no (B, T, V) tensor in the graph.
-    d = logp if entropy_grad else logp.detach()
-    return picked, -(d.exp() * d).sum(-1) * mask
+    h = model.hidden_states(seqs)[mask]  # (N, d_model), the completion positions in row order
+    logp = torch.log_softmax(model.logits(h).float(), dim=-1)
+    picked = logp.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
+    d = logp if entropy_grad else logp.detach()  # detached unless rl.entropy_weight uses it
+    entropy, zeros = -(d.exp() * d).sum(-1), picked.new_zeros(targets.shape)
+    return zeros.masked_scatter(mask, picked), zeros.masked_scatter(mask, entropy)
 
 
 def _batch(rows: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

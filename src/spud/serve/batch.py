@@ -15,6 +15,8 @@ import torch
 
 from spud.serve.engine_types import SamplingParams
 
+OFFLINE_STEP_TOKENS = 4096  # prompt + decode tokens one engine step may run in complete_many
+
 
 @dataclass
 class Completion:
@@ -36,7 +38,11 @@ def complete_many(model: torch.nn.Module, tok, prompts: list[list[int]], params:
         return []
     was_training = model.training
     model.eval()
-    engine = Engine(model, tok, max_batch=min(max_batch, len(prompts)), max_queue=len(prompts) + 1)
+    # Offline, nobody streams: a large per-step token budget lets one forward prefill many
+    # prompts (copies of one prompt and prompts of equal length share it; Engine._prefill_rows)
+    # instead of rationing prefill to keep running streams' latency low as the server does.
+    engine = Engine(model, tok, max_batch=min(max_batch, len(prompts)), max_queue=len(prompts) + 1,
+                    step_tokens=OFFLINE_STEP_TOKENS)
     engine.start()
     try:
         handles = []

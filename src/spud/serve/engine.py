@@ -293,8 +293,9 @@ class Engine(ForwardSteps):
             s = self._prefilling[0]
             left = len(s.prompt) - s.prefilled
             n = left if self.prefill_chunk is None else max(1, min(self.prefill_chunk, left, budget))
-            self._prefill(s, n)
-            budget -= n
+            rows = self._prefill_rows(s, n, budget)
+            self._prefill(rows, n)
+            budget -= n * len(rows)
             if self.prefill_chunk is not None and budget <= 0:
                 break
         if self._running:

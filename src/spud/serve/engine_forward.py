@@ -24,27 +24,51 @@ class ForwardSteps:
     `_cv`, and `_finish`. speculative.py calls `_decode_step`, `_sample_and_emit` and
     `_emit_token` too."""
 
-    def _prefill(self, s: _Seq, n: int) -> None:
-        """Write the next n prompt tokens into s's slot; after the last chunk, s samples its
-        first token and joins the decoding rows."""
+    def _prefill_rows(self, s: _Seq, n: int, budget: int) -> list[_Seq]:
+        """s and the other prefilling sequences whose next chunk is also n tokens, as many as the
+        step's token budget holds: one forward writes them all. Copies of one prompt (RL groups,
+        pass@k samples) and prompts of equal length then cost one forward instead of one each;
+        on CPU a small model's forward is mostly fixed cost, so this is most of a batch's
+        prefill time. Prompts with images go alone (their embeddings are per sequence)."""
+        rows = [s]
+        if s.images is not None:
+            return rows
+        cap = self.prefill_chunk if self.prefill_chunk is not None else len(s.prompt) + 1  # None: whole prompts
+        room = len(self._prefilling) if self.prefill_chunk is None else budget // n
+        for t in list(self._prefilling)[1:]:
+            if len(rows) >= room:
+                break
+            if t.images is None and min(cap, len(t.prompt) - t.prefilled) == n:
+                rows.append(t)
+        return rows
+
+    def _prefill(self, rows: list[_Seq], n: int) -> None:
+        """Write the next n prompt tokens of each row into its slot; a row whose prompt that
+        completes samples its first token and joins the decoding rows."""
         try:
-            a = s.prefilled
+            s = rows[0]
             with self._model_lock:
-                x = torch.tensor([s.prompt[a:a + n]], device=self.device)
-                h = self.model.forward_slots(x, self._cache, [s.slot], [a],
-                                             **chunk_inputs(s, self.model, a, n))
-                last = a + n == len(s.prompt)
-                logits = self.model.logits(h[:, -1]).float() if last else None
-            s.prefilled = a + n
-            if not last:
+                x = torch.tensor([t.prompt[t.prefilled:t.prefilled + n] for t in rows], device=self.device)
+                h = self.model.forward_slots(x, self._cache, [t.slot for t in rows], [t.prefilled for t in rows],
+                                             **chunk_inputs(s, self.model, s.prefilled, n))
+                done = [i for i, t in enumerate(rows) if t.prefilled + n == len(t.prompt)]
+                logits = self.model.logits(h[done, -1]).float() if done else None
+            for t in rows:
+                t.prefilled += n
+            if not done:
                 return
+            finished = [rows[i] for i in done]
             with self._cv:
-                self._prefilling.remove(s)
-                self._running.append(s)
-            s.length = len(s.prompt)
-            self._sample_and_emit([s], logits)
-        except Exception as e:  # noqa: BLE001 - any failure ends this request, not the engine
-            self._finish(s, "error", _describe(e))
+                for t in finished:
+                    self._prefilling.remove(t)
+                    self._running.append(t)
+            for t in finished:
+                t.length = len(t.prompt)
+            self._sample_and_emit(finished, logits)
+        except Exception as e:  # noqa: BLE001 - any failure ends these requests, not the engine
+            for t in rows:
+                if not t.done:
+                    self._finish(t, "error", _describe(e))
 
     def _decode_step(self) -> None:
         rows = sorted(self._running, key=lambda s: s.slot)
