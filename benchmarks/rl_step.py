@@ -41,29 +41,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load(run: Path, n: int):
+def load(run: Path, n: int, max_tokens: int):
     """(model, tokenizer, prompts, source): the chat model and arithmetic problems, or stand-ins."""
-    from spud.config import ModelConfig  # noqa: PLC0415
+    from spud.config import ModelConfig, TokenizerConfig  # noqa: PLC0415
     from spud.model.registry import build_model  # noqa: PLC0415
-    from spud.runs import choose_model, has_model  # noqa: PLC0415
-    from spud.tokenizer import Tokenizer  # noqa: PLC0415
-
-    if (run / "tokenizer.json").is_file() and has_model(run, "chat"):
-        from spud.config import validate_config  # noqa: PLC0415
-        from spud.posttrain.rl_tasks import load_tasks  # noqa: PLC0415
-        from spud.train import checkpoint as ckpt_io  # noqa: PLC0415
-
-        ck = choose_model(run, "chat").checkpoint
-        cfg = validate_config(ckpt_io.read_state(ck)["config"], "benchmarks/rl_step.py")
-        model = build_model(cfg.model)
-        ckpt_io.load_weights(ck, model, "cpu")
-        tok = Tokenizer.load(run / "tokenizer.json")
-        train, _, _ = load_tasks(["arithmetic"], 4000, 0, 1337, "dev")
-        limit = cfg.model.max_seq_len - 64
-        return model, tok, [prompt_ids(tok, p, limit) for p in train[:n]], f"{run} chat model, arithmetic"
-    from spud.config import TokenizerConfig  # noqa: PLC0415
+    from spud.runs import has_model, load_model  # noqa: PLC0415
     from spud.tokenizer import train_tokenizer  # noqa: PLC0415
 
+    if (run / "tokenizer.json").is_file() and has_model(run, "chat"):
+        from spud.posttrain.rl_tasks import load_tasks  # noqa: PLC0415
+
+        model, tok, cfg, _ = load_model(run, model="chat", device="cpu")
+        train, _, _ = load_tasks(["arithmetic"], 4000, 0, 1337, "dev")
+        limit = cfg.model.max_seq_len - max_tokens
+        return model, tok, [prompt_ids(tok, p, limit) for p in train[:n]], f"{run} chat model, arithmetic"
     tok = train_tokenizer(iter(["Tom has 12 apples and gets 7 more. " * 4] * 50),
                           TokenizerConfig(vocab_size=300, min_frequency=1))
     torch.manual_seed(0)
@@ -86,7 +77,7 @@ def all_positions_logprobs(model, seqs: torch.Tensor, targets: torch.Tensor):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, tok, distinct, source = load(Path(args.run), args.prompts)
+    model, tok, distinct, source = load(Path(args.run), args.prompts, args.max_tokens)
     prompts = [p for p in distinct for _ in range(args.group)]
     seeds = list(range(len(prompts)))
     shared_rows = engine_forward.ForwardSteps._prefill_rows
