@@ -1,13 +1,19 @@
-"""One RL step's two halves, each against its earlier form, alternating in the same run.
+"""One RL step's two halves, each against its earlier forms, alternating in the same run.
 
 - **Rollouts**: `--prompts` problems × `--group` sampled completions through
-  spud.serve.batch.complete_many (the path `spud rl` samples with), with prompts that share a
-  next chunk length prefilled in one forward (Engine._prefill_rows, the default) against one
-  forward per prompt (the engine before it, emulated by a `_prefill_rows` that returns the row
-  alone). The completions are checked equal.
-- **Update**: spud.posttrain.rl.token_logprobs forward + backward on those rollouts, the LM head
-  on the completion positions only (the default) against the head on every position (the
-  earlier form, here as `all_positions_logprobs`). The log-probs are checked equal.
+  spud.serve.batch.complete_many (the path `spud rl` samples with), three ways:
+  `dedup` (the default: prompts that share a next chunk length are prefilled in one forward,
+  each distinct prompt computed once and its copies' slots given its keys and values),
+  `shared` (one forward, every copy computed: the engine before the dedup, emulated by a
+  prefill key that tells every row apart) and `alone` (one forward per prompt: the engine
+  before that, emulated by a `_prefill_rows` that returns the row alone). The completions are
+  checked equal.
+- **Update**: forward + backward of spud.posttrain.rl_logprobs.token_logprobs on those
+  rollouts, three ways: `share` (the default: each distinct prompt through the trunk once, the
+  LM head on the completion positions only), `completion` (every row whole through the trunk,
+  the head on the completion positions: share_prompts=False) and `all` (the head on every
+  position, the earliest form, here as `all_positions_logprobs`). The log-probs are checked
+  equal.
 
 On the demo's chat model and the built-in arithmetic task when RUN has one, else on a random
 model of the demo's shape with random prompts. Prints a table and writes JSON.
@@ -25,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from spud.posttrain.rl import _batch, generate_many, prompt_ids, token_logprobs
+from spud.posttrain.rl import _batch, generate_many, prompt_ids
+from spud.posttrain.rl_logprobs import token_logprobs
 from spud.serve import engine_forward
 
 
@@ -80,57 +87,70 @@ def main(argv=None) -> dict:
     model, tok, distinct, source = load(Path(args.run), args.prompts, args.max_tokens)
     prompts = [p for p in distinct for _ in range(args.group)]
     seeds = list(range(len(prompts)))
-    shared_rows = engine_forward.ForwardSteps._prefill_rows
+    real_rows, real_key = engine_forward.ForwardSteps._prefill_rows, engine_forward._prefill_key
+    rollouts = {
+        "dedup": (real_rows, real_key),
+        "shared": (real_rows, lambda s: (id(s),)),  # every row its own key: no copies found
+        "alone": (lambda self, s, n, b: [s], real_key),
+    }
+    updates = {
+        "share": lambda m, x, y: token_logprobs(m, x, y, share_prompts=True),
+        "completion": lambda m, x, y: token_logprobs(m, x, y),
+        "all": all_positions_logprobs,
+    }
 
-    def rollout(shared: bool):
-        engine_forward.ForwardSteps._prefill_rows = shared_rows if shared else (lambda self, s, n, b: [s])
+    def rollout(form: str):
+        engine_forward.ForwardSteps._prefill_rows, engine_forward._prefill_key = rollouts[form]
         try:
             t = time.perf_counter()
             outs = generate_many(model, tok, prompts, args.max_tokens, 1.0, seeds)
             return time.perf_counter() - t, outs
         finally:
-            engine_forward.ForwardSteps._prefill_rows = shared_rows
+            engine_forward.ForwardSteps._prefill_rows, engine_forward._prefill_key = real_rows, real_key
 
-    def update(fn, x, y):
+    def update(form: str, x, y):
         model.zero_grad(set_to_none=True)
         t = time.perf_counter()
-        lp, _ = fn(model, x, y)
+        lp, _ = updates[form](model, x, y)
         (-lp.sum() / (y >= 0).sum()).backward()
         return time.perf_counter() - t, lp.detach()
 
-    times = {k: [] for k in ("rollout_shared", "rollout_alone", "update_completion", "update_all")}
+    times = {f"rollout_{k}": [] for k in rollouts} | {f"update_{k}": [] for k in updates}
     x = y = None
     for r in range(args.rounds + 1):  # round 0 warms up and is not counted
-        order = (True, False) if r % 2 == 0 else (False, True)
         outs = {}
-        for shared in order:
-            dt, outs[shared] = rollout(shared)
+        for form in (list(rollouts) if r % 2 == 0 else list(rollouts)[::-1]):
+            dt, outs[form] = rollout(form)
             if r:
-                times["rollout_shared" if shared else "rollout_alone"].append(dt)
-        if outs[True] != outs[False]:
-            raise SystemExit("rollouts differ between shared and one-row prefill")
-        x, y = _batch([(p, ids) for p, (ids, _) in zip(prompts, outs[True])], tok.pad_id)
+                times[f"rollout_{form}"].append(dt)
+        if not outs["dedup"] == outs["shared"] == outs["alone"]:
+            raise SystemExit("rollouts differ between the prefill forms")
+        x, y = _batch([(p, ids) for p, (ids, _) in zip(prompts, outs["dedup"])], tok.pad_id)
         model.train()
         got = {}
-        for fn in ((token_logprobs, all_positions_logprobs) if r % 2 == 0 else (all_positions_logprobs, token_logprobs)):
-            dt, got[fn] = update(fn, x, y)
+        for form in (list(updates) if r % 2 == 0 else list(updates)[::-1]):
+            dt, got[form] = update(form, x, y)
             if r:
-                times["update_completion" if fn is token_logprobs else "update_all"].append(dt)
-        if not torch.allclose(got[token_logprobs], got[all_positions_logprobs], atol=1e-5):
-            raise SystemExit("token log-probs differ between the two forms")
+                times[f"update_{form}"].append(dt)
+        if not all(torch.allclose(got["all"], got[f], atol=1e-5) for f in updates):
+            raise SystemExit("token log-probs differ between the update forms")
     med = {k: statistics.median(v) for k, v in times.items()}
     completion_share = float((y >= 0).sum()) / float(y.numel())
     res = {"source": source, "prompts": args.prompts, "group": args.group, "threads": args.threads,
            "rounds": args.rounds, "rows": len(prompts), "padded_positions": int(y.numel()),
            "completion_share": round(completion_share, 3), "median_s": {k: round(v, 4) for k, v in med.items()},
-           "rollout_speedup": round(med["rollout_alone"] / med["rollout_shared"], 2),
-           "update_speedup": round(med["update_all"] / med["update_completion"], 2), "times_s": times}
+           "speedup": {k: round(med[k] / med["rollout_dedup" if k.startswith("rollout") else "update_share"], 2)
+                       for k in med}, "times_s": times}
     print(f"{source}: {args.prompts} prompts × {args.group}, {args.threads} thread(s), median of {args.rounds} rounds")
-    print(f"{'half':<10} {'new (s)':>9} {'old (s)':>9} {'old / new':>10}")
-    print(f"{'rollout':<10} {med['rollout_shared']:>9.3f} {med['rollout_alone']:>9.3f} {res['rollout_speedup']:>10.2f}"
-          "   shared prefill forward vs one per prompt")
-    print(f"{'update':<10} {med['update_completion']:>9.3f} {med['update_all']:>9.3f} {res['update_speedup']:>10.2f}"
-          f"   head on completion tokens ({completion_share:.0%} of positions) vs all")
+    print(f"{'form':<20} {'s':>8} {'÷ default':>10}")
+    what = {"rollout_dedup": "each distinct prompt prefilled once (default)",
+            "rollout_shared": "one prefill forward, every copy computed",
+            "rollout_alone": "one prefill forward per prompt",
+            "update_share": "each distinct prompt through the trunk once (default)",
+            "update_completion": "every row whole, head on completion positions",
+            "update_all": f"every row whole, head on every position ({completion_share:.0%} are completion)"}
+    for k, v in med.items():
+        print(f"{k:<20} {v:>8.3f} {res['speedup'][k]:>10.2f}   {what[k]}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")

@@ -58,13 +58,17 @@ def test_rl_raises_reward_on_a_learnable_task(base_run, tmp_path):
 def test_rl_resume_is_exact(base_run, tmp_path):
     task = seven_task(tmp_path / "seven.jsonl")
     straight = tmp_path / "straight"
+    # a seed and train.threads of its own: a resume keeps them (it draws and computes the same)
     rl_cmd(str(base_run), source="base", tasks=[task], out=str(straight),
-           overrides=FAST + ["rl.steps=4", "rl.lr=0.01"], console=quiet())
+           overrides=FAST + ["rl.steps=4", "rl.lr=0.01", "seed=7"], console=quiet())
     cut = tmp_path / "cut"
     rl_cmd(str(base_run), source="base", tasks=[task], out=str(cut),
-           overrides=FAST + ["rl.steps=2", "rl.lr=0.01"], console=quiet())
+           overrides=FAST + ["rl.steps=2", "rl.lr=0.01", "seed=7"], console=quiet())
     rl_cmd(str(base_run), source="base", tasks=None, out=str(cut), overrides=["rl.steps=4"], resume=True,
            console=quiet())
+    import yaml
+    resumed = yaml.safe_load((cut / "config.yaml").read_text())
+    assert resumed["seed"] == 7 and resumed["train"]["threads"] == 1 and resumed["rl"]["steps"] == 4
     a = load_file(straight / "checkpoints" / "step_0000004" / "model.safetensors")
     b = load_file(cut / "checkpoints" / "step_0000004" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -158,7 +162,7 @@ def test_token_logprobs_run_the_head_on_completion_positions_only():
     the completion positions."""
     from spud.config import ModelConfig
     from spud.model.registry import build_model
-    from spud.posttrain.rl import token_logprobs
+    from spud.posttrain.rl_logprobs import token_logprobs
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, vocab_size=97, max_seq_len=32))
@@ -182,6 +186,53 @@ def test_token_logprobs_run_the_head_on_completion_positions_only():
     got.sum().backward()
     for p, g in zip(model.parameters(), want_grads):
         torch.testing.assert_close(p.grad, g)
+
+
+@pytest.mark.parametrize("arch", [
+    {},  # the demo's block: llama, QK-norm
+    # another block, grouped keys, a sliding window shorter than the rows, value embeddings, x0 mix
+    {"block": "parallel", "n_kv_heads": 1, "attn_pattern": "LG", "attn_window": 4, "value_embeds": 1,
+     "x0_mix": True, "unet_skips": True, "qk_norm": False},
+])
+def test_token_logprobs_run_each_prompt_through_the_trunk_once(arch):
+    """With share_prompts the rows of an RL batch that share a prompt (a group's completions)
+    share one trunk pass over it: log-probs, entropies and gradients equal the plain form's,
+    and the trunk sees each prompt once and each completion only as long as its group's
+    longest one."""
+    from spud.config import ModelConfig
+    from spud.model.registry import build_model
+    from spud.posttrain.rl import _batch
+    from spud.posttrain.rl_logprobs import token_logprobs
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(d_model=32, n_layers=4, n_heads=4, vocab_size=97, max_seq_len=64, **arch))
+    g = torch.Generator().manual_seed(1)
+
+    def ids(n):
+        return torch.randint(4, 97, (n,), generator=g).tolist()
+
+    p1, p2, p3 = ids(9), ids(6), ids(1)
+    rows = [(p1, ids(3)), (p1, ids(7)), (p1, ids(5)), (p2, ids(2)), (p3, ids(4)), (p2, ids(8)), (ids(9), ids(3))]
+    x, y = _batch(rows, pad=0)
+    positions = []
+    hook = model.blocks[0].register_forward_hook(lambda m, i, o: positions.append(i[0].shape[0] * i[0].shape[1]))
+    results = {}
+    for share in (False, True):
+        model.zero_grad()
+        positions.clear()
+        logp, ent = token_logprobs(model, x, y, entropy_grad=True, share_prompts=share)
+        (logp.sum() + 0.1 * ent.sum()).backward()
+        results[share] = (logp.detach(), ent.detach(), [q.grad.clone() for q in model.parameters()], sum(positions))
+    hook.remove()
+    (lp0, e0, g0, n0), (lp1, e1, g1, n1) = results[False], results[True]
+    torch.testing.assert_close(lp1, lp0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(e1, e0, atol=1e-5, rtol=1e-5)
+    assert (lp1 == 0).equal(y < 0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert n0 == x.numel() == 7 * 15
+    # prompts (their last token is the first completion position) + each group's longest completion
+    assert n1 == (8 + 3 * 7) + (5 + 2 * 8) + (0 + 1 * 4) + (8 + 1 * 3)
 
 
 def test_advantages_dr_grpo_and_grpo():

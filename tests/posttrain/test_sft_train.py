@@ -91,13 +91,14 @@ def test_sft_cmd_run_directory_and_default_chat_checkpoint(base_run):
 
 
 def test_resumed_sft_reproduces_the_uninterrupted_losses_exactly(base_run, tmp_path):
-    over = [*SFT_OVERRIDES, "model.dropout=0.1"]  # resume must restore the dropout RNG too
+    # resume must restore the dropout RNG too, and the run's own seed (its data and their order)
+    over = [*SFT_OVERRIDES, "model.dropout=0.1", "seed=5"]
     straight = sft_cmd(str(base_run), ["builtin"], str(tmp_path / "straight"), over, resume=False)
     broken = tmp_path / "broken"
     sft_cmd(str(base_run), ["builtin"], str(broken), over, resume=False)
     shutil.rmtree(broken / "checkpoints" / "step_0000008")  # as if it died right after step 4's save
     # resuming needs neither --data nor the overrides again: they are in the chat run's config
-    summary = sft_cmd(str(base_run), None, str(broken), ["model.dropout=0.1"], resume=True)
+    summary = sft_cmd(str(base_run), None, str(broken), [], resume=True)
     assert summary["step"] == 8 and straight["step"] == 8
     assert losses(broken) == losses(tmp_path / "straight")  # exactly equal floats, steps 1..8
     a = load_file(tmp_path / "straight" / "checkpoints" / "step_0000008" / "model.safetensors")

@@ -167,8 +167,9 @@ def test_prefix_cache_evicts_beyond_its_cap_and_stays_correct(tok):
 
 def test_copies_and_equal_length_prompts_share_one_prefill_forward(tok):
     """RL groups and pass@k samples submit copies of one prompt: the engine prefills every prompt
-    whose next chunk has the same length in one forward, and each request's tokens (greedy, and
-    sampled with its own seed) are those it gets when prefilled alone."""
+    whose next chunk has the same length in one forward, computes each distinct prompt once (its
+    copies' slots get its keys and values), and each request's tokens (greedy, and sampled with
+    its own seed) are those it gets when prefilled alone."""
     model = make_model(tok)
     g = torch.Generator().manual_seed(3)
     distinct = [torch.randint(4, 290, (L,), generator=g).tolist() for L in (40, 40, 23)]
@@ -185,7 +186,9 @@ def test_copies_and_equal_length_prompts_share_one_prefill_forward(tok):
     model.forward_slots = counting
     outs = {}
     # one slot at a time (each prompt prefilled alone) against 12 slots and a generous budget
-    for name, kw in {"alone": dict(max_batch=1), "shared": dict(max_batch=12, step_tokens=4096)}.items():
+    # and against 16-token chunks under a 64-token budget: copies are copied chunk by chunk
+    for name, kw in {"alone": dict(max_batch=1), "shared": dict(max_batch=12, step_tokens=4096),
+                     "chunked": dict(max_batch=12, prefill_chunk=16, step_tokens=64)}.items():
         calls.clear()
         e = Engine(model, tok, **kw)
         e.start()
@@ -197,8 +200,10 @@ def test_copies_and_equal_length_prompts_share_one_prefill_forward(tok):
         prefills = [c for c in calls if c[1] > 1]
         if name == "alone":
             assert len(prefills) == 12 and all(b == 1 for b, _ in prefills)
-        else:  # the two 40-token prompts' 8 copies in one forward, the 23-token prompt's 4 in another
-            assert sorted(prefills) == [(4, 23), (8, 40)]
-    assert outs["shared"] == outs["alone"]
+        elif name == "shared":  # the two 40-token prompts in one forward, the 23-token one in another
+            assert sorted(prefills) == [(1, 23), (2, 40)]
+        else:  # 40 = 16 + 16 + 8 and 23 = 16 + 7: each distinct prompt's chunks are computed once
+            assert sum(b * t for b, t in prefills) == 40 + 40 + 23, prefills
+    assert outs["shared"] == outs["alone"] == outs["chunked"]
     assert all(len(o) == 10 for o in outs["alone"])
     assert outs["alone"][0] != outs["alone"][2]  # seeded samples of one prompt differ

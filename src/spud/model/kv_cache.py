@@ -72,6 +72,48 @@ class KVCache:
         self.pos = 0
 
 
+class SharedPrefix:
+    """One prefix's keys and values, shared by every row of a continuation, inside the autograd
+    graph (training): RL's update scores G completions of one prompt, and with this the trunk
+    runs on the prompt once instead of G times (spud.posttrain.rl_logprobs).
+
+    Used for exactly two forwards through the model's cache interface (per_row False, like
+    KVCache): the first, on the prefix (batch 1, P tokens), records each layer's keys/values
+    and returns them as they are; the second, on the continuation (B rows, T tokens at
+    positions P..P+T-1), gets them prepended to its own, broadcast over the rows (`expand`:
+    the backward sums the rows' gradients into the one prefix). Nothing is written in place,
+    which autograd would refuse once the prefix's keys are saved for backward.
+    """
+
+    per_row = False
+
+    def __init__(self) -> None:
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.pos = 0  # positions recorded: the continuation's rotary offset
+        self._forwards = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._forwards == 0:  # the prefix: record
+            self.k.append(k)
+            self.v.append(v)
+            return k, v
+        b = k.shape[0]
+        pk, pv = self.k[layer].expand(b, -1, -1, -1), self.v[layer].expand(b, -1, -1, -1)
+        return torch.cat((pk, k.to(pk.dtype)), dim=2), torch.cat((pv, v.to(pv.dtype)), dim=2)
+
+    def check(self, batch_size: int, t: int) -> None:
+        if self._forwards == 0 and batch_size != 1:
+            raise SpudError(f"SharedPrefix records one prefix (batch 1), got a batch of {batch_size}")
+        if self._forwards > 1:
+            raise SpudError("SharedPrefix serves one continuation forward after its prefix")
+
+    def advance(self, t: int) -> None:
+        if self._forwards == 0:
+            self.pos = t
+        self._forwards += 1
+
+
 class SlotKVCache:
     """KV memory for continuous batching: `n_slots` independent sequences, each in its own row
     of a (n_slots, max_len, n_kv_heads, head_dim) tensor per layer, each with its own length.
@@ -210,6 +252,16 @@ class SlotKVCache:
         if self.slice is not None:
             return buf[self.slice, : self.kv_len].transpose(1, 2)
         return buf[:, : self.kv_len].index_select(0, self.slot_idx).transpose(1, 2)
+
+    def copy_positions(self, from_slots: list[int], to_slots: list[int], starts: list[int], n: int) -> None:
+        """Copy positions [starts[i], starts[i] + n) of slot from_slots[i] into slot to_slots[i],
+        every layer's keys and values (the engine's copies of one prompt share one prefill)."""
+        offsets = torch.tensor(starts, device=self.device)[:, None] + torch.arange(n, device=self.device)
+        src = (torch.tensor(from_slots, device=self.device)[:, None] * self.max_len + offsets).view(-1)
+        dst = (torch.tensor(to_slots, device=self.device)[:, None] * self.max_len + offsets).view(-1)
+        for fk, fv in self._flat:
+            fk.index_copy_(0, dst, fk.index_select(0, src))
+            fv.index_copy_(0, dst, fv.index_select(0, src))
 
     def check(self, batch_size: int, t: int) -> None:
         if self._bound != (batch_size, t):

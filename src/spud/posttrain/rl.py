@@ -45,6 +45,7 @@ from spud.errors import SpudError
 from spud.model.registry import build_model
 from spud.posttrain.rl_average import POLICY_FILE, WeightAverage, load_resumed
 from spud.posttrain.rl_dist import NullLog, RLDist
+from spud.posttrain.rl_logprobs import token_logprobs
 from spud.posttrain.rl_sampling import SolvedPool, advantages, collect, level_cap, level_range, problem_stream, seed_of
 from spud.posttrain.rl_tasks import Problem, load_tasks
 from spud.posttrain.verifiers import steps_right, verify
@@ -101,20 +102,6 @@ def evaluate(model, tok: Tokenizer, problems: list[Problem], samples: int = 1, t
     ks = [k for k in (1, 2, 4, 8, 16, 32) if k <= samples]
     return {"n": len(problems), "samples": samples, "temperature": temperature,
             **{f"pass@{k}": sum(pass_at_k(samples, c, k) for c in correct) / len(problems) for k in ks}}
-
-
-def token_logprobs(model, seqs: torch.Tensor, targets: torch.Tensor,
-                   entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) log-probabilities of `targets` (−1 = not a completion token → 0) and the entropy of
-    each position's distribution (in the graph only with `entropy_grad`, for rl.entropy_weight).
-    The LM head runs on the completion positions only: prompts and padding need no log-probs."""
-    mask = targets >= 0
-    h = model.hidden_states(seqs)[mask]  # (N, d_model), the completion positions in row order
-    logp = torch.log_softmax(model.logits(h).float(), dim=-1)
-    picked = logp.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
-    d = logp if entropy_grad else logp.detach()  # detached unless rl.entropy_weight uses it
-    entropy, zeros = -(d.exp() * d).sum(-1), picked.new_zeros(targets.shape)
-    return zeros.masked_scatter(mask, picked), zeros.masked_scatter(mask, entropy)
 
 
 def _batch(rows: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,8 +228,8 @@ class RLRun:
         with torch.no_grad():
             for ch in chunks:
                 x, y = _batch([rows[i] for i in ch], pad)
-                old = token_logprobs(self.model, x, y)[0] if reuse else None
-                ref = token_logprobs(self.ref, x, y)[0] if self.ref is not None else None
+                old = token_logprobs(self.model, x, y, share_prompts=True)[0] if reuse else None
+                ref = token_logprobs(self.ref, x, y, share_prompts=True)[0] if self.ref is not None else None
                 batches.append((x, y, torch.tensor([adv[i] for i in ch]).unsqueeze(1), old, ref))
         for g in self.opt.param_groups:
             g["lr"] = lr
@@ -251,7 +238,8 @@ class RLRun:
             self.opt.zero_grad(set_to_none=True)
             for x, y, a, old, ref in batches:
                 mask = (y >= 0).float()
-                logp, entropy = token_logprobs(self.model, x, y, entropy_grad=r.entropy_weight != 0)
+                logp, entropy = token_logprobs(self.model, x, y, entropy_grad=r.entropy_weight != 0,
+                                               share_prompts=True)
                 ratio = torch.exp(logp - (old if reuse else logp.detach()))
                 surr = torch.minimum(ratio * a, ratio.clamp(1 - r.clip_low, 1 + r.clip_high) * a)
                 per_token = -surr - r.entropy_weight * entropy
@@ -342,12 +330,16 @@ def rl_config(run: str | Path, source: str, tasks: list[str] | None, out: Path,
     from spud.runs import choose_model  # noqa: PLC0415
 
     saved = out / "config.yaml"
-    saved_rl = None
+    saved_tree = None
     if resume and saved.is_file():
-        saved_rl = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("rl")
+        saved_tree = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    saved_rl = (saved_tree or {}).get("rl")
     if saved_rl and saved_rl.get("base_checkpoint"):
         base_ckpt = Path(saved_rl["base_checkpoint"])
         source = saved_rl.get("source", source)
+        # the run's own config: its seed and train.* overrides (threads, parallel) too, which a
+        # resume needs to draw and compute exactly what the uninterrupted run would have
+        tree = saved_tree
     else:
         if source == "chat":
             from spud.runs import has_model  # noqa: PLC0415
@@ -356,10 +348,8 @@ def rl_config(run: str | Path, source: str, tasks: list[str] | None, out: Path,
                 raise SpudError(f"{run} has no chat model to start RL from; run `spud sft {run}` first, "
                                 "or start from the base model with --from base")
         base_ckpt = choose_model(run, source).checkpoint
-    tree = ckpt_io.read_state(base_ckpt)["config"]
-    tree["dpo"] = {}  # the newest stage names the model (spud.runs._model_kind)
-    if saved_rl:
-        tree["rl"] = saved_rl
+        tree = ckpt_io.read_state(base_ckpt)["config"]
+        tree["dpo"] = {}  # the newest stage names the model (spud.runs._model_kind)
     if overrides:
         tree = _merge(tree, parse_overrides(overrides), "")
     tree.setdefault("rl", {})

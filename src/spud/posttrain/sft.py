@@ -182,9 +182,10 @@ def sft_config(run: str | Path, data: list[str] | None, out: str | Path, overrid
     resuming, then overrides, then --data), and `train` derived from `sft`."""
     run_dir, out = Path(run), Path(out)
     saved = out / "config.yaml"
-    saved_sft = None
+    saved_tree, saved_sft = None, None
     if resume and saved.is_file():
-        saved_sft = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("sft")
+        saved_tree = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+        saved_sft = saved_tree.get("sft")
     if saved_sft and saved_sft.get("base_checkpoint"):
         # a resumed run keeps the base it started from, even if the base run has trained on since
         base_ckpt = Path(saved_sft["base_checkpoint"])
@@ -198,6 +199,13 @@ def sft_config(run: str | Path, data: list[str] | None, out: str | Path, overrid
     if overrides:
         tree = _merge(tree, parse_overrides(overrides), "")
     base_train = validate_config(tree, f"{base_ckpt}/state.json").train  # before train is replaced
+    if saved_sft:
+        # resuming: the run's own seed (its data and order), model settings (dropout) and train
+        # settings (threads, parallel), as the uninterrupted run had them; the LRs are derived
+        # from the base's below, as at the start
+        tree = {**tree, **{k: saved_tree[k] for k in ("seed", "model", "train") if k in saved_tree}}
+        if overrides:
+            tree = _merge(tree, parse_overrides(overrides), "")
     tree.setdefault("sft", {})
     if data:
         tree["sft"]["data"] = list(data)

@@ -293,9 +293,7 @@ class Engine(ForwardSteps):
             s = self._prefilling[0]
             left = len(s.prompt) - s.prefilled
             n = left if self.prefill_chunk is None else max(1, min(self.prefill_chunk, left, budget))
-            rows = self._prefill_rows(s, n, budget)
-            self._prefill(rows, n)
-            budget -= n * len(rows)
+            budget -= n * self._prefill(self._prefill_rows(s, n, budget), n)
             if self.prefill_chunk is not None and budget <= 0:
                 break
         if self._running:

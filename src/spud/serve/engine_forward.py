@@ -25,38 +25,53 @@ class ForwardSteps:
     `_emit_token` too."""
 
     def _prefill_rows(self, s: _Seq, n: int, budget: int) -> list[_Seq]:
-        """s and the other prefilling sequences whose next chunk is also n tokens, as many as the
-        step's token budget holds: one forward writes them all. Copies of one prompt (RL groups,
-        pass@k samples) and prompts of equal length then cost one forward instead of one each
-        (RL rollouts on the demo model 1.36× faster, benchmarks/rl_step.py). Prompts with images
-        go alone (their embeddings are per sequence)."""
+        """s and the other prefilling sequences whose next chunk is also n tokens: one forward
+        writes them all. Prompts of equal length share it as many as the step's token budget
+        holds; copies of a prompt already in (RL groups, pass@k samples) ride along free, as
+        `_prefill` computes each distinct prompt once. Prompts with images go alone (their
+        embeddings are per sequence)."""
         rows = [s]
         if s.images is not None:
             return rows
         cap = self.prefill_chunk if self.prefill_chunk is not None else len(s.prompt) + 1  # None: whole prompts
         room = len(self._prefilling) if self.prefill_chunk is None else budget // n
+        distinct = {_prefill_key(s)}
         for t in list(self._prefilling)[1:]:
-            if len(rows) >= room:
-                break
-            if t.images is None and min(cap, len(t.prompt) - t.prefilled) == n:
-                rows.append(t)
+            if t.images is not None or min(cap, len(t.prompt) - t.prefilled) != n:
+                continue
+            key = _prefill_key(t)
+            if key not in distinct:
+                if len(distinct) >= room:
+                    continue
+                distinct.add(key)
+            rows.append(t)
         return rows
 
-    def _prefill(self, rows: list[_Seq], n: int) -> None:
+    def _prefill(self, rows: list[_Seq], n: int) -> int:
         """Write the next n prompt tokens of each row into its slot; each row whose prompt this
-        completes samples its first token and joins the decoding rows."""
+        completes samples its first token and joins the decoding rows. Copies of one prompt at
+        the same point (an RL group, pass@k samples) have the same keys, values and last logits:
+        the forward runs on one of them and the others' slots get a copy of its new positions.
+        → the number of rows the forward ran on (what the step's token budget pays for)."""
+        first: dict[tuple, int] = {}  # a row's prefill key → index of the row that computes it
+        src = [first.setdefault(_prefill_key(t), len(first)) for t in rows]
+        uniq = [rows[src.index(j)] for j in range(len(first))]
         try:
             s = rows[0]
             with self._model_lock:
-                x = torch.tensor([t.prompt[t.prefilled:t.prefilled + n] for t in rows], device=self.device)
-                h = self.model.forward_slots(x, self._cache, [t.slot for t in rows], [t.prefilled for t in rows],
+                x = torch.tensor([t.prompt[t.prefilled:t.prefilled + n] for t in uniq], device=self.device)
+                h = self.model.forward_slots(x, self._cache, [t.slot for t in uniq], [t.prefilled for t in uniq],
                                              **chunk_inputs(s, self.model, s.prefilled, n))
+                copies = [(uniq[j].slot, t.slot, t.prefilled) for j, t in zip(src, rows) if t is not uniq[j]]
+                if copies:
+                    from_slots, to_slots, starts = map(list, zip(*copies))
+                    self._cache.copy_positions(from_slots, to_slots, starts, n)
                 done = [i for i, t in enumerate(rows) if t.prefilled + n == len(t.prompt)]
-                logits = self.model.logits(h[done, -1]).float() if done else None
+                logits = self.model.logits(h[[src[i] for i in done], -1]).float() if done else None
             for t in rows:
                 t.prefilled += n
             if not done:
-                return
+                return len(uniq)
             finished = [rows[i] for i in done]
             with self._cv:
                 for t in finished:
@@ -69,6 +84,7 @@ class ForwardSteps:
             for t in rows:
                 if not t.done:
                     self._finish(t, "error", _describe(e))
+        return len(uniq)
 
     def _decode_step(self) -> None:
         rows = sorted(self._running, key=lambda s: s.slot)
@@ -142,3 +158,9 @@ class ForwardSteps:
             self._finish(s, "stop")
         elif s.generated >= s.params.max_tokens or s.length >= self.max_context:
             self._finish(s, "length")
+
+
+def _prefill_key(s: _Seq) -> tuple:
+    """Rows with equal keys get equal keys and values from their next chunk: the same prompt,
+    prefilled to the same point (and no images, which _prefill_rows never groups)."""
+    return s.prefilled, tuple(s.prompt)
