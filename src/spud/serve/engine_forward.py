@@ -70,16 +70,15 @@ class ForwardSteps:
                 logits = self.model.logits(h[[src[i] for i in done], -1]).float() if done else None
             for t in rows:
                 t.prefilled += n
-            if not done:
-                return len(uniq)
             finished = [rows[i] for i in done]
-            with self._cv:
+            if finished:
+                with self._cv:
+                    for t in finished:
+                        self._prefilling.remove(t)
+                        self._running.append(t)
                 for t in finished:
-                    self._prefilling.remove(t)
-                    self._running.append(t)
-            for t in finished:
-                t.length = len(t.prompt)
-            self._sample_and_emit(finished, logits)
+                    t.length = len(t.prompt)
+                self._sample_and_emit(finished, logits)
         except Exception as e:  # noqa: BLE001 - any failure ends these requests, not the engine
             for t in rows:
                 if not t.done:
@@ -163,4 +162,4 @@ class ForwardSteps:
 def _prefill_key(s: _Seq) -> tuple:
     """Rows with equal keys get equal keys and values from their next chunk: the same prompt,
     prefilled to the same point (and no images, which _prefill_rows never groups)."""
-    return s.prefilled, tuple(s.prompt)
+    return s.prefilled, s.prompt_tuple

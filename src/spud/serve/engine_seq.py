@@ -34,6 +34,7 @@ class Seq:
         self.generated = 0
         self.out_ids: list[int] = []  # sampled tokens (the prefix cache stores prompt + these)
         self.images = None  # a PromptImages (spud.serve.prompt_images) when the prompt has images
+        self._prompt_tuple: tuple[int, ...] | None = None  # see prompt_tuple
         self.done = False
         self.gen: torch.Generator | None = None
         if params.temperature > 0:
@@ -44,6 +45,14 @@ class Seq:
                 self.gen.manual_seed(int(params.seed))
             else:
                 self.gen.seed()
+
+    @property
+    def prompt_tuple(self) -> tuple[int, ...]:
+        """The prompt as a tuple (it never changes), made once: the engine's prefill compares
+        prompts every step to find copies of one (engine_forward._prefill_key)."""
+        if self._prompt_tuple is None:
+            self._prompt_tuple = tuple(self.prompt)
+        return self._prompt_tuple
 
 
 def describe(e: BaseException) -> str:
