@@ -54,6 +54,28 @@ def by_wording(problems: list, outs: list) -> dict:
     return {w: {"pass@1": c / n, "n": n} for w, (c, n) in sorted(hits.items())}
 
 
+def measure(label: str, run, kind: str, problems: list, split: str, samples: int, max_tokens: int = 64,
+            why: bool = False, wording: bool = False) -> dict:
+    """One model's row: greedy pass@1 and, from `samples` completions at temperature 1 (seed 1,
+    the same draws for every model), unbiased pass@k; optionally the failures sorted and the
+    per-wording greedy pass@1."""
+    model, tok, _, ckpt = load_model(run, model=kind, device="cpu")
+    t0 = time.perf_counter()
+    outs: list = []
+    greedy = evaluate(model, tok, problems, 1, 0.0, max_tokens, completions=outs)
+    row = {"model": label, "checkpoint": str(ckpt), "split": split, "greedy_pass@1": greedy["pass@1"],
+           "n": greedy["n"], "samples": samples}
+    if why:
+        row.update(failures(outs))
+    if wording:
+        row["by_wording"] = by_wording(problems, outs)
+    if samples:
+        sampled = evaluate(model, tok, problems, samples, 1.0, max_tokens, seed=1)
+        row.update({f"sampled_{k}": v for k, v in sampled.items() if k.startswith("pass@")})
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run")
@@ -78,24 +100,14 @@ def main() -> None:
     for spec in args.extra:
         label, _, path = spec.partition("=")
         todo.append((label, path, default_serving_model(path)))
+    if not todo:
+        raise SystemExit(f"rl_gain: nothing to measure: {args.run} has none of --models {args.models!r} "
+                         "and no --extra LABEL=DIR was given")
     rows = []
     for label, run, kind in todo:
-        model, tok, _, ckpt = load_model(run, model=kind, device="cpu")
-        t0 = time.perf_counter()
-        outs: list = []
-        greedy = evaluate(model, tok, problems, 1, 0.0, args.max_tokens, completions=outs)
-        row = {"model": label, "checkpoint": str(ckpt), "split": args.split, "greedy_pass@1": greedy["pass@1"],
-               "n": greedy["n"], "samples": args.samples}
-        if args.why:
-            row.update(failures(outs))
-        if args.by_wording:
-            row["by_wording"] = by_wording(problems, outs)
-        if args.samples:
-            sampled = evaluate(model, tok, problems, args.samples, 1.0, args.max_tokens, seed=1)
-            row.update({f"sampled_{k}": v for k, v in sampled.items() if k.startswith("pass@")})
-        row["seconds"] = round(time.perf_counter() - t0, 1)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        rows.append(measure(label, run, kind, problems, args.split, args.samples, args.max_tokens,
+                            args.why, args.by_wording))
+        print(json.dumps(rows[-1]), flush=True)
     keys = ["greedy_pass@1"] + [k for k in rows[0] if k.startswith(("sampled_", "wrong_"))]
     print(f"\n{args.split} split, {rows[0]['n']} problems, {args.samples} samples at temperature 1 "
           f"(load {os.getloadavg()[0]:.1f})")

@@ -1,9 +1,11 @@
 """One RL step's two halves, each against its earlier forms, alternating in the same run.
 
 - **Rollouts**: `--prompts` problems × `--group` sampled completions through
-  spud.serve.batch.complete_many (the path `spud rl` samples with), three ways:
-  `dedup` (the default: prompts that share a next chunk length are prefilled in one forward,
-  each distinct prompt computed once and its copies' slots given its keys and values),
+  spud.serve.batch.complete_many (the path `spud rl` samples with), four ways, each older
+  form keeping every older part: `dedup` (the default: prompts that share a next chunk length
+  are prefilled in one forward, each distinct prompt computed once and its copies' slots given
+  its keys and values; the sampler takes no argmax over the vocabulary when no row needs one),
+  `argmax` (the sampler before that: two argmaxes a step, `argmax_each_step_sample_rows`),
   `shared` (one forward, every copy computed: the engine before the dedup, emulated by a
   prefill key that tells every row apart) and `alone` (one forward per prompt: the engine
   before that, emulated by a `_prefill_rows` that returns the row alone). The completions are
@@ -34,6 +36,7 @@ import torch
 from spud.posttrain.rl import _batch, generate_many, prompt_ids
 from spud.posttrain.rl_logprobs import token_logprobs
 from spud.serve import engine_forward
+from spud.serve.engine_sampling import filter_rows
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -81,6 +84,21 @@ def all_positions_logprobs(model, seqs: torch.Tensor, targets: torch.Tensor):
     return picked, -(d.exp() * d).sum(-1) * mask
 
 
+def argmax_each_step_sample_rows(logits: torch.Tensor, bp, generators) -> torch.Tensor:
+    """engine_sampling.sample_rows before it skipped the argmaxes no row needs."""
+    greedy_ids = logits.argmax(-1)
+    if bp.all_greedy:
+        return greedy_ids
+    probs = filter_rows(logits, bp).softmax(-1)
+    u = torch.tensor([float(torch.rand((), generator=g)) if g is not None else 0.0 for g in generators],
+                     dtype=probs.dtype, device=probs.device)
+    cdf = probs.cumsum(-1)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+    bad = probs.gather(1, idx[:, None]).squeeze(1) <= 0
+    idx = torch.where(bad, probs.argmax(-1), idx)
+    return torch.where(bp.temperature > 0, idx, greedy_ids)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -88,10 +106,12 @@ def main(argv=None) -> dict:
     prompts = [p for p in distinct for _ in range(args.group)]
     seeds = list(range(len(prompts)))
     real_rows, real_key = engine_forward.ForwardSteps._prefill_rows, engine_forward._prefill_key
+    real_sample, old_sample = engine_forward.sample_rows, argmax_each_step_sample_rows
     rollouts = {
-        "dedup": (real_rows, real_key),
-        "shared": (real_rows, lambda s: (id(s),)),  # every row its own key: no copies found
-        "alone": (lambda self, s, n, b: [s], real_key),
+        "dedup": (real_rows, real_key, real_sample),
+        "argmax": (real_rows, real_key, old_sample),
+        "shared": (real_rows, lambda s: (id(s),), old_sample),  # every row its own key: no copies found
+        "alone": (lambda self, s, n, b: [s], real_key, old_sample),
     }
     updates = {
         "share": lambda m, x, y: token_logprobs(m, x, y, share_prompts=True),
@@ -100,13 +120,15 @@ def main(argv=None) -> dict:
     }
 
     def rollout(form: str):
-        engine_forward.ForwardSteps._prefill_rows, engine_forward._prefill_key = rollouts[form]
+        (engine_forward.ForwardSteps._prefill_rows, engine_forward._prefill_key,
+         engine_forward.sample_rows) = rollouts[form]
         try:
             t = time.perf_counter()
             outs = generate_many(model, tok, prompts, args.max_tokens, 1.0, seeds)
             return time.perf_counter() - t, outs
         finally:
-            engine_forward.ForwardSteps._prefill_rows, engine_forward._prefill_key = real_rows, real_key
+            (engine_forward.ForwardSteps._prefill_rows, engine_forward._prefill_key,
+             engine_forward.sample_rows) = real_rows, real_key, real_sample
 
     def update(form: str, x, y):
         model.zero_grad(set_to_none=True)
@@ -123,7 +145,7 @@ def main(argv=None) -> dict:
             dt, outs[form] = rollout(form)
             if r:
                 times[f"rollout_{form}"].append(dt)
-        if not outs["dedup"] == outs["shared"] == outs["alone"]:
+        if not outs["dedup"] == outs["argmax"] == outs["shared"] == outs["alone"]:
             raise SystemExit("rollouts differ between the prefill forms")
         x, y = _batch([(p, ids) for p, (ids, _) in zip(prompts, outs["dedup"])], tok.pad_id)
         model.train()
@@ -144,8 +166,9 @@ def main(argv=None) -> dict:
     print(f"{source}: {args.prompts} prompts × {args.group}, {args.threads} thread(s), median of {args.rounds} rounds")
     print(f"{'form':<20} {'s':>8} {'÷ default':>10}")
     what = {"rollout_dedup": "each distinct prompt prefilled once (default)",
-            "rollout_shared": "one prefill forward, every copy computed",
-            "rollout_alone": "one prefill forward per prompt",
+            "rollout_argmax": "the same, the sampler taking two argmaxes a step",
+            "rollout_shared": "one prefill forward, every copy computed (and the argmaxes)",
+            "rollout_alone": "one prefill forward per prompt (and the argmaxes)",
             "update_share": "each distinct prompt through the trunk once (default)",
             "update_completion": "every row whole, head on completion positions",
             "update_all": f"every row whole, head on every position ({completion_share:.0%} are completion)"}

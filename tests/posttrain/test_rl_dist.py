@@ -1,6 +1,7 @@
 """Data-parallel spud rl (spud.posttrain.rl_dist), launched as users launch it: torchrun -m spud rl
 with 2 gloo ranks gives a single process's rollouts, rewards and metrics, and its weights."""
 
+import json
 import os
 import subprocess
 import sys
@@ -60,3 +61,35 @@ def test_rl_refuses_fsdp(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(SpudError, match="train.parallel=ddp"):
         RLDist(TrainConfig(parallel="fsdp"))
+
+
+def test_rl_target_stops_each_seed_at_its_budget_and_reports_the_gain(base_run, tmp_path):
+    """benchmarks/rl_target.py: torchrun-launched runs stopped by the clock (SIGTERM to the ranks,
+    a checkpoint at the step's end), then the start and every seed measured on the same problems;
+    an existing run is never overwritten."""
+    task = seven_task(tmp_path / "seven.jsonl")
+    report = tmp_path / "target.json"
+    cmd = [sys.executable, "benchmarks/rl_target.py", str(base_run), "--from", "base", "--tasks", task,
+           "--seeds", "5", "--budget-s", "20", "--split", "heldout", "--problems", "1", "--samples", "2",
+           "--threads", "1", "--out", str(report), *[x for o in FAST + ["rl.eval_split=heldout",
+                                                                      "train.dist_timeout_s=60"] for x in ("--set", o)]]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    got = json.loads(report.read_text())
+    run = got["runs"][0]
+    assert run["stopped_by_budget"] and run["steps"] >= 1 and run["wall_s"] >= 20, run
+    out = base_run / "rl_target_5"
+    events = [x for x in read_metrics(out / "metrics.jsonl") if x["kind"] == "event"]
+    assert [e["event"] for e in events] == ["interrupt"], events  # stopped by the signal, at a step's end
+    assert (out / "checkpoints" / f"step_{run['steps']:07d}").is_dir()  # saved on the way out
+    assert got["start"]["model"] == "base" and "sampled_pass@1" in got["summary"]
+    assert got["summary"]["target"]["metric"] == "sampled_pass@1"
+    assert "target: +10 points of sampled_pass@1" in r.stdout and "rl seed 5" in r.stdout
+    assert "rl.lr=1e-4" in got["recipe"] and got["recipe"][-1] == "train.dist_timeout_s=60"
+    # a second launch refuses to overwrite the run; --eval-only measures it again
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert again.returncode != 0 and "already exist" in again.stderr and str(out) in again.stderr
+    assert (out / "checkpoints" / f"step_{run['steps']:07d}").is_dir()
+    remeasured = subprocess.run(cmd + ["--eval-only"], capture_output=True, text=True, timeout=300)
+    assert remeasured.returncode == 0, remeasured.stderr[-3000:]
+    assert json.loads(report.read_text())["runs"][0]["sampled_pass@1"] == run["sampled_pass@1"]

@@ -147,6 +147,30 @@ def test_seed_reproducible_alone_and_batched(engine, tok):
     assert ids(diff) != ids(alone)
 
 
+def test_sample_rows_mixed_greedy_and_sampled_rows():
+    """A greedy row takes its argmax in any batch; a sampled row's token depends only on its own
+    generator (not on whether another row of the batch is greedy); a token of probability 0 is
+    never drawn."""
+    from spud.serve.engine import SamplingParams
+    from spud.serve.engine_sampling import BatchParams, sample_rows
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    logits[2, 10:] = float("-inf")  # row 2 may only draw tokens 0..9
+
+    def draw(temps):
+        bp = BatchParams.build([SamplingParams(temperature=t) for t in temps], torch.device("cpu"))
+        gens = [None if t == 0 else torch.Generator().manual_seed(7 + i) for i, t in enumerate(temps)]
+        return sample_rows(logits, bp, gens).tolist()
+
+    mixed, sampled = draw([0.0, 1.0, 1.0]), draw([1.0, 1.0, 1.0])
+    assert mixed[0] == int(logits[0].argmax())
+    assert mixed[1:] == sampled[1:] and sampled[2] < 10
+    assert draw([0.0, 0.0, 0.0]) == logits.argmax(-1).tolist()
+    one = BatchParams.build([SamplingParams(temperature=1.0)], torch.device("cpu"))
+    many = {sample_rows(logits[2:], one, [torch.Generator().manual_seed(s)]).item() for s in range(200)}
+    assert max(many) < 10 and len(many) > 3
+
+
 # ---------------------------------------------------------------------------- stop handling
 def test_stop_string_across_tokens_without_partial_leak(engine, tok):
     ref = engine.submit(prompts(tok, 3)[2], greedy(max_tokens=20)).result()

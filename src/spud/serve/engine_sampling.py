@@ -32,6 +32,7 @@ class BatchParams:
     any_top_p: bool
     any_min_p: bool
     all_greedy: bool
+    any_greedy: bool = True  # False: every row samples (RL rollouts), so no argmax is needed
 
     @classmethod
     def build(cls, params: list, device: torch.device) -> BatchParams:
@@ -53,6 +54,7 @@ class BatchParams:
             any_top_p=any(p < 1 for p in ps),
             any_min_p=any(m > 0 for m in mps),
             all_greedy=all(x <= 0 for x in temps),
+            any_greedy=any(x <= 0 for x in temps),
         )
 
 
@@ -97,9 +99,8 @@ def sample_rows(
     logits: torch.Tensor, bp: BatchParams, generators: list[torch.Generator | None]
 ) -> torch.Tensor:
     """Processed logits (B, V) → token ids (B,). generators[i] is None for greedy rows."""
-    greedy_ids = logits.argmax(-1)
     if bp.all_greedy:
-        return greedy_ids
+        return logits.argmax(-1)
     probs = filter_rows(logits, bp).softmax(-1)
     # One uniform per sampling row from its own generator (drawn on the CPU, so a seed means
     # the same thing on every device); greedy rows draw nothing.
@@ -112,9 +113,13 @@ def sample_rows(
     target = (u * cdf[:, -1])[:, None]
     idx = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
     # Float rounding can land u·total on the very end of the cdf; fall back to the mode there.
+    # (An argmax over the vocabulary costs as much as the cdf at small sizes: only when needed.)
     bad = probs.gather(1, idx[:, None]).squeeze(1) <= 0
-    idx = torch.where(bad, probs.argmax(-1), idx)
-    return torch.where(bp.temperature > 0, idx, greedy_ids)
+    if bool(bad.any()):
+        idx = torch.where(bad, probs.argmax(-1), idx)
+    if not bp.any_greedy:
+        return idx
+    return torch.where(bp.temperature > 0, idx, logits.argmax(-1))
 
 
 def token_logprobs(
