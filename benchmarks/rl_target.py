@@ -59,6 +59,19 @@ def worker_pids(pid: int) -> list[int]:
         return []
 
 
+def log_excerpt(log: Path) -> str:
+    """What went wrong, from a run's log: spud's own "error:" message (with its indented lines)
+    where a rank printed one — torchrun's report that follows it names no cause — else the end."""
+    lines = log.read_text(errors="replace").splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("error:"):
+            j = i + 1
+            while j < len(lines) and lines[j].startswith("  "):
+                j += 1
+            return "\n".join(lines[i:j])
+    return "\n".join(lines)[-2000:]
+
+
 def run_seed(args, seed: int, out: Path) -> dict:
     """One timed RL run; → what it did (steps, rollouts, wall seconds, how it ended)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
@@ -89,10 +102,12 @@ def run_seed(args, seed: int, out: Path) -> dict:
     metrics = out / "metrics.jsonl"
     rows = read_metrics(metrics) if metrics.is_file() else []
     steps = [r for r in rows if r["kind"] == "rl"]
+    if not stopped and p.returncode != 0:  # it failed before the clock stopped it: no figure
+        raise SystemExit(f"rl_target: seed {seed}: `spud rl` failed after {wall:.0f} s, before its "
+                         f"{args.budget_s:.0f} s budget (exit code {p.returncode}); from {log}:\n{log_excerpt(log)}")
     if not steps or not (out / "checkpoints").is_dir():
-        tail = log.read_text(errors="replace")[-2000:]
         raise SystemExit(f"rl_target: seed {seed}: `spud rl` made no RL step and no checkpoint in {out} "
-                         f"(exit code {p.returncode}); the end of {log}:\n{tail}")
+                         f"(exit code {p.returncode}); from {log}:\n{log_excerpt(log)}")
     return {"seed": seed, "out": str(out), "steps": steps[-1]["step"], "wall_s": round(wall, 1),
             "stopped_by_budget": stopped, "exit_code": p.returncode,
             "rollouts": sum(r["rollouts"] for r in steps),

@@ -93,3 +93,7 @@ def test_rl_target_stops_each_seed_at_its_budget_and_reports_the_gain(base_run, 
     remeasured = subprocess.run(cmd + ["--eval-only"], capture_output=True, text=True, timeout=300)
     assert remeasured.returncode == 0, remeasured.stderr[-3000:]
     assert json.loads(report.read_text())["runs"][0]["sampled_pass@1"] == run["sampled_pass@1"]
+    # a run that fails before its budget is an error that says so, never a figure
+    broken = subprocess.run(cmd + ["--prefix", "broken", "--set", "rl.group=1"], capture_output=True, text=True,
+                            timeout=300)
+    assert broken.returncode != 0 and "failed after" in broken.stderr and "rl.group" in broken.stderr
