@@ -1,11 +1,13 @@
 """One RL step's two halves, each against its earlier forms, alternating in the same run.
 
 - **Rollouts**: `--prompts` problems × `--group` sampled completions through
-  spud.serve.batch.complete_many (the path `spud rl` samples with), four ways, each older
+  spud.serve.batch.complete_many (the path `spud rl` samples with), five ways, each older
   form keeping every older part: `dedup` (the default: prompts that share a next chunk length
   are prefilled in one forward, each distinct prompt computed once and its copies' slots given
-  its keys and values; the sampler takes no argmax over the vocabulary when no row needs one),
-  `argmax` (the sampler before that: two argmaxes a step, `argmax_each_step_sample_rows`),
+  its keys and values; the sampler takes no argmax over the vocabulary when no row needs one;
+  each completion's text is decoded once at the end), `streamed` (the text decoded token by
+  token as a streaming client needs it, `incremental_text` forced on), `argmax` (the sampler
+  before that: two argmaxes a step, `argmax_each_step_sample_rows`),
   `shared` (one forward, every copy computed: the engine before the dedup, emulated by a
   prefill key that tells every row apart) and `alone` (one forward per prompt: the engine
   before that, emulated by a `_prefill_rows` that returns the row alone). The completions are
@@ -33,9 +35,10 @@ from pathlib import Path
 
 import torch
 
-from spud.posttrain.rl import _batch, generate_many, prompt_ids
-from spud.posttrain.rl_logprobs import token_logprobs
-from spud.serve import engine_forward
+from spud.posttrain.rl import generate_many, prompt_ids
+from spud.posttrain.rl_logprobs import completion_batch, token_logprobs
+from spud.serve import engine_forward, engine_seq
+from spud.serve.detok import Detokenizer
 from spud.serve.engine_sampling import filter_rows
 
 
@@ -99,6 +102,13 @@ def argmax_each_step_sample_rows(logits: torch.Tensor, bp, generators) -> torch.
     return torch.where(bp.temperature > 0, idx, greedy_ids)
 
 
+class StreamedDetokenizer(Detokenizer):
+    """The detokenizer as a streaming request has it: text decoded at every token."""
+
+    def __init__(self, decode, stop=(), incremental=True):
+        super().__init__(decode, stop, True)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -107,11 +117,13 @@ def main(argv=None) -> dict:
     seeds = list(range(len(prompts)))
     real_rows, real_key = engine_forward.ForwardSteps._prefill_rows, engine_forward._prefill_key
     real_sample, old_sample = engine_forward.sample_rows, argmax_each_step_sample_rows
+    streamed = StreamedDetokenizer
     rollouts = {
-        "dedup": (real_rows, real_key, real_sample),
-        "argmax": (real_rows, real_key, old_sample),
-        "shared": (real_rows, lambda s: (id(s),), old_sample),  # every row its own key: no copies found
-        "alone": (lambda self, s, n, b: [s], real_key, old_sample),
+        "dedup": (real_rows, real_key, real_sample, Detokenizer),
+        "streamed": (real_rows, real_key, real_sample, streamed),
+        "argmax": (real_rows, real_key, old_sample, streamed),
+        "shared": (real_rows, lambda s: (id(s),), old_sample, streamed),  # every row its own key: no copies found
+        "alone": (lambda self, s, n, b: [s], real_key, old_sample, streamed),
     }
     updates = {
         "share": lambda m, x, y: token_logprobs(m, x, y, share_prompts=True),
@@ -121,14 +133,14 @@ def main(argv=None) -> dict:
 
     def rollout(form: str):
         (engine_forward.ForwardSteps._prefill_rows, engine_forward._prefill_key,
-         engine_forward.sample_rows) = rollouts[form]
+         engine_forward.sample_rows, engine_seq.Detokenizer) = rollouts[form]
         try:
             t = time.perf_counter()
             outs = generate_many(model, tok, prompts, args.max_tokens, 1.0, seeds)
             return time.perf_counter() - t, outs
         finally:
             (engine_forward.ForwardSteps._prefill_rows, engine_forward._prefill_key,
-             engine_forward.sample_rows) = real_rows, real_key, real_sample
+             engine_forward.sample_rows, engine_seq.Detokenizer) = real_rows, real_key, real_sample, Detokenizer
 
     def update(form: str, x, y):
         model.zero_grad(set_to_none=True)
@@ -145,9 +157,9 @@ def main(argv=None) -> dict:
             dt, outs[form] = rollout(form)
             if r:
                 times[f"rollout_{form}"].append(dt)
-        if not outs["dedup"] == outs["argmax"] == outs["shared"] == outs["alone"]:
+        if any(outs[f] != outs["dedup"] for f in outs):
             raise SystemExit("rollouts differ between the prefill forms")
-        x, y = _batch([(p, ids) for p, (ids, _) in zip(prompts, outs["dedup"])], tok.pad_id)
+        x, y = completion_batch([(p, ids) for p, (ids, _) in zip(prompts, outs["dedup"])], tok.pad_id)
         model.train()
         got = {}
         for form in (list(updates) if r % 2 == 0 else list(updates)[::-1]):
@@ -165,7 +177,8 @@ def main(argv=None) -> dict:
                        for k in med}, "times_s": times}
     print(f"{source}: {args.prompts} prompts × {args.group}, {args.threads} thread(s), median of {args.rounds} rounds")
     print(f"{'form':<20} {'s':>8} {'÷ default':>10}")
-    what = {"rollout_dedup": "each distinct prompt prefilled once (default)",
+    what = {"rollout_dedup": "each distinct prompt prefilled once, text decoded once (default)",
+            "rollout_streamed": "the same, the text decoded at every token",
             "rollout_argmax": "the same, the sampler taking two argmaxes a step",
             "rollout_shared": "one prefill forward, every copy computed (and the argmaxes)",
             "rollout_alone": "one prefill forward per prompt (and the argmaxes)",

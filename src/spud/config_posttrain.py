@@ -95,6 +95,9 @@ class RLConfig(StrictModel):
         True, description="DAPO dynamic sampling: groups whose rewards are all equal are dropped and "
         "more prompts drawn until the step has prompts_per_step groups with signal (or max_sample_rounds).")
     max_sample_rounds: int = Field(3, ge=1, description="Rollout rounds per step with dynamic sampling.")
+    carry_surplus: bool = Field(False, description="Groups with signal that dynamic sampling finds beyond "
+                                "prompts_per_step are trained on at the next step (weighted by their "
+                                "sampling policy's log-probs) instead of dropped (spud.posttrain.rl_carry).")
     drop_solved: bool = Field(False, description="A training problem whose whole group was correct is not "
                               "drawn again (saved with the checkpoint for exact resume).")
     min_level: int = Field(1, ge=1, description="Easiest problem level drawn (built-in arithmetic: 1 one "

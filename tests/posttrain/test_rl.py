@@ -201,7 +201,7 @@ def test_token_logprobs_run_each_prompt_through_the_trunk_once(arch):
     longest one."""
     from spud.config import ModelConfig
     from spud.model.registry import build_model
-    from spud.posttrain.rl import _batch
+    from spud.posttrain.rl_logprobs import completion_batch
     from spud.posttrain.rl_logprobs import token_logprobs
 
     torch.manual_seed(0)
@@ -213,7 +213,7 @@ def test_token_logprobs_run_each_prompt_through_the_trunk_once(arch):
 
     p1, p2, p3 = ids(9), ids(6), ids(1)
     rows = [(p1, ids(3)), (p1, ids(7)), (p1, ids(5)), (p2, ids(2)), (p3, ids(4)), (p2, ids(8)), (ids(9), ids(3))]
-    x, y = _batch(rows, pad=0)
+    x, y = completion_batch(rows, pad=0)
     positions = []
     hook = model.blocks[0].register_forward_hook(lambda m, i, o: positions.append(i[0].shape[0] * i[0].shape[1]))
     results = {}

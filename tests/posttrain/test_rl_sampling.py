@@ -197,3 +197,103 @@ def test_drop_solved_and_step_reward_in_a_run_resume_exactly(base_run, tmp_path,
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the step bonus is in the reward: 0.5 on top of correctness (and the format bonus) for every answer
     assert all(r["reward"] >= r["accuracy"] + 0.5 - 1e-9 for r in rows[straight])
+
+
+def test_surplus_groups_are_carried_to_the_next_step_first():
+    """rl.carry_surplus: groups with signal beyond the quota come back as `surplus` (at most one
+    step's worth), lead the next step's batch with their stored log-probs, and the first round asks
+    for the quota over the last survival rate."""
+    from spud.posttrain.rl_carry import CarriedGroup
+
+    mixed = [problem(i, "mixed" if i % 2 else "right") for i in range(200)]  # half the groups have signal
+    rollout, calls = fake_rollout(4)
+    got = collect(iter(mixed), rollout, groups=3, group_size=4, dynamic=True, max_rounds=3,
+                  keep_surplus=True, first_survival=0.25)
+    assert len(calls[0][1]) == 12  # 3 / 0.25
+    assert got.stats["groups_kept"] == 3 and len(got.surplus) == 3  # 6 with signal found, 3 over the quota
+    assert got.stats["survival"] == 0.5 and got.stats["groups_carried"] == 0
+    assert got.old_logprobs == [None] * 12 and all(g.level is None and len(g.rows) == 4 for g in got.surplus)
+    for g in got.surplus:
+        g.old_logprobs = [[-1.0, -2.0]] * 4
+    rollout, calls = fake_rollout(4)
+    nxt = collect(iter(mixed[12:]), rollout, groups=3, group_size=4, dynamic=True, max_rounds=3,
+                  carried=got.surplus[:2], keep_surplus=True, first_survival=0.5)
+    assert nxt.stats["groups_carried"] == 2 and nxt.stats["groups_kept"] == 3
+    assert len(calls[0][1]) == 2  # the one group still missing, over the survival rate 0.5
+    assert nxt.old_logprobs == [[-1.0, -2.0]] * 8 + [None] * 4  # the carried rows first
+    full = collect(iter(mixed[20:]), rollout, groups=2, group_size=4, dynamic=True, max_rounds=3,
+                   carried=got.surplus[:2], keep_surplus=True, first_survival=0.5)
+    assert full.stats["rollouts"] == 0 and full.stats["survival"] is None and not full.surplus
+    # off: nothing kept beyond the quota, and the first round asks for exactly the quota
+    rollout, calls = fake_rollout(4)
+    off = collect(iter(mixed), rollout, groups=3, group_size=4, dynamic=True, max_rounds=3, first_survival=0.25)
+    assert not off.surplus and len(calls[0][1]) == 3
+    assert CarriedGroup([([1], [2])], [1.0], 2).to_json()["rows"] == [[[1], [2]]]
+
+
+def test_restore_carry_names_the_malformed_field():
+    from spud.posttrain.rl_carry import CarriedGroup, restore_carry
+
+    g = CarriedGroup([([1, 2], [3, 4])], [1.0], 2, [[-0.5, -0.25]])
+    back = restore_carry(json.loads(json.dumps([g.to_json()])))
+    assert back == [g] and restore_carry(None) == []
+    for bad in ([{"rows": [[[1], [3, 4]]], "rewards": [1.0], "level": 2, "old_logprobs": [[-0.5]]}],
+                [{"rows": [[[1], [3]]], "rewards": [1.0], "level": 2}], "nonsense"):
+        with pytest.raises(SpudError, match="rl_carry"):
+            restore_carry(bad)
+
+
+def test_carry_surplus_in_a_run_uses_the_sampling_policys_logprobs_and_resumes_exactly(base_run, tmp_path,
+                                                                                       monkeypatch):
+    """Half the problems are always right (no signal), half are judged by the answer's length (a
+    stub verifier: mixed groups). With rl.carry_surplus the extra groups reach the next step, their
+    stored log-probs are the sampling policy's (the previous checkpoint's weights), and a resumed
+    run ends bit for bit where a straight one does."""
+    from spud.posttrain.rl_logprobs import completion_batch, token_logprobs
+    from spud.runs import choose_model
+    from spud.model.registry import build_model
+    from spud.config import validate_config
+    from spud.train import checkpoint as ckpt_io
+
+    task = tmp_path / "half.jsonl"
+    with open(task, "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"prompt": f"Free {i}.", "reference": "free"}) + "\n")
+            f.write(json.dumps({"prompt": f"Question {i}: say anything.", "reference": "odd"}) + "\n")
+    monkeypatch.setattr(rl_module, "verify", lambda kind, text, ref, *a: Verdict(
+        ref == "free" or len(text) % 2 == 1, False))
+    args = FAST + ["rl.lr=0.01", "rl.carry_surplus=true", "rl.checkpoint_every=1", "rl.keep_checkpoints=10"]
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    for out, steps in ((straight, 5), (cut, 2)):
+        rl_cmd(str(base_run), source="base", tasks=[str(task)], out=str(out), console=quiet(),
+               overrides=args + [f"rl.steps={steps}"])
+    rl_cmd(str(base_run), source="base", tasks=None, out=str(cut), overrides=["rl.steps=5"], resume=True,
+           console=quiet())
+    timing = ("time", "rollout_s", "update_s")
+    rows = {o: [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(o / "metrics.jsonl")
+                if r["kind"] == "rl"] for o in (straight, cut)}
+    assert rows[straight] == rows[cut] and len(rows[cut]) == 5
+    carried = [r["groups_carried"] for r in rows[straight]]
+    assert carried[0] == 0 and sum(carried) > 0, carried
+    # with one pass over fresh rollouts the ratio is exactly 1: only carried rows move it
+    drift = [r["policy_drift"] for r in rows[straight]]
+    assert all((d > 0) == (n > 0) for d, n in zip(drift, carried)), (drift, carried)
+    assert all(r["groups_kept"] == 4 for r in rows[straight])
+    a = load_file(straight / "checkpoints" / "step_0000005" / "model.safetensors")
+    b = load_file(cut / "checkpoints" / "step_0000005" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a carried group's stored log-probs are those of the weights that sampled it: the checkpoint
+    # before the step that found it
+    step = next(s for s in range(1, 5) if carried[s] > 0)  # step s + 1 trained on step s's surplus
+    ckpt = straight / "checkpoints" / f"step_{step:07d}"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert len(state["rl_carry"]) == carried[step]
+    before = straight / "checkpoints" / f"step_{step - 1:07d}" if step > 1 else choose_model(base_run, "base").checkpoint
+    model = build_model(validate_config(state["config"], "test").model)
+    ckpt_io.load_weights(before, model, "cpu")
+    for g in state["rl_carry"]:
+        x, y = completion_batch([(p, c) for p, c in g["rows"]], 0)
+        with torch.no_grad():
+            lp = token_logprobs(model, x, y, share_prompts=True)[0]
+        for i, old in enumerate(g["old_logprobs"]):
+            assert torch.allclose(lp[i][y[i] >= 0], torch.tensor(old), atol=1e-5)

@@ -396,3 +396,14 @@ def test_a_finished_batch_engine_is_freed_at_once(tok):
         assert made[0]() is None  # freed by reference counting alone
     finally:
         gc.enable()
+    # complete_many decodes each text once at the end (nobody streams): the same text and ids as
+    # the streaming engine gives for the same seeds
+    eng = Engine(model, tok, max_batch=4)
+    eng.start()
+    try:
+        streamed = [eng.submit(p, SamplingParams(max_tokens=4, seed=i)).result()
+                    for i, p in enumerate(prompts(tok, 4))]
+    finally:
+        eng.shutdown()
+    assert [(c.text, c.ids[:len(ids(r))]) for c, r in zip(out, streamed)] == [(r[0], ids(r)) for r in streamed]
+    assert any(c.text for c in out)

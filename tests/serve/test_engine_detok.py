@@ -48,3 +48,19 @@ def test_held_prefix_is_released_when_it_cannot_match(tok):
     assert not d.stopped and "".join(pieces) == "and there " and tail == "STO"
     pieces, tail, d = stream(tok, "st op STOX here", ["STOP"])
     assert "".join(pieces) + tail == "st op STOX here" and not d.stopped
+
+
+@pytest.mark.parametrize("text", ["日本語 ok é", "plain words STOP and more"])
+def test_non_incremental_gives_the_same_text_once_at_the_end(tok, text):
+    """Offline batch generation (incremental=False) decodes once at flush: no text per token, and
+    the same whole text as streaming; with stop strings it stays incremental (they end generation)."""
+    decode = lambda i: tok.decode(i, skip_special=True)  # noqa: E731
+    d = Detokenizer(decode, (), incremental=False)
+    calls = []
+    d._decode = lambda ids: calls.append(1) or decode(ids)
+    pieces = [d.push(t) for t in tok.encode(text)]
+    assert pieces == [""] * len(pieces) and not calls
+    assert d.flush() == text and len(calls) <= 2
+    stopping = Detokenizer(decode, ["STOP"], incremental=False)
+    out = "".join(stopping.push(t) for t in tok.encode("plain words STOP and more"))
+    assert stopping.stopped and out == "plain words "

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from spud.config import Config, _merge, parse_overrides, save_config, validate_config
 from spud.errors import SpudError
 from spud.model.registry import build_model
-from spud.posttrain.rl import _batch, generate_many, prompt_ids
-from spud.posttrain.rl_logprobs import token_logprobs
+from spud.posttrain.rl import generate_many, prompt_ids
+from spud.posttrain.rl_logprobs import completion_batch, token_logprobs
 from spud.posttrain.rl_sampling import seed_of
 from spud.posttrain.rl_tasks import BUILTIN, builtin_problems
 from spud.posttrain.verifiers import verify
@@ -114,7 +114,7 @@ def _seq_logps(model, pairs: list[Pair], pad: int, batch: int) -> torch.Tensor:
     for i in range(0, len(pairs), batch):
         chunk = pairs[i:i + batch]
         rows = [(p, c) for p, c, _ in chunk] + [(p, r) for p, _, r in chunk]
-        x, y = _batch(rows, pad)
+        x, y = completion_batch(rows, pad)
         logp, _ = token_logprobs(model, x, y)
         s = logp.sum(-1)
         out.append(torch.stack([s[:len(chunk)], s[len(chunk):]], dim=1))

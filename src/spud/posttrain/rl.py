@@ -44,8 +44,9 @@ from spud.config import Config, _merge, parse_overrides, save_config, validate_c
 from spud.errors import SpudError
 from spud.model.registry import build_model
 from spud.posttrain.rl_average import POLICY_FILE, WeightAverage, load_resumed
+from spud.posttrain.rl_carry import fill_old_logprobs, restore_carry, sampling_logprobs
 from spud.posttrain.rl_dist import NullLog, RLDist
-from spud.posttrain.rl_logprobs import token_logprobs
+from spud.posttrain.rl_logprobs import completion_batch, token_logprobs
 from spud.posttrain.rl_sampling import SolvedPool, advantages, collect, level_cap, level_range, problem_stream, seed_of
 from spud.posttrain.rl_tasks import Problem, load_tasks
 from spud.posttrain.verifiers import steps_right, verify
@@ -104,18 +105,6 @@ def evaluate(model, tok: Tokenizer, problems: list[Problem], samples: int = 1, t
             **{f"pass@{k}": sum(pass_at_k(samples, c, k) for c in correct) / len(problems) for k in ks}}
 
 
-def _batch(rows: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt, completion) pairs → input ids and targets (completion positions only)."""
-    width = max(len(p) + len(c) for p, c in rows) - 1
-    x = torch.full((len(rows), width), pad, dtype=torch.long)
-    y = torch.full((len(rows), width), -1, dtype=torch.long)
-    for i, (p, c) in enumerate(rows):
-        seq = p + c
-        x[i, :len(seq) - 1] = torch.tensor(seq[:-1])
-        y[i, len(p) - 1:len(seq) - 1] = torch.tensor(c)
-    return x, y
-
-
 class RLRun:
     def __init__(self, cfg: Config, out: Path, console, resume: bool):
         self.cfg, self.out, self.console = cfg, out, console
@@ -161,12 +150,14 @@ class RLRun:
                             f"after rl.max_tokens={r.max_tokens})")
         self.levels = level_range(self.train_set, r.min_level, r.max_level)
         self.solved, self.step = SolvedPool(self.train_set, r.drop_solved), 0
+        self.carry, self.survival = [], None  # rl.carry_surplus (spud.posttrain.rl_carry)
         latest = ckpt_io.latest_checkpoint(out) if resume else None
         if latest is not None:
             load_resumed(latest, self.model, self.avg)
             self.opt.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
             self.step = int((state := ckpt_io.read_state(latest))["step"])
             self.solved.restore(state.get("rl_solved", []))
+            self.carry, self.survival = restore_carry(state.get("rl_carry")), state.get("rl_survival")
             if main:
                 truncate_after(out / "metrics.jsonl", self.step)
             console.print(f"resuming RL from step {self.step} ({latest})")
@@ -205,16 +196,24 @@ class RLRun:
             rows = [(prompts[i], ids) for i, (ids, _, _, _) in enumerate(res)]
             return rows, [x[1] for x in res], [x[2] for x in res], sum(x[3] for x in res)
 
-        got = collect(draw, sample, r.prompts_per_step, r.group, r.dynamic_sampling, r.max_sample_rounds)
+        got = collect(draw, sample, r.prompts_per_step, r.group, r.dynamic_sampling, r.max_sample_rounds,
+                      self.carry, r.carry_surplus, self.survival)
         self.solved.add(got.solved)
-        return got.rows, got.rewards, {**got.stats, "level_cap": cap, "solved_problems": len(self.solved.ids)}
+        # the surplus's log-probs under the policy that sampled it, before this step's update
+        fill_old_logprobs(self.model, got.surplus, self.tok.pad_id, r.micro_batch_size)
+        self.carry = got.surplus
+        if got.stats["survival"] is not None:
+            self.survival = got.stats["survival"]
+        return (got.rows, got.rewards, {**got.stats, "level_cap": cap, "solved_problems": len(self.solved.ids)},
+                got.old_logprobs)
 
-    def update(self, rows, adv: list[float]) -> dict:
+    def update(self, rows, adv: list[float], sampled_logprobs: list | None = None) -> dict:
         r = self.cfg.rl
         lr = rl_lr(r, self.step)
         keep = [i for i, a in enumerate(adv) if a != 0.0 and rows[i][1]]
         if not keep:
-            return {"skipped": True, "entropy": None, "kl": 0.0, "clip_fraction": 0.0, "loss": 0.0, "lr": lr}
+            return {"skipped": True, "entropy": None, "kl": 0.0, "clip_fraction": 0.0, "loss": 0.0, "lr": lr,
+                    "policy_drift": 0.0}
         pad = self.tok.pad_id
         chunks = [keep[i:i + r.micro_batch_size] for i in range(0, len(keep), r.micro_batch_size)]
         # Every rank normalises by the whole batch's token count and runs its share of the
@@ -224,23 +223,27 @@ class RLRun:
         batches = []
         # With one pass the sampling policy is the current one: its log-probs are the live ones
         # detached (ratio exactly 1), so the extra forward that reuse of rollouts needs is skipped.
+        # Rows carried from the last step (rl.carry_surplus) bring their sampling policy's log-probs.
         reuse = r.ppo_epochs > 1
         with torch.no_grad():
             for ch in chunks:
-                x, y = _batch([rows[i] for i in ch], pad)
-                old = token_logprobs(self.model, x, y, share_prompts=True)[0] if reuse else None
+                x, y = completion_batch([rows[i] for i in ch], pad)
+                stored = [sampled_logprobs[i] if sampled_logprobs else None for i in ch]
+                old = sampling_logprobs(token_logprobs(self.model, x, y, share_prompts=True)[0], y, stored) \
+                    if reuse else stored
                 ref = token_logprobs(self.ref, x, y, share_prompts=True)[0] if self.ref is not None else None
                 batches.append((x, y, torch.tensor([adv[i] for i in ch]).unsqueeze(1), old, ref))
         for g in self.opt.param_groups:
             g["lr"] = lr
-        ent = kl_sum = clipped = loss_sum = 0.0
+        ent = kl_sum = clipped = loss_sum = drift = 0.0
         for _ in range(r.ppo_epochs):
             self.opt.zero_grad(set_to_none=True)
             for x, y, a, old, ref in batches:
                 mask = (y >= 0).float()
                 logp, entropy = token_logprobs(self.model, x, y, entropy_grad=r.entropy_weight != 0,
                                                share_prompts=True)
-                ratio = torch.exp(logp - (old if reuse else logp.detach()))
+                log_ratio = logp - (old if reuse else sampling_logprobs(logp, y, old))
+                ratio = torch.exp(log_ratio)
                 surr = torch.minimum(ratio * a, ratio.clamp(1 - r.clip_low, 1 + r.clip_high) * a)
                 per_token = -surr - r.entropy_weight * entropy
                 if ref is not None:
@@ -253,18 +256,22 @@ class RLRun:
                 loss_sum += float(loss.detach())
                 ent += float(entropy.detach().sum())
                 clipped += float((((ratio < 1 - r.clip_low) | (ratio > 1 + r.clip_high)).float() * mask).sum())
+                drift += float((log_ratio.detach().abs() * mask).sum())
             self.dist.sum_grads(list(self.model.parameters()))
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.grad_clip)
             self.opt.step()
-        ent, kl_sum, clipped, loss_sum = self.dist.all_sum([ent, kl_sum, clipped, loss_sum])
+        ent, kl_sum, clipped, loss_sum, drift = self.dist.all_sum([ent, kl_sum, clipped, loss_sum, drift])
         total = n_tokens * r.ppo_epochs
         return {"skipped": False, "entropy": ent / total, "kl": kl_sum / total,
                 "clip_fraction": clipped / total, "loss": loss_sum / r.ppo_epochs, "lr": lr,
+                # mean |log π_now − log π_sampled| per token: 0 for fresh rollouts used once
+                "policy_drift": drift / total,
                 "sequences": len(keep)}
 
     def save(self) -> Path:
         state = {"config": self.cfg.model_dump(mode="json"), "tokenizer_sha256": self.tok.sha256(),
-                 "loader": None, "tokens_seen": 0, "val": None, "rl_solved": sorted(self.solved.ids)}
+                 "loader": None, "tokens_seen": 0, "val": None, "rl_solved": sorted(self.solved.ids),
+                 "rl_carry": [g.to_json() for g in self.carry], "rl_survival": self.survival}
         path = None
         if self.dist.is_main:  # the weights are equal on every rank
             path = ckpt_io.save_checkpoint(self.out, self.step, self.served, self.opt, state, None,
@@ -290,9 +297,10 @@ class RLRun:
         with graceful_stop() as stop:
             while self.step < r.steps:
                 t0 = time.perf_counter()
-                rows, rewards, stats = self.rollout()
+                rows, rewards, stats, sampled_logprobs = self.rollout()
                 t1 = time.perf_counter()
-                upd = self.update(rows, advantages(rewards, r.group, r.advantage, r.negative_weight))
+                upd = self.update(rows, advantages(rewards, r.group, r.advantage, r.negative_weight),
+                                  sampled_logprobs)
                 if self.avg is not None:
                     self.avg.update()
                 t2 = time.perf_counter()

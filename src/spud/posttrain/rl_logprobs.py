@@ -35,6 +35,18 @@ def token_logprobs(model, seqs: torch.Tensor, targets: torch.Tensor, entropy_gra
     return zeros.masked_scatter(mask, picked), zeros.masked_scatter(mask, entropy)
 
 
+def completion_batch(rows: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt, completion) pairs → input ids and targets (completion positions only)."""
+    width = max(len(p) + len(c) for p, c in rows) - 1
+    x = torch.full((len(rows), width), pad, dtype=torch.long)
+    y = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, (p, c) in enumerate(rows):
+        seq = p + c
+        x[i, :len(seq) - 1] = torch.tensor(seq[:-1])
+        y[i, len(p) - 1:len(seq) - 1] = torch.tensor(c)
+    return x, y
+
+
 def completion_states(model, seqs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """`model.hidden_states(seqs)[mask]`, with each distinct prompt (the tokens before a row's
     first completion position) run through the trunk once for all the rows that share it."""

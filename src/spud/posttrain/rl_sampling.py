@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from spud.errors import SpudError
+from spud.posttrain.rl_carry import CarriedGroup
 from spud.posttrain.rl_tasks import Problem
 
 
@@ -141,23 +142,35 @@ class StepRollouts:
     levels: list[int | None] = field(default_factory=list)  # one per kept group
     solved: list[Problem] = field(default_factory=list)  # every completion correct (SolvedPool)
     stats: dict = field(default_factory=dict)
+    old_logprobs: list[list[float] | None] = field(default_factory=list)  # per row: carried rows' (rl_carry)
+    surplus: list[CarriedGroup] = field(default_factory=list)  # groups with signal beyond the quota
 
 
 def collect(draw: Iterator[Problem], rollout: Callable[[list[Problem], int], tuple[list, list[float], list[bool], int]],
-            groups: int, group_size: int, dynamic: bool, max_rounds: int) -> StepRollouts:
+            groups: int, group_size: int, dynamic: bool, max_rounds: int,
+            carried: list[CarriedGroup] = (), keep_surplus: bool = False,
+            first_survival: float | None = None) -> StepRollouts:
     """Roll out `groups` problems; with `dynamic`, replace groups with equal rewards by fresh ones.
 
     `rollout(problems, round)` → (rows, rewards, correct flags, verifier errors) for
-    `group_size` completions of each problem, in problem order."""
+    `group_size` completions of each problem, in problem order. `carried` groups (the last step's
+    surplus, spud.posttrain.rl_carry) come first and count toward `groups`; with `keep_surplus`
+    the groups with signal beyond the quota are returned in `surplus` (at most `groups`), and
+    the first round asks for `need / first_survival` prompts (the last step's survival rate)."""
     out = StepRollouts()
+    for g in carried:
+        out.rows += g.rows
+        out.rewards += g.rewards
+        out.levels.append(g.level)
+        out.old_logprobs += g.old_logprobs
     sampled = kept_seen = all_wrong = all_right = errors = correct = 0
     reward_sum = length_sum = 0.0
     rounds = 0
-    need = groups
+    need = groups - len(carried)
     while need > 0 and rounds < (max_rounds if dynamic else 1):
         # Ask for what is missing, scaled up by the share of groups that survived so far.
-        survive = kept_seen / sampled if sampled else 1.0
-        ask = need if rounds == 0 else min(4 * groups, math.ceil(need / max(survive, 0.25)))
+        survive = kept_seen / sampled if sampled else (first_survival if keep_surplus and dynamic else None)
+        ask = need if survive is None else min(4 * groups, math.ceil(need / max(survive, 0.25)))
         problems = [p for _, p in zip(range(ask), draw)]
         if not problems:
             break
@@ -182,12 +195,16 @@ def collect(draw: Iterator[Problem], rollout: Callable[[list[Problem], int], tup
             if need > 0:
                 out.rows += rows[sl]
                 out.rewards += r
+                out.old_logprobs += [None] * group_size
                 out.levels.append(p.level)
                 need -= 1
+            elif keep_surplus and len(out.surplus) < groups:
+                out.surplus.append(CarriedGroup(rows[sl], r, p.level))
     n = sampled * group_size
     out.stats = {"reward": reward_sum / max(n, 1), "accuracy": correct / max(n, 1),
                  "response_length": length_sum / max(n, 1), "verifier_errors": errors,
                  "rollouts": n, "groups_sampled": sampled, "groups_kept": len(out.levels),
                  "groups_equal_all_wrong": all_wrong, "groups_equal_all_right": all_right,
-                 "groups_dropped": (all_wrong + all_right) if dynamic else 0, "sample_rounds": rounds}
+                 "groups_dropped": (all_wrong + all_right) if dynamic else 0, "sample_rounds": rounds,
+                 "groups_carried": len(carried), "survival": kept_seen / sampled if sampled else None}
     return out

@@ -48,8 +48,7 @@ def complete_many(model: torch.nn.Module, tok, prompts: list[list[int]], params:
         handles = []
         for i, (p, sp) in enumerate(zip(prompts, params)):
             room = max(1, min(sp.max_tokens, engine.max_context - len(p)))
-            if room != sp.max_tokens:
-                sp = replace(sp, max_tokens=room)
+            sp = replace(sp, max_tokens=room, incremental_text=False)  # nobody streams: decode once
             handles.append(engine.submit(p, sp, images=None if images is None else images[i]))
         out = []
         for h in handles:

@@ -25,7 +25,7 @@ class Seq:
         self.prompt = prompt
         self.params = params
         self.end_ids = end_ids
-        self.detok = Detokenizer(decode, params.stop)
+        self.detok = Detokenizer(decode, params.stop, params.incremental_text)
         self.slot = -1
         self.length = 0  # positions held in the KV slot
         self.prefilled = 0  # prompt tokens already written to the slot (chunked prefill)

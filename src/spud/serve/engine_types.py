@@ -34,6 +34,9 @@ class SamplingParams:
     # structured output: a spud.serve.structured.Constraint (one per sequence, it holds the
     # parser state); the engine masks what it forbids and allows end tokens only where it accepts
     constraint: object | None = None
+    # False: token events carry no text and the finish event carries all of it, decoded once
+    # (offline batch generation, which streams to nobody; ignored when there are stop strings)
+    incremental_text: bool = True
 
     def validate(self, vocab_size: int) -> None:
         """Raise SpudError naming the first bad field (the API maps it to a 400)."""
