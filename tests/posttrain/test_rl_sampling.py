@@ -164,6 +164,21 @@ def test_steps_right_is_all_or_nothing():
     assert not steps_right("The answer is 27.")
 
 
+def straight_and_resumed(base_run, task, args: list[str], steps: int, tmp_path):
+    """A run of `steps` steps, and one stopped after 2 and resumed to `steps`: → their two
+    directories and each one's per-step metrics without the timings (which must be equal)."""
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    for out, n in ((straight, steps), (cut, 2)):
+        rl_cmd(str(base_run), source="base", tasks=[str(task)], out=str(out), console=quiet(),
+               overrides=args + [f"rl.steps={n}"])
+    rl_cmd(str(base_run), source="base", tasks=None, out=str(cut), overrides=[f"rl.steps={steps}"], resume=True,
+           console=quiet())
+    timing = ("time", "rollout_s", "update_s")
+    rows = {o: [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(o / "metrics.jsonl")
+                if r["kind"] == "rl"] for o in (straight, cut)}
+    return straight, cut, rows
+
+
 def test_drop_solved_and_step_reward_in_a_run_resume_exactly(base_run, tmp_path, monkeypatch):
     """'Free' problems are always judged right (a stub verifier), so their groups are solved: with
     rl.drop_solved each is rolled out once, and the solved set survives a resume exactly."""
@@ -176,15 +191,7 @@ def test_drop_solved_and_step_reward_in_a_run_resume_exactly(base_run, tmp_path,
                         else verify(kind, text, ref, *a))
     monkeypatch.setattr(rl_module, "steps_right", lambda text: True)  # every answer earns the step bonus
     args = FAST + ["rl.lr=0.01", "rl.drop_solved=true", "rl.step_weight=0.5", "rl.max_sample_rounds=3"]
-    straight, cut = tmp_path / "straight", tmp_path / "cut"
-    for out, steps in ((straight, 4), (cut, 2)):
-        rl_cmd(str(base_run), source="base", tasks=[str(task)], out=str(out), console=quiet(),
-               overrides=args + [f"rl.steps={steps}"])
-    rl_cmd(str(base_run), source="base", tasks=None, out=str(cut), overrides=["rl.steps=4"], resume=True,
-           console=quiet())
-    timing = ("time", "rollout_s", "update_s")
-    rows = {o: [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(o / "metrics.jsonl")
-                if r["kind"] == "rl"] for o in (straight, cut)}
+    straight, cut, rows = straight_and_resumed(base_run, task, args, 4, tmp_path)
     assert rows[straight] == rows[cut] and len(rows[cut]) == 4
     solved = [r["solved_problems"] for r in rows[straight]]
     assert solved == sorted(solved) and solved[-1] > 0
@@ -263,15 +270,7 @@ def test_carry_surplus_in_a_run_uses_the_sampling_policys_logprobs_and_resumes_e
     monkeypatch.setattr(rl_module, "verify", lambda kind, text, ref, *a: Verdict(
         ref == "free" or len(text) % 2 == 1, False))
     args = FAST + ["rl.lr=0.01", "rl.carry_surplus=true", "rl.checkpoint_every=1", "rl.keep_checkpoints=10"]
-    straight, cut = tmp_path / "straight", tmp_path / "cut"
-    for out, steps in ((straight, 5), (cut, 2)):
-        rl_cmd(str(base_run), source="base", tasks=[str(task)], out=str(out), console=quiet(),
-               overrides=args + [f"rl.steps={steps}"])
-    rl_cmd(str(base_run), source="base", tasks=None, out=str(cut), overrides=["rl.steps=5"], resume=True,
-           console=quiet())
-    timing = ("time", "rollout_s", "update_s")
-    rows = {o: [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(o / "metrics.jsonl")
-                if r["kind"] == "rl"] for o in (straight, cut)}
+    straight, cut, rows = straight_and_resumed(base_run, task, args, 5, tmp_path)
     assert rows[straight] == rows[cut] and len(rows[cut]) == 5
     carried = [r["groups_carried"] for r in rows[straight]]
     assert carried[0] == 0 and sum(carried) > 0, carried
