@@ -6,7 +6,8 @@ One step:
    completions of each are sampled through the serving engine's continuous batching — the same
    generation path as serve and eval. With dynamic sampling (DAPO), groups whose rewards are all
    equal are replaced by fresh ones; with `rl.drop_solved` a problem a whole group solved is not
-   drawn again (spud.posttrain.rl_sampling).
+   drawn again (spud.posttrain.rl_sampling); with `rl.carry_surplus` groups found beyond the
+   quota lead the next step's batch (spud.posttrain.rl_carry).
 2. **Rewards.** Each completion is judged by its problem's verifier (spud.posttrain.verifiers):
    1 if correct, plus `rl.format_weight` if the answer sits where it belongs, plus
    `rl.step_weight` (default 0) if it writes "a op b = c" steps and every one is right. A
