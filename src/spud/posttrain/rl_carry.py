@@ -60,10 +60,9 @@ def restore_carry(saved: object) -> list[CarriedGroup]:
 def fill_old_logprobs(model, groups: list[CarriedGroup], pad: int, micro_batch: int) -> None:
     """Each carried row's completion log-probs under `model` (the policy that sampled it, before
     this step's update). Every rank computes all of them, so every rank holds the same carry."""
-
     rows = [(g, i) for g in groups for i in range(len(g.rows))]
     for g in groups:
-        g.old_logprobs = [[] for _ in g.rows]
+        g.old_logprobs = [[]] * len(g.rows)  # every entry is replaced below
     with torch.no_grad():
         for k in range(0, len(rows), micro_batch):
             part = rows[k:k + micro_batch]

@@ -12,8 +12,9 @@ re-decoded: the ids from the last settled point on. Byte-level BPE decodes conca
 character boundaries, so decode(window) minus decode(window's old part) is exactly the new text.
 
 Offline batch generation streams to nobody: with `incremental=False` and no stop strings, tokens
-are only collected and the whole text is decoded once at the end (two decodes per token were ~6 %
-of an RL rollout). Stop strings keep the incremental path: generation must end where one appears.
+are only collected and the whole text is decoded once at the end instead of twice a token (RL
+rollouts 1.02x faster, benchmarks/rl_step.py). Stop strings keep the incremental path: generation
+must end where one appears.
 """
 
 from __future__ import annotations
