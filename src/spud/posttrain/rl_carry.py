@@ -62,7 +62,7 @@ def fill_old_logprobs(model, groups: list[CarriedGroup], pad: int, micro_batch: 
     this step's update). Every rank computes all of them, so every rank holds the same carry."""
     rows = [(g, i) for g in groups for i in range(len(g.rows))]
     for g in groups:
-        g.old_logprobs = [[]] * len(g.rows)  # every entry is replaced below
+        g.old_logprobs = [None] * len(g.rows)  # each filled below; one left None would fail loudly
     with torch.no_grad():
         for k in range(0, len(rows), micro_batch):
             part = rows[k:k + micro_batch]
