@@ -21,13 +21,45 @@ from spud.train.metrics import read_metrics
 STEPS = ["rl.steps=3", "rl.lr=0.01", "rl.micro_batch_size=8", "rl.eval_every=3", "rl.checkpoint_every=3"]
 
 
-def test_two_ranks_match_one_process(base_run, tmp_path):
-    task = seven_task(tmp_path / "seven.jsonl")
+# With rl.carry_surplus the ranks must also agree on the groups carried into the next step and on
+# their sampling log-probs. A random-init model almost never says seven, so that run is judged by
+# a stub (odd length is right, as in test_rl_sampling's carry test), patched into every rank by a
+# launcher script, so that groups with signal overshoot the quota.
+STUB_LAUNCHER = """import sys
+from spud.cli import main
+from spud.posttrain import rl
+from spud.posttrain.verifiers import Verdict
+rl.verify = lambda kind, text, ref, *a: Verdict(ref == "free" or len(text) % 2 == 1, False)
+sys.exit(main())
+"""
+
+
+def half_task(path):
+    with open(path, "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"prompt": f"Free {i}.", "reference": "free"}) + "\n")
+            f.write(json.dumps({"prompt": f"Question {i}: say anything.", "reference": "odd"}) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("carry", [False, True], ids=["plain", "carry"])
+def test_two_ranks_match_one_process(base_run, tmp_path, carry, monkeypatch):
+    extra, entry = [], ["-m", "spud"]
+    if carry:
+        from spud.posttrain import rl as rl_module
+        from spud.posttrain.verifiers import Verdict
+
+        monkeypatch.setattr(rl_module, "verify", lambda kind, text, ref, *a: Verdict(
+            ref == "free" or len(text) % 2 == 1, False))
+        (tmp_path / "stub_spud.py").write_text(STUB_LAUNCHER)
+        extra, entry = ["rl.carry_surplus=true"], [str(tmp_path / "stub_spud.py")]
+    task = half_task(tmp_path / "half.jsonl") if carry else seven_task(tmp_path / "seven.jsonl")
     single = tmp_path / "single"
-    rl_cmd(str(base_run), source="base", tasks=[task], out=str(single), overrides=FAST + STEPS, console=quiet())
+    rl_cmd(str(base_run), source="base", tasks=[task], out=str(single), overrides=FAST + STEPS + extra,
+           console=quiet())
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "spud",
-           "rl", str(base_run), "--from", "base", "--tasks", task, "--out", str(two), *FAST, *STEPS,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *entry,
+           "rl", str(base_run), "--from", "base", "--tasks", task, "--out", str(two), *FAST, *STEPS, *extra,
            "train.parallel=ddp", "train.dist_timeout_s=60"]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                        timeout=300)
@@ -41,11 +73,13 @@ def test_two_ranks_match_one_process(base_run, tmp_path):
     assert len(a) == len(b) == 3 and sum(not x["skipped"] for x in a) >= 2  # steps that did update
     for x, y in zip(a, b):
         for k in ("reward", "accuracy", "response_length", "rollouts", "groups_kept", "groups_sampled",
-                  "sequences", "verifier_errors"):
+                  "sequences", "verifier_errors", "groups_carried"):
             assert x.get(k) == y.get(k), (k, x.get(k), y.get(k))  # the same rollouts, gathered on every rank
-        for k in ("loss", "entropy", "clip_fraction"):
+        for k in ("loss", "entropy", "clip_fraction", "policy_drift"):
             assert (x[k] is None and y[k] is None) or x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), k
-    assert [x["pass@1"] for x in rows(single, "rl_eval")] == [x["pass@1"] for x in rows(two, "rl_eval")]
+    if carry:  # groups were carried into a step, so the ranks had to agree on them
+        assert any(x["groups_carried"] for x in a), [x["groups_carried"] for x in a]
+    assert [x.get("pass@1") for x in rows(single, "rl_eval")] == [x.get("pass@1") for x in rows(two, "rl_eval")]
     wa = load_file(single / "checkpoints" / "step_0000003" / "model.safetensors")
     wb = load_file(two / "checkpoints" / "step_0000003" / "model.safetensors")
     assert wa.keys() == wb.keys()
@@ -85,7 +119,7 @@ def test_rl_target_stops_each_seed_at_its_budget_and_reports_the_gain(base_run, 
     assert got["start"]["model"] == "base" and "sampled_pass@1" in got["summary"]
     assert got["summary"]["target"]["metric"] == "sampled_pass@1"
     assert "target: +10 points of sampled_pass@1" in r.stdout and "rl seed 5" in r.stdout
-    assert "rl.lr=1e-4" in got["recipe"] and got["recipe"][-1] == "train.dist_timeout_s=60"
+    assert "rl.lr=2e-4" in got["recipe"] and got["recipe"][-1] == "train.dist_timeout_s=60"
     # a second launch refuses to overwrite the run; --eval-only measures it again
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert again.returncode != 0 and "already exist" in again.stderr and str(out) in again.stderr

@@ -1,6 +1,7 @@
 """spud rl: DAPO dynamic sampling, difficulty levels and curriculum, the dev split."""
 
 import json
+import shutil
 from collections import Counter
 
 import pytest
@@ -296,3 +297,13 @@ def test_carry_surplus_in_a_run_uses_the_sampling_policys_logprobs_and_resumes_e
             lp = token_logprobs(model, x, y, share_prompts=True)[0]
         for i, old in enumerate(g["old_logprobs"]):
             assert torch.allclose(lp[i][y[i] >= 0], torch.tensor(old), atol=1e-5)
+    # resumed with the option off, the saved groups are dropped, not trained on once more
+    off = tmp_path / "off"
+    shutil.copytree(straight, off)
+    for c in (off / "checkpoints").glob("step_*"):
+        if int(c.name.split("_")[1]) > step:
+            shutil.rmtree(c)
+    rl_cmd(str(base_run), source="base", tasks=None, out=str(off), resume=True, console=quiet(),
+           overrides=[f"rl.steps={step + 1}", "rl.carry_surplus=false"])
+    resumed = [r for r in read_metrics(off / "metrics.jsonl") if r["kind"] == "rl"]
+    assert len(resumed) == step + 1 and resumed[step]["groups_carried"] == 0
