@@ -1,7 +1,7 @@
 """The RL target as one command: the recipe for a wall-clock budget, once per seed, then the gain.
 
     python benchmarks/rl_target.py runs/demo                                  # 5 seeds, 600 s, test split
-    python benchmarks/rl_target.py runs/demo --seeds 1337 --split dev --set rl.lr=2e-4   # a dev trial
+    python benchmarks/rl_target.py runs/demo --seeds 1337 --split dev --set rl.lr=1e-4   # a dev trial
     python benchmarks/rl_target.py runs/demo --eval-only                      # measure the runs again
 
 For each seed, `spud rl` with the recipe (RECIPE below: docs/rl.md, "The target") runs under
