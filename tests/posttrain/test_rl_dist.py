@@ -86,7 +86,7 @@ def test_two_ranks_match_one_process(base_run, tmp_path, carry, monkeypatch):
     assert wa.keys() == wb.keys()
     worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
     # summed gradients differ from one process's only in rounding, which Adam's normalised step
-    # magnifies where a gradient is near zero (more micro-batches, more of it: 1.1e-5 seen at 8)
+    # magnifies where a gradient is near zero (more micro-batches, more of it: 1.1e-5 seen with 8)
     assert worst < 3e-5, worst
     assert any(not torch.equal(wa[k], load_file(next((base_run / "checkpoints").glob("step_*"))
                                                 / "model.safetensors")[k]) for k in wa)  # it trained
