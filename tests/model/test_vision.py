@@ -381,6 +381,7 @@ def test_slot_batch_of_rows_takes_image_rows_in_row_major_order(vlm):
 def test_ddp_wrap_of_a_vlm_survives_text_only_batches(vlm):
     """spud vlm mixes text-only batches in: the tower then gets no gradient, which plain DDP
     rejects at the next step; the wrap lets DDP find the unused parameters (one process, gloo)."""
+    import gc
     import os
     import socket
 
@@ -393,6 +394,7 @@ def test_ddp_wrap_of_a_vlm_survives_text_only_batches(vlm):
         port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=0, world_size=1)
+    model = None
     try:
         model = wrap(vlm().train(), DistEnv(parallel="ddp"), torch.device("cpu"), False)
         idx = _prompt(1)
@@ -401,4 +403,9 @@ def test_ddp_wrap_of_a_vlm_survives_text_only_batches(vlm):
             text = torch.randint(0, 200, (2, 12))
             model(text, text).backward()
     finally:
+        # The DDP reducer holds the process group: free it while the group is alive. Freed after
+        # destroy_process_group (when the test returned), the group's destructor once hung for
+        # good joining its gloo threads in a full-suite run (2026-12-05, py-spy: ~ProcessGroupGloo).
+        del model
+        gc.collect()
         dist.destroy_process_group()
