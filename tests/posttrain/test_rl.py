@@ -14,7 +14,7 @@ from spud.data.facts import any_held_out
 from spud.errors import SpudError
 from spud.posttrain import rl_tasks
 from spud.posttrain.rl import advantages, rl_cmd
-from spud.posttrain.verifiers import equation_slips, final_number, verify
+from spud.posttrain.verifiers import Verdict, equation_slips, final_number, verify
 from spud.train.metrics import read_metrics
 from spud.train.schedule import rl_lr
 
@@ -30,6 +30,22 @@ def seven_task(path, n=40):
         f.write(json.dumps({"prompt": "Held: say seven.", "verifier": "numeric", "reference": "7",
                             "split": "heldout"}) + "\n")
     return str(path)
+
+
+def half_task(path, n=40):
+    """'Free' problems, always right (no signal), and questions judged by `odd_length_verdict`
+    (mixed groups): dynamic sampling then finds groups with signal beyond a step's quota."""
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": f"Free {i}.", "reference": "free"}) + "\n")
+            f.write(json.dumps({"prompt": f"Question {i}: say anything.", "reference": "odd"}) + "\n")
+    return str(path)
+
+
+def odd_length_verdict(kind, text, ref, *args):
+    """A stub for spud.posttrain.rl.verify: a 'free' problem is always right, others when the answer's
+    length is odd."""
+    return Verdict(ref == "free" or len(text) % 2 == 1, False)
 
 
 def quiet():

@@ -5,11 +5,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_rl import FAST, quiet, seven_task
+from test_rl import FAST, half_task, odd_length_verdict, quiet, seven_task
 
 from spud.config_sections import TrainConfig
 from spud.errors import SpudError
@@ -23,23 +24,16 @@ STEPS = ["rl.steps=3", "rl.lr=0.01", "rl.micro_batch_size=8", "rl.eval_every=3",
 
 # With rl.carry_surplus the ranks must also agree on the groups carried into the next step and on
 # their sampling log-probs. A random-init model almost never says seven, so that run is judged by
-# a stub (odd length is right, as in test_rl_sampling's carry test), patched into every rank by a
-# launcher script, so that groups with signal overshoot the quota.
-STUB_LAUNCHER = """import sys
+# test_rl's stub verifier, patched into every rank by a launcher script, so that groups with
+# signal overshoot the quota.
+STUB_LAUNCHER = f"""import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from test_rl import odd_length_verdict
 from spud.cli import main
 from spud.posttrain import rl
-from spud.posttrain.verifiers import Verdict
-rl.verify = lambda kind, text, ref, *a: Verdict(ref == "free" or len(text) % 2 == 1, False)
+rl.verify = odd_length_verdict
 sys.exit(main())
 """
-
-
-def half_task(path):
-    with open(path, "w") as f:
-        for i in range(40):
-            f.write(json.dumps({"prompt": f"Free {i}.", "reference": "free"}) + "\n")
-            f.write(json.dumps({"prompt": f"Question {i}: say anything.", "reference": "odd"}) + "\n")
-    return str(path)
 
 
 @pytest.mark.parametrize("carry", [False, True], ids=["plain", "carry"])
@@ -47,10 +41,8 @@ def test_two_ranks_match_one_process(base_run, tmp_path, carry, monkeypatch):
     extra, entry = [], ["-m", "spud"]
     if carry:
         from spud.posttrain import rl as rl_module
-        from spud.posttrain.verifiers import Verdict
 
-        monkeypatch.setattr(rl_module, "verify", lambda kind, text, ref, *a: Verdict(
-            ref == "free" or len(text) % 2 == 1, False))
+        monkeypatch.setattr(rl_module, "verify", odd_length_verdict)
         (tmp_path / "stub_spud.py").write_text(STUB_LAUNCHER)
         # micro-batches of 4: a carried group (8 rows, at the batch's head) spans both ranks' shares
         extra, entry = ["rl.carry_surplus=true", "rl.micro_batch_size=4"], [str(tmp_path / "stub_spud.py")]
@@ -80,7 +72,9 @@ def test_two_ranks_match_one_process(base_run, tmp_path, carry, monkeypatch):
             assert (x[k] is None and y[k] is None) or x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), k
     if carry:  # groups were carried into a step, so the ranks had to agree on them
         assert any(x["groups_carried"] for x in a), [x["groups_carried"] for x in a]
-    assert [x.get("pass@1") for x in rows(single, "rl_eval")] == [x.get("pass@1") for x in rows(two, "rl_eval")]
+    evals = [x.get("pass@1") for x in rows(single, "rl_eval")]
+    assert evals == [x.get("pass@1") for x in rows(two, "rl_eval")]
+    assert evals and (carry or None not in evals), evals  # the seven task has held-out problems; half_task none
     wa = load_file(single / "checkpoints" / "step_0000003" / "model.safetensors")
     wb = load_file(two / "checkpoints" / "step_0000003" / "model.safetensors")
     assert wa.keys() == wb.keys()

@@ -8,6 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from test_rl import half_task, odd_length_verdict
+
 from spud.errors import SpudError
 from spud.posttrain import rl_tasks
 from spud.posttrain.rl import rl_cmd
@@ -263,13 +265,8 @@ def test_carry_surplus_in_a_run_uses_the_sampling_policys_logprobs_and_resumes_e
     from spud.config import validate_config
     from spud.train import checkpoint as ckpt_io
 
-    task = tmp_path / "half.jsonl"
-    with open(task, "w") as f:
-        for i in range(40):
-            f.write(json.dumps({"prompt": f"Free {i}.", "reference": "free"}) + "\n")
-            f.write(json.dumps({"prompt": f"Question {i}: say anything.", "reference": "odd"}) + "\n")
-    monkeypatch.setattr(rl_module, "verify", lambda kind, text, ref, *a: Verdict(
-        ref == "free" or len(text) % 2 == 1, False))
+    task = half_task(tmp_path / "half.jsonl")
+    monkeypatch.setattr(rl_module, "verify", odd_length_verdict)
     args = FAST + ["rl.lr=0.01", "rl.carry_surplus=true", "rl.checkpoint_every=1", "rl.keep_checkpoints=10"]
     straight, cut, rows = straight_and_resumed(base_run, task, args, 5, tmp_path)
     assert rows[straight] == rows[cut] and len(rows[cut]) == 5

@@ -158,12 +158,8 @@ class RLRun:
             self.opt.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
             self.step = int((state := ckpt_io.read_state(latest))["step"])
             self.solved.restore(state.get("rl_solved", []))
-            # Resumed with rl.carry_surplus off, the saved surplus is dropped, not trained on once more.
-            carried = restore_carry(state.get("rl_carry"))
-            self.carry, self.survival = (carried if r.carry_surplus else []), state.get("rl_survival")
-            if carried and not r.carry_surplus:
-                console.print(f"[yellow]rl.carry_surplus is off: {len(carried)} groups carried by the "
-                              "checkpoint are dropped")
+            self.carry = restore_carry(state.get("rl_carry"), r.carry_surplus, console)
+            self.survival = state.get("rl_survival")
             if main:
                 truncate_after(out / "metrics.jsonl", self.step)
             console.print(f"resuming RL from step {self.step} ({latest})")

@@ -13,7 +13,8 @@ under that policy are computed before the update (`old_logprobs`), so the next s
 by the exact importance ratio π_now / π_sampled, clipped like any PPO ratio; fresh groups keep
 ratio 1. At most `rl.prompts_per_step` groups are carried and all of them are used at the next
 step, so nothing is ever more than one update old. The carried groups are saved in the
-checkpoint's state.json (`rl_carry`), so resume stays exact.
+checkpoint's state.json (`rl_carry`), so resume stays exact (resumed with the option off,
+they are dropped).
 """
 
 from __future__ import annotations
@@ -38,8 +39,15 @@ class CarriedGroup:
                 "old_logprobs": self.old_logprobs}
 
 
-def restore_carry(saved: object) -> list[CarriedGroup]:
-    """The checkpoint's `rl_carry`; anything malformed is an error naming the field."""
+def restore_carry(saved: object, keep: bool = True, console=None) -> list[CarriedGroup]:
+    """The checkpoint's `rl_carry`; anything malformed is an error naming the field. With `keep`
+    false (a run resumed with rl.carry_surplus off) the saved groups are dropped, with a warning,
+    rather than trained on once more."""
+    if not keep:
+        if isinstance(saved, list) and saved and console is not None:
+            console.print(f"[yellow]rl.carry_surplus is off: the {len(saved)} groups carried by the "
+                          "checkpoint are dropped")
+        return []
     if saved is None:
         return []
     try:
