@@ -236,10 +236,21 @@ class _Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def test_disconnects_leave_no_pending_tasks(live, model_name):
+def test_disconnects_leave_no_pending_tasks(live, model_name, monkeypatch):
+    """Every stream is cut while both choices still decode, and the server must cancel both. The
+    engine is slowed to >= 40 ms a step on purpose: at full speed the tiny model can finish its
+    50 tokens before a busy server notices the hang-up, and a finished choice is not cancelled
+    (it made this test flaky: 14 of 16 once in CI)."""
     handler, asyncio_log = _Records(), logging.getLogger("asyncio")
     asyncio_log.addHandler(handler)
     engine, tok = live.engine, live.engine.tokenizer
+    step = engine._step
+
+    def slow_step():
+        step()
+        time.sleep(0.04)
+
+    monkeypatch.setattr(engine, "_step", slow_step)
     before = engine.stats()["cancelled_total"]
     body = {"model": model_name, "prompt": "a", "max_tokens": 50, "temperature": 0, "stream": True, "n": 2,
             "logit_bias": {str(tok.eos_id): -100, str(tok.end_id): -100}}
