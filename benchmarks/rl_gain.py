@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from spud.posttrain.rl import evaluate
+from spud.posttrain.rl_eval import evaluate
 from spud.posttrain.rl_tasks import load_tasks
 from spud.posttrain.verifiers import equation_slips
 from spud.runs import default_serving_model, has_model, load_model

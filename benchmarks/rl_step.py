@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from spud.posttrain.rl import generate_many, prompt_ids
+from spud.posttrain.rl_eval import generate_many, prompt_ids
 from spud.posttrain.rl_logprobs import completion_batch, token_logprobs
 from spud.serve import engine_forward, engine_seq
 from spud.serve.detok import Detokenizer

@@ -114,7 +114,14 @@ def run_seed(args, seed: int, out: Path) -> dict:
     return {"seed": seed, "out": str(out), "steps": steps[-1]["step"], "wall_s": round(wall, 1),
             "stopped_by_budget": stopped, "exit_code": p.returncode,
             "rollouts": sum(r["rollouts"] for r in steps),
-            "s_per_step": round(sum(r["rollout_s"] + r["update_s"] for r in steps) / len(steps), 3)}
+            "s_per_step": round(sum(r["rollout_s"] + r["update_s"] for r in steps) / len(steps), 3),
+            **handed_on(rows)}
+
+
+def handed_on(rows: list[dict]) -> dict:
+    """With rl.keep_best: the step whose model the run handed on (its best in-run evaluation)."""
+    best = [r["best_step"] for r in rows if r["kind"] == "rl_eval" and r.get("best_step") is not None]
+    return {"best_step": best[-1]} if best else {}
 
 
 def machine() -> dict:
@@ -193,12 +200,14 @@ def main() -> None:
     runs = []
     for s in seeds:
         if args.eval_only:
-            runs.append({"seed": s, "out": str(outs[s])})
+            metrics = outs[s] / "metrics.jsonl"
+            runs.append({"seed": s, "out": str(outs[s]), **handed_on(read_metrics(metrics) if metrics.is_file() else [])})
             continue
         runs.append(run_seed(args, s, outs[s]))
         r = runs[-1]
         print(f"seed {s}: {r['steps']} steps in {r['wall_s']:.0f} s ({r['s_per_step']:.2f} s a step), "
-              f"{r['rollouts']:,} rollouts → {r['out']}", flush=True)
+              f"{r['rollouts']:,} rollouts → {r['out']}"
+              + (f" (hands on step {r['best_step']})" if "best_step" in r else ""), flush=True)
     torch.set_num_threads(args.threads)
     _, problems, _ = load_tasks(args.tasks.split(","), 1, args.problems, 0, args.split)
     start = measure(args.source, args.run, args.source, problems, args.split, args.samples)

@@ -87,7 +87,12 @@ class RLConfig(StrictModel):
     grad_clip: float = Field(1.0, gt=0)
     train_problems: int = Field(4000, gt=0, description="Problems generated per built-in task.")
     heldout_problems: int = Field(200, gt=0, description="Held-out problems per built-in task.")
-    eval_every: int = Field(10, gt=0, description="Held-out greedy pass@1 every this many steps.")
+    eval_every: int = Field(10, gt=0, description="Held-out pass@1 every this many steps.")
+    eval_samples: int = Field(1, gt=0, description="Completions per problem at those evaluations: 1 = greedy "
+                              "pass@1; more = sampled at rl.temperature, pass@1 their mean (pass@k too).")
+    keep_best: bool = Field(False, description="Hand on the evaluated model at its best in-run pass@1 "
+                            "(ties: the later), not the last step's; use with eval_split=dev "
+                            "(spud.posttrain.rl_average).")
     checkpoint_every: int = Field(20, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     verifier_timeout_s: float = Field(5.0, gt=0)

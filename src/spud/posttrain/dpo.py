@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from spud.config import Config, _merge, parse_overrides, save_config, validate_config
 from spud.errors import SpudError
 from spud.model.registry import build_model
-from spud.posttrain.rl import generate_many, prompt_ids
+from spud.posttrain.rl_eval import generate_many, prompt_ids
 from spud.posttrain.rl_logprobs import completion_batch, token_logprobs
 from spud.posttrain.rl_sampling import seed_of
 from spud.posttrain.rl_tasks import BUILTIN, builtin_problems

@@ -44,9 +44,10 @@ from rich.console import Console
 from spud.config import Config, _merge, parse_overrides, save_config, validate_config
 from spud.errors import SpudError
 from spud.model.registry import build_model
-from spud.posttrain.rl_average import POLICY_FILE, WeightAverage, load_resumed
+from spud.posttrain.rl_average import BestModel, WeightAverage, checkpoint_weights, load_resumed
 from spud.posttrain.rl_carry import fill_old_logprobs, restore_carry, sampling_logprobs
 from spud.posttrain.rl_dist import NullLog, RLDist
+from spud.posttrain.rl_eval import evaluate, generate_many, prompt_ids
 from spud.posttrain.rl_logprobs import completion_batch, token_logprobs
 from spud.posttrain.rl_sampling import SolvedPool, advantages, collect, level_cap, level_range, problem_stream, seed_of
 from spud.posttrain.rl_tasks import Problem, load_tasks
@@ -57,53 +58,6 @@ from spud.train import checkpoint as ckpt_io
 from spud.train.faults import graceful_stop
 from spud.train.metrics import MetricsLog, truncate_after
 from spud.train.schedule import rl_lr
-
-
-def generate_many(model, tok: Tokenizer, prompts: list[list[int]], max_tokens: int, temperature: float,
-                  seeds: list[int] | None = None) -> list[tuple[list[int], str]]:
-    """Completions of many prompts through the serving engine (spud.serve.batch): → (completion
-    ids including the end token that closed it, text) per prompt."""
-    from spud.serve.batch import complete_many  # noqa: PLC0415
-    from spud.serve.engine import SamplingParams  # noqa: PLC0415
-
-    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                             seed=None if seeds is None else seeds[i]) for i in range(len(prompts))]
-    return [(c.ids, c.text) for c in complete_many(model, tok, prompts, params)]
-
-
-def prompt_ids(tok: Tokenizer, p: Problem, limit: int) -> list[int]:
-    ids, _ = tok.render_chat(p.messages, add_generation_prompt=True)
-    return ids[-limit:]
-
-
-def evaluate(model, tok: Tokenizer, problems: list[Problem], samples: int = 1, temperature: float = 0.0,
-             max_tokens: int = 64, seed: int = 0, timeout: float = 5.0, split_map=None,
-             completions: list | None = None) -> dict:
-    """Held-out pass@k: greedy pass@1 when samples == 1, else unbiased pass@k for k ≤ samples.
-    `split_map` (RLDist.map) splits the generation across data-parallel ranks; `completions`, when
-    given, receives each problem's (texts, number correct) for a closer look."""
-    from spud.eval.scoring import pass_at_k  # noqa: PLC0415
-
-    if not problems:
-        return {"n": 0}
-    limit = model.cfg.max_seq_len - max_tokens
-    prompts = [prompt_ids(tok, p, limit) for p in problems for _ in range(samples)]
-    seeds = [seed_of(seed, "eval", i) for i in range(len(prompts))] if temperature > 0 else None
-
-    def gen(idx: list[int]) -> list:
-        return generate_many(model, tok, [prompts[i] for i in idx], max_tokens, temperature,
-                             None if seeds is None else [seeds[i] for i in idx])
-
-    outs = (split_map or (lambda f, xs: f(list(xs))))(gen, range(len(prompts)))
-    correct = []
-    for i, p in enumerate(problems):
-        texts = [outs[i * samples + j][1] for j in range(samples)]
-        correct.append(sum(verify(p.verifier, t, p.reference, p.tests, timeout).correct for t in texts))
-        if completions is not None:
-            completions.append((texts, correct[-1]))
-    ks = [k for k in (1, 2, 4, 8, 16, 32) if k <= samples]
-    return {"n": len(problems), "samples": samples, "temperature": temperature,
-            **{f"pass@{k}": sum(pass_at_k(samples, c, k) for c in correct) / len(problems) for k in ks}}
 
 
 class RLRun:
@@ -132,7 +86,8 @@ class RLRun:
             self.ref.requires_grad_(False)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=r.lr, betas=(0.9, 0.99), weight_decay=0.0)
         self.avg = WeightAverage(self.model, cfg.model, r.ema_decay) if r.ema_decay > 0 else None
-        self.served = self.avg.model if self.avg is not None else self.model  # what checkpoints hand on
+        self.served = self.avg.model if self.avg is not None else self.model  # what evaluations score
+        self.best = BestModel(self.served, cfg.model) if r.keep_best else None
         train, heldout, self.task_summary = load_tasks(r.tasks, r.train_problems, r.heldout_problems, cfg.seed,
                                                        r.eval_split)
         # A prompt that leaves no room for the answer is skipped and counted, never cut: a question
@@ -154,9 +109,9 @@ class RLRun:
         self.carry, self.survival = [], None  # rl.carry_surplus (spud.posttrain.rl_carry)
         latest = ckpt_io.latest_checkpoint(out) if resume else None
         if latest is not None:
-            load_resumed(latest, self.model, self.avg)
+            load_resumed(latest, state := ckpt_io.read_state(latest), self.model, self.avg, self.best)
             self.opt.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
-            self.step = int((state := ckpt_io.read_state(latest))["step"])
+            self.step = int(state["step"])
             self.solved.restore(state.get("rl_solved", []))
             self.carry = restore_carry(state.get("rl_carry"), r.carry_surplus, console)
             self.survival = state.get("rl_survival")
@@ -273,26 +228,32 @@ class RLRun:
     def save(self) -> Path:
         state = {"config": self.cfg.model_dump(mode="json"), "tokenizer_sha256": self.tok.sha256(),
                  "loader": None, "tokens_seen": 0, "val": None, "rl_solved": sorted(self.solved.ids),
-                 "rl_carry": [g.to_json() for g in self.carry], "rl_survival": self.survival}
+                 "rl_carry": [g.to_json() for g in self.carry], "rl_survival": self.survival,
+                 **({"rl_best": self.best.state()} if self.best is not None else {})}
         path = None
         if self.dist.is_main:  # the weights are equal on every rank
-            path = ckpt_io.save_checkpoint(self.out, self.step, self.served, self.opt, state, None,
-                                           self.cfg.rl.keep_checkpoints,
-                                           {POLICY_FILE: self.model} if self.avg else None)
+            model, extra = checkpoint_weights(self.model, self.avg, self.best)
+            path = ckpt_io.save_checkpoint(self.out, self.step, model, self.opt, state, None,
+                                           self.cfg.rl.keep_checkpoints, extra)
         self.dist.barrier()
         return path
 
     def heldout_pass1(self) -> dict:
+        """The periodic evaluation, logged; with rl.keep_best it also offers the model to the selection."""
         r = self.cfg.rl
-        return evaluate(self.served, self.tok, self.heldout, 1, 0.0, r.max_tokens, self.cfg.seed,
-                        r.verifier_timeout_s, split_map=self.dist.map)
+        ev = evaluate(self.served, self.tok, self.heldout, r.eval_samples, 0.0 if r.eval_samples == 1 else
+                      r.temperature, r.max_tokens, self.cfg.seed, r.verifier_timeout_s, split_map=self.dist.map)
+        if self.best is not None and "pass@1" in ev:
+            self.best.offer(self.step, ev["pass@1"], self.served)
+            ev["best_step"] = self.best.step
+        self.log.write("rl_eval", self.step, split=r.eval_split, **ev)
+        return ev
 
     def run(self) -> dict:
         r = self.cfg.rl
         start_eval = None
         if self.step == 0:
             start_eval = self.heldout_pass1()
-            self.log.write("rl_eval", 0, split=r.eval_split, **start_eval)
             self.console.print(f"{r.eval_split} pass@1 before RL: {start_eval.get('pass@1', float('nan')):.3f} "
                                f"({start_eval['n']} problems)")
         interrupted = False
@@ -317,7 +278,6 @@ class RLRun:
                     + f"rollout {t1 - t0:.1f}s update {t2 - t1:.1f}s")
                 if self.step % r.eval_every == 0 or self.step == r.steps:
                     ev = self.heldout_pass1()
-                    self.log.write("rl_eval", self.step, split=r.eval_split, **ev)
                     self.console.print(f"  {r.eval_split} pass@1 {ev.get('pass@1', float('nan')):.3f}")
                 stopping = self.dist.any_true(stop["stop"])  # one rank's Ctrl-C stops them all here
                 if self.step % r.checkpoint_every == 0 or self.step == r.steps or stopping:
@@ -328,7 +288,8 @@ class RLRun:
                     break
         self.log.close()
         return {"steps": self.step, "interrupted": interrupted, "out": str(self.out),
-                "start_eval": start_eval, "tasks": self.task_summary}
+                "start_eval": start_eval, "tasks": self.task_summary,
+                **({"best": self.best.state()} if self.best is not None else {})}
 
 
 def rl_config(run: str | Path, source: str, tasks: list[str] | None, out: Path,
@@ -396,5 +357,8 @@ def _run_and_report(runner: RLRun, cfg: Config, run: str, out_dir: Path, console
                   f"{', '.join(cfg.rl.tasks)} · {cfg.rl.prompts_per_step}×{cfg.rl.group} rollouts/step · "
                   f"from {cfg.rl.base_checkpoint}")
     summary = runner.run()
+    if (best := summary.get("best")) and best["step"] is not None:
+        console.print(f"handing on the model of step {best['step']}: the best {cfg.rl.eval_split} pass@1 of the "
+                      f"run's evaluations ({best['score']:.3f})")
     console.print(f"RL model: {out_dir} (serve it with: spud serve {run} --model rl)")
     return summary
