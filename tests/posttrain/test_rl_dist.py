@@ -102,9 +102,9 @@ def test_rl_target_stops_each_seed_at_its_budget_and_reports_the_gain(base_run, 
     report = tmp_path / "target.json"
     cmd = [sys.executable, "benchmarks/rl_target.py", str(base_run), "--from", "base", "--tasks", task,
            "--seeds", "5", "--budget-s", "20", "--split", "heldout", "--problems", "1", "--samples", "2",
-           "--threads", "1", "--out", str(report), *[x for o in FAST + ["rl.eval_split=heldout",
-                                                                      "train.dist_timeout_s=60", "rl.keep_best=true",
-                                                                      "rl.eval_every=1"] for x in ("--set", o)]]
+           "--threads", "1", "--out", str(report),
+           *[x for o in FAST + ["rl.eval_split=heldout", "train.dist_timeout_s=60", "rl.eval_every=1"]
+             for x in ("--set", o)]]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     got = json.loads(report.read_text())
@@ -117,8 +117,8 @@ def test_rl_target_stops_each_seed_at_its_budget_and_reports_the_gain(base_run, 
     assert got["start"]["model"] == "base" and "sampled_pass@1" in got["summary"]
     assert got["summary"]["target"]["metric"] == "sampled_pass@1"
     assert "target: +10 points of sampled_pass@1" in r.stdout and "rl seed 5" in r.stdout
-    assert "rl.lr=2e-4" in got["recipe"] and got["recipe"][-1] == "rl.eval_every=1"
-    # rl.keep_best: the step handed on is one the run evaluated, and the measured model is its
+    assert {"rl.lr=2e-4", "rl.keep_best=true"} <= set(got["recipe"]) and got["recipe"][-1] == "rl.eval_every=1"
+    # the recipe's rl.keep_best: the step handed on is one the run evaluated
     best = [x["best_step"] for x in read_metrics(out / "metrics.jsonl") if x["kind"] == "rl_eval"][-1]
     assert run["best_step"] == best <= run["steps"] and f"(hands on step {best})" in r.stdout
     # a second launch refuses to overwrite the run; --eval-only measures it again
