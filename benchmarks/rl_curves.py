@@ -4,7 +4,8 @@
 
 Reads each run's metrics.jsonl (`rl` and `rl_eval` rows) and draws, against the step: the batch's
 mean reward and accuracy (a 5-step moving average over the raw points), the share of sampled
-groups with equal rewards (no signal), and the greedy pass@1 of the split the run evaluated on.
+groups with equal rewards (no signal), and the periodic pass@1 (greedy, or sampled with
+rl.eval_samples) of the split the run evaluated on, a star at the step a run with rl.keep_best handed on.
 """
 
 from __future__ import annotations
@@ -44,10 +45,16 @@ def main() -> None:
             equal = [(r["groups_equal_all_wrong"] + r["groups_equal_all_right"]) / r["groups_sampled"] for r in steps]
             axes[2].plot(x, smooth(equal), color=line.get_color(), label=label)
         if evals:
+            n = evals[-1].get("samples", 1)
+            how = "greedy" if n == 1 else f"{n} samples"
             axes[3].plot([r["step"] for r in evals], [100 * r["pass@1"] for r in evals], "o-",
-                         color=line.get_color(), label=f"{label} ({evals[-1].get('split', 'heldout')})")
+                         color=line.get_color(), label=f"{label} ({evals[-1].get('split', 'heldout')}, {how})")
+            best = evals[-1].get("best_step")  # rl.keep_best: the step whose model was handed on
+            if best is not None:
+                axes[3].plot([best], [100 * next(r["pass@1"] for r in evals if r["step"] == best)], "*",
+                             markersize=14, color=line.get_color())
     titles = ["mean reward (train batch)", "accuracy (train batch)", "groups with equal rewards (share)",
-              "greedy pass@1, % (dev / held-out)"]
+              "in-run pass@1, % (dev / held-out; *: handed on)"]
     for ax, t in zip(axes, titles):
         ax.set_title(t)
         ax.set_xlabel("RL step")
