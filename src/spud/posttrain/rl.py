@@ -88,6 +88,9 @@ class RLRun:
         self.avg = WeightAverage(self.model, cfg.model, r.ema_decay) if r.ema_decay > 0 else None
         self.served = self.avg.model if self.avg is not None else self.model  # what evaluations score
         self.best = BestModel(self.served, cfg.model) if r.keep_best else None
+        if r.keep_best and r.eval_split == "heldout":
+            console.print("[yellow]rl.keep_best chooses the model on the held-out (test) split, so the chosen "
+                          "model's held-out scores are biased upward; choose on rl.eval_split=dev")
         train, heldout, self.task_summary = load_tasks(r.tasks, r.train_problems, r.heldout_problems, cfg.seed,
                                                        r.eval_split)
         # A prompt that leaves no room for the answer is skipped and counted, never cut: a question
