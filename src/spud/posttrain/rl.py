@@ -44,7 +44,7 @@ from rich.console import Console
 from spud.config import Config, _merge, parse_overrides, save_config, validate_config
 from spud.errors import SpudError
 from spud.model.registry import build_model
-from spud.posttrain.rl_average import BestModel, WeightAverage, checkpoint_weights, load_resumed
+from spud.posttrain.rl_average import BestModel, WeightAverage, checkpoint_weights, frozen_copy, load_resumed
 from spud.posttrain.rl_carry import fill_old_logprobs, restore_carry, sampling_logprobs
 from spud.posttrain.rl_dist import NullLog, RLDist
 from spud.posttrain.rl_eval import evaluate, generate_many, prompt_ids
@@ -81,9 +81,7 @@ class RLRun:
         ckpt_io.load_weights(Path(r.base_checkpoint), self.model, "cpu")
         self.ref = None
         if r.kl > 0:
-            self.ref = build_model(cfg.model).eval()
-            self.ref.load_state_dict(self.model.state_dict())
-            self.ref.requires_grad_(False)
+            self.ref = frozen_copy(self.model, cfg.model).eval()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=r.lr, betas=(0.9, 0.99), weight_decay=0.0)
         self.avg = WeightAverage(self.model, cfg.model, r.ema_decay) if r.ema_decay > 0 else None
         self.served = self.avg.model if self.avg is not None else self.model  # what evaluations score

@@ -33,14 +33,21 @@ POLICY_FILE = "train.safetensors"
 AVERAGE_FILE = "average.safetensors"
 
 
+def frozen_copy(model: torch.nn.Module, model_cfg) -> torch.nn.Module:
+    """A copy of `model`'s weights in a model of the same config that no optimizer trains (the
+    average, the selected model, the KL reference)."""
+    copy = build_model(model_cfg)
+    copy.load_state_dict(model.state_dict())
+    copy.requires_grad_(False)
+    return copy
+
+
 class WeightAverage:
     """avg ← decay·avg + (1 − decay)·policy after every step, starting from the policy's weights."""
 
     def __init__(self, policy: torch.nn.Module, model_cfg, decay: float):
         self.decay = decay
-        self.model = build_model(model_cfg)
-        self.model.load_state_dict(policy.state_dict())
-        self.model.requires_grad_(False)
+        self.model = frozen_copy(policy, model_cfg)
         self._avg = list(self.model.parameters())  # same config, so the same order and tying
         self._policy = list(policy.parameters())
         if [p.shape for p in self._avg] != [p.shape for p in self._policy]:
@@ -56,20 +63,16 @@ class BestModel:
     to the later step, which has trained longer). It starts as the starting weights, unscored."""
 
     def __init__(self, served: torch.nn.Module, model_cfg):
-        self.model = build_model(model_cfg)
-        self.model.load_state_dict(served.state_dict())
-        self.model.requires_grad_(False)
+        self.model = frozen_copy(served, model_cfg)
         self.step: int | None = None
         self.score: float | None = None
 
     @torch.no_grad()
-    def offer(self, step: int, score: float, served: torch.nn.Module) -> bool:
-        """Keep `served` if `score` is at least the best so far; → whether it was kept."""
-        if self.score is not None and score < self.score:
-            return False
-        self.model.load_state_dict(served.state_dict())
-        self.step, self.score = step, score
-        return True
+    def offer(self, step: int, score: float, served: torch.nn.Module) -> None:
+        """Keep `served` if `score` is at least the best so far."""
+        if self.score is None or score >= self.score:
+            self.model.load_state_dict(served.state_dict())
+            self.step, self.score = step, score
 
     def state(self) -> dict:
         return {"step": self.step, "score": self.score}
